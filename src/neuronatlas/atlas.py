@@ -1,0 +1,320 @@
+"""The atlas on disk: per-neuron statistics of one model over one corpus.
+
+An atlas is a directory::
+
+    atlas.json           metadata: format version, model, tokenizer, corpus, labels, counts, options
+    stats.safetensors    dense statistics, keys "<signal>.<stat>.<layer>" (see stats.SignalStats)
+                         plus "tokens_per_label" (K,) and "hist_edges" (B - 1,)
+    exemplars.parquet    one row per top-k exemplar: layer, neuron, rank, activation, seq, pos,
+                         doc, label
+    contexts.parquet     the token ids of every window an exemplar points to: seq, doc, label,
+                         start, token_ids
+    vocab.parquet        token id -> the string it decodes to, to show contexts without the model
+
+Query the parquet files with duckdb, e.g.
+``duckdb.sql("select * from 'ATLAS/exemplars.parquet' where layer = 3 and neuron = 17")``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import NeuronAtlasError
+from .stats import SignalStats, split_uid
+
+FORMAT_VERSION = 1
+META_FILE = "atlas.json"
+STATS_FILE = "stats.safetensors"
+SIGNALS = ("z", "gate")
+
+
+@dataclass
+class Atlas:
+    """Metadata plus statistics; ``signals['z']`` always, ``signals['gate']`` for gated families."""
+
+    meta: dict
+    signals: dict[str, SignalStats]
+    tokens_per_label: torch.Tensor  # (K,) int64
+    contexts: pa.Table | None = None  # seq, doc, label, start, token_ids
+    vocab: pa.Table | None = None  # id, token
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta["labels"])
+
+    @property
+    def widths(self) -> list[int]:
+        return list(self.meta["model"]["widths"])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.widths)
+
+    def label_index(self, label: str) -> int:
+        if label not in self.labels:
+            raise NeuronAtlasError(f"unknown label {label!r}; this atlas has labels: {', '.join(self.labels)}")
+        return self.labels.index(label)
+
+    def stat(self, name: str, layer: int, signal: str = "z") -> torch.Tensor:
+        """A raw statistic tensor, e.g. ``stat("active", 3)`` → (K, D) int64."""
+        if signal not in self.signals:
+            raise NeuronAtlasError(f"this atlas has no {signal!r} signal (it has: {', '.join(self.signals)})")
+        return self.signals[signal].tensors[f"{name}.{layer}"]
+
+    def activation_probability(self, layer: int, signal: str = "z") -> torch.Tensor:
+        """(K, D) share of each label's tokens on which the neuron was active."""
+        tokens = self.tokens_per_label.clamp(min=1).double()[:, None]
+        return self.stat("active", layer, signal).double() / tokens
+
+    def mean(self, layer: int, signal: str = "z") -> torch.Tensor:
+        """(K, D) mean activation per label."""
+        tokens = self.tokens_per_label.clamp(min=1).double()[:, None]
+        return self.stat("sum", layer, signal) / tokens
+
+    def overall(self, name: str, layer: int, signal: str = "z") -> torch.Tensor:
+        """(D,) a statistic over all labels: active/sum/sumsq add up, min/max reduce."""
+        tensor = self.stat(name, layer, signal)
+        if name == "min":
+            return tensor.amin(0)
+        if name == "max":
+            return tensor.amax(0)
+        return tensor.sum(0)
+
+    def dead_fraction(self, layer: int, signal: str = "z") -> float:
+        return float((self.overall("active", layer, signal) == 0).double().mean())
+
+    def summary(self) -> dict:
+        """Metadata and the per-layer summary that ``neuronatlas info --json`` prints."""
+        tokens = int(self.tokens_per_label.sum())
+        rate = [float(self.overall("active", layer).double().sum() / max(tokens, 1) / width)
+                for layer, width in enumerate(self.widths)]
+        summary = {
+            "format_version": self.meta["format_version"],
+            "model": self.meta["model"]["name_or_path"],
+            "model_type": self.meta["model"]["model_type"],
+            "corpus": self.meta["corpus"]["path"],
+            "tokens": tokens,
+            "documents": self.meta["documents"],
+            "windows": self.meta["windows"],
+            "labels": self.labels,
+            "tokens_per_label": dict(zip(self.labels, self.tokens_per_label.tolist())),
+            "layers": self.num_layers,
+            "neurons_per_layer": self.widths,
+            "activation_rate_per_layer": rate,
+            "dead_fraction_per_layer": [self.dead_fraction(layer) for layer in range(self.num_layers)],
+            "options": self.meta["options"],
+        }
+        if "gate" in self.signals:
+            summary["gate_dead_fraction_per_layer"] = [
+                self.dead_fraction(layer, "gate") for layer in range(self.num_layers)
+            ]
+        return summary
+
+    def exemplars(self, layer: int, neuron: int) -> list[dict]:
+        """Top-k exemplars of one neuron, best first: activation, seq, pos."""
+        values = self.stat("top_values", layer)[neuron]
+        seq, pos = split_uid(self.stat("top_uid", layer)[neuron])
+        return [
+            {"activation": float(v), "seq": int(s), "pos": int(p)}
+            for v, s, p in zip(values, seq, pos) if s >= 0
+        ]
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"tokens_per_label": self.tokens_per_label.cpu()}
+        for name, stats in self.signals.items():
+            out.update(stats.state(name))
+            if stats.hist_edges is not None:
+                out["hist_edges"] = stats.hist_edges.cpu()
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write the atlas into ``path`` atomically: a complete atlas or nothing."""
+        path = Path(path)
+        staging = path.with_name(path.name + ".writing")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_file(self.tensors(), str(staging / STATS_FILE))
+        pq.write_table(self.exemplar_table(), staging / "exemplars.parquet")
+        if self.contexts is not None:
+            pq.write_table(self.contexts, staging / "contexts.parquet")
+        if self.vocab is not None:
+            pq.write_table(self.vocab, staging / "vocab.parquet")
+        (staging / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+        path.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, path / item.name)
+        staging.rmdir()
+        return path
+
+    def exemplar_table(self) -> pa.Table:
+        columns: dict[str, list] = {"layer": [], "neuron": [], "rank": [], "activation": [], "seq": [], "pos": []}
+        if "top_values.0" in self.signals["z"].tensors:
+            for layer in range(self.num_layers):
+                values = self.stat("top_values", layer)
+                seq, pos = split_uid(self.stat("top_uid", layer))
+                filled = seq >= 0
+                neuron, rank = filled.nonzero(as_tuple=True)
+                columns["layer"] += [layer] * len(neuron)
+                columns["neuron"] += neuron.tolist()
+                columns["rank"] += rank.tolist()
+                columns["activation"] += values[filled].tolist()
+                columns["seq"] += seq[filled].tolist()
+                columns["pos"] += pos[filled].tolist()
+        table = pa.table({
+            "layer": pa.array(columns["layer"], pa.int32()),
+            "neuron": pa.array(columns["neuron"], pa.int32()),
+            "rank": pa.array(columns["rank"], pa.int16()),
+            "activation": pa.array(columns["activation"], pa.float32()),
+            "seq": pa.array(columns["seq"], pa.int64()),
+            "pos": pa.array(columns["pos"], pa.int32()),
+        })
+        return self._with_documents(table)
+
+    def _with_documents(self, table: pa.Table) -> pa.Table:
+        """Add each exemplar's document index and label from the contexts table."""
+        if self.contexts is None or table.num_rows == 0:
+            return table
+        doc_of = dict(zip(self.contexts["seq"].to_pylist(), self.contexts["doc"].to_pylist()))
+        label_of = dict(zip(self.contexts["seq"].to_pylist(), self.contexts["label"].to_pylist()))
+        seqs = table["seq"].to_pylist()
+        table = table.append_column("doc", pa.array([doc_of.get(s) for s in seqs], pa.int64()))
+        return table.append_column("label", pa.array([label_of.get(s) for s in seqs], pa.string()))
+
+
+# ---- loading and merging ----------------------------------------------------------------------
+
+
+def is_atlas(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def load_atlas(path: str | Path) -> Atlas:
+    """Read an atlas directory written by :meth:`Atlas.save`."""
+    path = Path(path)
+    if not is_atlas(path):
+        raise NeuronAtlasError(f"{path} is not an atlas (no {META_FILE}); make one with `neuronatlas profile`")
+    meta = json.loads((path / META_FILE).read_text())
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise NeuronAtlasError(
+            f"{path} was written in atlas format {version}, newer than this neuronatlas "
+            f"{__version__} reads (format {FORMAT_VERSION}); upgrade neuronatlas"
+        )
+    state = load_file(str(path / STATS_FILE))
+    atlas = from_state(meta, state)
+    if (path / "contexts.parquet").exists():
+        atlas.contexts = pq.read_table(path / "contexts.parquet")
+    if (path / "vocab.parquet").exists():
+        atlas.vocab = pq.read_table(path / "vocab.parquet")
+    return atlas
+
+
+def new_signals(meta: dict, device: torch.device | str = "cpu") -> dict[str, SignalStats]:
+    """Empty statistics for the signals an atlas with this metadata keeps."""
+    options = meta["options"]
+    widths, labels = meta["model"]["widths"], meta["labels"]
+    edges = torch.tensor(options["hist_edges"], dtype=torch.float32)
+    signals = {"z": SignalStats(widths, len(labels), options["threshold"], edges, options["top_k"], device)}
+    if meta["model"]["gated"] and options.get("gate", True):
+        signals["gate"] = SignalStats(widths, len(labels), options["threshold"], None, 0, device)
+    return signals
+
+
+def from_state(meta: dict, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Atlas:
+    signals = new_signals(meta, device)
+    for name, stats in signals.items():
+        stats.load_state(state, name)
+    return Atlas(meta, signals, state["tokens_per_label"].to(device))
+
+
+def merge_atlases(first: Atlas, second: Atlas) -> Atlas:
+    """The atlas of corpus ``first`` followed by corpus ``second``, for the same model and options.
+
+    Counts add exactly; second's windows and documents are numbered after first's, so the merged
+    exemplars are those of one profile over the concatenated corpus.
+    """
+    _check_mergeable(first, second)
+    labels = first.labels + [label for label in second.labels if label not in first.labels]
+    meta = json.loads(json.dumps(first.meta))
+    meta["labels"] = labels
+    merged = Atlas(meta, new_signals(meta), torch.zeros(len(labels), dtype=torch.int64))
+    seq_offset = first.meta["windows"]
+    for part, offset in ((first, 0), (second, seq_offset)):
+        aligned = _align_labels(part, labels)
+        merged.tokens_per_label += aligned.tokens_per_label
+        for name, stats in merged.signals.items():
+            stats.merge_(aligned.signals[name], uid_offset=offset << 24)
+    meta["tokens"] = int(merged.tokens_per_label.sum())
+    meta["tokens_per_label"] = dict(zip(labels, merged.tokens_per_label.tolist()))
+    for key in ("documents", "windows"):
+        meta[key] = first.meta[key] + second.meta[key]
+    parts = [first.meta["corpus"], second.meta["corpus"]]
+    meta["corpus"] = {"path": " + ".join(part["path"] for part in parts), "parts": parts}
+    merged.contexts = _merge_contexts(first, second, merged)
+    merged.vocab = first.vocab
+    return merged
+
+
+def _check_mergeable(first: Atlas, second: Atlas) -> None:
+    if first.meta["model"]["fingerprint"] != second.meta["model"]["fingerprint"]:
+        raise NeuronAtlasError(
+            f"cannot merge atlases of different models: {first.meta['model']['name_or_path']} and "
+            f"{second.meta['model']['name_or_path']}"
+        )
+    keys = ("threshold", "top_k", "hist_edges")
+    a = {k: first.meta["options"][k] for k in keys}
+    b = {k: second.meta["options"][k] for k in keys}
+    if a != b:
+        raise NeuronAtlasError(f"cannot merge atlases profiled with different options: {a} vs {b}")
+
+
+def _align_labels(atlas: Atlas, labels: list[str]) -> Atlas:
+    """The same atlas with label rows reordered (and zero rows added) to match ``labels``."""
+    if atlas.labels == labels:
+        return atlas
+    meta = dict(atlas.meta, labels=labels)
+    aligned = Atlas(meta, new_signals(meta), torch.zeros(len(labels), dtype=torch.int64))
+    rows = torch.tensor([labels.index(label) for label in atlas.labels])
+    aligned.tokens_per_label[rows] = atlas.tokens_per_label
+    for name, stats in aligned.signals.items():
+        for key, tensor in stats.tensors.items():
+            source = atlas.signals[name].tensors[key]
+            if key.split(".")[0] in SignalStats.FIELDS:
+                tensor[rows] = source
+            else:
+                stats.tensors[key] = source.clone()
+    return aligned
+
+
+def _merge_contexts(first: Atlas, second: Atlas, merged: Atlas) -> pa.Table | None:
+    """Both atlases' context windows, renumbered, keeping those the merged exemplars point to."""
+    if first.contexts is None or second.contexts is None:
+        return None
+    shifted = second.contexts.set_column(
+        second.contexts.schema.get_field_index("seq"), "seq",
+        pc.add(second.contexts["seq"], first.meta["windows"]),
+    ).set_column(
+        second.contexts.schema.get_field_index("doc"), "doc",
+        pc.add(second.contexts["doc"], first.meta["documents"]),
+    )
+    contexts = pa.concat_tables([first.contexts, shifted])
+    wanted = set()
+    for layer in range(merged.num_layers):
+        uid = merged.stat("top_uid", layer)
+        wanted.update(split_uid(uid[uid >= 0])[0].unique().tolist())
+    return contexts.filter(pc.is_in(contexts["seq"], pa.array(sorted(wanted), pa.int64())))

@@ -1,0 +1,330 @@
+"""The profiler: one streaming pass of a model over a corpus into an atlas.
+
+Hooks on every block's FFN output projection feed each batch's activations straight into
+:class:`~neuronatlas.stats.SignalStats`, so no activation outlives its batch. A checkpoint is
+written atomically every ``checkpoint_every`` seconds; ``resume=True`` continues from it and ends
+with the same atlas an uninterrupted run gives (same batches, same order of additions).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .atlas import FORMAT_VERSION, STATS_FILE, Atlas, from_state, is_atlas, load_atlas, new_signals
+from .corpus import Batch, Corpus, iter_batches, iter_windows, read_corpus
+from .errors import NeuronAtlasError
+from .hooks import capture
+from .loading import load_model, max_positions, model_fingerprint
+from .models import ModelNeurons, locate_neurons
+from .stats import default_hist_edges, make_uid
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+UNLABELLED = "all"
+DEFAULT_MAX_LENGTH = 512
+
+
+@dataclass
+class ProfileOptions:
+    """What a profile records and how it batches; all but ``device`` must match on resume."""
+
+    batch_size: int = 8  # windows per forward pass
+    max_length: int | None = None  # tokens per window; None = min(model positions, 512)
+    threshold: float = 0.0  # a neuron is active on a token when its activation > threshold
+    top_k: int = 20  # exemplars kept per neuron
+    gate: bool = True  # also count the gate signal act(gate(x)) of gated families
+    padding_side: str = "right"
+    dtype: str = "float32"
+    hist_edges: list[float] = field(default_factory=lambda: default_hist_edges().tolist())
+
+
+def profile(
+    model,
+    corpus: str | Path | Corpus,
+    out: str | Path,
+    *,
+    tokenizer=None,
+    text_field: str = "text",
+    label_field: str | None = None,
+    options: ProfileOptions | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    resume: bool = False,
+    quiet: bool = False,
+    checkpoint_every: float = 300.0,
+    trust_remote_code: bool = False,
+) -> Atlas:
+    """Profile every FFN neuron of ``model`` (an HF id, a path, or a loaded model with
+    ``tokenizer``) over ``corpus`` and write the atlas to ``out``.
+
+    >>> atlas = profile("my-model", "corpus.jsonl", "atlas", label_field="lang")  # doctest: +SKIP
+    """
+    options = options or ProfileOptions()
+    _check_options(options)
+    out = Path(out)
+    if resume and is_atlas(out) and not (out / CHECKPOINT_FILE).exists():
+        return load_atlas(out)  # already complete: nothing left to do
+    _prepare_output(out, overwrite, resume)
+    if not isinstance(corpus, Corpus):
+        corpus = read_corpus(corpus, text_field=text_field, label_field=label_field)
+    counts = corpus.validate()
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load_model(str(model), device, options.dtype, trust_remote_code)
+    elif tokenizer is None:
+        raise NeuronAtlasError("a loaded model needs its tokenizer: profile(model, corpus, out, tokenizer=...)")
+    neurons = locate_neurons(model)
+    options.max_length = _max_length(model, options.max_length)
+    meta = _metadata(model, tokenizer, neurons, corpus, counts, options)
+    run = _ProfileRun(neurons, tokenizer, corpus, meta, options)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        run.restore(out / CHECKPOINT_FILE)
+    run.run(out / CHECKPOINT_FILE, checkpoint_every, quiet)
+    atlas = run.finish()
+    atlas.save(out)
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return atlas
+
+
+# ---- checks -----------------------------------------------------------------------------------
+
+
+def _check_options(options: ProfileOptions) -> None:
+    if options.batch_size < 1:
+        raise NeuronAtlasError(f"batch size must be at least 1 (got {options.batch_size})")
+    if options.top_k < 0:
+        raise NeuronAtlasError(f"top-k must be 0 or more (got {options.top_k})")
+    if options.padding_side not in ("left", "right"):
+        raise NeuronAtlasError(f"padding side must be left or right (got {options.padding_side!r})")
+
+
+def _max_length(model, requested: int | None) -> int:
+    limit = max_positions(model.config)
+    if requested is None:
+        return min(limit or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    if requested < 2:
+        raise NeuronAtlasError(f"max length must be at least 2 (got {requested})")
+    if limit is not None and requested > limit:
+        raise NeuronAtlasError(
+            f"max length {requested} is beyond the model's {limit} positions; use --max-length {limit} or less"
+        )
+    return requested
+
+
+def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an atlas or an interrupted run unless told to."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NeuronAtlasError(f"output {out} exists and is not a folder; choose another --out")
+    interrupted = (out / CHECKPOINT_FILE).exists()
+    if overwrite:
+        for name in (CHECKPOINT_FILE, STATS_FILE, "atlas.json", "exemplars.parquet", "contexts.parquet", "vocab.parquet"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out.with_name(out.name + ".writing"), ignore_errors=True)
+        return
+    if is_atlas(out) and not interrupted:
+        raise NeuronAtlasError(f"{out} already holds an atlas; pass --overwrite to replace it or choose another --out")
+    if interrupted and not resume:
+        raise NeuronAtlasError(f"{out} holds an interrupted profile; pass --resume to continue it or --overwrite to restart")
+    if not interrupted and any(out.iterdir()):
+        raise NeuronAtlasError(f"output folder {out} is not empty and holds no atlas; choose another --out")
+
+
+# ---- metadata ---------------------------------------------------------------------------------
+
+
+def _metadata(model, tokenizer, neurons: ModelNeurons, corpus: Corpus, counts: dict, options: ProfileOptions) -> dict:
+    per_label = counts["documents_per_label"]
+    labels = sorted(per_label) if corpus.label_field or corpus.label_from_folder else [UNLABELLED]
+    return {
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "model": {
+            "name_or_path": str(getattr(model, "name_or_path", "") or model.config._name_or_path),
+            "model_type": neurons.model_type,
+            "fingerprint": model_fingerprint(model),
+            "num_layers": neurons.num_layers,
+            "widths": neurons.widths,
+            "gated": neurons.gated,
+        },
+        "tokenizer": {
+            "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+            "vocab_size": len(tokenizer),
+        },
+        "corpus": corpus.describe(),
+        "labels": labels,
+        "documents": counts["documents"],
+        "options": asdict(options),
+    }
+
+
+_RESUME_KEYS = ("model", "corpus", "labels", "options")
+
+
+def _check_same_run(saved: dict, current: dict) -> None:
+    for key in _RESUME_KEYS:
+        if saved[key] != current[key]:
+            what = {"model": "model", "corpus": "corpus", "labels": "labels", "options": "options"}[key]
+            raise NeuronAtlasError(
+                f"--resume: the interrupted profile used another {what} "
+                f"({_short(saved[key])} vs now {_short(current[key])}); rerun with the same arguments or pass --overwrite"
+            )
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        for key in ("fingerprint", "path"):
+            if key in value:
+                return f"{key} {value[key]}"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+class _ProfileRun:
+    """The state of one profile: statistics so far and how many windows they cover."""
+
+    def __init__(self, neurons: ModelNeurons, tokenizer, corpus: Corpus, meta: dict, options: ProfileOptions):
+        self.neurons, self.tokenizer, self.corpus, self.meta, self.options = neurons, tokenizer, corpus, meta, options
+        self.device = next(neurons.model.parameters()).device
+        self.signals = new_signals(meta, self.device)
+        self.labels = meta["labels"]
+        self.tokens_per_label = torch.zeros(len(self.labels), dtype=torch.int64, device=self.device)
+        self.windows_done = 0
+        self.documents_done = 0
+        self.base = neurons.model.base_model if hasattr(neurons.model, "base_model") else neurons.model
+        self.takes_positions = "position_ids" in inspect.signature(self.base.forward).parameters
+
+    # -- checkpoints
+
+    def restore(self, path: Path) -> None:
+        if not path.exists():
+            return
+        with safe_open(str(path), framework="pt") as handle:
+            progress = json.loads(handle.metadata()["progress"])
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+        _check_same_run(progress["meta"], self.meta)
+        restored = from_state(self.meta, state, self.device)
+        self.signals, self.tokens_per_label = restored.signals, restored.tokens_per_label
+        self.windows_done, self.documents_done = progress["windows_done"], progress["documents_done"]
+
+    def checkpoint(self, path: Path) -> None:
+        state = {"tokens_per_label": self.tokens_per_label.cpu()}
+        for name, stats in self.signals.items():
+            state.update(stats.state(name))
+        progress = {"windows_done": self.windows_done, "documents_done": self.documents_done, "meta": self.meta}
+        partial = path.with_name(path.name + ".partial")
+        save_file(state, str(partial), metadata={"progress": json.dumps(progress)})
+        partial.replace(path)  # atomic: a kill leaves the old checkpoint or the new one
+
+    # -- the pass
+
+    def windows(self):
+        windows = iter_windows(self.corpus, self.tokenizer, self.options.max_length)
+        return (window for window in windows if window.seq >= self.windows_done)
+
+    def run(self, checkpoint_path: Path, checkpoint_every: float, quiet: bool) -> None:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batches = iter_batches(self.windows(), self.options.batch_size, pad, self.options.padding_side)
+        bar = tqdm(total=self.meta["documents"], initial=self.documents_done, unit="doc", disable=quiet,
+                   dynamic_ncols=True, desc="profile")
+        started, tokens_at_start, last_checkpoint = time.monotonic(), int(self.tokens_per_label.sum()), time.monotonic()
+        with torch.inference_mode():
+            for batch in batches:
+                self.step(batch)
+                done_docs = batch.windows[-1].doc + 1
+                bar.update(done_docs - self.documents_done)
+                self.documents_done = done_docs
+                rate = (int(self.tokens_per_label.sum()) - tokens_at_start) / max(time.monotonic() - started, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+                if time.monotonic() - last_checkpoint >= checkpoint_every:
+                    self.checkpoint(checkpoint_path)
+                    last_checkpoint = time.monotonic()
+        bar.close()
+
+    def step(self, batch: Batch) -> None:
+        """One forward pass; the hooks add every real token's activations to the statistics."""
+        input_ids = batch.input_ids.to(self.device)
+        mask = batch.attention_mask.to(self.device).bool()  # (B, T)
+        B, T = mask.shape
+        label_of_row = torch.tensor([self._label_index(w.label) for w in batch.windows], device=self.device)
+        seq_of_row = torch.tensor([w.seq for w in batch.windows], device=self.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) position within the window
+        token_labels = label_of_row[:, None].expand(B, T)[mask]  # (N,)
+        uids = make_uid(seq_of_row[:, None].expand(B, T), positions)[mask]  # (N,) ascending
+
+        def on_z(layer: int, z: torch.Tensor) -> None:
+            self.signals["z"].update(layer, z.reshape(B, T, -1)[mask], token_labels, uids)
+
+        def on_gate(layer: int, g: torch.Tensor) -> None:
+            self.signals["gate"].update(layer, g.reshape(B, T, -1)[mask], token_labels, uids)
+
+        kwargs = {"input_ids": input_ids, "attention_mask": mask.long(), "use_cache": False}
+        if self.takes_positions:
+            kwargs["position_ids"] = positions
+        with capture(self.neurons, on_z, on_gate if "gate" in self.signals else None):
+            self.base(**kwargs)
+        self.tokens_per_label += torch.bincount(token_labels, minlength=len(self.labels))
+        self.windows_done = batch.windows[-1].seq + 1
+
+    def _label_index(self, label: str | None) -> int:
+        return 0 if label is None else self.labels.index(label)
+
+    # -- the end
+
+    def finish(self) -> Atlas:
+        meta = dict(self.meta)
+        meta["windows"] = self.windows_done
+        meta["tokens"] = int(self.tokens_per_label.sum())
+        meta["tokens_per_label"] = dict(zip(self.labels, self.tokens_per_label.tolist()))
+        signals = {name: stats for name, stats in self.signals.items()}
+        for stats in signals.values():
+            stats.tensors = {key: tensor.cpu() for key, tensor in stats.tensors.items()}
+            if stats.hist_edges is not None:
+                stats.hist_edges = stats.hist_edges.cpu()
+        atlas = Atlas(meta, signals, self.tokens_per_label.cpu())
+        atlas.contexts, atlas.vocab = self.exemplar_contexts(atlas)
+        return atlas
+
+    def exemplar_contexts(self, atlas: Atlas) -> tuple[pa.Table, pa.Table]:
+        """Re-tokenise the corpus (no model) to keep the windows that hold an exemplar."""
+        wanted = set()
+        for layer in range(atlas.num_layers):
+            if self.options.top_k:
+                uid = atlas.stat("top_uid", layer)
+                wanted.update((uid[uid >= 0] >> 24).unique().tolist())
+        rows = {"seq": [], "doc": [], "label": [], "start": [], "token_ids": []}
+        for window in iter_windows(self.corpus, self.tokenizer, self.options.max_length):
+            if window.seq in wanted:
+                rows["seq"].append(window.seq)
+                rows["doc"].append(window.doc)
+                rows["label"].append(window.label)
+                rows["start"].append(window.start)
+                rows["token_ids"].append(list(window.input_ids))
+        contexts = pa.table({
+            "seq": pa.array(rows["seq"], pa.int64()),
+            "doc": pa.array(rows["doc"], pa.int64()),
+            "label": pa.array(rows["label"], pa.string()),
+            "start": pa.array(rows["start"], pa.int64()),
+            "token_ids": pa.array(rows["token_ids"], pa.list_(pa.int32())),
+        })
+        ids = sorted({i for ids in rows["token_ids"] for i in ids})
+        vocab = pa.table({
+            "id": pa.array(ids, pa.int32()),
+            "token": pa.array([self.tokenizer.decode([i]) for i in ids], pa.string()),
+        })
+        return contexts, vocab

@@ -1,0 +1,208 @@
+"""The profiler against a brute-force recomputation, across batching, padding, merging and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import torch
+
+from neuronatlas.atlas import load_atlas, merge_atlases
+from neuronatlas.corpus import iter_windows, read_corpus
+from neuronatlas.hooks import capture
+from neuronatlas.loading import load_model
+from neuronatlas.models import locate_neurons
+from neuronatlas.profile import ProfileOptions, profile
+from neuronatlas.stats import default_hist_edges
+
+MAX_LENGTH = 24
+
+
+def run_profile(model_dir, corpus, out, **options):
+    options = ProfileOptions(max_length=MAX_LENGTH, top_k=5, **options)
+    return profile(str(model_dir), corpus, out, label_field="lang", options=options, device="cpu",
+                   overwrite=True, quiet=True)
+
+
+def brute_force(model_dir, corpus_path, threshold=0.0):
+    """Per label and layer: tokens, active counts, sums, min, max; per layer: all values with uids."""
+    model, tokenizer = load_model(str(model_dir), device="cpu")
+    neurons = locate_neurons(model)
+    corpus = read_corpus(corpus_path, label_field="lang")
+    labels = sorted(corpus.validate()["documents_per_label"])
+    per_layer = {layer: {"values": [], "labels": [], "uids": []} for layer in range(neurons.num_layers)}
+    gates = {layer: [] for layer in range(neurons.num_layers)}
+    for window in iter_windows(corpus, tokenizer, MAX_LENGTH):
+        ids = torch.tensor([window.input_ids])
+        found = {}
+        with torch.no_grad(), capture(neurons, lambda l, z: found.__setitem__(l, z[0].clone()),
+                                       lambda l, g: gates[l].append(g[0].clone())):
+            model(input_ids=ids)
+        for layer, z in found.items():
+            per_layer[layer]["values"].append(z)
+            per_layer[layer]["labels"] += [labels.index(window.label)] * len(z)
+            per_layer[layer]["uids"] += [(window.seq << 24) + pos for pos in range(len(z))]
+    out = {}
+    for layer, parts in per_layer.items():
+        values = torch.cat(parts["values"])  # (N, D)
+        label_ids = torch.tensor(parts["labels"])
+        out[layer] = {
+            "values": values, "labels": label_ids, "uids": torch.tensor(parts["uids"]),
+            "gate": torch.cat(gates[layer]),
+        }
+    return labels, out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, corpus_path):
+    return brute_force(tiny_llama, corpus_path)
+
+
+@pytest.fixture(scope="module")
+def atlas(tiny_llama, corpus_path, tmp_path_factory):
+    return run_profile(tiny_llama, corpus_path, tmp_path_factory.mktemp("atlas") / "a", batch_size=4)
+
+
+def test_statistics_equal_brute_force(atlas, reference):
+    labels, layers = reference
+    assert atlas.labels == labels
+    for layer, ref in layers.items():
+        values, label_ids = ref["values"], ref["labels"]
+        for k in range(len(labels)):
+            mine = values[label_ids == k]
+            assert atlas.tokens_per_label[k] == len(mine)
+            assert torch.equal(atlas.stat("active", layer)[k], (mine > 0).sum(0))
+            torch.testing.assert_close(atlas.stat("sum", layer)[k], mine.double().sum(0), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(atlas.stat("sumsq", layer)[k], (mine.double() ** 2).sum(0), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(atlas.stat("min", layer)[k], mine.amin(0))
+            torch.testing.assert_close(atlas.stat("max", layer)[k], mine.amax(0))
+            gate = ref["gate"][label_ids == k]
+            assert torch.equal(atlas.stat("active", layer, "gate")[k], (gate > 0).sum(0))
+
+
+def test_histogram_counts_every_token_in_its_bin(atlas, reference):
+    _, layers = reference
+    edges = default_hist_edges()
+    for layer, ref in layers.items():
+        hist = atlas.stat("hist", layer)  # (D, bins)
+        for neuron in range(hist.shape[0]):
+            expected = torch.bincount(torch.bucketize(ref["values"][:, neuron], edges, right=True), minlength=hist.shape[1])
+            assert torch.equal(hist[neuron], expected)
+
+
+def test_top_exemplars_are_the_largest_activations(atlas, reference):
+    _, layers = reference
+    for layer, ref in layers.items():
+        for neuron in range(0, atlas.widths[layer], 5):
+            column = ref["values"][:, neuron]
+            order = sorted(range(len(column)), key=lambda i: (-float(column[i]), int(ref["uids"][i])))[:5]
+            got = atlas.exemplars(layer, neuron)
+            assert [(e["seq"] << 24) + e["pos"] for e in got] == [int(ref["uids"][i]) for i in order]
+            torch.testing.assert_close(torch.tensor([e["activation"] for e in got]), column[order])
+
+
+def test_padding_side_and_batch_size_do_not_change_statistics(tiny_llama, corpus_path, atlas, tmp_path):
+    for batch_size, side in ((1, "right"), (7, "left")):
+        other = run_profile(tiny_llama, corpus_path, tmp_path / f"{side}{batch_size}", batch_size=batch_size, padding_side=side)
+        assert torch.equal(other.tokens_per_label, atlas.tokens_per_label)
+        for layer in range(atlas.num_layers):
+            for name in ("sum", "sumsq", "min", "max"):
+                torch.testing.assert_close(other.stat(name, layer), atlas.stat(name, layer), rtol=1e-4, atol=1e-4)
+            # A value within float noise of the threshold may flip; anything more is a bug.
+            differ = (other.stat("active", layer) - atlas.stat("active", layer)).abs().sum()
+            assert differ <= 2
+
+
+def test_halves_merge_into_the_whole(tiny_llama, corpus_rows_and_path, atlas, tmp_path):
+    rows, _ = corpus_rows_and_path
+    halves = []
+    for name, part in (("first", rows[:13]), ("second", rows[13:])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+        halves.append(run_profile(tiny_llama, path, tmp_path / name, batch_size=4))
+    merged = merge_atlases(*halves)
+    assert merged.labels == atlas.labels
+    assert torch.equal(merged.tokens_per_label, atlas.tokens_per_label)
+    assert merged.meta["windows"] == atlas.meta["windows"]
+    for layer in range(atlas.num_layers):
+        for signal_name in ("z", "gate"):
+            assert torch.equal(merged.stat("active", layer, signal_name), atlas.stat("active", layer, signal_name))
+        assert torch.equal(merged.stat("hist", layer), atlas.stat("hist", layer))
+        assert torch.equal(merged.stat("top_uid", layer), atlas.stat("top_uid", layer))
+        torch.testing.assert_close(merged.stat("sum", layer), atlas.stat("sum", layer))
+        assert torch.equal(merged.stat("max", layer), atlas.stat("max", layer))
+    merged.save(tmp_path / "merged")
+    reloaded = load_atlas(tmp_path / "merged")
+    assert reloaded.summary()["tokens"] == atlas.summary()["tokens"]
+    assert reloaded.contexts.num_rows == atlas.contexts.num_rows
+
+
+def test_atlas_round_trips_and_exemplars_are_queryable_with_duckdb(atlas, tmp_path):
+    atlas.save(tmp_path / "copy")
+    loaded = load_atlas(tmp_path / "copy")
+    for name in ("active", "sum", "top_uid"):
+        assert torch.equal(loaded.stat(name, 1), atlas.stat(name, 1))
+    top = duckdb.sql(
+        f"select e.activation, e.pos, c.token_ids from '{tmp_path}/copy/exemplars.parquet' e "
+        f"join '{tmp_path}/copy/contexts.parquet' c using (seq) where layer = 1 and neuron = 3 order by rank"
+    ).fetchall()
+    assert len(top) == 5
+    assert top[0][0] == atlas.exemplars(1, 3)[0]["activation"]
+    assert all(pos < len(ids) for _, pos, ids in top)  # the context holds the exemplar's token
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_atlas(tiny_llama, tmp_path):
+    from conftest import write_corpus
+
+    corpus = tmp_path / "long.jsonl"
+    write_corpus(corpus, documents=600, seed=3)
+    command = [sys.executable, "-m", "neuronatlas", "profile", "--model", str(tiny_llama), "--corpus", str(corpus),
+               "--label-field", "lang", "--max-length", str(MAX_LENGTH), "--batch-size", "2", "--top-k", "5",
+               "--device", "cpu", "--quiet", "--out", str(tmp_path / "killed"), "--checkpoint-every", "0"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    process = subprocess.Popen(command, env=env)
+    checkpoint = tmp_path / "killed" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists() and process.poll() is None, "no checkpoint appeared while the run was going"
+    time.sleep(0.5)  # let it get part-way
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "atlas.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([a if a != str(tmp_path / "killed") else str(tmp_path / "whole") for a in command],
+                           env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    a, b = load_atlas(tmp_path / "killed"), load_atlas(tmp_path / "whole")
+    assert a.tensors().keys() == b.tensors().keys()
+    for key, tensor in a.tensors().items():
+        assert torch.equal(tensor, b.tensors()[key]), key
+    assert not checkpoint.exists()
+
+
+def test_info_json_has_the_contract_keys(atlas, tmp_path, capsys):
+    from neuronatlas.cli import main
+
+    atlas.save(tmp_path / "info")
+    assert main(["info", str(tmp_path / "info"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokens"] == int(atlas.tokens_per_label.sum())
+    assert set(info["tokens_per_label"]) == {"de", "en", "ru"}
+    assert info["layers"] == 2 and info["neurons_per_layer"] == [37, 37]
+    assert len(info["dead_fraction_per_layer"]) == 2
+
+
+def test_import_loads_nothing_heavy():
+    code = "import sys, neuronatlas; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert out.stdout.split() == ["False", "False"]
