@@ -60,15 +60,24 @@ def load_model(
     device: str = "auto",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    quiet: bool = False,
 ):
     """(model, tokenizer) for a supported family, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     config = load_config(name_or_path, trust_remote_code)
     site_for(config.model_type)  # unsupported families fail here, before loading weights
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     auto = AutoModelForMaskedLM if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
-    model = auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        model = auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    finally:
+        if quiet and bars_were_on:
+            hf_logging.enable_progress_bar()
     model.to(torch_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     return model, tokenizer

@@ -26,7 +26,7 @@ from .atlas import FORMAT_VERSION, STATS_FILE, Atlas, from_state, is_atlas, load
 from .corpus import Batch, Corpus, iter_batches, iter_windows, read_corpus
 from .errors import NeuronAtlasError
 from .hooks import capture
-from .loading import load_model, max_positions, model_fingerprint
+from .loading import load_config, load_model, max_positions, model_fingerprint
 from .models import ModelNeurons, locate_neurons
 from .stats import default_hist_edges, make_uid
 
@@ -80,11 +80,12 @@ def profile(
         corpus = read_corpus(corpus, text_field=text_field, label_field=label_field)
     counts = corpus.validate()
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_model(str(model), device, options.dtype, trust_remote_code)
+        _max_length(load_config(str(model), trust_remote_code), options.max_length)  # fail before loading weights
+        model, tokenizer = load_model(str(model), device, options.dtype, trust_remote_code, quiet=quiet)
     elif tokenizer is None:
         raise NeuronAtlasError("a loaded model needs its tokenizer: profile(model, corpus, out, tokenizer=...)")
     neurons = locate_neurons(model)
-    options.max_length = _max_length(model, options.max_length)
+    options.max_length = _max_length(model.config, options.max_length)
     meta = _metadata(model, tokenizer, neurons, corpus, counts, options)
     run = _ProfileRun(neurons, tokenizer, corpus, meta, options)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,8 +110,8 @@ def _check_options(options: ProfileOptions) -> None:
         raise NeuronAtlasError(f"padding side must be left or right (got {options.padding_side!r})")
 
 
-def _max_length(model, requested: int | None) -> int:
-    limit = max_positions(model.config)
+def _max_length(config, requested: int | None) -> int:
+    limit = max_positions(config)
     if requested is None:
         return min(limit or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
     if requested < 2:
@@ -170,17 +171,17 @@ def _metadata(model, tokenizer, neurons: ModelNeurons, corpus: Corpus, counts: d
     }
 
 
-_RESUME_KEYS = ("model", "corpus", "labels", "options")
-
-
 def _check_same_run(saved: dict, current: dict) -> None:
-    for key in _RESUME_KEYS:
+    for key in ("model", "corpus", "labels"):
         if saved[key] != current[key]:
-            what = {"model": "model", "corpus": "corpus", "labels": "labels", "options": "options"}[key]
             raise NeuronAtlasError(
-                f"--resume: the interrupted profile used another {what} "
+                f"--resume: the interrupted profile used another {key} "
                 f"({_short(saved[key])} vs now {_short(current[key])}); rerun with the same arguments or pass --overwrite"
             )
+    changed = {k: (saved["options"].get(k), v) for k, v in current["options"].items() if saved["options"].get(k) != v}
+    if changed:
+        listed = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in changed.items())
+        raise NeuronAtlasError(f"--resume: options differ from the interrupted profile ({listed}); rerun with the same options")
 
 
 def _short(value) -> str:
