@@ -10,6 +10,24 @@ An atlas is a directory::
     contexts.parquet     the token ids of every window an exemplar points to: seq, doc, label,
                          start, token_ids
     vocab.parquet        token id -> the string it decodes to, to show contexts without the model
+    docpool_mean.npy     (optional) float16 (docs, total neurons): each sampled document's mean z
+    docpool_max.npy      (optional) float16 (docs, total neurons): each sampled document's max z
+    docpool.parquet      (optional) the sampled documents, one row per matrix row: doc, label, tokens
+
+Position statistics (unless profiled with ``--no-positions``): stats.safetensors also holds
+"position.<stat>.<layer>" for stat in active, sum, sumsq, min, max, each (P, D) with one row per
+position bucket instead of per label (z only, all labels together), and "position_tokens" (P,) the
+tokens per bucket. A token's position is its index within its window (0 = the first token, the
+``<s>`` of Llama-like tokenizers). The buckets' lower edges are ``options.position_edges`` in
+atlas.json: by default 0, 1, 2, 3, 4, 8, 16, ... (powers of two below ``max_length``), so buckets
+are 0, 1, 2, 3, 4-7, 8-15, ... and the last one ends at ``max_length - 1``.
+
+The document sample (unless profiled with ``--doc-sample 0``): the first ``options.doc_sample``
+documents of each label in corpus order (among documents with at least one token); for each, the
+mean and max of z over all its real tokens (all its windows), for every neuron. Columns are
+layer-major (layer 0's neurons, then layer 1's ...). See :mod:`neuronatlas.docpool`. Merging two
+atlases concatenates their samples (the second's documents renumbered after the first's; the
+per-label cap is not applied again, so a label may hold up to twice ``doc_sample`` documents).
 
 Query the parquet files with duckdb, e.g.
 ``duckdb.sql("select * from 'ATLAS/exemplars.parquet' where layer = 3 and neuron = 17")``.
@@ -30,6 +48,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .docpool import FILES as DOCPOOL_FILES
+from .docpool import DocPool, load_docpool, merge_docpools
 from .errors import NeuronAtlasError
 from .stats import SignalStats, split_uid
 
@@ -37,6 +57,7 @@ FORMAT_VERSION = 1
 META_FILE = "atlas.json"
 STATS_FILE = "stats.safetensors"
 SIGNALS = ("z", "gate")
+POSITION = "position"  # prefix of the position statistics in stats.safetensors
 
 
 @dataclass
@@ -48,6 +69,9 @@ class Atlas:
     tokens_per_label: torch.Tensor  # (K,) int64
     contexts: pa.Table | None = None  # seq, doc, label, start, token_ids
     vocab: pa.Table | None = None  # id, token
+    positions: SignalStats | None = None  # z per position bucket: "labels" are the buckets
+    position_tokens: torch.Tensor | None = None  # (P,) int64 tokens per position bucket
+    docpool: DocPool | None = None  # pooled z of the sampled documents (on disk)
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -93,6 +117,23 @@ class Atlas:
             return tensor.amax(0)
         return tensor.sum(0)
 
+    @property
+    def position_edges(self) -> list[int] | None:
+        """Lower edges of the position buckets, or None when the atlas has no position statistics."""
+        return position_edges_of(self.meta) if self.positions is not None else None
+
+    def position_buckets(self) -> list[str]:
+        """Names of the position buckets: "0", "1", "2", "3", "4-7", ..."""
+        if self.positions is None:
+            raise NeuronAtlasError("this atlas has no position statistics; profile again without --no-positions")
+        return bucket_names(self.position_edges, self.meta["options"].get("max_length"))
+
+    def position_stat(self, name: str, layer: int) -> torch.Tensor:
+        """A position statistic, e.g. ``position_stat("sum", 3)`` → (P, D) float64, one row per bucket."""
+        if self.positions is None:
+            raise NeuronAtlasError("this atlas has no position statistics; profile again without --no-positions")
+        return self.positions.tensors[f"{name}.{layer}"]
+
     def dead_fraction(self, layer: int, signal: str = "z") -> float:
         return float((self.overall("active", layer, signal) == 0).double().mean())
 
@@ -116,6 +157,8 @@ class Atlas:
             "activation_rate_per_layer": rate,
             "dead_fraction_per_layer": [self.dead_fraction(layer) for layer in range(self.num_layers)],
             "options": self.meta["options"],
+            "position_buckets": self.position_buckets() if self.positions is not None else None,
+            "doc_sample_documents": len(self.docpool) if self.docpool is not None else 0,
         }
         if "gate" in self.signals:
             summary["gate_dead_fraction_per_layer"] = [
@@ -140,6 +183,9 @@ class Atlas:
             out.update(stats.state(name))
             if stats.hist_edges is not None:
                 out["hist_edges"] = stats.hist_edges.cpu()
+        if self.positions is not None:
+            out.update(self.positions.state(POSITION))
+            out["position_tokens"] = self.position_tokens.cpu()
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -154,11 +200,18 @@ class Atlas:
             pq.write_table(self.contexts, staging / "contexts.parquet")
         if self.vocab is not None:
             pq.write_table(self.vocab, staging / "vocab.parquet")
+        if self.docpool is not None:
+            self.docpool.write(staging)
         (staging / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
         path.mkdir(parents=True, exist_ok=True)
+        if self.docpool is None:  # do not leave another atlas's document sample behind
+            for name in DOCPOOL_FILES:
+                (path / name).unlink(missing_ok=True)
         for item in staging.iterdir():
             os.replace(item, path / item.name)
         staging.rmdir()
+        if self.docpool is not None:
+            self.docpool.reopen(path)
         return path
 
     def exemplar_table(self) -> pa.Table:
@@ -221,6 +274,7 @@ def load_atlas(path: str | Path) -> Atlas:
         atlas.contexts = pq.read_table(path / "contexts.parquet")
     if (path / "vocab.parquet").exists():
         atlas.vocab = pq.read_table(path / "vocab.parquet")
+    atlas.docpool = load_docpool(path, atlas.widths)
     return atlas
 
 
@@ -235,11 +289,50 @@ def new_signals(meta: dict, device: torch.device | str = "cpu") -> dict[str, Sig
     return signals
 
 
+def default_position_edges(max_length: int) -> list[int]:
+    """Lower edges 0, 1, 2, 3, 4, 8, 16, ... below ``max_length``: buckets 0, 1, 2, 3, 4-7, 8-15, ..."""
+    edges = [edge for edge in (0, 1, 2, 3) if edge < max_length]
+    edge = 4
+    while edge < max_length:
+        edges.append(edge)
+        edge *= 2
+    return edges
+
+
+def position_edges_of(meta: dict) -> list[int] | None:
+    options = meta["options"]
+    if not options.get("positions", False) or not options.get("position_edges"):
+        return None
+    return [int(edge) for edge in options["position_edges"]]
+
+
+def bucket_names(edges: list[int], max_length: int | None) -> list[str]:
+    """"0", "1", ..., "4-7", ...; the last bucket ends at ``max_length - 1`` ("16+" without it)."""
+    names = []
+    for i, low in enumerate(edges):
+        high = edges[i + 1] - 1 if i + 1 < len(edges) else (max_length - 1 if max_length else None)
+        names.append(str(low) if high == low else f"{low}-{high}" if high is not None else f"{low}+")
+    return names
+
+
+def new_positions(meta: dict, device: torch.device | str = "cpu") -> SignalStats | None:
+    """Empty position statistics (one "label" per bucket), or None when the atlas keeps none."""
+    edges = position_edges_of(meta)
+    if edges is None:
+        return None
+    return SignalStats(meta["model"]["widths"], len(edges), meta["options"]["threshold"], None, 0, device)
+
+
 def from_state(meta: dict, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Atlas:
     signals = new_signals(meta, device)
     for name, stats in signals.items():
         stats.load_state(state, name)
-    return Atlas(meta, signals, state["tokens_per_label"].to(device))
+    atlas = Atlas(meta, signals, state["tokens_per_label"].to(device))
+    positions = new_positions(meta, device)
+    if positions is not None and "position_tokens" in state:
+        positions.load_state(state, POSITION)
+        atlas.positions, atlas.position_tokens = positions, state["position_tokens"].to(device)
+    return atlas
 
 
 def merge_atlases(first: Atlas, second: Atlas) -> Atlas:
@@ -267,7 +360,46 @@ def merge_atlases(first: Atlas, second: Atlas) -> Atlas:
     meta["corpus"] = {"path": " + ".join(part["path"] for part in parts), "parts": parts}
     merged.contexts = _merge_contexts(first, second, merged)
     merged.vocab = first.vocab
+    _merge_positions(first, second, merged)
+    merged.docpool = merge_docpools(first.docpool, second.docpool, first.meta["documents"])
+    meta["options"]["doc_sample"] = meta["options"].get("doc_sample", 0) if merged.docpool is not None else 0
     return merged
+
+
+def _merge_positions(first: Atlas, second: Atlas, merged: Atlas) -> None:
+    """Add the position statistics when both atlases have them on compatible buckets, else drop them.
+
+    Default buckets of two different ``max_length`` are compatible: the shorter list of edges is a
+    prefix of the longer one, and its last bucket (up to its ``max_length - 1``) lies within the
+    longer one's bucket of the same lower edge; its missing buckets count zero tokens.
+    """
+    options = merged.meta["options"]
+    edges = [position_edges_of(part.meta) if part.positions is not None else None for part in (first, second)]
+    merged.positions = merged.position_tokens = None
+    if edges[0] is None or edges[1] is None:
+        options["positions"], options["position_edges"] = False, None
+        return
+    longer, shorter = (0, 1) if len(edges[0]) >= len(edges[1]) else (1, 0)
+    long_edges, short_edges = edges[longer], edges[shorter]
+    short_max = (first, second)[shorter].meta["options"].get("max_length")
+    fits = long_edges[: len(short_edges)] == short_edges and (
+        len(short_edges) == len(long_edges)
+        or (short_max is not None and short_max <= long_edges[len(short_edges)])
+    )
+    if not fits:
+        options["positions"], options["position_edges"] = False, None
+        return
+    options["positions"], options["position_edges"] = True, long_edges
+    options["max_length"] = max(part.meta["options"].get("max_length") or 0 for part in (first, second)) or None
+    merged.positions = SignalStats(merged.widths, len(long_edges), options["threshold"], None, 0)
+    merged.position_tokens = torch.zeros(len(long_edges), dtype=torch.int64)
+    for part in (first, second):
+        rows = len(part.position_tokens)
+        merged.position_tokens[:rows] += part.position_tokens.cpu()
+        padded = SignalStats(merged.widths, len(long_edges), options["threshold"], None, 0)
+        for key, tensor in padded.tensors.items():
+            tensor[:rows] = part.positions.tensors[key].cpu()
+        merged.positions.merge_(padded)
 
 
 def _check_mergeable(first: Atlas, second: Atlas) -> None:

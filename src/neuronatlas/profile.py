@@ -4,6 +4,11 @@ Hooks on every block's FFN output projection feed each batch's activations strai
 :class:`~neuronatlas.stats.SignalStats`, so no activation outlives its batch. A checkpoint is
 written atomically every ``checkpoint_every`` seconds; ``resume=True`` continues from it and ends
 with the same atlas an uninterrupted run gives (same batches, same order of additions).
+
+Besides the per-label statistics it records, unless switched off: z per position bucket (the
+token's position within its window: 0, 1, 2, 3, 4-7, 8-15, ...; ``positions``) and, for the first
+``doc_sample`` documents of each label, each document's mean and max of z, written to memmapped
+files in the output folder as documents complete (:mod:`neuronatlas.docpool`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,21 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atlas import FORMAT_VERSION, STATS_FILE, Atlas, from_state, is_atlas, load_atlas, new_signals
+from .atlas import (
+    FORMAT_VERSION,
+    POSITION,
+    STATS_FILE,
+    Atlas,
+    default_position_edges,
+    from_state,
+    is_atlas,
+    load_atlas,
+    new_positions,
+    new_signals,
+)
 from .corpus import Batch, Corpus, iter_batches, iter_windows, read_corpus
+from .docpool import FILES as DOCPOOL_FILES
+from .docpool import PARTIAL_DIR, DocPoolWriter
 from .errors import NeuronAtlasError
 from .hooks import capture
 from .loading import load_config, load_model, max_positions, model_fingerprint
@@ -47,6 +65,9 @@ class ProfileOptions:
     padding_side: str = "right"
     dtype: str = "float32"
     hist_edges: list[float] = field(default_factory=lambda: default_hist_edges().tolist())
+    positions: bool = True  # also keep z per position bucket
+    position_edges: list[int] | None = None  # lower bucket edges; None = 0, 1, 2, 3, 4, 8, 16, ... < max_length
+    doc_sample: int = 256  # documents per label whose mean and max z are kept on disk; 0 = none
 
 
 def profile(
@@ -87,14 +108,16 @@ def profile(
     neurons = locate_neurons(model)
     options.max_length = _max_length(model.config, options.max_length)
     meta = _metadata(model, tokenizer, neurons, corpus, counts, options)
-    run = _ProfileRun(neurons, tokenizer, corpus, meta, options)
     out.mkdir(parents=True, exist_ok=True)
+    run = _ProfileRun(neurons, tokenizer, corpus, meta, options, docpool_folder=out / PARTIAL_DIR,
+                      documents_per_label=_documents_per_label(meta, counts))
     if resume:
         run.restore(out / CHECKPOINT_FILE)
     run.run(out / CHECKPOINT_FILE, checkpoint_every, quiet)
     atlas = run.finish()
     atlas.save(out)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
     return atlas
 
 
@@ -108,6 +131,29 @@ def _check_options(options: ProfileOptions) -> None:
         raise NeuronAtlasError(f"top-k must be 0 or more (got {options.top_k})")
     if options.padding_side not in ("left", "right"):
         raise NeuronAtlasError(f"padding side must be left or right (got {options.padding_side!r})")
+    if options.doc_sample < 0:
+        raise NeuronAtlasError(f"doc sample must be 0 (none) or more documents per label (got {options.doc_sample})")
+
+
+def _position_edges(options: ProfileOptions) -> list[int] | None:
+    """The position buckets' lower edges for the resolved max_length (None without positions)."""
+    if not options.positions:
+        return None
+    if options.position_edges is None:
+        return default_position_edges(options.max_length)
+    edges = [int(edge) for edge in options.position_edges]
+    if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[-1] >= options.max_length:
+        raise NeuronAtlasError(
+            f"position edges must start at 0 and increase below max length {options.max_length} (got {edges}); "
+            "leave them out for the default 0, 1, 2, 3, 4, 8, 16, ..."
+        )
+    return edges
+
+
+def _documents_per_label(meta: dict, counts: dict) -> dict:
+    if meta["labels"] == [UNLABELLED] and not counts["documents_per_label"]:
+        return {UNLABELLED: counts["documents"]}
+    return counts["documents_per_label"]
 
 
 def _max_length(config, requested: int | None) -> int:
@@ -131,15 +177,19 @@ def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
         raise NeuronAtlasError(f"output {out} exists and is not a folder; choose another --out")
     interrupted = (out / CHECKPOINT_FILE).exists()
     if overwrite:
-        for name in (CHECKPOINT_FILE, STATS_FILE, "atlas.json", "exemplars.parquet", "contexts.parquet", "vocab.parquet"):
+        for name in (CHECKPOINT_FILE, STATS_FILE, "atlas.json", "exemplars.parquet", "contexts.parquet", "vocab.parquet",
+                     *DOCPOOL_FILES):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out.with_name(out.name + ".writing"), ignore_errors=True)
+        shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
         return
     if is_atlas(out) and not interrupted:
         raise NeuronAtlasError(f"{out} already holds an atlas; pass --overwrite to replace it or choose another --out")
     if interrupted and not resume:
         raise NeuronAtlasError(f"{out} holds an interrupted profile; pass --resume to continue it or --overwrite to restart")
-    if not interrupted and any(out.iterdir()):
+    # A run killed before its first checkpoint leaves only scratch files: it starts again from scratch.
+    scratch = (PARTIAL_DIR, CHECKPOINT_FILE + ".partial")
+    if not interrupted and any(item.name not in scratch for item in out.iterdir()):
         raise NeuronAtlasError(f"output folder {out} is not empty and holds no atlas; choose another --out")
 
 
@@ -147,6 +197,8 @@ def _prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
 
 
 def _metadata(model, tokenizer, neurons: ModelNeurons, corpus: Corpus, counts: dict, options: ProfileOptions) -> dict:
+    if options.max_length is not None:
+        options.position_edges = _position_edges(options)  # resolved like max_length: saved, checked on resume
     per_label = counts["documents_per_label"]
     labels = sorted(per_label) if corpus.label_field or corpus.label_from_folder else [UNLABELLED]
     return {
@@ -199,12 +251,23 @@ def _short(value) -> str:
 class _ProfileRun:
     """The state of one profile: statistics so far and how many windows they cover."""
 
-    def __init__(self, neurons: ModelNeurons, tokenizer, corpus: Corpus, meta: dict, options: ProfileOptions):
+    def __init__(self, neurons: ModelNeurons, tokenizer, corpus: Corpus, meta: dict, options: ProfileOptions,
+                 docpool_folder: Path | None = None, documents_per_label: dict | None = None):
         self.neurons, self.tokenizer, self.corpus, self.meta, self.options = neurons, tokenizer, corpus, meta, options
         self.device = next(neurons.model.parameters()).device
         self.signals = new_signals(meta, self.device)
         self.labels = meta["labels"]
         self.tokens_per_label = torch.zeros(len(self.labels), dtype=torch.int64, device=self.device)
+        self.positions = new_positions(meta, self.device)  # None when positions are off
+        if self.positions is not None:
+            edges = meta["options"]["position_edges"]
+            self.position_edges = torch.tensor(edges, dtype=torch.long, device=self.device)
+            self.position_tokens = torch.zeros(len(edges), dtype=torch.int64, device=self.device)
+        self.docpool = None  # needs a folder for its files; then one row per sampled document
+        if options.doc_sample and docpool_folder is not None:
+            per_label = documents_per_label or {label: options.doc_sample for label in self.labels}
+            self.docpool = DocPoolWriter(docpool_folder, neurons.widths, self.labels, options.doc_sample, per_label,
+                                         self.device)
         self.windows_done = 0
         self.documents_done = 0
         self.base = neurons.model.base_model if hasattr(neurons.model, "base_model") else neurons.model
@@ -221,12 +284,23 @@ class _ProfileRun:
         _check_same_run(progress["meta"], self.meta)
         restored = from_state(self.meta, state, self.device)
         self.signals, self.tokens_per_label = restored.signals, restored.tokens_per_label
+        if self.positions is not None:
+            self.positions, self.position_tokens = restored.positions, restored.position_tokens
+        if self.docpool is not None:
+            self.docpool.load_state(state)
+            self.docpool.reopen()
         self.windows_done, self.documents_done = progress["windows_done"], progress["documents_done"]
 
     def checkpoint(self, path: Path) -> None:
         state = {"tokens_per_label": self.tokens_per_label.cpu()}
         for name, stats in self.signals.items():
             state.update(stats.state(name))
+        if self.positions is not None:
+            state.update(self.positions.state(POSITION))
+            state["position_tokens"] = self.position_tokens.cpu()
+        if self.docpool is not None:
+            self.docpool.flush()  # the rows the checkpoint counts are on disk before it is
+            state.update(self.docpool.state())
         progress = {"windows_done": self.windows_done, "documents_done": self.documents_done, "meta": self.meta}
         partial = path.with_name(path.name + ".partial")
         save_file(state, str(partial), metadata={"progress": json.dumps(progress)})
@@ -244,6 +318,8 @@ class _ProfileRun:
         bar = tqdm(total=self.meta["documents"], initial=self.documents_done, unit="doc", disable=quiet,
                    dynamic_ncols=True, desc="profile")
         started, tokens_at_start, last_checkpoint = time.monotonic(), int(self.tokens_per_label.sum()), time.monotonic()
+        if self.docpool is not None and not self.docpool.arrays:
+            self.docpool.create()  # a fresh run (a resumed one reopened its files in restore)
         with torch.inference_mode():
             for batch in batches:
                 self.step(batch)
@@ -267,9 +343,21 @@ class _ProfileRun:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) position within the window
         token_labels = label_of_row[:, None].expand(B, T)[mask]  # (N,)
         uids = make_uid(seq_of_row[:, None].expand(B, T), positions)[mask]  # (N,) ascending
+        if self.positions is not None:
+            token_buckets = torch.bucketize(positions[mask], self.position_edges, right=True) - 1  # (N,)
+            # tokens grouped by bucket: the statistics then see one run of rows per bucket, not one per window
+            by_bucket = token_buckets.argsort(stable=True)
+            sorted_buckets, sorted_uids = token_buckets[by_bucket], uids[by_bucket]
+        pooling = self.docpool is not None and self.docpool.begin(batch.windows)
 
         def on_z(layer: int, z: torch.Tensor) -> None:
-            self.signals["z"].update(layer, z.reshape(B, T, -1)[mask], token_labels, uids)
+            z = z.reshape(B, T, -1)
+            values = z[mask]
+            self.signals["z"].update(layer, values, token_labels, uids)
+            if self.positions is not None:
+                self.positions.update(layer, values[by_bucket], sorted_buckets, sorted_uids)
+            if pooling:
+                self.docpool.add(layer, z, mask)
 
         def on_gate(layer: int, g: torch.Tensor) -> None:
             self.signals["gate"].update(layer, g.reshape(B, T, -1)[mask], token_labels, uids)
@@ -280,6 +368,10 @@ class _ProfileRun:
         with capture(self.neurons, on_z, on_gate if "gate" in self.signals else None):
             self.base(**kwargs)
         self.tokens_per_label += torch.bincount(token_labels, minlength=len(self.labels))
+        if self.positions is not None:
+            self.position_tokens += torch.bincount(token_buckets, minlength=len(self.position_tokens))
+        if self.docpool is not None:
+            self.docpool.end()
         self.windows_done = batch.windows[-1].seq + 1
 
     def _label_index(self, label: str | None) -> int:
@@ -298,6 +390,11 @@ class _ProfileRun:
             if stats.hist_edges is not None:
                 stats.hist_edges = stats.hist_edges.cpu()
         atlas = Atlas(meta, signals, self.tokens_per_label.cpu())
+        if self.positions is not None:
+            self.positions.tensors = {key: tensor.cpu() for key, tensor in self.positions.tensors.items()}
+            atlas.positions, atlas.position_tokens = self.positions, self.position_tokens.cpu()
+        if self.docpool is not None:
+            atlas.docpool = self.docpool.finish()
         atlas.contexts, atlas.vocab = self.exemplar_contexts(atlas)
         return atlas
 

@@ -1,0 +1,362 @@
+"""Token and n-gram detectors (Voita et al.): neurons whose firing a few trigger tokens explain.
+
+Two stages:
+
+1. **Candidates, from the atlas alone.** The trigger of an exemplar is the token at its position
+   (``ngram=1``) or the pair (previous token in the window, token) (``ngram=2``; the first token of a
+   window has no previous one). A neuron is a candidate when its top-k exemplars number at least
+   ``min_exemplars`` and at most ``max_triggers`` distinct triggers cover at least ``coverage`` of
+   them, counting only exemplars with a positive activation (z > the atlas threshold).
+2. **Confirmation, with the model and a corpus.** On the first ``max_tokens`` tokens of the corpus
+   (whole windows, cut as the profile cut them), the share of each candidate's activation variance
+   that the current token (or bigram) explains (Gurnee et al. 2024):
+
+       VR = [Var(a) − Σ_v π_v Var(a | token = v)] / Var(a)
+
+   computed exactly from streamed per-token sums (float64). A detector needs VR ≥
+   ``min_variance_explained``. Without a model and corpus, score = coverage.
+
+   On a small sample VR is biased upwards: a token seen once explains its own activation fully.
+   ``details`` also gives the adjusted value 1 − [within/(N − G)] / [total/(N − 1)] (G groups) and G.
+   VR by the token says the neuron is a function of the current token, not that *its triggers*
+   drive it; ``details["vr_triggers"]`` is the VR of the binary feature "the token is one of the
+   triggers" (Gurnee et al.'s binary features), and ``feature="triggers"`` scores and filters by it.
+
+With the model, each detector's value vector is also read through the unembedding: the trigger's
+logit in W_U · w_out, as the share of the vocabulary with a lower logit ("trigger_logit_quantile");
+``suppresses_trigger`` when the main trigger's share is below ``suppress_quantile`` (default 0.05):
+the neuron pushes down the token that makes it fire (Voita et al.'s removal mechanism).
+
+Per-neuron extras (triggers, coverage, VR, suppression) are in ``params["details"]["layer:index"]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import NeuronAtlasError
+from ..neuronset import Neuron, NeuronSet, model_info
+from ..stats import split_uid
+
+_PAIR = 1 << 32  # bigram key = (previous + 1) * _PAIR + token
+
+
+def exemplar_triggers(atlas, ngram: int = 1, layers: list[int] | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """Per layer: "keys" (D, k) int64 trigger of each exemplar (−1 where empty), "values" (D, k) activations."""
+    if ngram not in (1, 2):
+        raise NeuronAtlasError(f"ngram must be 1 (token) or 2 (previous token, token); got {ngram}")
+    if atlas.meta["options"].get("top_k", 0) < 1 or "top_uid.0" not in atlas.signals["z"].tensors:
+        raise NeuronAtlasError("this atlas keeps no exemplars; profile again with --top-k 20 (or more)")
+    if atlas.contexts is None:
+        raise NeuronAtlasError("this atlas has no contexts.parquet (the exemplars' token ids); profile it again")
+    seqs = np.asarray(atlas.contexts["seq"].to_numpy(), np.int64)
+    token_lists = atlas.contexts["token_ids"].to_pylist()
+    starts = np.concatenate([[0], np.cumsum([len(ids) for ids in token_lists])]).astype(np.int64)
+    flat = np.asarray([i for ids in token_lists for i in ids], np.int64)
+    order = np.argsort(seqs)
+    out = {}
+    for layer in range(atlas.num_layers) if layers is None else layers:
+        uid = atlas.stat("top_uid", layer)
+        values = atlas.stat("top_values", layer).float().numpy()
+        seq, pos = (t.numpy() for t in split_uid(uid))
+        filled = uid.numpy() >= 0
+        where = np.searchsorted(seqs, seq, sorter=order).clip(max=len(seqs) - 1)
+        row = order[where]
+        found = filled & (seqs[row] == seq)
+        at = starts[row] + pos
+        keys = np.full(seq.shape, -1, np.int64)
+        keys[found] = flat[at[found]]
+        if ngram == 2:
+            previous = np.full(seq.shape, -1, np.int64)
+            has_previous = found & (pos > 0)
+            previous[has_previous] = flat[at[has_previous] - 1]
+            keys[found] = (previous[found] + 1) * _PAIR + keys[found]
+        out[layer] = {"keys": keys, "values": np.where(filled, values, -np.inf)}
+    return out
+
+
+def trigger_candidates(atlas, ngram: int = 1, max_triggers: int = 3, coverage: float = 0.9,
+                       min_exemplars: int = 5, layers: list[int] | None = None) -> dict[tuple[int, int], dict]:
+    """{(layer, index): {"triggers": [(key, count), ...], "coverage": float, "exemplars": int}}."""
+    threshold = float(atlas.meta["options"].get("threshold", 0.0))
+    found = {}
+    for layer, table in exemplar_triggers(atlas, ngram, layers).items():
+        keys, values = table["keys"], table["values"]
+        filled = np.isfinite(values).sum(1)
+        for index in np.flatnonzero(filled >= min_exemplars).tolist():
+            positive = keys[index][(values[index] > threshold) & (keys[index] >= 0)]
+            counts = Counter(positive.tolist()).most_common(max_triggers)
+            covered, triggers = 0, []
+            for key, count in counts:
+                triggers.append((key, count))
+                covered += count
+                if covered >= coverage * filled[index]:
+                    break
+            share = covered / filled[index]
+            if share >= coverage and triggers:
+                found[(layer, index)] = {"triggers": triggers, "coverage": float(share), "exemplars": int(filled[index])}
+    return found
+
+
+def find_token_detectors(atlas, model=None, tokenizer=None, corpus=None, max_triggers: int = 3,
+                         coverage: float = 0.9, min_variance_explained: float = 0.5, ngram: int = 1,
+                         max_tokens: int = 20_000, batch_size: int = 8, suppress_quantile: float = 0.05,
+                         min_exemplars: int = 5, text_field: str = "text", label_field: str | None = None,
+                         layers: list[int] | None = None, max_elements: int = 1 << 25,
+                         feature: str = "token") -> NeuronSet:
+    """Token (``ngram=1``) or bigram (``ngram=2``) detectors; see the module docstring.
+
+    ``model``/``tokenizer``: the atlas's model, loaded (e.g. by :func:`neuronatlas.loading.load_model`);
+    ``corpus``: a path or :class:`~neuronatlas.corpus.Corpus` to measure VR on. ``max_elements``
+    bounds the per-token sums held at once (groups x candidates); beyond it candidates are measured
+    in several passes over the same tokens. ``feature``: "token" scores by the VR of the current
+    token (or bigram) identity, "triggers" by the VR of "the token is one of the neuron's triggers".
+    """
+    if feature not in ("token", "triggers"):
+        raise NeuronAtlasError(f"unknown feature {feature!r}; use token (VR by the current token) or triggers")
+    _check_arguments(max_triggers, coverage, min_variance_explained, max_tokens, suppress_quantile, min_exemplars)
+    if corpus is not None and (model is None or tokenizer is None):
+        raise NeuronAtlasError("measuring variance explained on a corpus needs the model and its tokenizer (--model)")
+    if layers is not None:
+        for layer in layers:
+            if not 0 <= layer < atlas.num_layers:
+                raise NeuronAtlasError(f"layer {layer} is out of range: the atlas has {atlas.num_layers} layers")
+    if model is not None:
+        from . import model_block_for
+
+        model_block_for(model, atlas.meta)  # refuses a model other than the atlas's
+    candidates = trigger_candidates(atlas, ngram, max_triggers, coverage, min_exemplars, layers)
+    measured = {}
+    if corpus is not None and candidates:
+        triggers = {neuron: [key for key, _ in found["triggers"]] for neuron, found in candidates.items()}
+        measured = variance_explained(atlas, model, tokenizer, corpus, sorted(candidates), ngram, max_tokens,
+                                      batch_size, text_field, label_field, max_elements, triggers)
+    suppression = {}
+    if model is not None and candidates:
+        suppression = _suppression(model, candidates, ngram, suppress_quantile)
+    decode = _decoder(atlas, tokenizer)
+    neurons, details = [], {}
+    for (layer, index), found in sorted(candidates.items()):
+        info = {
+            "triggers": [{"ids": _ids(key, ngram), "text": [decode(i) for i in _ids(key, ngram)], "count": count}
+                         for key, count in found["triggers"]],
+            "coverage": found["coverage"], "exemplars": found["exemplars"],
+        }
+        score = found["coverage"]
+        if measured:
+            stats = measured[(layer, index)]
+            info.update(stats)
+            score = stats["vr"] if feature == "token" else stats["vr_triggers"]
+            if score < min_variance_explained:
+                continue
+        if suppression:
+            info.update(suppression[(layer, index)])
+        neurons.append(Neuron(layer, index, float(score), None))
+        details[f"{layer}:{index}"] = info
+    neurons.sort(key=lambda n: (-n.score, n.layer, n.index))
+    params = {
+        "ngram": ngram, "max_triggers": max_triggers, "coverage": coverage, "min_exemplars": min_exemplars,
+        "min_variance_explained": min_variance_explained if measured else None,
+        "max_tokens": max_tokens if measured else None, "suppress_quantile": suppress_quantile if model is not None else None,
+        "layers": layers, "candidates": len(candidates), "feature": feature if measured else None,
+        "tokens_measured": next(iter(measured.values()))["tokens"] if measured else 0,
+        "score": ("share of the top exemplars covered by the triggers" if not measured
+                  else "variance of z explained by the current " + ("token" if ngram == 1 else "bigram")
+                  if feature == "token" else "variance of z explained by whether the token is a trigger"),
+        "details": details,
+    }
+    return NeuronSet("token-detectors" if ngram == 1 else "bigram-detectors", model_info(atlas.meta), neurons, params)
+
+
+def _check_arguments(max_triggers, coverage, min_vr, max_tokens, suppress_quantile, min_exemplars) -> None:
+    if max_triggers < 1:
+        raise NeuronAtlasError(f"max triggers must be at least 1 (got {max_triggers})")
+    if not 0 < coverage <= 1:
+        raise NeuronAtlasError(f"coverage must be within (0, 1] (got {coverage})")
+    if not 0 <= min_vr <= 1:
+        raise NeuronAtlasError(f"min variance explained must be between 0 and 1 (got {min_vr})")
+    if max_tokens < 2:
+        raise NeuronAtlasError(f"max tokens must be at least 2 (got {max_tokens})")
+    if not 0 < suppress_quantile < 1:
+        raise NeuronAtlasError(f"suppress quantile must be between 0 and 1 (got {suppress_quantile})")
+    if min_exemplars < 1:
+        raise NeuronAtlasError(f"min exemplars must be at least 1 (got {min_exemplars})")
+
+
+def _ids(key: int, ngram: int) -> list[int]:
+    if ngram == 1:
+        return [int(key)]
+    previous, token = divmod(int(key), _PAIR)
+    return [previous - 1, token] if previous > 0 else [token]
+
+
+def _decoder(atlas, tokenizer):
+    table = {}
+    if atlas.vocab is not None:
+        table = dict(zip(atlas.vocab["id"].to_pylist(), atlas.vocab["token"].to_pylist()))
+
+    def decode(token_id: int) -> str | None:
+        if token_id in table:
+            return table[token_id]
+        if tokenizer is not None:
+            try:
+                return tokenizer.decode([token_id])
+            except Exception:  # an id the tokenizer cannot decode
+                return None
+        return None
+
+    return decode
+
+
+# ---- variance explained -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def variance_explained(atlas, model, tokenizer, corpus, neurons: list[tuple[int, int]], ngram: int = 1,
+                       max_tokens: int = 20_000, batch_size: int = 8, text_field: str = "text",
+                       label_field: str | None = None, max_elements: int = 1 << 25,
+                       triggers: dict[tuple[int, int], list[int]] | None = None) -> dict[tuple[int, int], dict]:
+    """VR of each (layer, index) by the current token (or bigram) on the corpus's first ``max_tokens`` tokens.
+
+    Returns per neuron: vr, vr_adjusted, groups (distinct tokens or bigrams seen), tokens; with
+    ``triggers`` (neuron -> trigger keys) also trigger_tokens, mean_on_triggers, mean_elsewhere and
+    vr_triggers, the VR of the binary feature "the token is one of the triggers".
+    """
+    from ..corpus import Corpus, iter_batches, iter_windows, read_corpus
+    from ..hooks import capture
+    from ..models import locate_neurons
+
+    if not isinstance(corpus, Corpus):
+        corpus = read_corpus(Path(corpus), text_field=text_field, label_field=label_field)
+    max_length = atlas.meta["options"].get("max_length") or 512
+    windows = []
+    total = 0
+    for window in iter_windows(corpus, tokenizer, max_length):
+        windows.append(window)
+        total += len(window.input_ids)
+        if total >= max_tokens:
+            break
+    if total < 2:
+        raise NeuronAtlasError(f"the corpus {corpus.path} gives {total} tokens; variance explained needs more text")
+    located = locate_neurons(model)
+    device = next(model.parameters()).device
+    base = model.base_model if hasattr(model, "base_model") else model
+    takes_positions = "position_ids" in inspect.signature(base.forward).parameters
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    groups_bound = total
+    per_pass = max(1, max_elements // groups_bound)
+    results = {}
+    for start in range(0, len(neurons), per_pass):
+        chunk = neurons[start : start + per_pass]
+        columns: dict[int, list[int]] = {}
+        for layer, index in chunk:
+            columns.setdefault(layer, []).append(index)
+        slot = {}  # (layer, index) -> column of the accumulators
+        for layer, indices in columns.items():
+            for index in indices:
+                slot[(layer, index)] = len(slot)
+        layer_slots = {layer: torch.tensor([slot[(layer, i)] for i in idx], device=device) for layer, idx in columns.items()}
+        layer_cols = {layer: torch.tensor(idx, device=device) for layer, idx in columns.items()}
+        width = len(slot)
+        group_sum = torch.zeros((groups_bound, width), dtype=torch.float64, device=device)
+        group_count = torch.zeros(groups_bound, dtype=torch.float64, device=device)
+        total_sum = torch.zeros(width, dtype=torch.float64, device=device)
+        total_sq = torch.zeros(width, dtype=torch.float64, device=device)
+        row_of: dict[int, int] = {}
+        for batch in iter_batches(iter(windows), batch_size, pad, "right"):
+            ids = batch.input_ids.to(device)
+            mask = batch.attention_mask.to(device).bool()
+            B, T = mask.shape
+            keys = ids
+            if ngram == 2:
+                previous = torch.cat([torch.full((B, 1), -1, device=device, dtype=ids.dtype), ids[:, :-1]], 1)
+                keys = (previous + 1) * _PAIR + ids
+            keys = keys[mask]
+            unique, inverse = keys.unique(return_inverse=True)
+            rows = torch.tensor([row_of.setdefault(int(k), len(row_of)) for k in unique.tolist()], device=device)
+            token_rows = rows[inverse]  # (N,)
+            group_count.index_add_(0, token_rows, torch.ones_like(token_rows, dtype=torch.float64))
+            grabbed = torch.zeros((len(token_rows), width), dtype=torch.float64, device=device)
+
+            def on_z(layer: int, z: torch.Tensor) -> None:
+                if layer in layer_cols:
+                    values = z.reshape(B, T, -1)[mask][:, layer_cols[layer]].double()
+                    grabbed[:, layer_slots[layer]] = values
+
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs = {"input_ids": ids, "attention_mask": mask.long(), "use_cache": False}
+            if takes_positions:
+                kwargs["position_ids"] = positions
+            with capture(located, on_z):
+                base(**kwargs)
+            group_sum.index_add_(0, token_rows, grabbed)
+            total_sum += grabbed.sum(0)
+            total_sq += (grabbed * grabbed).sum(0)
+        groups = len(row_of)
+        count = group_count[:groups]
+        n = count.sum()
+        overall = total_sum ** 2 / n
+        total_ss = total_sq - overall
+        between_ss = (group_sum[:groups] ** 2 / count[:, None]).sum(0) - overall
+        within_ss = (total_ss - between_ss).clamp(min=0)
+        varies = total_ss > 1e-12 * total_sq.abs().clamp(min=1e-300)
+        safe = torch.where(varies, total_ss, torch.ones_like(total_ss))
+        vr = torch.where(varies, (between_ss / safe).clamp(0, 1), torch.zeros_like(total_ss))
+        adjusted = torch.where(varies, 1 - (within_ss / max(float(n) - groups, 1.0)) / (safe / max(float(n) - 1, 1.0)),
+                               torch.zeros_like(total_ss))
+        for neuron, column in slot.items():
+            results[neuron] = {"vr": float(vr[column]), "vr_adjusted": float(adjusted[column]), "groups": groups,
+                               "tokens": int(n)}
+            keys = [key for key in (triggers or {}).get(neuron, []) if key in row_of]
+            if triggers is not None:
+                on_rows = torch.tensor([row_of[key] for key in keys], dtype=torch.long, device=device)
+                n_on = float(count[on_rows].sum())
+                sum_on = float(group_sum[on_rows, column].sum())
+                sum_all, n_all = float(total_sum[column]), float(n)
+                mean_on = sum_on / n_on if n_on else None
+                mean_off = (sum_all - sum_on) / (n_all - n_on) if n_all > n_on else None
+                # VR of the binary feature "the token is a trigger": between-group / total sum of squares
+                between = sum(size * (mean - sum_all / n_all) ** 2
+                              for size, mean in ((n_on, mean_on), (n_all - n_on, mean_off)) if size)
+                results[neuron].update({
+                    "trigger_tokens": int(n_on), "mean_on_triggers": mean_on, "mean_elsewhere": mean_off,
+                    "vr_triggers": min(max(between / float(safe[column]), 0.0), 1.0) if bool(varies[column]) else 0.0,
+                })
+    return results
+
+
+# ---- suppression of the trigger -----------------------------------------------------------------
+
+
+@torch.no_grad()
+def _suppression(model, candidates: dict, ngram: int, quantile: float) -> dict[tuple[int, int], dict]:
+    from ..models import locate_neurons
+    from .vocab import unembedding
+
+    located = locate_neurons(model)
+    w_unembed = unembedding(model).float()  # (V, d)
+    out = {}
+    by_layer: dict[int, list[int]] = {}
+    for layer, index in candidates:
+        by_layer.setdefault(layer, []).append(index)
+    for layer, indices in by_layer.items():
+        w_out = located.layers[layer].w_out().detach().float().to(w_unembed.device)[:, indices]  # (d, c)
+        logits = (w_unembed @ w_out).T.cpu()  # (c, V)
+        vocab = logits.shape[1]
+        for column, index in enumerate(indices):
+            row = logits[column]
+            shares = []
+            for key, _ in candidates[(layer, index)]["triggers"]:
+                token = _ids(key, ngram)[-1]
+                shares.append(float((row < row[token]).double().mean()) if 0 <= token < vocab else None)
+            main = shares[0]
+            out[(layer, index)] = {
+                "trigger_logit_quantile": shares,
+                "suppresses_trigger": bool(main is not None and main < quantile),
+            }
+    return out

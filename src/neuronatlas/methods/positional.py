@@ -1,0 +1,93 @@
+"""Positional neurons: activation explained by the token's position in its window.
+
+From the atlas's position statistics (per position bucket b: tokens n_b, Σz, Σz² per neuron),
+the variance reduction by bucket (Gurnee et al. 2024's VR with the feature "position bucket"):
+
+    VR = 1 − Σ_b n_b Var_b / (N Var)  =  [Σ_b S_b² / n_b − S² / N] / [Q − S² / N]
+
+with S_b, Q_b the bucket's sum and sum of squares, S, Q, N the totals; float64. VR is 1 when the
+activation is constant within every bucket (and differs between them), 0 when every bucket has the
+same mean. Buckets are coarse (0, 1, 2, 3, 4-7, 8-15, ...), so a neuron that tracks the exact
+position still shows a VR below 1, and one whose mean moves with position only partly (Voita et
+al.'s "range" neurons) shows up when its within-bucket spread is small.
+
+Position 0 of a window is ``<s>`` for Llama-like tokenizers: a neuron that only reacts to that token
+looks positional. ``min_position=1`` leaves out the buckets starting below 1 to rule that out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import NeuronAtlasError
+from ..neuronset import Neuron, NeuronSet, model_info
+
+
+def position_variance_reduction(atlas, layer: int, min_position: int = 0) -> dict[str, torch.Tensor]:
+    """Per neuron of ``layer``: "vr" (D,), "peak_bucket" (D,) index of the highest mean, "means" (P, D)."""
+    if atlas.positions is None:
+        raise NeuronAtlasError(
+            "this atlas has no position statistics; profile again without --no-positions to find positional neurons"
+        )
+    keep = torch.tensor([edge >= min_position for edge in atlas.position_edges])
+    counts = atlas.position_tokens.double()[keep]  # (P,)
+    sums = atlas.position_stat("sum", layer).double()[keep]  # (P, D)
+    squares = atlas.position_stat("sumsq", layer).double()[keep]
+    total = counts.sum()
+    if total == 0:
+        raise NeuronAtlasError(f"no tokens at positions >= {min_position} in this atlas; lower min_position")
+    filled = counts > 0
+    means = torch.where(filled[:, None], sums / counts.clamp(min=1)[:, None], torch.full_like(sums, float("nan")))
+    overall = sums.sum(0) ** 2 / total
+    total_ss = squares.sum(0) - overall
+    between_ss = (sums[filled] ** 2 / counts[filled][:, None]).sum(0) - overall
+    # float noise can push a constant neuron's total slightly off zero: call it not positional
+    scale = squares.sum(0).abs().clamp(min=1e-300)
+    varies = total_ss > 1e-9 * scale
+    vr = torch.where(varies, (between_ss / total_ss.where(varies, torch.ones_like(total_ss))).clamp(0, 1),
+                     torch.zeros_like(total_ss))
+    peak = means.nan_to_num(float("-inf")).argmax(0)
+    kept_index = keep.nonzero().flatten()
+    return {"vr": vr, "peak_bucket": kept_index[peak], "means": means}
+
+
+def find_positional(atlas, min_variance_explained: float = 0.5, min_position: int = 0,
+                    layers: list[int] | None = None) -> NeuronSet:
+    """Neurons whose activation variance is explained by the position bucket: VR ≥ ``min_variance_explained``.
+
+    score = VR; ``params["details"]["layer:index"]`` gives the bucket of the highest mean activation
+    ("peak_bucket", e.g. "4-7"), that mean, and the lowest bucket mean.
+    """
+    if not 0 <= min_variance_explained <= 1:
+        raise NeuronAtlasError(f"min variance explained must be between 0 and 1 (got {min_variance_explained})")
+    if atlas.positions is None:
+        raise NeuronAtlasError(
+            "this atlas has no position statistics; profile again without --no-positions to find positional neurons"
+        )
+    names = atlas.position_buckets()
+    chosen_layers = range(atlas.num_layers) if layers is None else layers
+    neurons, details = [], {}
+    for layer in chosen_layers:
+        if not 0 <= layer < atlas.num_layers:
+            raise NeuronAtlasError(f"layer {layer} is out of range: the atlas has {atlas.num_layers} layers")
+        result = position_variance_reduction(atlas, layer, min_position)
+        vr = result["vr"]
+        hits = (vr >= min_variance_explained).nonzero().flatten()
+        hits = hits[vr[hits].argsort(descending=True, stable=True)]
+        for index in hits.tolist():
+            column = result["means"][:, index]
+            peak = int(result["peak_bucket"][index])
+            neurons.append(Neuron(layer, index, float(vr[index]), None))
+            details[f"{layer}:{index}"] = {
+                "peak_bucket": names[peak], "peak_mean": float(atlas.position_stat("sum", layer)[peak, index]
+                                                                / max(int(atlas.position_tokens[peak]), 1)),
+                "lowest_mean": float(column[~column.isnan()].min()),
+            }
+    neurons.sort(key=lambda n: -n.score)
+    params = {
+        "min_variance_explained": min_variance_explained, "min_position": min_position, "layers": layers,
+        "buckets": names, "tokens_per_bucket": atlas.position_tokens.tolist(),
+        "score": "variance of z explained by the position bucket (1 - within-bucket / total variance)",
+        "details": details,
+    }
+    return NeuronSet("positional", model_info(atlas.meta), neurons, params)
