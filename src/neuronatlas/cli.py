@@ -10,6 +10,8 @@ import json
 import sys
 
 from . import __version__
+from .cli_find import register as register_find
+from .cli_prove import register as register_prove
 from .errors import NeuronAtlasError
 
 
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_merge(commands)
     _add_demo(commands)
+    register_find(commands)
+    register_prove(commands)
     return parser
 
 
@@ -69,6 +73,11 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=20, help="exemplars kept per neuron (default: 20)")
     parser.add_argument("--no-gate", action="store_true", help="skip the gate signal of gated families")
     parser.add_argument("--padding-side", default="right", choices=["left", "right"])
+    parser.add_argument("--doc-sample", type=int, default=256, metavar="N",
+                        help="keep the mean and max z of the first N documents of each label, for "
+                             "`find selectivity` (default: 256; 0 = none)")
+    parser.add_argument("--no-positions", action="store_true",
+                        help="skip the statistics per position bucket that `find positional` reads")
     parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints (default: 300)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -91,6 +100,7 @@ def _profile_options(args):
     return ProfileOptions(
         batch_size=args.batch_size, max_length=args.max_length, threshold=args.threshold, top_k=args.top_k,
         gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
+        doc_sample=args.doc_sample, positions=not args.no_positions,
     )
 
 

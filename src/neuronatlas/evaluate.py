@@ -1,0 +1,413 @@
+"""The causal check of a labelled neuron set: ablate each label's neurons, measure every label's loss.
+
+For every label L of the neuron set, L's neurons are ablated in all layers at once (``op="zero"``
+by default) and the mean next-token NLL is measured on held-out text of every label of the
+corpus. The increase over the unablated model gives a matrix ``delta[L][M]`` (rows: the ablated
+set, columns: the text). Controls: for every L, ``controls`` random neuron sets with the same
+number of neurons per layer as L's set (drawn among the layer's other neurons, seeded), measured
+on L's own text; their mean increase and a 95% Student-t interval
+``mean ± t(0.975, n-1) · sd / sqrt(n)``.
+
+A label's set is **specific** when its own increase exceeds every other label's increase in its
+row (the neurons matter more for their language than for the others) and the upper end of the
+control interval (more than random neurons of the same per-layer sizes).
+
+    >>> result = evaluate(model, tokenizer, neuron_set, "heldout.jsonl", label_field="lang")  # doctest: +SKIP
+    >>> print(to_markdown(result)); plot_heatmap(result, "eval.png")                       # doctest: +SKIP
+
+Batches are built once (per label, sorted by length, right padded) and reused for every
+condition; only real tokens are counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .corpus import Batch, Corpus, iter_batches, iter_windows, read_corpus
+from .errors import NeuronAtlasError
+from .intervene import Intervention, intervene
+from .loading import ENCODER_TYPES, max_positions, model_fingerprint
+from .models import locate_neurons
+from .neuronset import NeuronSet
+
+FORMAT_VERSION = 1
+EVAL_OPS = ("zero", "mean", "constant", "scale")
+DEFAULT_MAX_LENGTH = 256
+INTERVAL = "t95: mean ± t(0.975, n-1)·sd/sqrt(n) over the control sets"
+
+# Student t quantiles t(0.975, df) for df = 1..30; beyond, a Cornish-Fisher expansion.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError("df must be at least 1")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def check_causal_lm(model) -> None:
+    """Refuse models whose loss is not next-token prediction."""
+    config = model.config
+    if config.model_type in ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
+        raise NeuronAtlasError(
+            f"evaluate measures next-token NLL, which needs a causal (decoder-only) language model; "
+            f"{config.model_type} is an encoder (masked LM): use a decoder model such as llama or gpt2"
+        )
+
+
+def evaluate(
+    model,
+    tokenizer,
+    neuron_set: NeuronSet,
+    corpus: str | Path | Corpus,
+    controls: int = 5,
+    op: str = "zero",
+    max_docs_per_label: int | None = None,
+    seed: int = 0,
+    *,
+    atlas=None,
+    value: float | None = None,
+    signal: str = "z",
+    text_field: str = "text",
+    label_field: str | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    check_fingerprint: bool = True,
+    quiet: bool = True,
+) -> dict:
+    """Ablate each label's neurons and measure the mean token NLL on every label's text.
+
+    ``corpus``: a :class:`~neuronatlas.corpus.Corpus` with labels, or a path read with
+    ``text_field`` / ``label_field``. ``op``: ``zero`` (default), ``mean`` (needs ``atlas``),
+    ``constant`` or ``scale`` (need ``value``). Returns the EVAL.json dict (see the module docstring).
+    """
+    started = time.monotonic()
+    check_causal_lm(model)
+    neurons = locate_neurons(model)
+    _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, batch_size, max_docs_per_label)
+    fingerprint = model_fingerprint(model)
+    if check_fingerprint:
+        neuron_set.check_model(fingerprint, neurons.widths)
+    if not isinstance(corpus, Corpus):
+        corpus = read_corpus(corpus, text_field=text_field, label_field=label_field)
+    if corpus.label_field is None and not corpus.label_from_folder:
+        raise NeuronAtlasError(
+            f"evaluate needs labelled documents to measure each label's text, but corpus {corpus.path} is read "
+            "without labels; pass label_field / --label-field (e.g. lang)"
+        )
+    max_length = _max_length(model, max_length)
+    batches, documents, tokens = _label_batches(corpus, tokenizer, max_docs_per_label, max_length, batch_size)
+    labels = sorted(batches)
+    set_labels = neuron_set.labels
+    missing = [label for label in set_labels if label not in batches]
+    if missing:
+        raise NeuronAtlasError(
+            f"neuron set label(s) {', '.join(map(repr, missing))} have no text in corpus {corpus.path} "
+            f"(it has: {', '.join(labels)}); evaluate on a corpus with those labels"
+        )
+    sets = {label: neuron_set.for_label(label).per_layer() for label in set_labels}
+    empty = [label for label, table in sets.items() if not table]
+    if empty:
+        raise NeuronAtlasError(f"the neuron set has no neurons for label(s) {', '.join(empty)}")
+
+    progress = _Progress(1 + len(set_labels) + len(set_labels) * controls, quiet)
+    device = next(model.parameters()).device
+    baseline = _nll(model, batches, labels, device)
+    progress.step("baseline")
+    nll: dict[str, dict[str, float]] = {}
+    for label in set_labels:
+        with intervene(neurons, [_ablation(sets[label], op, value, signal)], atlas=atlas, allow_empty=False):
+            nll[label] = _nll(model, batches, labels, device)
+        progress.step(f"ablate {label}")
+    delta = {row: {col: nll[row][col] - baseline[col] for col in labels} for row in set_labels}
+
+    generator = torch.Generator().manual_seed(seed)
+    control: dict[str, dict] = {}
+    for label in set_labels:
+        increases = []
+        for _ in range(controls):
+            random_set = random_like(sets[label], neurons.widths, generator)
+            with intervene(neurons, [_ablation(random_set, op, value, signal)], atlas=atlas, allow_empty=False):
+                increases.append(_nll(model, batches, [label], device)[label] - baseline[label])
+            progress.step(f"control {label}")
+        if controls:
+            control[label] = summarize(increases)
+    progress.close()
+
+    specific = {}
+    for label in set_labels:
+        own = delta[label][label]
+        others = [delta[label][col] for col in labels if col != label]
+        beats_controls = (own > control[label]["high"]) if label in control else True
+        specific[label] = bool(all(own > other for other in others) and beats_controls)
+    diagonal = [delta[label][label] for label in set_labels]
+    off = [delta[row][col] for row in set_labels for col in labels if col != row]
+    mean_diagonal = sum(diagonal) / len(diagonal)
+    mean_off = sum(off) / len(off) if off else float("nan")
+    ratio = mean_diagonal / mean_off if off and mean_off > 0 else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "evaluation",
+        "model": {
+            "name_or_path": str(getattr(model, "name_or_path", "") or model.config._name_or_path),
+            "model_type": neurons.model_type,
+            "fingerprint": fingerprint,
+        },
+        "neuron_set": {"method": neuron_set.method, "params": neuron_set.params,
+                       "neurons": {label: sum(len(i) for i in sets[label].values()) for label in set_labels},
+                       "neurons_per_layer": {label: {str(l): len(i) for l, i in sets[label].items()} for label in set_labels}},
+        "corpus": str(corpus.path),
+        "labels": labels,
+        "set_labels": set_labels,
+        "documents": documents,
+        "tokens": tokens,
+        "baseline": baseline,
+        "nll": nll,
+        "delta": delta,
+        "control": control,
+        "specific": specific,
+        "mean_diagonal": mean_diagonal,
+        "mean_off_diagonal": mean_off,
+        "ratio": ratio,
+        "params": {
+            "op": op, "value": value, "signal": signal, "controls": controls, "seed": seed,
+            "max_docs_per_label": max_docs_per_label, "batch_size": batch_size, "max_length": max_length,
+            "interval": INTERVAL if controls else None,
+            "control_sets": "same neurons per layer as the label's set, drawn uniformly among the layer's other neurons",
+        },
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+# ---- pieces -----------------------------------------------------------------------------------
+
+
+def _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, batch_size, max_docs) -> None:
+    if not isinstance(neuron_set, NeuronSet):
+        raise NeuronAtlasError(f"evaluate needs a NeuronSet, not {type(neuron_set).__name__}")
+    if not len(neuron_set):
+        raise NeuronAtlasError("the neuron set is empty: there is nothing to ablate (find neurons first)")
+    if not neuron_set.labels:
+        raise NeuronAtlasError(
+            f"the neuron set ({neuron_set.method}) has no labels; evaluate compares each label's neurons on each "
+            "label's text, so use a set whose neurons carry labels (e.g. from find_lape)"
+        )
+    if op not in EVAL_OPS:
+        raise NeuronAtlasError(f"unknown ablation op {op!r} for evaluate; use one of {', '.join(EVAL_OPS)}")
+    if op in ("constant", "scale") and value is None:
+        raise NeuronAtlasError(f"op {op!r} needs a value (e.g. value=0.5 / --value 0.5)")
+    if op == "mean" and atlas is None:
+        raise NeuronAtlasError("op 'mean' replaces activations by their atlas mean: pass the atlas (--atlas)")
+    if signal == "gate" and not neurons.gated:
+        raise NeuronAtlasError(f"signal 'gate' needs a gated MLP, but {neurons.model_type} has none; use signal 'z'")
+    if controls < 0 or controls == 1:
+        raise NeuronAtlasError(f"controls must be 0 (none) or at least 2 for an interval, not {controls}")
+    if batch_size < 1:
+        raise NeuronAtlasError(f"batch size must be at least 1, not {batch_size}")
+    if max_docs is not None and max_docs < 1:
+        raise NeuronAtlasError(f"max docs per label must be at least 1, not {max_docs}")
+
+
+def _max_length(model, requested: int | None) -> int:
+    limit = max_positions(model.config)
+    if requested is None:
+        return min(limit or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    if requested < 2:
+        raise NeuronAtlasError(f"max length must be at least 2 (got {requested})")
+    if limit is not None and requested > limit:
+        raise NeuronAtlasError(f"max length {requested} is beyond the model's {limit} positions; use {limit} or less")
+    return requested
+
+
+def _label_batches(corpus: Corpus, tokenizer, max_docs: int | None, max_length: int, batch_size: int):
+    """{label: [Batch]} of windows with at least two tokens; documents and predicted tokens per label."""
+    chosen, taken = [], defaultdict(int)
+    for doc in corpus:
+        if doc.label is None:
+            continue
+        if max_docs is None or taken[doc.label] < max_docs:
+            chosen.append(doc)
+            taken[doc.label] += 1
+    if not chosen:
+        raise NeuronAtlasError(f"corpus {corpus.path} has no labelled documents to evaluate on")
+    per_label = defaultdict(list)
+    for window in iter_windows(chosen, tokenizer, max_length):
+        if len(window.input_ids) >= 2:
+            per_label[window.label].append(window)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batches = {}
+    tokens = {}
+    for label, windows in sorted(per_label.items()):
+        windows.sort(key=lambda w: (-len(w.input_ids), w.seq))  # less padding, deterministic
+        batches[label] = list(iter_batches(windows, batch_size, pad, "right"))
+        tokens[label] = sum(len(w.input_ids) - 1 for w in windows)
+    documents = {label: taken[label] for label in sorted(per_label)}
+    return batches, documents, tokens
+
+
+@torch.inference_mode()
+def _nll(model, batches: dict[str, list[Batch]], labels: list[str], device) -> dict[str, float]:
+    """Mean next-token NLL (nats) over the real tokens of each label's batches."""
+    out = {}
+    for label in labels:
+        total, count = 0.0, 0
+        for batch in batches[label]:
+            ids = batch.input_ids.to(device)
+            mask = batch.attention_mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = logits[:, :-1].float()
+            targets = ids[:, 1:]
+            real = (mask[:, 1:] * mask[:, :-1]).bool()
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            total += float(losses[real.reshape(-1)].double().sum())
+            count += int(real.sum())
+        out[label] = total / max(count, 1)
+    return out
+
+
+def _ablation(table: dict[int, torch.Tensor], op: str, value, signal: str) -> Intervention:
+    return Intervention(table, op, value=value, signal=signal)
+
+
+def random_like(table: dict[int, torch.Tensor], widths: list[int], generator: torch.Generator) -> dict[int, torch.Tensor]:
+    """Random neurons with the same count per layer as ``table``, avoiding its own neurons when possible."""
+    out = {}
+    for layer, chosen in table.items():
+        n, width = len(chosen), widths[layer]
+        pool = torch.ones(width, dtype=torch.bool)
+        pool[chosen] = False
+        candidates = pool.nonzero().squeeze(1) if int(pool.sum()) >= n else torch.arange(width)
+        pick = torch.randperm(len(candidates), generator=generator)[:n]
+        out[layer] = candidates[pick].sort().values
+    return out
+
+
+def summarize(values: list[float]) -> dict:
+    """Mean, sd and the Student-t 95% interval of ``values`` (n >= 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": mean, "low": mean - half, "high": mean + half, "sd": sd, "n": n, "values": values}
+
+
+class _Progress:
+    def __init__(self, total: int, quiet: bool):
+        self.bar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="cond", desc="evaluate", dynamic_ncols=True)
+
+    def step(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- reports ----------------------------------------------------------------------------------
+
+
+def format_matrix(result: dict) -> str:
+    """The delta matrix as plain text, with controls and verdicts (what the CLI prints)."""
+    labels, rows = result["labels"], result["set_labels"]
+    width = max(7, *(len(label) for label in labels))
+    lines = ["increase in mean token NLL (nats) when the row's neurons are ablated, on the column's text"]
+    header = f"{'set':<{width}} " + " ".join(f"{label:>{width}}" for label in labels)
+    header += f" {'control (95% CI)':>26} {'verdict':>12}"
+    lines.append(header)
+    for row in rows:
+        cells = []
+        for col in labels:
+            value = f"{result['delta'][row][col]:+.4f}"
+            cells.append(f"{'*' + value if col == row else value:>{width}}")
+        control = result["control"].get(row)
+        ctrl = f"{control['mean']:+.4f} [{control['low']:+.4f}, {control['high']:+.4f}]" if control else "-"
+        verdict = "specific" if result["specific"][row] else "NOT specific"
+        lines.append(f"{row:<{width}} " + " ".join(cells) + f" {ctrl:>26} {verdict:>12}")
+    lines.append(f"baseline NLL: " + ", ".join(f"{k} {v:.4f}" for k, v in result["baseline"].items()))
+    ratio = result["ratio"]
+    lines.append(
+        f"mean diagonal {result['mean_diagonal']:+.4f}, mean off-diagonal {result['mean_off_diagonal']:+.4f}, "
+        f"ratio {'n/a' if ratio is None else f'{ratio:.2f}'}; "
+        f"specific: {sum(result['specific'].values())}/{len(result['specific'])}"
+    )
+    return "\n".join(lines)
+
+
+def to_markdown(result: dict) -> str:
+    """A markdown table: one row per ablated set, one column per text label, controls, verdict."""
+    labels, rows = result["labels"], result["set_labels"]
+    params = result["params"]
+    out = [
+        f"**Ablation ({params['op']}, signal {params['signal']})**: increase in mean token NLL (nats) over the "
+        f"unablated model; rows = ablated label's neurons, columns = text label; diagonal in bold. "
+        f"Control = {params['controls']} random sets of the same per-layer sizes, on the row label's text "
+        f"({'95% Student-t interval' if params['controls'] else 'none'}).",
+        "",
+        "| set \\ text | " + " | ".join(labels) + " | neurons | control mean [95% CI] | specific |",
+        "|---|" + "---:|" * len(labels) + "---:|---:|:---:|",
+    ]
+    for row in rows:
+        cells = []
+        for col in labels:
+            value = f"{result['delta'][row][col]:+.4f}"
+            cells.append(f"**{value}**" if col == row else value)
+        control = result["control"].get(row)
+        ctrl = f"{control['mean']:+.4f} [{control['low']:+.4f}, {control['high']:+.4f}]" if control else "-"
+        verdict = "yes" if result["specific"][row] else "no"
+        out.append(f"| {row} | " + " | ".join(cells) + f" | {result['neuron_set']['neurons'][row]} | {ctrl} | {verdict} |")
+    out.append("| baseline NLL | " + " | ".join(f"{result['baseline'][col]:.4f}" for col in labels) + " | | | |")
+    ratio = result["ratio"]
+    out += ["", f"Mean diagonal {result['mean_diagonal']:+.4f}, mean off-diagonal {result['mean_off_diagonal']:+.4f}, "
+                f"ratio {'n/a' if ratio is None else f'{ratio:.2f}'}."]
+    return "\n".join(out) + "\n"
+
+
+def plot_heatmap(result: dict, path: str | Path, title: str | None = None) -> Path:
+    """Save the delta matrix as a heatmap PNG (matplotlib's Agg canvas; pyplot is not touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels, rows = result["labels"], result["set_labels"]
+    matrix = [[result["delta"][row][col] for col in labels] for row in rows]
+    fig = Figure(figsize=(1.2 + 0.9 * len(labels), 1.0 + 0.8 * len(rows)), dpi=120)
+    FigureCanvasAgg(fig)  # no pyplot: no global state, no display needed
+    ax = fig.subplots()
+    peak = max((abs(v) for line in matrix for v in line), default=1.0) or 1.0
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-peak, vmax=peak)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("text")
+    ax.set_ylabel("ablated neurons")
+    fmt = ".3f" if peak >= 0.01 else ".1e"
+    for i, line in enumerate(matrix):
+        for j, v in enumerate(line):
+            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8,
+                    color="white" if abs(v) > 0.6 * peak else "black")
+    fig.colorbar(image, ax=ax, label="Δ NLL (nats)")
+    ax.set_title(title or f"ablation ({result['params']['op']}) Δ NLL", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+__all__ = ["evaluate", "to_markdown", "plot_heatmap", "format_matrix", "random_like", "summarize", "t975"]
