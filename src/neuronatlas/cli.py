@@ -173,7 +173,7 @@ def _run_merge(args) -> int:
 def _add_demo(commands) -> None:
     parser = commands.add_parser("demo", help="profile the bundled tiny model on the bundled corpus")
     parser.add_argument("--model", default="tiny-llama", help="a bundled model (tiny-llama, tiny-gpt2) or any model path")
-    parser.add_argument("--out", default="atlas-demo", help="where to write the demo atlas (default: atlas-demo)")
+    parser.add_argument("--out", default="neuronatlas-demo", help="folder for the atlas, neuron set, evaluation and plot (default: neuronatlas-demo)")
     parser.add_argument("--quiet", action="store_true")
     _common(parser)
     parser.set_defaults(handler=_run_demo)
