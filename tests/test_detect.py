@@ -65,15 +65,6 @@ def doc_pools(windows, layers: int, docs: list[int]):
     return torch.stack(means).numpy(), torch.stack(maxes).numpy()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine run ~100x faster on one thread than on two competing ones."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_llama, corpus_path):
     return brute_force(tiny_llama, corpus_path)

@@ -20,17 +20,7 @@ from neuronatlas.corpus import iter_windows, read_corpus
 from neuronatlas.errors import NeuronAtlasError
 from neuronatlas.evaluate import evaluate, format_matrix, plot_heatmap, random_like, summarize, t975, to_markdown
 from neuronatlas.loading import load_model, model_fingerprint
-from neuronatlas.models import locate_neurons
 from neuronatlas.neuronset import Neuron, NeuronSet
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from several threads, and lose a lot when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

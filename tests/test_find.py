@@ -29,15 +29,6 @@ MAX_LENGTH = 24
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hand_atlas(counts, tokens, labels=("de", "en", "ru"), gated=True, z_counts=None) -> Atlas:
     """An atlas whose gate (and z) activation counts are ``counts``: one (K, D) array per layer."""
     widths = [int(np.asarray(c).shape[1]) for c in counts]

@@ -16,15 +16,6 @@ from neuronatlas.profile import ProfileOptions, profile
 TEXTS = ["the cat sat on a mat and the dog ran", "der hund lief zum haus", "кот сидел на коврике а собака"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from several threads, and lose a lot when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_llama):
     model, tokenizer = load_model(str(tiny_llama), device="cpu")

@@ -341,7 +341,7 @@ def format_matrix(result: dict) -> str:
         ctrl = f"{control['mean']:+.4f} [{control['low']:+.4f}, {control['high']:+.4f}]" if control else "-"
         verdict = "specific" if result["specific"][row] else "NOT specific"
         lines.append(f"{row:<{width}} " + " ".join(cells) + f" {ctrl:>26} {verdict:>12}")
-    lines.append(f"baseline NLL: " + ", ".join(f"{k} {v:.4f}" for k, v in result["baseline"].items()))
+    lines.append("baseline NLL: " + ", ".join(f"{k} {v:.4f}" for k, v in result["baseline"].items()))
     ratio = result["ratio"]
     lines.append(
         f"mean diagonal {result['mean_diagonal']:+.4f}, mean off-diagonal {result['mean_off_diagonal']:+.4f}, "
