@@ -73,6 +73,19 @@ def write_corpus(path, documents: int = 30, seed: int = 0, max_words: int = 90) 
     return rows
 
 
+def cli_fails(capsys, argv: list[str], *expected: str) -> str:
+    """Run the CLI in-process; assert exit 2 and a single error line holding ``expected``."""
+    from neuronatlas.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("neuronatlas: error: ")
+    for part in expected:
+        assert part in err, (part, err)
+    return err
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return make_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cli_fails
 
 from neuronatlas.cli import main
 from neuronatlas.corpus import Corpus, read_corpus
@@ -15,15 +16,7 @@ from neuronatlas.errors import NeuronAtlasError
 from neuronatlas.profile import ProfileOptions, profile
 
 
-def fails(capsys, argv: list[str], *expected: str) -> str:
-    """Run the CLI in-process; assert exit 2 and a single error line holding ``expected``."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("neuronatlas: error: ")
-    for part in expected:
-        assert part in err, (part, err)
-    return err
+fails = cli_fails
 
 
 def profile_args(model, corpus, out, *extra):

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import cli_fails
 import torch
 
 from neuronatlas.atlas import Atlas, new_signals
@@ -52,14 +53,7 @@ def triples(found) -> list[tuple[int, int, str | None]]:
     return [(n.layer, n.index, n.label) for n in found.neurons]
 
 
-def fails(capsys, argv, *expected) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("neuronatlas: error: ")
-    for part in expected:
-        assert part in err, (part, err)
-    return err
+fails = cli_fails
 
 
 # Counts out of 100 tokens per label (de, en, ru); see test_lape_hand_made for the expected sets.

@@ -36,25 +36,11 @@ def _check_out(out: str) -> None:
 
 def _save(found, args, extra: str) -> None:
     found.params["atlas"] = str(args.atlas)
+    from .cli_find import print_set_summary  # cli_find imports this module: import here, not above
+
     found.save(args.out)
-    _summary(found, extra)
+    print_set_summary(found, extra)
     print(f"neuron set written to {args.out}")
-
-
-def _summary(found, extra: str) -> None:
-    from collections import Counter
-
-    widths = found.model.get("widths") or []
-    unique = {(n.layer, n.index) for n in found.neurons}
-    total = sum(widths)
-    share = f" ({100 * len(unique) / total:.2f}% of {total:,})" if total else ""
-    print(f"{found.method}: {len(unique):,} neurons{share}; {extra}")
-    labels = Counter(n.label for n in found.neurons if n.label is not None)
-    if labels:
-        print("per label: " + ", ".join(f"{label} {count:,}" for label, count in sorted(labels.items())))
-    layers = Counter(layer for layer, _ in unique)
-    if layers:
-        print("per layer: " + ", ".join(f"{layer}: {layers.get(layer, 0):,}" for layer in range(len(widths) or max(layers) + 1)))
 
 
 # ---- selectivity --------------------------------------------------------------------------------
