@@ -33,7 +33,8 @@ BUNDLED = REPO / "src" / "neuronatlas" / "bundled"
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SEQ_LEN = 128
 
-# Per-model hyper-parameters (steps sized for ~10 minutes on 2 CPU cores).
+# Per-model hyper-parameters: 1500 steps x 16 windows x 128 tokens (3.1M tokens, ~4.4 epochs)
+# take about 10 minutes on one otherwise idle core of the 2-core build machine.
 DEFAULTS = {
     "llama": {"dir": "tiny-llama", "steps": 1500, "lr": 6e-3},
     "gpt2": {"dir": "tiny-gpt2", "steps": 1500, "lr": 8e-3},
@@ -107,19 +108,25 @@ def heldout_windows(tok, rows: list[dict], kind: str) -> dict[str, torch.Tensor]
 # --------------------------------------------------------------------------- models
 
 
-def make_model(kind: str, tok: PreTrainedTokenizerFast):
-    """The tiny model of ``kind`` ("llama" or "gpt2") for ``tok``'s vocabulary."""
-    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+def make_model(kind: str, tok: PreTrainedTokenizerFast, init_range: float = 0.02):
+    """The tiny model of ``kind`` ("llama" or "gpt2") for ``tok``'s vocabulary.
+
+    ``init_range`` is the std of the normal weight init (the HF default is 0.02).
+    """
+    common = {
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+        "initializer_range": init_range,
+    }
     if kind == "llama":
         cfg = LlamaConfig(
             vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-            tie_word_embeddings=True, **ids,
+            tie_word_embeddings=True, **common,
         )
         return LlamaForCausalLM(cfg)
     cfg = GPT2Config(
         vocab_size=len(tok), n_embd=128, n_layer=4, n_head=4, n_inner=512, n_positions=256,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
     )
     return GPT2LMHeadModel(cfg)
 
@@ -215,7 +222,7 @@ def run(kind: str, base_tok: Tokenizer, train_rows, held_rows, args) -> dict:
     tok = wrap_tokenizer(base_tok, add_bos=(kind == "llama"))
     stream = torch.tensor(encode_docs(tok, [r["text"] for r in train_rows], kind))
     windows = heldout_windows(tok, held_rows, kind)
-    model = make_model(kind, tok)
+    model = make_model(kind, tok, args.init_range)
     n_params = sum(p.numel() for p in model.parameters())
     steps = args.steps or DEFAULTS[kind]["steps"]
     lr = args.lr or DEFAULTS[kind]["lr"]
@@ -230,7 +237,7 @@ def run(kind: str, base_tok: Tokenizer, train_rows, held_rows, args) -> dict:
     save(model, tok, out)
     summary = {
         "model": kind, "seed": args.seed, "steps": steps, "batch": args.batch, "seq_len": SEQ_LEN,
-        "peak_lr": lr, "weight_decay": args.weight_decay, "parameters": n_params,
+        "peak_lr": lr, "weight_decay": args.weight_decay, "init_range": args.init_range, "parameters": n_params,
         "training_tokens": len(stream), "train_seconds": round(seconds, 1),
         "final_train_loss": log[-1]["train_loss"], "heldout_loss": heldout,
         "heldout_loss_mean": round(sum(heldout.values()) / len(heldout), 4),
@@ -252,6 +259,7 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per model)")
     ap.add_argument("--batch", type=int, default=16, help="windows per step (%(default)s)")
     ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--init-range", type=float, default=0.02, help="std of the weight init (%(default)s)")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--corpus", type=Path, default=BUNDLED / "corpus")
     ap.add_argument("--out", type=Path, default=BUNDLED / "models", help="models go to OUT/tiny-llama, OUT/tiny-gpt2")
