@@ -4,7 +4,10 @@ PIP = $(PYTHON) -m pip
 
 .PHONY: install demo test bench
 
+# Debian's chromium drives the browser tests (Playwright launches it; no browser download).
 install:
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[all]"
 

@@ -36,8 +36,8 @@ SEQ_LEN = 128
 # Per-model hyper-parameters: 1500 steps x 16 windows x 128 tokens (3.1M tokens, ~4.4 epochs)
 # take about 10 minutes on one otherwise idle core of the 2-core build machine.
 DEFAULTS = {
-    "llama": {"dir": "tiny-llama", "steps": 1500, "lr": 6e-3},
-    "gpt2": {"dir": "tiny-gpt2", "steps": 1500, "lr": 8e-3},
+    "llama": {"dir": "tiny-llama", "steps": 1500, "lr": 6e-3, "ffn": 1024},
+    "gpt2": {"dir": "tiny-gpt2", "steps": 1500, "lr": 8e-3, "ffn": 2048},
 }
 
 
@@ -108,10 +108,10 @@ def heldout_windows(tok, rows: list[dict], kind: str) -> dict[str, torch.Tensor]
 # --------------------------------------------------------------------------- models
 
 
-def make_model(kind: str, tok: PreTrainedTokenizerFast, init_range: float = 0.02):
+def make_model(kind: str, tok: PreTrainedTokenizerFast, ffn: int, init_range: float = 0.02):
     """The tiny model of ``kind`` ("llama" or "gpt2") for ``tok``'s vocabulary.
 
-    ``init_range`` is the std of the normal weight init (the HF default is 0.02).
+    ``ffn`` is the number of FFN neurons per layer; ``init_range`` is the std of the normal weight init (the HF default is 0.02).
     """
     common = {
         "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
@@ -119,13 +119,13 @@ def make_model(kind: str, tok: PreTrainedTokenizerFast, init_range: float = 0.02
     }
     if kind == "llama":
         cfg = LlamaConfig(
-            vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+            vocab_size=len(tok), hidden_size=128, intermediate_size=ffn, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
             tie_word_embeddings=True, **common,
         )
         return LlamaForCausalLM(cfg)
     cfg = GPT2Config(
-        vocab_size=len(tok), n_embd=128, n_layer=4, n_head=4, n_inner=512, n_positions=256,
+        vocab_size=len(tok), n_embd=128, n_layer=4, n_head=4, n_inner=ffn, n_positions=256,
         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
     )
     return GPT2LMHeadModel(cfg)
@@ -222,7 +222,8 @@ def run(kind: str, base_tok: Tokenizer, train_rows, held_rows, args) -> dict:
     tok = wrap_tokenizer(base_tok, add_bos=(kind == "llama"))
     stream = torch.tensor(encode_docs(tok, [r["text"] for r in train_rows], kind))
     windows = heldout_windows(tok, held_rows, kind)
-    model = make_model(kind, tok, args.init_range)
+    ffn = args.ffn or DEFAULTS[kind]["ffn"]
+    model = make_model(kind, tok, ffn, args.init_range)
     n_params = sum(p.numel() for p in model.parameters())
     steps = args.steps or DEFAULTS[kind]["steps"]
     lr = args.lr or DEFAULTS[kind]["lr"]
@@ -237,7 +238,7 @@ def run(kind: str, base_tok: Tokenizer, train_rows, held_rows, args) -> dict:
     save(model, tok, out)
     summary = {
         "model": kind, "seed": args.seed, "steps": steps, "batch": args.batch, "seq_len": SEQ_LEN,
-        "peak_lr": lr, "weight_decay": args.weight_decay, "init_range": args.init_range, "parameters": n_params,
+        "ffn": ffn, "peak_lr": lr, "weight_decay": args.weight_decay, "init_range": args.init_range, "parameters": n_params,
         "training_tokens": len(stream), "train_seconds": round(seconds, 1),
         "final_train_loss": log[-1]["train_loss"], "heldout_loss": heldout,
         "heldout_loss_mean": round(sum(heldout.values()) / len(heldout), 4),
@@ -257,6 +258,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: per model, see DEFAULTS)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per model)")
+    ap.add_argument("--ffn", type=int, default=None, help="FFN neurons per layer (default: per model)")
     ap.add_argument("--batch", type=int, default=16, help="windows per step (%(default)s)")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--init-range", type=float, default=0.02, help="std of the weight init (%(default)s)")

@@ -10,8 +10,11 @@ import json
 import sys
 
 from . import __version__
+from .cli_explain import register as register_explain
 from .cli_find import register as register_find
 from .cli_prove import register as register_prove
+from .cli_sparse import register as register_sparse
+from .cli_view import register as register_view
 from .errors import NeuronAtlasError
 
 
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     register_find(commands)
     register_prove(commands)
+    register_view(commands)
+    register_explain(commands)
+    register_sparse(commands)
     return parser
 
 

@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 from .cli_detect import add_find_commands
+from .cli_find_grad import add_find_commands as add_gradient_commands
+from .cli_find_stats import add_find_commands as add_statistics_commands
 from .errors import NeuronAtlasError
 
 
@@ -26,6 +28,8 @@ def register(commands) -> None:
     _add_find_vocab(methods)
     _add_weights(methods)
     add_find_commands(methods)  # selectivity, tokens, positional
+    add_gradient_commands(methods)  # attribution, ig, atp, cett
+    add_statistics_commands(methods)  # probe, universal, entropy, frequency
     _add_vocab(commands)
 
 
