@@ -6,7 +6,9 @@ An atlas is a directory::
     stats.safetensors    dense statistics, keys "<signal>.<stat>.<layer>" (see stats.SignalStats)
                          plus "tokens_per_label" (K,) and "hist_edges" (B - 1,)
     exemplars.parquet    one row per top-k exemplar: layer, neuron, rank, activation, seq, pos,
-                         doc, label
+                         doc, label, and (unless profiled with --exemplar-radius 0) window_start
+                         and window_activations: the neuron's z at positions window_start,
+                         window_start + 1, ... of window seq, up to R tokens either side of pos
     contexts.parquet     the token ids of every window an exemplar points to: seq, doc, label,
                          start, token_ids
     vocab.parquet        token id -> the string it decodes to, to show contexts without the model
@@ -57,6 +59,8 @@ FORMAT_VERSION = 1
 META_FILE = "atlas.json"
 STATS_FILE = "stats.safetensors"
 SIGNALS = ("z", "gate")
+WINDOW_KEYS = ("layer", "neuron", "seq", "pos")
+WINDOW_COLUMNS = ("window_start", "window_activations")
 POSITION = "position"  # prefix of the position statistics in stats.safetensors
 
 
@@ -68,6 +72,8 @@ class Atlas:
     signals: dict[str, SignalStats]
     tokens_per_label: torch.Tensor  # (K,) int64
     contexts: pa.Table | None = None  # seq, doc, label, start, token_ids
+    windows: pa.Table | None = None  # layer, neuron, seq, pos, window_start, window_activations
+    path: Path | None = None  # the folder it was loaded from (windows are read from it on demand)
     vocab: pa.Table | None = None  # id, token
     positions: SignalStats | None = None  # z per position bucket: "labels" are the buckets
     position_tokens: torch.Tensor | None = None  # (P,) int64 tokens per position bucket
@@ -236,7 +242,29 @@ class Atlas:
             "seq": pa.array(columns["seq"], pa.int64()),
             "pos": pa.array(columns["pos"], pa.int32()),
         })
-        return self._with_documents(table)
+        return self._with_windows(self._with_documents(table))
+
+    def window_table(self) -> pa.Table | None:
+        """Every exemplar's activation window (see exemplar_windows.py), or None when not recorded."""
+        if self.windows is None and self.path is not None and (self.path / "exemplars.parquet").exists():
+            file = self.path / "exemplars.parquet"
+            if "window_start" in pq.read_schema(file).names:
+                self.windows = pq.read_table(file, columns=list(WINDOW_KEYS) + list(WINDOW_COLUMNS))
+        return self.windows
+
+    def _with_windows(self, table: pa.Table) -> pa.Table:
+        """Add window_start and window_activations to the exemplar rows that have them."""
+        windows = self.window_table()
+        if windows is None or table.num_rows == 0:
+            return table
+        keyed = windows.select(list(WINDOW_KEYS)).append_column("window_row", pa.array(range(windows.num_rows), pa.int64()))
+        ordered = table.append_column("exemplar_row", pa.array(range(table.num_rows), pa.int64()))
+        joined = ordered.select([*WINDOW_KEYS, "exemplar_row"]).join(keyed, list(WINDOW_KEYS), join_type="left outer")
+        joined = joined.sort_by("exemplar_row")
+        rows = joined["window_row"]
+        for name in WINDOW_COLUMNS:
+            table = table.append_column(name, windows[name].take(rows))
+        return table
 
     def _with_documents(self, table: pa.Table) -> pa.Table:
         """Add each exemplar's document index and label from the contexts table."""
@@ -275,6 +303,7 @@ def load_atlas(path: str | Path) -> Atlas:
     if (path / "vocab.parquet").exists():
         atlas.vocab = pq.read_table(path / "vocab.parquet")
     atlas.docpool = load_docpool(path, atlas.widths)
+    atlas.path = path
     return atlas
 
 
@@ -360,10 +389,21 @@ def merge_atlases(first: Atlas, second: Atlas) -> Atlas:
     meta["corpus"] = {"path": " + ".join(part["path"] for part in parts), "parts": parts}
     merged.contexts = _merge_contexts(first, second, merged)
     merged.vocab = first.vocab
+    merged.windows = _merge_windows(first, second)
     _merge_positions(first, second, merged)
     merged.docpool = merge_docpools(first.docpool, second.docpool, first.meta["documents"])
     meta["options"]["doc_sample"] = meta["options"].get("doc_sample", 0) if merged.docpool is not None else 0
     return merged
+
+
+def _merge_windows(first: Atlas, second: Atlas) -> pa.Table | None:
+    """Both atlases' exemplar windows, second's renumbered after first's windows (None if either lacks them)."""
+    windows = [first.window_table(), second.window_table()]
+    if any(table is None for table in windows):
+        return None
+    index = windows[1].schema.get_field_index("seq")
+    windows[1] = windows[1].set_column(index, "seq", pc.add(windows[1]["seq"], first.meta["windows"]))
+    return pa.concat_tables(windows)
 
 
 def _merge_positions(first: Atlas, second: Atlas, merged: Atlas) -> None:
