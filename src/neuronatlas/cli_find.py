@@ -20,7 +20,7 @@ from .errors import NeuronAtlasError
 
 def register(commands) -> None:
     """Add ``find`` (with its methods) and ``vocab`` to the CLI's subcommands."""
-    find = commands.add_parser("find", help="identify neurons (lape, dead, selectivity, tokens, positional, vocab, weights) into a neuron set JSON")
+    find = commands.add_parser("find", help="identify neurons (lape, dead, selectivity, tokens, positional, vocab, weights, attribution, ig, atp, cett, probe, universal, entropy, frequency) into a neuron set JSON")
     find.set_defaults(handler=lambda args: _no_method(find), debug=False)
     methods = find.add_subparsers(dest="method", metavar="METHOD")
     _add_lape(methods)

@@ -42,7 +42,7 @@ def site_for(model_type: str) -> Site:
     return table[model_type]
 
 
-def _find_blocks(model: nn.Module, site: Site) -> nn.ModuleList:
+def find_blocks(model: nn.Module, site: Site) -> nn.ModuleList:
     modules = dict(model.named_modules())
     for suffix in site.blocks:
         for name, module in modules.items():
@@ -68,7 +68,7 @@ def locate_neurons(model: nn.Module) -> ModelNeurons:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     site = site_for(str(model_type))
     layers = []
-    for index, block in enumerate(_find_blocks(model, site)):
+    for index, block in enumerate(find_blocks(model, site)):
         layers.append(
             LayerNeurons(
                 index=index,
@@ -82,4 +82,4 @@ def locate_neurons(model: nn.Module) -> ModelNeurons:
     return ModelNeurons(model, str(model_type), site, layers, _find_final_norm(model, site))
 
 
-__all__ = ["LayerNeurons", "ModelNeurons", "Site", "locate_neurons", "site_for", "sites", "supported_model_types"]
+__all__ = ["LayerNeurons", "ModelNeurons", "Site", "find_blocks", "locate_neurons", "site_for", "sites", "supported_model_types"]
