@@ -1,0 +1,15 @@
+"""Automatic neuron explanations (Bills et al. 2023): explain, simulate, score; and multi-concept
+descriptions by clustering a neuron's exemplars (PRISM). See docs/explain.md.
+
+>>> from neuronatlas.explain import ExplainOptions, explain_neurons, open_backend  # doctest: +SKIP
+>>> backend = open_backend("path/to/causal-lm")  # doctest: +SKIP
+>>> explain_neurons("ATLAS", [(3, 17)], backend, backend, "EXPL.json", ExplainOptions())  # doctest: +SKIP
+"""
+
+from .exemplars import Exemplar, SubjectModel, load_subject
+from .llm import ChatEndpoint, LocalModel, open_backend
+from .run import ExplainOptions, explain_neurons
+from .score import Scores, correlation, score
+
+__all__ = ["ChatEndpoint", "Exemplar", "ExplainOptions", "LocalModel", "Scores", "SubjectModel", "correlation",
+           "explain_neurons", "load_subject", "open_backend", "score"]

@@ -1,0 +1,229 @@
+"""A neuron's exemplars as token strings with per-token activations.
+
+Top exemplars come from the atlas: the tokens of window ``seq`` (contexts.parquet) up to
+``context`` tokens either side of the exemplar token ``pos``. Their per-token activations are read
+from exemplars.parquet's ``window_start`` / ``window_activations`` when the atlas has them, and
+computed by running the subject model on the window otherwise (:func:`top_exemplars` does either).
+Exemplars whose span overlaps a better-ranked one of the same window are dropped, so that shown and
+held-out exemplars never share tokens.
+
+Random exemplars are spans of the same shape around a random position of random corpus windows
+(the windows the profile cut, with the atlas's ``max_length``), run through the subject model once
+for every neuron of a set.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..atlas import Atlas
+from ..corpus import Corpus, iter_windows
+from ..errors import NeuronAtlasError
+from ..hooks import capture
+from ..loading import load_model, model_fingerprint
+from ..models import locate_neurons
+
+DEFAULT_CONTEXT = 16  # tokens either side of the exemplar token
+
+
+@dataclass
+class Exemplar:
+    """A span of one corpus window with the neuron's activation at each of its tokens."""
+
+    token_ids: list[int]
+    tokens: list[str]  # what each id decodes to
+    activations: np.ndarray  # (T,) float32: the neuron's z at each token
+    seq: int  # the corpus window the span comes from
+    start: int  # position of the span's first token within that window
+    kind: str  # "top" or "random"
+
+
+class SubjectModel:
+    """The profiled model, run on single windows to read the z of chosen neurons."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.neurons = locate_neurons(model)
+        self.base = model.base_model if hasattr(model, "base_model") else model
+        self.device = next(model.parameters()).device
+        self.takes_positions = "position_ids" in inspect.signature(self.base.forward).parameters
+
+    def activations(self, token_ids: list[int], wanted: dict[int, list[int]]) -> dict[int, np.ndarray]:
+        """{layer: (T, len(wanted[layer])) float32}: z of the wanted neurons at every token of one window."""
+        out: dict[int, np.ndarray] = {}
+        columns = {layer: torch.tensor(indices, dtype=torch.long) for layer, indices in wanted.items()}
+
+        def on_z(layer: int, z: torch.Tensor) -> None:
+            if layer in columns:
+                z = z.reshape(len(token_ids), -1)  # (T, d_ff): one window, no padding
+                out[layer] = z[:, columns[layer].to(z.device)].float().cpu().numpy()
+
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # (1, T)
+        kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
+        if self.takes_positions:  # as the profile does: positions count from the window's start
+            kwargs["position_ids"] = torch.arange(len(token_ids), device=self.device)[None]
+        with torch.inference_mode(), capture(self.neurons, on_z):
+            self.base(**kwargs)
+        return out
+
+
+def load_subject(atlas: Atlas, model: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 trust_remote_code: bool = False) -> SubjectModel:
+    """The model the atlas was profiled with (``model`` names another copy of it), checked by fingerprint."""
+    name = model or atlas.meta["model"]["name_or_path"]
+    loaded, tokenizer = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
+    expected = atlas.meta["model"]["fingerprint"]
+    if model_fingerprint(loaded) != expected:
+        raise NeuronAtlasError(
+            f"model {name} is not the model this atlas was profiled with (fingerprint {model_fingerprint(loaded)} "
+            f"vs {expected}); pass that model with --model"
+        )
+    return SubjectModel(loaded, tokenizer)
+
+
+class TokenStrings:
+    """Token id -> string, from the atlas's vocab.parquet, else from the tokenizer."""
+
+    def __init__(self, vocab: pa.Table | None, tokenizer=None):
+        self.known = {} if vocab is None else dict(zip(vocab["id"].to_pylist(), vocab["token"].to_pylist()))
+        self.tokenizer = tokenizer
+
+    def __call__(self, ids: list[int]) -> list[str]:
+        return [self._one(i) for i in ids]
+
+    def _one(self, token_id: int) -> str:
+        if token_id not in self.known:
+            if self.tokenizer is None:
+                raise NeuronAtlasError(f"token id {token_id} is not in the atlas's vocab.parquet; pass the model")
+            self.known[token_id] = self.tokenizer.decode([token_id])
+        return self.known[token_id]
+
+
+def exemplar_rows(atlas_dir: str | Path, neurons: list[tuple[int, int]]) -> dict[tuple[int, int], list[dict]]:
+    """Rows of exemplars.parquet for these neurons, best first (with window columns when recorded)."""
+    file = Path(atlas_dir) / "exemplars.parquet"
+    if not file.exists():
+        raise NeuronAtlasError(f"{atlas_dir} has no exemplars.parquet; profile it with --top-k above 0")
+    wanted = pa.table({"layer": pa.array([n[0] for n in neurons], pa.int32()),
+                       "neuron": pa.array([n[1] for n in neurons], pa.int32())})
+    connection = duckdb.connect()
+    connection.register("wanted", wanted)
+    source = f"read_parquet('{_quoted(file)}')"
+    columns = connection.sql(f"select * from {source} limit 0").columns
+    windows = ", e.window_start, e.window_activations" if "window_activations" in columns else ""
+    result = connection.sql(f"select e.layer, e.neuron, e.rank, e.activation, e.seq, e.pos{windows} from {source} e "
+                            "join wanted using (layer, neuron) order by e.layer, e.neuron, e.rank")
+    rows: dict[tuple[int, int], list[dict]] = {key: [] for key in neurons}
+    for values in result.fetchall():
+        row = dict(zip(result.columns, values))
+        rows[(row["layer"], row["neuron"])].append(row)
+    return rows
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def top_exemplars(rows: list[dict], layer: int, index: int, contexts: dict[int, list[int]], strings: TokenStrings,
+                  context: int = DEFAULT_CONTEXT, subject: SubjectModel | None = None,
+                  stored: bool = True) -> list[Exemplar]:
+    """One neuron's top exemplars, best first, without overlapping spans.
+
+    Per-token activations come from the row's recorded window when ``stored`` and present (cut to
+    ``context``), else from running ``subject`` on the whole window (causal models see the same
+    prefix as in the profile; encoders the same window).
+    """
+    exemplars: list[Exemplar] = []
+    computed: dict[int, np.ndarray] = {}  # seq -> (T,) z over the whole window
+    for row in rows:
+        ids = contexts.get(row["seq"])
+        if ids is None:
+            raise NeuronAtlasError(f"exemplar window {row['seq']} is missing from the atlas's contexts.parquet; profile again")
+        lo, hi = max(row["pos"] - context, 0), min(row["pos"] + context + 1, len(ids))
+        if any(e.seq == row["seq"] and lo < e.start + len(e.tokens) and e.start < hi for e in exemplars):
+            continue
+        recorded = _recorded_span(row, context) if stored else None
+        if recorded is not None:
+            lo, values = recorded
+        elif subject is None:
+            raise NeuronAtlasError("this atlas records no per-token exemplar activations; pass the subject model")
+        else:
+            if row["seq"] not in computed:
+                computed[row["seq"]] = subject.activations(ids, {layer: [index]})[layer][:, 0]
+            values = computed[row["seq"]][lo:hi]
+        hi = lo + len(values)
+        exemplars.append(Exemplar(ids[lo:hi], strings(ids[lo:hi]), np.asarray(values, np.float32), row["seq"], lo, "top"))
+    return exemplars
+
+
+def _recorded_span(row: dict, context: int) -> tuple[int, np.ndarray] | None:
+    """(first position, activations) of the recorded window cut to ``context`` around pos, or None."""
+    start, values = row.get("window_start"), row.get("window_activations")
+    if start is None or values is None:
+        return None
+    lo, hi = max(row["pos"] - context, start), min(row["pos"] + context + 1, start + len(values))
+    return lo, np.asarray(values[lo - start:hi - start], np.float32)
+
+
+def contexts_of(atlas: Atlas) -> dict[int, list[int]]:
+    if atlas.contexts is None:
+        raise NeuronAtlasError("this atlas has no contexts.parquet (exemplar windows); profile it again with --top-k above 0")
+    return dict(zip(atlas.contexts["seq"].to_pylist(), atlas.contexts["token_ids"].to_pylist()))
+
+
+@dataclass
+class RandomSpan:
+    """A random span of a corpus window with the z of every neuron of a set over it."""
+
+    token_ids: list[int]
+    seq: int
+    start: int
+    activations: dict[tuple[int, int], np.ndarray]  # (layer, index) -> (T,) float32
+
+    def exemplar(self, layer: int, index: int, strings: TokenStrings) -> Exemplar:
+        return Exemplar(self.token_ids, strings(self.token_ids), self.activations[(layer, index)], self.seq,
+                        self.start, "random")
+
+
+def random_spans(subject: SubjectModel, corpus: Corpus, max_length: int, windows: int, count: int,
+                 neurons: list[tuple[int, int]], context: int = DEFAULT_CONTEXT, seed: int = 0) -> list[RandomSpan]:
+    """``count`` spans of 2 * context + 1 tokens (fewer at window edges) around random positions of
+    distinct random windows among the corpus's first ``windows``, each run once through the model."""
+    if count <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(windows, size=min(count, windows), replace=False).tolist())
+    wanted: dict[int, list[int]] = {}
+    for layer, index in neurons:
+        wanted.setdefault(layer, []).append(index)
+    spans = []
+    for window in iter_windows(corpus, subject.tokenizer, max_length):
+        if window.seq in chosen:
+            spans.append(_random_span(subject, list(window.input_ids), window.seq, wanted, context, rng))
+            if len(spans) == len(chosen):
+                break
+    return spans
+
+
+def _random_span(subject: SubjectModel, ids: list[int], seq: int, wanted: dict[int, list[int]], context: int,
+                 rng: np.random.Generator) -> RandomSpan:
+    z = subject.activations(ids, wanted)  # {layer: (T, n)}
+    center = int(rng.integers(len(ids)))
+    lo, hi = max(center - context, 0), min(center + context + 1, len(ids))
+    values = {(layer, index): z[layer][lo:hi, column]
+              for layer, indices in wanted.items() for column, index in enumerate(indices)}
+    return RandomSpan(ids[lo:hi], seq, lo, values)
+
+
+def discretise(activations: np.ndarray, scale: float) -> list[int]:
+    """Activations as integers 0-10, 10 = ``scale`` (the paper's display): negatives become 0."""
+    if scale <= 0:
+        return [0] * len(activations)
+    return np.clip(np.rint(10 * np.asarray(activations, np.float64) / scale), 0, 10).astype(int).tolist()

@@ -1,0 +1,30 @@
+"""Explanation: the explainer reads a neuron's top exemplars and writes one short phrase."""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import NeuronAtlasError
+from .exemplars import Exemplar, discretise
+from .prompts import CUE
+
+MAX_CHARACTERS = 200
+
+
+def explain(explainer, exemplars: list[Exemplar], scale: float) -> str:
+    """The explainer's phrase for these exemplars; activations shown as 0-10 with 10 = ``scale``."""
+    excerpts = [(e.tokens, discretise(e.activations, scale)) for e in exemplars]
+    text = clean_explanation(explainer.explain(excerpts))
+    if not text:
+        raise NeuronAtlasError(f"the explainer {explainer.name} wrote an empty explanation; use a larger explainer model")
+    return text
+
+
+def clean_explanation(reply: str) -> str:
+    """The first non-empty line, without the echoed cue, quotes or a final full stop."""
+    line = next((line.strip() for line in reply.splitlines() if line.strip()), "")
+    for prefix in (CUE, CUE.removeprefix("Explanation: ")):
+        if line.lower().startswith(prefix.lower()):
+            line = line[len(prefix):].strip()
+    line = line.strip("\"'`*").rstrip(".").strip()
+    return re.sub(r"\s+", " ", line)[:MAX_CHARACTERS]

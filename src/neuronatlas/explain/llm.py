@@ -1,0 +1,206 @@
+"""Explainer and simulator backends: a local Hugging Face causal LM, or an OpenAI-compatible chat endpoint.
+
+Both offer ``explain(excerpts) -> str`` (the raw reply; :func:`..explain.explain` cleans it) and
+``simulate(explanation, tokens) -> (T,) array`` of activations 0-10, and a ``name`` for the output.
+Nothing is sent over the network unless a URL is given.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+
+from ..errors import NeuronAtlasError
+from ..loading import load_config, max_positions, resolve_device, resolve_dtype
+from .prompts import (
+    EXPLAIN_SYSTEM, SIMULATE_SYSTEM, SLOT, Excerpt, chat_simulation_prompt, explanation_prompt, show_token,
+    simulation_intro,
+)
+from .simulate import expected_levels, number_token_ids, parse_simulation
+
+
+class LocalModel:
+    """A causal LM on this machine. Explains by greedy generation; simulates all at once (one forward
+    pass per excerpt, or per chunk of it when the prompt is longer than the model's context)."""
+
+    def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 24,
+                 trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        load_config(name_or_path, trust_remote_code)  # a clear error for a wrong path or id
+        self.name = str(name_or_path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        ).to(resolve_device(device)).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.device = next(self.model.parameters()).device
+        self.context = max_positions(self.model.config)  # None: no known limit
+        self.max_new_tokens = max_new_tokens
+        self.numbers = number_token_ids(self.tokenizer, "\t")
+        self.tab, self.slot_line = self._ids("\t"), self._ids(SLOT + "\n")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ---- explain
+
+    def explain(self, excerpts: list[Excerpt]) -> str:
+        prompt = self._fitting_prompt(excerpts)
+        inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def _fitting_prompt(self, excerpts: list[Excerpt]) -> str:
+        """The prompt with as many excerpts as fit the context; a lone excerpt too long is cut around its peak."""
+        if self.context is None:
+            return explanation_prompt(excerpts)
+        budget = self.context - self.max_new_tokens
+        # Counted piecewise (each excerpt's lines start after a newline) so no over-long text is tokenised.
+        length = self._length(explanation_prompt([]))
+        count = 0
+        while count < len(excerpts):
+            length += self._length(explanation_prompt(excerpts[count:count + 1])) - self._length(explanation_prompt([]))
+            if length > budget:
+                break
+            count += 1
+        while count > 0:
+            prompt = explanation_prompt(excerpts[:count])
+            if self._length(prompt) <= budget:
+                return prompt
+            count -= 1
+        tokens, levels = excerpts[0]
+        peak = int(np.argmax(levels))
+        for half in range(len(tokens) // 2, -1, -1):
+            lo, hi = max(peak - half, 0), peak + half + 1
+            prompt = explanation_prompt([(tokens[lo:hi], levels[lo:hi])])
+            if self._length(prompt) <= budget:
+                return prompt
+        raise NeuronAtlasError(
+            f"the explainer {self.name} has a context of {self.context} tokens, too short for the prompt and "
+            f"{self.max_new_tokens} new tokens; use a model with a longer context"
+        )
+
+    def _length(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    # ---- simulate
+
+    def simulate(self, explanation: str, tokens: list[str]) -> np.ndarray:
+        prefix = self.tokenizer(simulation_intro(explanation))["input_ids"]
+        lines = [self._ids(show_token(token)) + self.tab for token in tokens]  # each followed by its slot
+        return np.concatenate([self._simulate_chunk(prefix, chunk) for chunk in self._chunks(prefix, lines)])
+
+    def _chunks(self, prefix: list[int], lines: list[list[int]]) -> list[list[list[int]]]:
+        """Consecutive lines grouped so that prefix + group fits the context."""
+        chunks: list[list[list[int]]] = [[]]
+        length = len(prefix)
+        for line in lines:
+            size = len(line) + len(self.slot_line)
+            if self.context is not None and length + size > self.context:
+                if not chunks[-1]:
+                    raise NeuronAtlasError(
+                        f"the simulator {self.name}'s context of {self.context} tokens cannot hold the explanation "
+                        "and one token line; use a model with a longer context"
+                    )
+                chunks.append([])
+                length = len(prefix)
+            chunks[-1].append(line)
+            length += size
+        return chunks
+
+    def _simulate_chunk(self, prefix: list[int], lines: list[list[int]]) -> np.ndarray:
+        ids, slots = list(prefix), []
+        for line in lines:
+            ids += line
+            slots.append(len(ids) - 1)  # the tab: its logits predict what fills the slot
+            ids += self.slot_line
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=self.device)).logits[0, slots]  # (N, V)
+        return expected_levels(logits, self.numbers)
+
+
+class ChatEndpoint:
+    """An OpenAI-compatible chat-completions endpoint (POST {base}/chat/completions)."""
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
+        if not model:
+            raise NeuronAtlasError(f"endpoint {url} needs a model name; pass --explainer-model (or --simulator-model)")
+        if timeout <= 0:
+            raise NeuronAtlasError(f"--timeout must be positive (got {timeout})")
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.name = f"{model} at {url}"
+
+    def explain(self, excerpts: list[Excerpt]) -> str:
+        return self.chat(EXPLAIN_SYSTEM, explanation_prompt(excerpts), max_tokens=60)
+
+    def simulate(self, explanation: str, tokens: list[str]) -> np.ndarray:
+        reply = self.chat(SIMULATE_SYSTEM, chat_simulation_prompt(explanation, tokens), max_tokens=8 * len(tokens) + 50)
+        return parse_simulation(reply, len(tokens), self.name)
+
+    def chat(self, system: str, user: str, max_tokens: int) -> str:
+        """The content of the first choice's message."""
+        body = {"model": self.model, "temperature": 0, "max_tokens": max_tokens,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+        data = _reply_json(self._post(json.dumps(body).encode()), self.url)
+        try:
+            content = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            content = None
+        if not isinstance(content, str):
+            raise NeuronAtlasError(f"endpoint {self.url} answered JSON without choices[0].message.content; is it an OpenAI-compatible chat endpoint?")
+        return content
+
+    def _post(self, body: bytes) -> bytes:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            detail = " ".join(error.read(200).decode("utf-8", "replace").split())
+            raise NeuronAtlasError(f"endpoint {self.url} answered HTTP {error.code} ({detail or error.reason}); check the URL, model name and key") from None
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, (TimeoutError, socket.timeout)):
+                raise self._timed_out() from None
+            raise NeuronAtlasError(f"cannot reach endpoint {self.url} ({error.reason}); check the URL and that the server is running") from None
+        except (TimeoutError, socket.timeout):
+            raise self._timed_out() from None
+        except (ConnectionError, http.client.HTTPException) as error:
+            raise NeuronAtlasError(f"the connection to endpoint {self.url} failed ({type(error).__name__}: {error}); check the server") from None
+
+    def _timed_out(self) -> NeuronAtlasError:
+        return NeuronAtlasError(f"endpoint {self.url} did not answer within {self.timeout:g} s; raise --timeout or check the server")
+
+
+def _reply_json(raw: bytes, url: str) -> dict:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        preview = " ".join(raw[:60].decode("utf-8", "replace").split())
+        raise NeuronAtlasError(f"endpoint {url} answered something that is not JSON ({preview!r}); is it an OpenAI-compatible chat endpoint?") from None
+
+
+def is_endpoint(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def open_backend(spec: str, model: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+                 device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 24,
+                 trust_remote_code: bool = False):
+    """A ChatEndpoint for an http(s) URL (key from the environment variable ``api_key_env``), else a LocalModel."""
+    if is_endpoint(spec):
+        return ChatEndpoint(spec, model or "", os.environ.get(api_key_env) or None, timeout)
+    return LocalModel(spec, device=device, dtype=dtype, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)

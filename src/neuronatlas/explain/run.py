@@ -1,0 +1,203 @@
+"""Explain, simulate and score every neuron of a set, writing the explanations JSON.
+
+Output (read by the viewer)::
+
+    {"format": "neuronatlas.explanations", "version": 1,
+     "model": {"name_or_path", "fingerprint"}, "explainer": str, "simulator": str,
+     "neurons": [{"layer", "index", "explanation", "score", "score_top", "score_random",
+                  "clusters": [{"explanation", "size", "score"}]}]}
+
+Each finished neuron is appended to ``OUT.partial.jsonl`` (a header line, then one line per neuron);
+the output is written at the end through a temporary file and a rename, and the partial file is then
+removed. A run stopped by an error or an interrupt leaves no output, only the partial file, which
+``resume=True`` continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..atlas import Atlas, load_atlas
+from ..corpus import Corpus, read_corpus
+from ..errors import NeuronAtlasError
+from .clusters import cluster_exemplars
+from .exemplars import (
+    DEFAULT_CONTEXT, Exemplar, RandomSpan, SubjectModel, TokenStrings, contexts_of, exemplar_rows, random_spans,
+    top_exemplars,
+)
+from .explain import explain
+from .score import Pair, pooled, score
+
+FORMAT, VERSION = "neuronatlas.explanations", 1
+
+
+@dataclass
+class ExplainOptions:
+    top: int = 10  # top exemplars shown to the explainer
+    holdout: int = 5  # top exemplars held out for scoring (spread over the ranks)
+    random: int = 10  # random exemplars for scoring, shared by all neurons
+    context: int = DEFAULT_CONTEXT  # tokens either side of an exemplar token
+    clusters: int = 0  # k-means groups of the shown exemplars, each explained (0 = none)
+    seed: int = 0  # random exemplars and k-means
+    stored: bool = True  # read per-token activations from the atlas when it records them
+
+    def check(self) -> None:
+        for name in ("top", "holdout", "random", "context", "clusters"):
+            if getattr(self, name) < 0:
+                raise NeuronAtlasError(f"--{name} must be 0 or more (got {getattr(self, name)})")
+        if self.top < 1:
+            raise NeuronAtlasError(f"--top must be at least 1: the explainer needs an exemplar (got {self.top})")
+
+
+def split_exemplars(exemplars: list[Exemplar], top: int, holdout: int) -> tuple[list[Exemplar], list[Exemplar]]:
+    """(shown, held out): ``holdout`` exemplars evenly spaced over the ranks (always leaving one to
+    show), then the best ``top`` of the rest."""
+    holdout = min(holdout, len(exemplars) - 1)
+    held = set(np.rint(np.linspace(0, len(exemplars) - 1, holdout)).astype(int).tolist()) if holdout > 0 else set()
+    shown = [e for i, e in enumerate(exemplars) if i not in held][:top]
+    return shown, [exemplars[i] for i in sorted(held)]
+
+
+def simulate_pairs(simulator, explanation: str, exemplars: list[Exemplar]) -> list[Pair]:
+    return [(simulator.simulate(explanation, e.tokens), e.activations) for e in exemplars]
+
+
+def explain_neuron(layer: int, index: int, tops: list[Exemplar], randoms: list[Exemplar], explainer, simulator,
+                   options: ExplainOptions) -> dict:
+    """One neuron's record of the output."""
+    record = {"layer": layer, "index": index, "explanation": "", "score": None, "score_top": None,
+              "score_random": None, "clusters": []}
+    if not tops:  # never recorded as active: nothing to explain
+        return record
+    shown, held = split_exemplars(tops, options.top, options.holdout)
+    scale = max(float(e.activations.max()) for e in shown)
+    record["explanation"] = explain(explainer, shown, scale)
+    random_pairs = simulate_pairs(simulator, record["explanation"], randoms)
+    scores = score(simulate_pairs(simulator, record["explanation"], held), random_pairs)
+    record.update(score=scores.all, score_top=scores.top, score_random=scores.random)
+    if options.clusters:
+        record["clusters"] = describe_clusters(shown, held, randoms, scale, explainer, simulator, options)
+    return record
+
+
+def describe_clusters(shown: list[Exemplar], held: list[Exemplar], randoms: list[Exemplar], scale: float,
+                      explainer, simulator, options: ExplainOptions) -> list[dict]:
+    """Each k-means group of the shown exemplars explained; scored on the held-out exemplars nearest
+    its centre pooled with the random ones (null when none is nearest)."""
+    groups = cluster_exemplars(shown, options.clusters, options.seed)
+    if groups is None:
+        return []
+    nearest = groups.assign(held)
+    described = []
+    for cluster, members in enumerate(groups.members):
+        explanation = explain(explainer, [shown[i] for i in members], scale)
+        own = [e for e, c in zip(held, nearest) if c == cluster]
+        value = pooled(simulate_pairs(simulator, explanation, own + randoms)) if own else None
+        described.append({"explanation": explanation, "size": len(members), "score": value})
+    return described
+
+
+# ---- the whole set ----------------------------------------------------------------------------
+
+
+def atlas_corpus(atlas: Atlas, path: str | None = None) -> Corpus:
+    """The corpus the atlas was profiled on (``path`` instead, read with the same options)."""
+    described = atlas.meta["corpus"]
+    if path is None and "parts" in described:
+        raise NeuronAtlasError("this atlas merges several corpora; pass --corpus for the random exemplars")
+    path = path or described["path"]
+    if not Path(path).exists():
+        raise NeuronAtlasError(f"the atlas's corpus {path} is not there any more; pass --corpus for the random exemplars")
+    return read_corpus(path, text_field=described.get("text_field", "text"), label_field=described.get("label_field"),
+                       format=described.get("format") if path == described["path"] else None,
+                       label_from_folder=described.get("label_from_folder", False))
+
+
+def explain_neurons(atlas_dir: str | Path, neurons: list[tuple[int, int]], explainer, simulator, out: str | Path,
+                    options: ExplainOptions, subject: SubjectModel | None = None, corpus: Corpus | None = None,
+                    resume: bool = False, quiet: bool = True, atlas: Atlas | None = None) -> dict:
+    """Explain, simulate and score ``neurons`` of the atlas in ``atlas_dir``; write and return the JSON.
+
+    ``subject`` (the profiled model) is needed for random exemplars and for atlases that record no
+    per-token exemplar activations; ``corpus`` for random exemplars. ``atlas``: already loaded.
+    """
+    options.check()
+    atlas = atlas if atlas is not None else load_atlas(atlas_dir)
+    header = {"format": FORMAT, "version": VERSION,
+              "model": {k: atlas.meta["model"][k] for k in ("name_or_path", "fingerprint")},
+              "explainer": explainer.name, "simulator": simulator.name}
+    partial = PartialOutput(Path(out), dict(header, options=asdict(options), neurons=[list(n) for n in neurons]), resume)
+    rows = exemplar_rows(atlas_dir, neurons)
+    contexts = contexts_of(atlas)
+    strings = TokenStrings(atlas.vocab, subject.tokenizer if subject is not None else None)
+    spans = _random_spans(atlas, subject, corpus, neurons, options) if len(partial.done) < len(neurons) else []
+    for layer, index in tqdm(neurons, desc="explain", unit="neuron", disable=quiet):
+        if (layer, index) in partial.done:
+            continue
+        tops = top_exemplars(rows[(layer, index)], layer, index, contexts, strings, options.context, subject, options.stored)
+        randoms = [span.exemplar(layer, index, strings) for span in spans]
+        partial.add(explain_neuron(layer, index, tops, randoms, explainer, simulator, options))
+    return partial.finish(header, neurons)
+
+
+def _random_spans(atlas: Atlas, subject, corpus, neurons, options: ExplainOptions) -> list[RandomSpan]:
+    if options.random == 0:
+        return []
+    if subject is None or corpus is None:
+        raise NeuronAtlasError("random exemplars need the subject model and the corpus (or pass --random 0)")
+    max_length = atlas.meta["options"]["max_length"]
+    return random_spans(subject, corpus, max_length, atlas.meta["windows"], options.random, neurons, options.context, options.seed)
+
+
+class PartialOutput:
+    """Finished neurons in ``OUT.partial.jsonl``: a header line, then one JSON line per neuron."""
+
+    def __init__(self, out: Path, header: dict, resume: bool):
+        if out.is_dir():
+            raise NeuronAtlasError(f"--out {out} is a folder; give the path of the explanations JSON file to write")
+        self.out, self.path = out, out.with_name(out.name + ".partial.jsonl")
+        self.done: dict[tuple[int, int], dict] = {}
+        if self.path.exists() and not resume:
+            raise NeuronAtlasError(f"{self.path} holds an interrupted run; pass --resume to continue it or delete it")
+        if self.path.exists():
+            self._read(header)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"header": header}) + "\n")
+
+    def _read(self, header: dict) -> None:
+        lines = self.path.read_text().splitlines()
+        try:
+            saved = json.loads(lines[0])["header"]
+        except (IndexError, KeyError, TypeError, json.JSONDecodeError):
+            raise NeuronAtlasError(f"{self.path} is not a partial explanations file; delete it and run again") from None
+        if saved != header:
+            changed = sorted(k for k in header if saved.get(k) != header[k])
+            raise NeuronAtlasError(f"--resume: the interrupted run used other {', '.join(changed)}; rerun it with the same arguments or delete {self.path}")
+        for line in lines[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                continue
+            self.done[(record["layer"], record["index"])] = record
+
+    def add(self, record: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.done[(record["layer"], record["index"])] = record
+
+    def finish(self, header: dict, neurons: list[tuple[int, int]]) -> dict:
+        result = dict(header, neurons=[self.done[n] for n in neurons])
+        temporary = self.out.with_name(self.out.name + ".writing")
+        temporary.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(temporary, self.out)
+        self.path.unlink()
+        return result

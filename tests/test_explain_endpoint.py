@@ -1,0 +1,221 @@
+"""The chat-completions client against a real local HTTP server: replies, timeouts, garbage, errors, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from conftest import cli_fails
+from neuronatlas.cli import main
+from neuronatlas.errors import NeuronAtlasError
+from neuronatlas.explain import ChatEndpoint
+from neuronatlas.explain.prompts import EXPLAIN_SYSTEM
+from neuronatlas.explain.simulate import parse_simulation
+from neuronatlas.neuronset import Neuron, NeuronSet, model_info
+
+PHRASE = "words about cats"
+
+
+class ChatServer:
+    """A chat-completions server in a thread. ``mode`` picks how it answers; ``requests`` keeps what it got.
+
+    ok: explanations are PHRASE, simulations give level 7 to tokens holding "a" and 0 to the others;
+    fail_after: HTTP 500 from the explanation request after the first ``explain_first`` on.
+    """
+
+    def __init__(self):
+        self.mode, self.delay, self.explain_first, self.requests = "ok", 0.0, 0, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                try:
+                    server.respond(self, body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (the timeout test)
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def respond(self, handler, body) -> None:
+        mode = self.mode
+        explanations = sum(r["body"]["messages"][0]["content"] == EXPLAIN_SYSTEM for r in self.requests)
+        if mode == "fail_after" and explanations > self.explain_first:
+            mode = "error500"
+        if mode == "slow":
+            time.sleep(self.delay)
+        if mode == "error500":
+            handler.send_error(500, "model crashed")
+            return
+        if mode == "garbage":
+            self._send(handler, b"<html>not json</html>")
+            return
+        if mode == "no_choices":
+            self._send(handler, json.dumps({"choices": []}).encode())
+            return
+        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        content = PHRASE if system == EXPLAIN_SYSTEM else self._simulation(user, mode)
+        self._send(handler, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
+
+    @staticmethod
+    def _simulation(user: str, mode: str) -> str:
+        count = int(re.search(r"holds exactly (\d+) integers", user).group(1))
+        tokens = re.findall(r"^\d+\t(.*)$", user, flags=re.MULTILINE)[:count]
+        levels = [7 if "a" in token else 0 for token in tokens]
+        if mode == "wrong_count":
+            levels = levels[:-1]
+        if mode == "prose":
+            return "The neuron fires on cats."
+        return "```json\n" + json.dumps({"activations": levels}) + "\n```"
+
+    @staticmethod
+    def _send(handler, payload: bytes) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    chat = ChatServer()
+    yield chat
+    chat.close()
+
+
+@pytest.fixture(scope="module")
+def small(tiny_llama, corpus_path, tmp_path_factory):
+    """A tiny random Llama profiled on the shared test corpus (with exemplars), and a set of 3 neurons."""
+    from neuronatlas.profile import ProfileOptions, profile
+
+    root = tmp_path_factory.mktemp("explain-endpoint")
+    atlas = profile(str(tiny_llama), corpus_path, root / "atlas", label_field="lang", device="cpu", quiet=True,
+                    options=ProfileOptions(max_length=24, top_k=8, doc_sample=0, positions=False))
+    NeuronSet("hand", model_info(atlas.meta), [Neuron(0, 3), Neuron(1, 5), Neuron(1, 20)]).save(root / "set.json")
+    return {"root": root, "atlas": root / "atlas", "set": root / "set.json"}
+
+
+def argv(small, server, out, *extra):
+    return ["explain", "--atlas", str(small["atlas"]), "--neurons", str(small["set"]), "--explainer", server.url,
+            "--explainer-model", "test-model", "--out", str(out), "--top", "4", "--holdout", "2", "--quiet", *extra]
+
+
+def test_endpoint_end_to_end(small, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_CHAT_KEY", "secret-123")
+    out = tmp_path / "expl.json"
+    assert main(argv(small, server, out, "--random", "3", "--api-key-env", "TEST_CHAT_KEY", "--clusters", "2")) == 0
+    result = json.loads(out.read_text())
+    assert result["explainer"] == result["simulator"] == f"test-model at {server.url}"
+    assert [(n["layer"], n["index"]) for n in result["neurons"]] == [(0, 3), (1, 5), (1, 20)]
+    assert all(n["explanation"] == PHRASE for n in result["neurons"])
+    first = server.requests[0]
+    assert first["path"] == "/v1/chat/completions"
+    assert first["headers"]["Authorization"] == "Bearer secret-123"
+    assert first["body"]["model"] == "test-model" and first["body"]["temperature"] == 0
+    simulations = [r for r in server.requests if r["body"]["messages"][0]["content"] != EXPLAIN_SYSTEM]
+    assert len(simulations) >= 3 * (2 + 3)  # every neuron: its held-out and random exemplars
+    assert not out.with_name("expl.json.partial.jsonl").exists()
+
+
+def test_no_key_sends_no_authorization(server, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    from neuronatlas.explain import open_backend
+
+    backend = open_backend(server.url + "/chat/completions", "m")
+    assert backend.explain([(["a", "cat"], [0, 9])]) == PHRASE
+    np.testing.assert_array_equal(backend.simulate(PHRASE, ["a", "cat", "dog"]), [7, 7, 0])
+    assert "Authorization" not in server.requests[0]["headers"]
+    assert server.requests[0]["path"] == "/v1/chat/completions"  # a full URL is used as given
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("garbage", "not JSON"),
+    ("no_choices", "without choices[0].message.content"),
+    ("error500", "HTTP 500"),
+    ("wrong_count", "activations for"),
+    ("prose", "not JSON"),
+])
+def test_bad_replies_are_clear_errors_and_write_nothing(small, server, tmp_path, capsys, mode, message):
+    server.mode = mode
+    out = tmp_path / "expl.json"
+    cli_fails(capsys, argv(small, server, out, "--random", "0"), message, server.url)
+    assert not out.exists()
+
+
+def test_timeout_is_a_clear_error(small, server, tmp_path, capsys):
+    server.mode, server.delay = "slow", 3.0
+    out = tmp_path / "expl.json"
+    started = time.monotonic()
+    cli_fails(capsys, argv(small, server, out, "--random", "0", "--timeout", "0.5"), "did not answer within 0.5 s")
+    assert time.monotonic() - started < 30
+    assert not out.exists()
+
+
+def test_connection_refused_is_a_clear_error(small, tmp_path, capsys):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "expl.json"
+    cli_fails(capsys, ["explain", "--atlas", str(small["atlas"]), "--neurons", str(small["set"]),
+                       "--explainer", f"http://127.0.0.1:{port}/v1", "--explainer-model", "m", "--out", str(out),
+                       "--random", "0", "--quiet"], "cannot reach endpoint", "refused")
+    assert not out.exists()
+
+
+def test_endpoint_needs_a_model_name(small, server, tmp_path, capsys):
+    cli_fails(capsys, ["explain", "--atlas", str(small["atlas"]), "--neurons", str(small["set"]),
+                       "--explainer", server.url, "--out", str(tmp_path / "x.json")], "--explainer-model")
+
+
+def test_interrupted_run_resumes(small, server, tmp_path, capsys):
+    """The endpoint fails at the second neuron: no output, the first neuron kept; --resume asks only
+    for the rest and the result equals an uninterrupted run's."""
+    out = tmp_path / "expl.json"
+    server.mode, server.explain_first = "fail_after", 1
+    cli_fails(capsys, argv(small, server, out, "--random", "0"), "HTTP 500")
+    assert not out.exists()
+    partial = out.with_name("expl.json.partial.jsonl")
+    assert len(partial.read_text().splitlines()) == 2  # header and neuron (0, 3)
+    cli_fails(capsys, argv(small, server, out, "--random", "0"), "--resume")
+    cli_fails(capsys, argv(small, server, out, "--random", "0", "--top", "5", "--resume"), "options")
+    server.mode, server.requests = "ok", []
+    assert main(argv(small, server, out, "--random", "0", "--resume")) == 0
+    assert sum(r["body"]["messages"][0]["content"] == EXPLAIN_SYSTEM for r in server.requests) == 2
+    resumed = json.loads(out.read_text())
+    assert not partial.exists()
+    whole = tmp_path / "whole.json"
+    assert main(argv(small, server, whole, "--random", "0")) == 0
+    assert resumed == json.loads(whole.read_text())
+
+
+def test_parse_simulation_is_strict():
+    np.testing.assert_array_equal(parse_simulation('{"activations": [0, 10, 2.5]}', 3, "s"), [0, 10, 2.5])
+    for reply, message in [('{"activations": [0, 11]}', "outside"), ('{"activations": [0, true]}', "outside"),
+                           ('{"levels": [0, 1]}', "without"), ('[0, 1]', "without"), ('{"activations": [1]}', "1 activations for 2"),
+                           ("0 1", "not JSON")]:
+        with pytest.raises(NeuronAtlasError, match=message):
+            parse_simulation(reply, 2, "s")
+
+
+def test_endpoint_options_are_checked():
+    with pytest.raises(NeuronAtlasError, match="--timeout"):
+        ChatEndpoint("http://127.0.0.1:1/v1", "m", timeout=0)
