@@ -56,6 +56,7 @@ from .errors import NeuronAtlasError
 from .stats import SignalStats, split_uid
 
 FORMAT_VERSION = 1
+EXEMPLAR_ROW_GROUP = 16_384  # rows are sorted by (layer, neuron): small groups let one neuron's query skip the rest
 META_FILE = "atlas.json"
 STATS_FILE = "stats.safetensors"
 SIGNALS = ("z", "gate")
@@ -201,7 +202,7 @@ class Atlas:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_file(self.tensors(), str(staging / STATS_FILE))
-        pq.write_table(self.exemplar_table(), staging / "exemplars.parquet")
+        pq.write_table(self.exemplar_table(), staging / "exemplars.parquet", row_group_size=EXEMPLAR_ROW_GROUP)
         if self.contexts is not None:
             pq.write_table(self.contexts, staging / "contexts.parquet")
         if self.vocab is not None:

@@ -1,0 +1,172 @@
+"""The viewer's pages as HTML strings (Jinja2, autoescaped), shared by the server and the report.
+
+Where links point is the :class:`Site`'s business: absolute URLs for the server, relative file
+names for the static report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from urllib.parse import urlencode
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup, escape
+
+from .data import AtlasData
+from .live import LiveModel, ModelUnavailable
+from .plots import bar_chart, heat_colour, histogram, token_spans
+from .search import COLUMNS, KINDS
+
+STATIC_FILES = ("viewer.css", "viewer.js")
+
+
+@dataclass
+class Site:
+    """Where links point. ``root``: "/" for the server, a relative prefix ("../../") in a report."""
+
+    root: str = "/"
+    static: bool = False
+    random_target: str | None = None  # a report's "random" link (the server has /random)
+
+    def home(self) -> str:
+        return f"{self.root}index.html" if self.static else self.root
+
+    def neuron(self, layer: int, index: int) -> str:
+        return f"{self.neuron_root()}{layer}/{index}" + (".html" if self.static else "")
+
+    def neuron_root(self) -> str:
+        return f"{self.root}neuron/"
+
+    def search(self, by: str | None = None, q: str | None = None, page: int = 1) -> str:
+        if self.static:
+            return f"{self.root}search.html"
+        query = {key: value for key, value in (("by", by), ("q", q), ("page", page if page > 1 else None)) if value}
+        return f"{self.root}search" + (f"?{urlencode(query)}" if query else "")
+
+    def jump(self) -> str:
+        return f"{self.root}neuron"
+
+    def live(self, layer: int | None = None, index: int | None = None) -> str | None:
+        if self.static:
+            return None
+        return f"{self.root}live" + (f"?{urlencode({'layer': layer, 'index': index})}" if layer is not None else "")
+
+    def random(self) -> str | None:
+        return self.random_target if self.static else f"{self.root}random"
+
+    def asset(self, name: str) -> str:
+        return f"{self.root}static/{name}"
+
+
+def static_files() -> dict[str, bytes]:
+    """The CSS and JS the pages link to, read once from the package."""
+    folder = resources.files("neuronatlas.viewer") / "static"
+    return {name: (folder / name).read_bytes() for name in STATIC_FILES}
+
+
+class Pages:
+    """Renders every page of one atlas."""
+
+    def __init__(self, data: AtlasData, model: LiveModel | None):
+        self.data, self.model = data, model
+        self.env = Environment(loader=PackageLoader("neuronatlas.viewer", "templates"),
+                               autoescape=select_autoescape(["html"], default_for_string=True, default=True))
+        self.env.globals.update(tokens=token_spans, heat=heat_colour, cell=_cell)
+
+    def _render(self, template: str, site: Site, **context) -> str:
+        model_name = f"{self.data.summary['model']} · {self.data.summary['corpus']}"
+        return self.env.get_template(template).render(site=site, model_name=model_name, **context)
+
+    def overview(self, site: Site) -> str:
+        summary = self.data.summary
+        layers = [str(layer) for layer in range(summary["layers"])]
+        specialised = [dict(item, peak=max((max(row) for row in item["counts"]), default=0))
+                       for item in self.data.specialised_counts()]
+        evaluations = [dict(result, peak=_peak(result)) for result in self.data.evaluations]
+        return self._render(
+            "overview.html", site, summary=summary, fingerprint=self.data.meta["model"]["fingerprint"],
+            has_windows=self.data.has_windows, specialised=specialised, evaluations=evaluations,
+            explanations=self.data.explanations,
+            rate_plot=bar_chart(summary["activation_rate_per_layer"], layers, "activation rate per layer", percent=True),
+            dead_plot=bar_chart(summary["dead_fraction_per_layer"], layers, "dead neurons per layer", percent=True),
+        )
+
+    def neuron(self, site: Site, record: dict, previous=None, following=None, random=None) -> str:
+        """The page of the neuron described by ``record`` (see :func:`neuron_record`)."""
+        hist = record["histogram"]
+        labels = list(record["label_probability"])
+        return self._render(
+            "neuron.html", site, n=record, previous=previous, following=following, random=random,
+            has_windows=self.data.has_windows, scale=_colour_scale(record),
+            histogram=histogram(hist["edges"], hist["counts"], "activation histogram (all labels)") if hist else None,
+            profile_plot=bar_chart([record["label_probability"][label] for label in labels], labels,
+                                   "activation probability per label", percent=True),
+        )
+
+    def search(self, site: Site, result: dict) -> str:
+        return self._render("search.html", site, kinds=KINDS, columns=COLUMNS.get(result["by"], []),
+                            columns_by_kind=COLUMNS, **result)
+
+    def live(self, site: Site, api: str, layer: int | None, index: int | None, text: str, max_chars: int) -> str:
+        unavailable = None
+        if self.model is None:
+            unavailable = "no model: live text needs the atlas's model"
+        else:
+            try:
+                self.model.load()
+            except ModelUnavailable as error:
+                unavailable = str(error)
+        return self._render("live.html", site, api=api, layer=layer, index=index, text=text, max_chars=max_chars,
+                            max_tokens=self.model.max_tokens if self.model else 0, unavailable=unavailable)
+
+    def error(self, site: Site, status: str, message: str) -> str:
+        return self._render("error.html", site, status=status, message=message)
+
+
+def neuron_record(data: AtlasData, model: LiveModel | None, layer: int, index: int) -> dict:
+    """Everything about one neuron, as the API returns it and the neuron page shows it."""
+    data.check_neuron(layer, index)
+    record = {"layer": layer, "index": index, **data.neuron_stats(layer, index)}
+    record["exemplars"] = data.exemplars(layer, index)
+    record["sets"] = [{"set": m.set_name, "method": m.method, "label": m.label, "score": m.score}
+                      for m in data.memberships.get((layer, index), [])]
+    record["explanations"] = data.explanations_of(layer, index)
+    record["top_tokens"], record["bottom_tokens"], record["vocab_projection_error"] = [], [], None
+    try:
+        if model is None:
+            raise ModelUnavailable("no model given: the vocabulary projection needs the atlas's model")
+        projection = model.projection(layer, index)
+        record["top_tokens"], record["bottom_tokens"] = projection["promoted"], projection["suppressed"]
+    except ModelUnavailable as error:
+        record["vocab_projection_error"] = str(error)
+    return record
+
+
+def _colour_scale(record: dict) -> float:
+    """Colours saturate at the neuron's largest |activation| in the corpus (comparable across exemplars)."""
+    values = [abs(record["max"]), abs(record["min"])]
+    return max((v for v in values if math.isfinite(v)), default=0.0)
+
+
+def _peak(result: dict) -> float:
+    return max((abs(value) for row in result["delta"].values() for value in row.values()), default=0.0)
+
+
+def _cell(row: dict, column: str) -> Markup:
+    value = row.get(column)
+    if isinstance(value, float):
+        return escape(f"{value:.4g}")
+    return escape("" if value is None else value)
+
+
+def finite(value):
+    """JSON has no inf or NaN: they become None (e.g. the min of a neuron that never saw a token)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value

@@ -1,0 +1,179 @@
+// neuronatlas viewer: the neuron jump box of static reports and the live text form.
+// Every text from the server is set with textContent, never parsed as HTML.
+"use strict";
+
+function activationColour(value, scale) {
+  if (value === null || value === undefined || !(scale > 0) || !isFinite(value)) return "transparent";
+  const strength = Math.min(Math.abs(value) / scale, 1);
+  const rgb = value > 0 ? "230, 90, 20" : "40, 110, 220";
+  return "rgba(" + rgb + ", " + (0.85 * strength).toFixed(3) + ")";
+}
+
+function element(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+function staticJump(form) {
+  const root = form.dataset.staticRoot;
+  if (!root) return;
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const layer = parseInt(form.elements.layer.value, 10), index = parseInt(form.elements.index.value, 10);
+    window.location.href = root + "neuron/" + layer + "/" + index + ".html";
+  });
+}
+
+function showTokens(container, tokens, values, caption) {
+  const scale = Math.max(...values.map((v) => Math.abs(v)), 0);
+  container.replaceChildren(element("p", caption, "meta"));
+  const line = element("div", undefined, "tokens");
+  line.id = "live-tokens";
+  tokens.forEach((token, i) => {
+    const span = element("span", token, "tok");
+    span.title = JSON.stringify(token) + ": " + values[i].toFixed(4);
+    span.dataset.value = values[i];
+    span.style.background = activationColour(values[i], scale);
+    line.appendChild(span);
+  });
+  container.appendChild(line);
+}
+
+function showLive(form, reply) {
+  const result = document.getElementById("live-result");
+  const tokensBox = element("div");
+  const root = form.dataset.root;
+  result.replaceChildren(tokensBox);
+  const show = (item) => showTokens(tokensBox, reply.tokens, item.activations,
+    "L" + item.layer + "/" + item.index + ": max " + item.max.toFixed(4) + " (hover a token for its value)");
+  show(reply.neuron || reply.top[0]);
+  if (reply.truncated) result.appendChild(element("p", "The text was cut to " + reply.max_tokens + " tokens.", "meta"));
+  result.appendChild(element("h2", "Most active neurons"));
+  const table = element("table", undefined, "numbers top");
+  table.id = "live-top";
+  const head = element("tr");
+  ["neuron", "max activation", ""].forEach((name) => head.appendChild(element("th", name)));
+  table.appendChild(head);
+  reply.top.forEach((item) => {
+    const row = element("tr");
+    const cell = element("td");
+    const link = element("a", "L" + item.layer + "/" + item.index);
+    link.href = root + item.layer + "/" + item.index;
+    cell.appendChild(link);
+    row.appendChild(cell);
+    row.appendChild(element("td", item.max.toFixed(4)));
+    const button = element("button", "colour the text");
+    button.type = "button";
+    button.addEventListener("click", () => show(item));
+    const action = element("td");
+    action.appendChild(button);
+    row.appendChild(action);
+    table.appendChild(row);
+  });
+  result.appendChild(table);
+}
+
+function liveForm(form) {
+  const status = document.getElementById("live-status");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = { text: form.elements.text.value };
+    if (form.elements.layer.value !== "" && form.elements.index.value !== "") {
+      body.layer = parseInt(form.elements.layer.value, 10);
+      body.index = parseInt(form.elements.index.value, 10);
+    }
+    status.textContent = "running the model…";
+    try {
+      const response = await fetch(form.dataset.api, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      });
+      const reply = await response.json();
+      if (!response.ok) { status.textContent = reply.error || response.statusText; return; }
+      status.textContent = reply.tokens.length + " tokens";
+      showLive(form, reply);
+    } catch (error) {
+      status.textContent = "the server did not answer: " + error;
+    }
+  });
+}
+
+document.querySelectorAll("form.jump").forEach(staticJump);
+const live = document.getElementById("live-form");
+if (live) liveForm(live);
+
+// ---- search in a static report: window.NEURONATLAS_SEARCH holds what each neuron page shows ----
+
+function matchesOf(entry, by, query) {
+  const words = query.toLowerCase().split(/\s+/).filter((w) => w);
+  const same = (text) => String(text).trim().toLowerCase() === query.trim().toLowerCase();
+  if (by === "token") {
+    const hits = Object.entries(entry.peaks).filter(([token]) => same(token));
+    if (!hits.length) return [];
+    return [{ exemplars: hits.reduce((sum, [, count]) => sum + count, 0), activation: entry.max }];
+  }
+  if (by === "promotes") {
+    const hit = entry.promotes.find(([token]) => same(token));
+    return hit ? [{ token: hit[0], logit: hit[1] }] : [];
+  }
+  if (by === "label" || by === "method") {
+    return entry.sets.filter((item) => by === "label" ? same(item.label || "")
+      : same(item.method) || same(item.set)).map((item) => ({ ...item }));
+  }
+  return entry.explanations.filter((item) => {
+    const text = [item.explanation, ...item.clusters].join(" ").toLowerCase();
+    return words.length && words.every((word) => text.includes(word));
+  }).map((item) => ({ explanation: item.explanation, score: item.score, source: item.source }));
+}
+
+function sortKey(row) {
+  return -(row.exemplars ?? row.logit ?? row.score ?? 0);
+}
+
+function formatCell(value) {
+  if (typeof value === "number" && !Number.isInteger(value)) return value.toPrecision(4);
+  return value === null || value === undefined ? "" : String(value);
+}
+
+function staticSearch(table) {
+  const params = new URLSearchParams(window.location.search);
+  const by = params.get("by") || "token", query = (params.get("q") || "").trim();
+  const page = Math.max(1, parseInt(params.get("page") || "1", 10));
+  const index = window.NEURONATLAS_SEARCH;
+  const columns = JSON.parse(table.dataset.columns)[by] || [];
+  document.getElementById("search-by").value = by;
+  document.getElementById("search-q").value = query;
+  if (!query || !index) return;
+  const rows = [];
+  index.neurons.forEach((entry) => matchesOf(entry, by, query).forEach((row) =>
+    rows.push({ ...row, layer: entry.layer, index: entry.index })));
+  rows.sort((a, b) => sortKey(a) - sortKey(b) || a.layer - b.layer || a.index - b.index);
+  const pages = Math.max(1, Math.ceil(rows.length / index.per_page));
+  const shown = rows.slice((page - 1) * index.per_page, page * index.per_page);
+  document.getElementById("search-count").textContent = rows.length.toLocaleString("en") + " neuron" +
+    (rows.length === 1 ? "" : "s") + " found" + (pages > 1 ? "; page " + page + " of " + pages : "") + ".";
+  const head = element("tr");
+  ["neuron", ...columns].forEach((name) => head.appendChild(element("th", name)));
+  table.replaceChildren(head);
+  shown.forEach((row) => {
+    const line = element("tr"), cell = element("td"), link = element("a", "L" + row.layer + "/" + row.index);
+    link.href = "neuron/" + row.layer + "/" + row.index + ".html";
+    cell.appendChild(link);
+    line.appendChild(cell);
+    columns.forEach((name) => line.appendChild(element("td", formatCell(row[name]))));
+    table.appendChild(line);
+  });
+  const nav = document.getElementById("static-pages");
+  const pageLink = (number, text) => {
+    const link = element("a", text);
+    link.href = "search.html?" + new URLSearchParams({ by: by, q: query, page: number });
+    nav.appendChild(link);
+    nav.appendChild(document.createTextNode(" "));
+  };
+  if (page > 1) pageLink(page - 1, "← previous");
+  if (page < pages) pageLink(page + 1, "next →");
+}
+
+const staticResults = document.querySelector("#results[data-columns]");
+if (staticResults) staticSearch(staticResults);

@@ -1,0 +1,238 @@
+"""The viewer in a real browser: `neuronatlas serve` in a subprocess, headless chromium through Playwright.
+
+Each test checks what a person would see and saves a screenshot in tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_viewer import TINY_LLAMA, build_viewer_files, hostile_neuron
+
+from neuronatlas.cli import main
+
+CHROMIUM = shutil.which("chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (`make install` installs it)")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    if not (TINY_LLAMA / "config.json").exists():
+        pytest.skip(f"the bundled tiny-llama is not there ({TINY_LLAMA})")
+    return build_viewer_files(tmp_path_factory)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    """`neuronatlas serve` on a free port; yields its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "neuronatlas", "serve", str(files["atlas"]), "--port", str(port),
+               "--sets", str(files["sets"]), "--explanations", str(files["explanations"]),
+               "--eval", str(files["eval"]), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"the server stopped: {process.stderr.read()}")
+            try:
+                urllib.request.urlopen(f"{url}/api/summary", timeout=5).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page that records every dialog (alert, confirm ...) a script opens."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    opened.dialogs = []
+    opened.on("dialog", lambda dialog: (opened.dialogs.append(dialog.message), dialog.dismiss()))
+    yield opened
+    context.close()
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"viewer-{name}.png"), full_page=True)
+
+
+def api(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url, timeout=30).read())
+
+
+def test_overview(page, server, files):
+    page.goto(server + "/")
+    assert page.locator("h1").inner_text() == "Atlas overview"
+    assert str(TINY_LLAMA) in page.locator("table.facts").inner_text()
+    summary = api(server + "/api/summary")
+    rows = page.locator("#layers tr")
+    assert rows.count() == summary["layers"] + 1
+    first = rows.nth(1).inner_text().split()
+    assert first[:2] == ["0", str(summary["neurons_per_layer"][0])]
+    assert float(first[2]) == pytest.approx(100 * summary["activation_rate_per_layer"][0], abs=0.006)
+    assert page.locator("svg.plot").count() >= 2
+    evaluation = json.loads(files["eval"].read_text())
+    label = evaluation["set_labels"][0]
+    assert f"{evaluation['delta'][label][label]:+.4f}" in page.locator("main").inner_text()
+    screenshot(page, "overview")
+    assert not page.dialogs
+
+
+def test_neuron_page(page, server):
+    page.goto(server + "/")
+    page.fill("form.jump input[name=layer]", "2")
+    page.fill("form.jump input[name=index]", "5")
+    page.click("form.jump button")
+    page.wait_for_url("**/neuron/2/5")
+    assert page.locator("#neuron-name").inner_text() == "L2/5"
+    record = api(server + "/api/neuron/2/5")
+    rows = page.locator("#exemplars tr")
+    assert rows.count() == len(record["exemplars"]) + 1
+    best = record["exemplars"][0]
+    assert rows.nth(1).locator("td").nth(1).inner_text() == f"{best['activation']:.3f}"
+    peak = rows.nth(1).locator(".tok.peak")
+    assert peak.inner_text() == best["tokens"][best["peak"]]
+    assert f"{best['activations'][best['peak']]:.4f}" in peak.get_attribute("title")
+    colour = peak.evaluate("node => getComputedStyle(node).backgroundColor")
+    assert colour.startswith("rgba(230, 90, 20") and colour != "rgba(0, 0, 0, 0)"
+    assert "".join(best["tokens"]).strip() in rows.nth(1).inner_text()
+    assert page.locator("#vocab ol").first.locator("li").count() == len(record["top_tokens"]) > 0
+    assert page.locator("#label-profile tr").count() == len(record["label_probability"]) + 1
+    screenshot(page, "neuron")
+    page.click("#next")
+    page.wait_for_url("**/neuron/2/6")
+    page.click("#random")
+    page.wait_for_url("**/neuron/*/*")
+    assert page.locator("#neuron-name").inner_text().startswith("L")
+    assert not page.dialogs
+
+
+def test_search(page, server, files):
+    label = files["lape"].labels[0]
+    page.goto(server + "/search")
+    page.select_option("#search-by", "label")
+    page.fill("#search-q", label)
+    page.click("#search-form button")
+    page.wait_for_url("**/search?by=label*")
+    expected = len(files["lape"].for_label(label))
+    assert page.locator("#search-count").inner_text().startswith(f"{expected:,} neuron")
+    screenshot(page, "search")
+    page.locator("#results a").first.click()
+    page.wait_for_url("**/neuron/*/*")
+    assert label in page.locator("#sets").inner_text()
+    page.goto(server + "/search?by=token&q=the")
+    assert page.locator("#results tr").count() > 1
+    assert not page.dialogs
+
+
+def test_live_text(page, server):
+    page.goto(server + "/live?layer=2&index=9")
+    text = "Das Haus ist groß und der Hund schläft."
+    page.fill("#live-text", text)
+    page.click("#live-form button")
+    page.wait_for_selector("#live-tokens")
+    tokens = page.locator("#live-tokens .tok")
+    assert tokens.count() > 5
+    assert "".join(tokens.all_inner_texts()).replace("<s>", "").strip() == text
+    assert page.locator("#live-result p").first.inner_text().startswith("L2/9: max ")
+    values = [float(title.rsplit(": ", 1)[1]) for title in (tokens.nth(i).get_attribute("title") for i in range(tokens.count()))]
+    strongest = max(range(len(values)), key=lambda i: abs(values[i]))
+    alpha = tokens.nth(strongest).evaluate("node => getComputedStyle(node).backgroundColor")
+    assert alpha.endswith(", 0.85)")  # the largest |activation| gets the full colour
+    assert page.locator("#live-top tr").count() == 21
+    page.locator("#live-top button").nth(1).click()
+    second = page.locator("#live-top tr").nth(2).locator("a").inner_text()
+    assert page.locator("#live-result p").first.inner_text().startswith(f"{second}: max ")
+    screenshot(page, "live")
+    assert not page.dialogs
+
+
+def test_hostile_text_is_shown_and_runs_nothing(page, server, files):
+    for fragment in ("<script", "<img src=x"):
+        layer, index, window = hostile_neuron(files["atlas"], fragment)
+        page.goto(f"{server}/neuron/{layer}/{index}")
+        shown = page.locator("#exemplars").inner_text()
+        assert window.strip() in shown and fragment in shown
+        assert page.locator("img").count() == 0 and page.locator("script").count() == 1
+    screenshot(page, "hostile-exemplar")
+    first = files["explained"][0]
+    page.goto(f"{server}/neuron/{first.layer}/{first.index}")
+    assert 'onerror=alert("xss-expl")' in page.locator(".explanation-text").inner_text()
+    page.goto(server + "/search?by=explanation&q=onerror")
+    assert "<img src=x" in page.locator("#results").inner_text()
+    page.goto(server + "/live")
+    page.fill("#live-text", '"><img src=x onerror=alert("live")> <script>alert("live")</script>')
+    page.click("#live-form button")
+    page.wait_for_selector("#live-tokens")
+    assert "<script>" in page.locator("#live-tokens").inner_text()
+    assert page.locator("img").count() == 0
+    page.wait_for_timeout(300)  # an onerror handler would fire by now
+    assert page.dialogs == []
+
+
+def test_missing_neuron_page(page, server):
+    response = page.goto(server + "/neuron/0/99999999")
+    assert response.status == 404
+    assert "out of range" in page.locator("main").inner_text()
+    screenshot(page, "404")
+
+
+def test_static_report(page, files, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(files["atlas"]), "-o", str(out), "--sets", str(files["sets"]), "--neurons",
+                 str(files["sets"]), "--explanations", str(files["explanations"]), "--quiet"]) == 0
+    label = files["lape"].labels[0]
+    page.goto((out / "index.html").as_uri())
+    assert page.locator("h1").inner_text() == "Atlas overview"
+    page.click("nav >> text=Search")
+    page.select_option("#search-by", "label")
+    page.fill("#search-q", label)
+    page.click("#search-form button")
+    page.wait_for_selector("#results a")
+    assert page.locator("#search-count").inner_text().startswith(f"{len(files['lape'].for_label(label)):,} neuron")
+    page.locator("#results a").first.click()
+    page.wait_for_selector("#exemplars")
+    assert page.locator("#exemplars .tok.peak").count() > 0
+    screenshot(page, "report-neuron")
+    first = sorted({(n.layer, n.index) for n in files["lape"].neurons})[0]
+    page.fill("form.jump input[name=layer]", str(first[0]))
+    page.fill("form.jump input[name=index]", str(first[1]))
+    page.click("form.jump button")
+    page.wait_for_url(f"**/neuron/{first[0]}/{first[1]}.html")
+    assert page.locator("#neuron-name").inner_text() == f"L{first[0]}/{first[1]}"
+    assert not page.dialogs
