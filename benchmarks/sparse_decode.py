@@ -1,0 +1,91 @@
+"""End-to-end batch-1 greedy decode of a randomly initialised Llama, dense vs each sparse plan.
+
+    python benchmarks/sparse_decode.py [--layers 8] [--threads 2] [--runs 3] [--methods hot,coreinfer,teal,wina,moe]
+
+The model (hidden 2048, FFN 5632, vocabulary 8192 tied: about 430M parameters, FFN ~65% of the
+weight bytes) is built from a config with seeded random weights: no download. Speed does not depend
+on which neurons a plan keeps, so hot scores are random and TEAL/WINA calibrate on random token ids.
+Prints one JSON line per plan (the fields of `neuronatlas bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from neuronatlas.sparse import SparsifyOptions, sparsify
+from neuronatlas.sparse.bench import decode_speed
+from neuronatlas.sparse.calibrate import CalibrationSample
+from neuronatlas.sparse.plan import SparsePlan, model_info
+from neuronatlas.sparse.sparsify import _threshold_tables
+from neuronatlas.sparse.wrap import SparseModel
+from neuronatlas.models import locate_neurons
+
+
+def random_llama(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@torch.inference_mode()
+def random_sample(model, tokens: int) -> CalibrationSample:
+    """FFN inputs of the model on random token ids (a stand-in corpus for threshold calibration)."""
+    neurons, store = locate_neurons(model), {}
+    handles = [layer.up.register_forward_pre_hook(lambda m, a, i=layer.index: store.__setitem__(("x", i), a[0][0]))
+               for layer in neurons.layers]
+    handles += [layer.down.register_forward_pre_hook(lambda m, a, i=layer.index: store.__setitem__(("z", i), a[0][0]))
+                for layer in neurons.layers]
+    try:
+        model(torch.randint(model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return CalibrationSample(x={i: store[("x", i)] for i in range(neurons.num_layers)},
+                             z={i: store[("z", i)] for i in range(neurons.num_layers)})
+
+
+def plans(model, methods: list[str], sparsity: float, moe_sparsity: float):
+    neurons, info = locate_neurons(model), model_info(model, "random-llama")
+    sample = random_sample(model, 128) if {"teal", "wina"} & set(methods) else None
+    for method in methods:
+        if method == "hot":
+            scores = {f"score.{i}": torch.rand(w) for i, w in enumerate(neurons.widths)}
+            yield SparsePlan("hot", sparsity, info, {"seed": 0}, scores)
+        elif method in ("teal", "wina"):
+            yield SparsePlan(method, sparsity, info, {}, _threshold_tables(neurons, None, sample, method == "wina"))
+        else:
+            yield sparsify(method, model, None, moe_sparsity if method == "moe" else sparsity,
+                           options=SparsifyOptions(experts=16))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--moe-sparsity", type=float, default=0.75, help="share of experts skipped (0.75: 4 of 16 run)")
+    parser.add_argument("--methods", default="hot,coreinfer,teal,wina,moe")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = random_llama(args.layers)
+    prompt = torch.randint(model.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
+    params = sum(p.numel() for p in model.parameters())
+    for plan in plans(model, args.methods.split(","), args.sparsity, args.moe_sparsity):
+        result = decode_speed(model, SparseModel(model, plan), prompt, args.new_tokens, args.runs)
+        print(json.dumps({"method": plan.method, "sparsity": plan.sparsity, "params_m": round(params / 1e6),
+                          "threads": args.threads} | {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""CoreInfer: sentence-level core neurons chosen at prefill, fixed for the whole decode.
+
+At prefill, per token, the top ``limit`` neurons of z are marked (``limit = alpha`` x the mean
+number of positive activations per token; signed z by default, ``score="abs"`` ranks |z|); the
+``d_ff - round(s * d_ff)`` neurons marked on most of the prompt's tokens are the core set. At the
+first decode step the core rows of W_in / W_gate and columns of W_out are compacted once; decode
+runs dense products on them. With several sequences in a batch each keeps its own core set and
+decode multiplies z by each sequence's mask instead (same numbers, no compaction).
+
+Similarity-guided variant (``clusters > 0``, calibrated on a corpus): core sets of the calibration
+documents at one layer are clustered (k-means over multi-hot vectors); each cluster stores, per
+layer, the neurons most often core among its documents. A prompt takes the cluster nearest to its
+own core set at that layer and decodes with the cluster's sets, in every layer.
+
+Plan tensors (variant only): ``centroids.<cluster_layer>`` (C, d_ff), ``cluster_score.<layer>``
+(C, d_ff) how often each neuron is core among each cluster's documents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ffn import layer_weights, tokens_of
+from .hot import CompactFFN, kept_count
+
+DEFAULT_ALPHA = 0.2
+SCORES = ("signed", "abs")
+
+
+def core_frequency(z: torch.Tensor, alpha: float = DEFAULT_ALPHA, score: str = "signed") -> torch.Tensor:
+    """(d_ff,) share of the tokens of z (T, d_ff) on which each neuron is among the top ``limit``."""
+    positive = (z > 0).sum(-1).float().mean()
+    limit = max(1, int(alpha * float(positive)))
+    ranked = z.abs() if score == "abs" else z
+    top = ranked.topk(min(limit, z.shape[-1]), dim=-1).indices  # (T, limit)
+    counts = torch.zeros(z.shape[-1], device=z.device)
+    counts.index_add_(0, top.reshape(-1), torch.ones(top.numel(), device=z.device))
+    return counts / max(z.shape[0], 1)
+
+
+def core_neurons(frequency: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Sorted indices of the ``keep`` most frequent neurons; ties go to the lower index."""
+    k = kept_count(frequency.numel(), sparsity)
+    order = torch.argsort(-frequency, stable=True)
+    return order[:k].sort().values
+
+
+class CoreInferRuntime:
+    """Dense at prefill (choosing the core set), compacted (or masked) while decoding."""
+
+    def __init__(self, plan, layer, phase):
+        self.plan, self.layer, self.phase = plan, layer, phase
+        self.alpha = float(plan.options.get("alpha", DEFAULT_ALPHA))
+        self.score = plan.options.get("score", "signed")
+        self.weights = layer_weights(layer)
+        self.keep: torch.Tensor | None = None  # (B, k) per sequence of the current prompt
+        self.prompt = -1  # the prompt keep belongs to
+        self.compact: CompactFFN | None = None
+
+    def forward(self, role, x, original):
+        if self.phase.prefill:
+            if role == "down":
+                self._choose(x)
+            return original(x)
+        if self.prompt != self.phase.prompt:
+            return original(x)  # no prompt seen yet: nothing to restrict to
+        if self.keep is None:  # similarity-guided: the prompt's clusters are known once prefill ended
+            self.keep = torch.stack([self._cluster_core(c) for c in self.phase.clusters]).to(x.device)
+        if self.keep.shape[0] == 1:
+            if self.compact is None:
+                self.compact = CompactFFN(self.weights, self.keep[0])
+            return self.compact.forward(role, x)
+        if role != "down":
+            return original(x)
+        return original(x * self._mask(x))
+
+    def _choose(self, z: torch.Tensor) -> None:
+        batch = self.phase.batch
+        z = z.reshape(batch, -1, z.shape[-1])  # (B, T, d_ff), also for OPT's flattened tokens
+        self.prompt, self.compact, self.keep = self.phase.prompt, None, None
+        if self.plan.options.get("clusters", 0) and self.plan.control is None:
+            if self.layer.index == int(self.plan.options["cluster_layer"]):
+                self.phase.clusters = [self._nearest_cluster(z[b]) for b in range(batch)]
+            return
+        sets = [core_neurons(self._frequency(z[b], b), self.plan.sparsity) for b in range(batch)]
+        self.keep = torch.stack(sets)
+
+    def _frequency(self, z: torch.Tensor, row: int) -> torch.Tensor:
+        if self.plan.control == "random":
+            generator = torch.Generator().manual_seed(self.phase.prompt * 7919 + self.layer.index * 31 + row)
+            return torch.rand(z.shape[-1], generator=generator).to(z.device)
+        return core_frequency(z, self.alpha, self.score)
+
+    def _nearest_cluster(self, z: torch.Tensor) -> int:
+        """The cluster whose centroid is nearest to the prompt's multi-hot core set at this layer."""
+        multi_hot = torch.zeros(z.shape[-1], device=z.device)
+        multi_hot[core_neurons(core_frequency(z, self.alpha, self.score), self.plan.sparsity)] = 1.0
+        centroids = self.plan.tensor("centroids", self.layer.index).to(z.device)
+        return int(((centroids - multi_hot) ** 2).sum(-1).argmin())
+
+    def _cluster_core(self, cluster: int) -> torch.Tensor:
+        return core_neurons(self.plan.tensor("cluster_score", self.layer.index)[cluster], self.plan.sparsity)
+
+    def _mask(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, 1, d_ff) or (B*T, d_ff) mask of each sequence's core set, shaped like z."""
+        mask = torch.zeros(self.keep.shape[0], z.shape[-1], dtype=z.dtype, device=z.device)
+        mask.scatter_(1, self.keep, 1.0)
+        if z.dim() == 2:  # OPT: (B*T, d_ff)
+            return mask.repeat_interleave(tokens_of(z) // mask.shape[0], dim=0)
+        return mask[:, None, :]
+
+
+def runtime(plan, layer, phase):
+    layers = plan.options.get("layers")
+    if plan.sparsity == 0 or (layers is not None and layer.index not in layers):
+        return None
+    return CoreInferRuntime(plan, layer, phase)

@@ -1,0 +1,90 @@
+"""Hot neurons (PowerInfer's offline profile): a static mask of each layer's most active neurons.
+
+The plan stores a score per neuron (``score.<layer>``, (d_ff,)), read from the atlas:
+
+- ``rate``: share of tokens with z > the atlas threshold (PowerInfer's activation frequency);
+- ``rms``: root mean square of z, sqrt(sumsq / tokens) (for gated families, whose z is signed);
+
+optionally of the gate signal (``signal="gate"``). At sparsity s the ``d_ff - round(s * d_ff)``
+best-scoring neurons are kept; their rows of W_in / W_gate and columns of W_out are compacted once
+into dense weights, so there is no per-token or per-prompt work at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NeuronAtlasError
+from .ffn import FFNWeights, layer_weights
+
+SCORES = ("rate", "rms")
+
+
+def kept_count(width: int, sparsity: float) -> int:
+    return width - int(round(sparsity * width))
+
+
+def hot_scores(atlas, score: str = "rms", signal: str = "z") -> dict[str, torch.Tensor]:
+    """{"score.<layer>": (d_ff,)} from the atlas."""
+    if score not in SCORES:
+        raise NeuronAtlasError(f"unknown hot-neuron score {score!r}; use one of {', '.join(SCORES)}")
+    tokens = float(atlas.tokens_per_label.sum().clamp(min=1))
+    tensors = {}
+    for layer in range(atlas.num_layers):
+        if score == "rate":
+            value = atlas.overall("active", layer, signal).double() / tokens
+        else:
+            value = (atlas.overall("sumsq", layer, signal).double() / tokens).sqrt()
+        tensors[f"score.{layer}"] = value.float()
+    return tensors
+
+
+def chosen_neurons(scores: torch.Tensor, sparsity: float, control: str | None, seed: int, layer: int) -> torch.Tensor:
+    """Sorted indices of the kept neurons: the best scores, or a random same-size set for the control."""
+    width = scores.numel()
+    k = kept_count(width, sparsity)
+    if control == "random":
+        generator = torch.Generator().manual_seed(seed * 1009 + layer)
+        return torch.randperm(width, generator=generator)[:k].sort().values
+    return scores.topk(k).indices.sort().values
+
+
+class CompactFFN:
+    """One layer run on a subset of its neurons, with weights compacted into dense matrices."""
+
+    def __init__(self, weights: FFNWeights, keep: torch.Tensor):
+        self.keep = keep  # (k,) sorted neuron indices
+        self.up, self.up_bias = weights.rows("up", keep)
+        self.gate, self.gate_bias = weights.rows("gate", keep) if weights.gate is not None else (None, None)
+        self.down = weights.down.index_select(1, keep).contiguous()  # (d_model, k)
+        self.down_bias = weights.down_bias
+
+    def forward(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        if role == "up":
+            return F.linear(x, self.up, self.up_bias)
+        if role == "gate":
+            return F.linear(x, self.gate, self.gate_bias)
+        return F.linear(x, self.down, self.down_bias)
+
+
+class HotRuntime:
+    def __init__(self, compact: CompactFFN):
+        self.compact = compact
+
+    def forward(self, role, x, original):
+        return self.compact.forward(role, x)
+
+
+def runtime(plan, layer, phase):
+    if plan.sparsity == 0:
+        return None
+    scores = plan.tensor("score", layer.index)
+    keep = chosen_neurons(scores, plan.sparsity, plan.control, plan.options.get("seed", 0), layer.index)
+    return HotRuntime(CompactFFN(layer_weights(layer), keep.to(layer.down.weight.device)))
+
+
+def make_hot_tensors(atlas, score: str, signal: str) -> dict[str, torch.Tensor]:
+    if signal not in atlas.signals:
+        raise NeuronAtlasError(f"this atlas has no {signal!r} signal (it has: {', '.join(atlas.signals)}); use --hot-signal z")
+    return hot_scores(atlas, score, signal)

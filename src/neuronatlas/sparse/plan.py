@@ -1,0 +1,109 @@
+"""The sparse plan on disk: what to skip at inference, for one model.
+
+A plan is a folder::
+
+    plan.json            method, sparsity, options, the model it was made for (fingerprint,
+                         family, widths), what it was calibrated from
+    tensors.safetensors  per-layer tensors, keys "<name>.<layer>" (see each method's module)
+
+Plans keep what does not depend on the sparsity (quantile tables, neuron rankings, experts and
+routers), so one calibration serves every sparsity: :meth:`SparsePlan.at_sparsity` re-targets it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..errors import NeuronAtlasError
+from ..loading import model_fingerprint
+from ..models import locate_neurons
+
+FORMAT_VERSION = 1
+META_FILE = "plan.json"
+TENSORS_FILE = "tensors.safetensors"
+METHODS = ("teal", "wina", "coreinfer", "hot", "moe")
+CONTROLS = (None, "random")  # "random": the same plan with random choices, the baseline to beat
+
+
+@dataclass
+class SparsePlan:
+    method: str  # one of METHODS
+    sparsity: float  # share of FFN work skipped, in [0, 1)
+    model: dict  # name_or_path, model_type, fingerprint, widths
+    options: dict = field(default_factory=dict)  # the method's options (JSON)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "<name>.<layer>" -> tensor
+    calibration: dict = field(default_factory=dict)  # atlas / corpus it was calibrated from
+    control: str | None = None  # None, or "random" for the random baseline of the same sparsity
+
+    def tensor(self, name: str, layer: int) -> torch.Tensor:
+        key = f"{name}.{layer}"
+        if key not in self.tensors:
+            raise NeuronAtlasError(f"plan ({self.method}) has no tensor {key!r}; make it again with `neuronatlas sparsify`")
+        return self.tensors[key]
+
+    def has(self, name: str, layer: int) -> bool:
+        return f"{name}.{layer}" in self.tensors
+
+    @property
+    def widths(self) -> list[int]:
+        return list(self.model["widths"])
+
+    def at_sparsity(self, sparsity: float) -> SparsePlan:
+        """The same calibration at another sparsity (no new calibration pass)."""
+        return replace(self, sparsity=check_sparsity(sparsity))
+
+    def as_control(self, control: str | None = "random") -> SparsePlan:
+        if control not in CONTROLS:
+            raise NeuronAtlasError(f"unknown control {control!r}; use one of {', '.join(map(str, CONTROLS))}")
+        return replace(self, control=control)
+
+    def check_model(self, model) -> None:
+        """Refuse a model other than the one this plan was made for."""
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.model["fingerprint"]:
+            raise NeuronAtlasError(
+                f"this plan was made for model {self.model.get('name_or_path')!r} (fingerprint "
+                f"{self.model['fingerprint']}), not this one ({fingerprint}); run `neuronatlas sparsify` for this model"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "neuronatlas_version": __version__, "method": self.method,
+                "sparsity": self.sparsity, "model": self.model, "options": self.options,
+                "calibration": self.calibration, "control": self.control}
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path / TENSORS_FILE))
+        (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise NeuronAtlasError(f"sparsity must be in [0, 1), not {sparsity} (0.5 skips half of the FFN work)")
+    return float(sparsity)
+
+
+def model_info(model, name_or_path: str | None = None) -> dict:
+    """What a plan records about its model."""
+    neurons = locate_neurons(model)
+    return {"name_or_path": name_or_path or getattr(model.config, "_name_or_path", None),
+            "model_type": neurons.model_type, "fingerprint": model_fingerprint(model), "widths": neurons.widths}
+
+
+def load_plan(path: str | Path) -> SparsePlan:
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.exists():
+        raise NeuronAtlasError(f"{path} is not a sparse plan (no {META_FILE}); make one with `neuronatlas sparsify`")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise NeuronAtlasError(f"plan {path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    tensors = load_file(str(path / TENSORS_FILE)) if (path / TENSORS_FILE).exists() else {}
+    return SparsePlan(meta["method"], meta["sparsity"], meta["model"], meta.get("options", {}), tensors,
+                      meta.get("calibration", {}), meta.get("control"))

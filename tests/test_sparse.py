@@ -1,0 +1,285 @@
+"""Sparse plans on tiny random models: exactness of the kernels, generate(), save/load, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cli_fails, make_gpt2, make_tokenizer
+
+from neuronatlas.intervene import Intervention, intervene
+from neuronatlas.loading import load_model
+from neuronatlas.sparse import SparsifyOptions, apply_plan, load_plan, sparsify
+from neuronatlas.sparse.kernels import masked_input_matmul, sparse_input_matvec
+
+DENSE_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    return load_model(str(tiny_llama), device="cpu", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def llama_atlas(tiny_llama, corpus_path, tmp_path_factory):
+    from neuronatlas.atlas import load_atlas
+    from neuronatlas.profile import ProfileOptions, profile
+
+    out = tmp_path_factory.mktemp("sparse-atlas") / "atlas"
+    profile(str(tiny_llama), corpus_path, out, label_field="lang", device="cpu", quiet=True,
+            options=ProfileOptions(max_length=24, top_k=0, doc_sample=0))
+    return load_atlas(out), out
+
+
+def make_plan(method, model, tokenizer, sparsity, atlas=None, corpus=None, **options):
+    return sparsify(method, model, tokenizer, sparsity, atlas=atlas, corpus=corpus,
+                    options=SparsifyOptions(calib_tokens=256, max_length=24, **options))
+
+
+def ids_of(tokenizer, text="the cat sat on a mat and the dog ran to the house"):
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def all_plans(llama, llama_atlas, corpus_path, sparsity):
+    model, tokenizer = llama
+    return {"teal": make_plan("teal", model, tokenizer, sparsity, corpus=corpus_path),
+            "wina": make_plan("wina", model, tokenizer, sparsity, corpus=corpus_path),
+            "coreinfer": make_plan("coreinfer", model, tokenizer, sparsity),
+            "hot": make_plan("hot", model, tokenizer, sparsity, atlas=llama_atlas[0]),
+            "moe": make_plan("moe", model, tokenizer, sparsity, experts=4)}
+
+
+@torch.inference_mode()
+def prefill_then_steps(model, ids, split):
+    """Logits of ids[:, split:] fed one token at a time after prefilling ids[:, :split]."""
+    out = model(input_ids=ids[:, :split], use_cache=True)
+    logits, past = [out.logits[:, -1]], out.past_key_values
+    for position in range(split, ids.shape[1] - 1):
+        out = model(input_ids=ids[:, position : position + 1], past_key_values=past, use_cache=True)
+        logits.append(out.logits[:, -1])
+        past = out.past_key_values
+    return torch.stack(logits, 1)
+
+
+def test_sparsity_zero_gives_dense_logits(llama, llama_atlas, corpus_path):
+    model, tokenizer = llama
+    ids = ids_of(tokenizer)
+    dense = model(ids).logits
+    for method, plan in all_plans(llama, llama_atlas, corpus_path, 0.0).items():
+        with apply_plan(model, plan):
+            assert torch.allclose(model(ids).logits, dense, atol=DENSE_TOL), method
+    moe_all = make_plan("moe", model, tokenizer, 0.0, experts=4).as_control("random")  # all experts, permuted weights
+    with apply_plan(model, moe_all):
+        assert torch.allclose(model(ids).logits, dense, atol=1e-4)
+
+
+def test_plans_change_the_logits_at_half_sparsity(llama, llama_atlas, corpus_path):
+    model, tokenizer = llama
+    ids = ids_of(tokenizer)
+    dense = prefill_then_steps(model, ids, 4)
+    for method, plan in all_plans(llama, llama_atlas, corpus_path, 0.5).items():
+        with apply_plan(model, plan):
+            assert not torch.allclose(prefill_then_steps(model, ids, 4), dense, atol=1e-3), method
+
+
+def test_hot_compacted_equals_masked_dense(llama, llama_atlas):
+    model, tokenizer = llama
+    plan = make_plan("hot", model, tokenizer, 0.5, atlas=llama_atlas[0])
+    ids = ids_of(tokenizer)
+    dropped = {}
+    for layer, width in enumerate(plan.widths):
+        kept = plan.tensor("score", layer).topk(width - round(0.5 * width)).indices
+        mask = torch.ones(width, dtype=torch.bool)
+        mask[kept] = False
+        dropped[layer] = mask.nonzero().squeeze(1)
+    with intervene(model, [Intervention(dropped, "zero")]):
+        masked = model(ids).logits
+    with apply_plan(model, plan):
+        compact = model(ids).logits
+    assert torch.allclose(compact, masked, atol=DENSE_TOL)
+
+
+def test_coreinfer_decode_equals_masked_dense(llama):
+    """Prefill chooses the core set; decoding on compacted weights equals zeroing the other neurons."""
+    from neuronatlas.models import locate_neurons
+    from neuronatlas.sparse.coreinfer import core_frequency, core_neurons
+
+    model, tokenizer = llama
+    plan = make_plan("coreinfer", model, tokenizer, 0.5)
+    ids, split = ids_of(tokenizer), 5
+    captured = {}
+    from neuronatlas.hooks import capture
+
+    with capture(locate_neurons(model), on_activation=lambda layer, z: captured.setdefault(layer, z[0].clone())):
+        model(ids[:, :split])
+    dropped = {}
+    for layer, z in captured.items():
+        mask = torch.ones(z.shape[-1], dtype=torch.bool)
+        mask[core_neurons(core_frequency(z), 0.5)] = False
+        dropped[layer] = mask.nonzero().squeeze(1)
+    dense_prompt = model(ids[:, :split], use_cache=True)
+    with intervene(model, [Intervention(dropped, "zero")]):
+        masked = model(ids[:, split:], past_key_values=dense_prompt.past_key_values).logits
+    with apply_plan(model, plan):
+        stepped = prefill_then_steps(model, ids, split)
+    assert torch.allclose(stepped[:, 1:], masked[:, :-1], atol=DENSE_TOL)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "moe", "coreinfer"])
+def test_single_token_kernels_equal_the_masked_multi_token_path(llama, corpus_path, method):
+    """Decode steps (gathered rows / expert slices) give the logits of one multi-token continuation."""
+    model, tokenizer = llama
+    plan = make_plan(method, model, tokenizer, 0.5, corpus=corpus_path if method in ("teal", "wina") else None,
+                     **({"experts": 4} if method == "moe" else {}))
+    ids, split = ids_of(tokenizer), 4
+    sparse = apply_plan(model, plan)
+    with sparse:
+        stepped = prefill_then_steps(model, ids, split)
+        first = model(input_ids=ids[:, :split], use_cache=True)
+        with sparse.continuation():
+            rest = model(input_ids=ids[:, split:], past_key_values=first.past_key_values).logits
+    together = torch.cat([first.logits[:, -1:], rest[:, :-1]], 1)
+    assert torch.allclose(stepped, together, atol=1e-4)
+
+
+def test_sparse_input_kernel_equals_masked_matmul():
+    torch.manual_seed(0)
+    weight_t, x = torch.randn(50, 23), torch.randn(50)
+    mask = x.abs() > 0.7
+    assert torch.allclose(sparse_input_matvec(x, weight_t, mask), masked_input_matmul(x[None], weight_t, mask[None])[0],
+                          atol=1e-5)
+    assert torch.equal(sparse_input_matvec(x, weight_t, torch.zeros(50, dtype=torch.bool)), torch.zeros(23))
+
+
+def test_every_plan_works_with_generate(llama, llama_atlas, corpus_path):
+    model, tokenizer = llama
+    ids = ids_of(tokenizer, "the cat")
+    dense = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for method, plan in all_plans(llama, llama_atlas, corpus_path, 0.5).items():
+        with apply_plan(model, plan):
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert out.shape == dense.shape, method
+    for method, plan in all_plans(llama, llama_atlas, corpus_path, 0.0).items():
+        with apply_plan(model, plan):
+            assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), dense), method
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), dense)  # detached
+
+
+def test_plan_round_trip_and_retargeting(llama, corpus_path, tmp_path):
+    model, tokenizer = llama
+    plan = make_plan("wina", model, tokenizer, 0.5, corpus=corpus_path)
+    loaded = load_plan(plan.save(tmp_path / "plan"))
+    assert loaded.method == "wina" and loaded.sparsity == 0.5 and loaded.model == plan.model
+    assert set(loaded.tensors) == set(plan.tensors)
+    assert all(torch.equal(loaded.tensors[k], plan.tensors[k]) for k in plan.tensors)
+    ids = ids_of(tokenizer)
+    with apply_plan(model, loaded.at_sparsity(0.0)):
+        assert torch.allclose(model(ids).logits, model.__call__(ids).logits)
+
+
+def test_moe_experts_are_balanced_and_contiguous(llama):
+    model, tokenizer = llama
+    plan = make_plan("moe", model, tokenizer, 0.5, experts=4)
+    for layer, width in enumerate(plan.widths):
+        order, bounds = plan.tensor("order", layer), plan.tensor("bounds", layer)
+        assert torch.equal(order.sort().values, torch.arange(width))
+        sizes = bounds.diff()
+        assert int(sizes.max() - sizes.min()) <= 1 and int(bounds[-1]) == width
+
+
+# ---- families ------------------------------------------------------------------------------------
+
+
+def _phi3(directory):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    Phi3ForCausalLM(config).eval().save_pretrained(directory)
+    make_tokenizer(directory)
+    return directory
+
+
+def _opt(directory):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=41, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0)
+    OPTForCausalLM(config).eval().save_pretrained(directory)
+    make_tokenizer(directory)
+    return directory
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "opt"])
+def test_families_decode_like_their_multi_token_path(family, corpus_path, tmp_path):
+    builder = {"gpt2": make_gpt2, "phi3": _phi3, "opt": _opt}[family]
+    model, tokenizer = load_model(str(builder(tmp_path / family)), device="cpu", quiet=True)
+    ids, split = ids_of(tokenizer), 4
+    dense = model(ids).logits
+    for method in ("teal", "wina", "coreinfer", "moe"):
+        plan = make_plan(method, model, tokenizer, 0.5, corpus=corpus_path if method in ("teal", "wina") else None,
+                         **({"experts": 4} if method == "moe" else {}))
+        sparse = apply_plan(model, plan)
+        with sparse:
+            stepped = prefill_then_steps(model, ids, split)
+            first = model(input_ids=ids[:, :split], use_cache=True)
+            with sparse.continuation():
+                rest = model(input_ids=ids[:, split:], past_key_values=first.past_key_values).logits
+            model.generate(ids[:, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.allclose(stepped, torch.cat([first.logits[:, -1:], rest[:, :-1]], 1), atol=1e-4), (family, method)
+        with apply_plan(model, plan.at_sparsity(0.0)):
+            assert torch.allclose(model(ids).logits, dense, atol=DENSE_TOL), (family, method)
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+def test_cli_sparsify_and_bench_write_the_contract(tiny_llama, llama_atlas, corpus_path, tmp_path):
+    import json
+
+    from neuronatlas.cli import main
+
+    plan = tmp_path / "plan"
+    assert main(["sparsify", "hot", "--model", str(tiny_llama), "--atlas", str(llama_atlas[1]),
+                 "--sparsity", "0.5", "--out", str(plan)]) == 0
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_llama), "--plan", str(plan), "--corpus", str(corpus_path),
+                 "--json", str(out), "--runs", "1", "--new-tokens", "4", "--prompt-tokens", "8", "--max-windows", "4",
+                 "--max-length", "24"]) == 0
+    result = json.loads(out.read_text())
+    for key in ("dense_tokens_per_s", "sparse_tokens_per_s", "speedup", "ppl_dense", "ppl_sparse"):
+        assert result[key] > 0, key
+    assert result["speedup"] == pytest.approx(result["sparse_tokens_per_s"] / result["dense_tokens_per_s"])
+
+
+def test_cli_bad_input(tiny_llama, llama_atlas, corpus_path, tmp_path, capsys):
+    from neuronatlas.cli import main
+
+    model = str(tiny_llama)
+    cli_fails(capsys, ["sparsify", "hot", "--model", model, "--atlas", str(llama_atlas[1]), "--sparsity", "1.0",
+                       "--out", str(tmp_path / "p")], "sparsity must be in [0, 1)", "1.0")
+    cli_fails(capsys, ["sparsify", "hot", "--model", model, "--sparsity", "-0.1", "--out", str(tmp_path / "p")],
+              "sparsity must be in [0, 1)")
+    cli_fails(capsys, ["sparsify", "hot", "--model", model, "--out", str(tmp_path / "p")], "hot needs an atlas", "--atlas")
+    cli_fails(capsys, ["sparsify", "teal", "--model", model, "--out", str(tmp_path / "p")], "--atlas", "--corpus")
+    cli_fails(capsys, ["sparsify", "moe", "--model", model, "--experts", "38", "--out", str(tmp_path / "p")],
+              "38 experts", "37 neurons")
+    other = make_gpt2(tmp_path / "other")
+    assert main(["sparsify", "coreinfer", "--model", str(other), "--out", str(tmp_path / "gpt2-plan")]) == 0
+    capsys.readouterr()
+    cli_fails(capsys, ["bench", "--model", model, "--plan", str(tmp_path / "gpt2-plan")], "plan was made for model")
+    bert = _bert(tmp_path / "bert")
+    capsys.readouterr()
+    cli_fails(capsys, ["sparsify", "coreinfer", "--model", str(bert), "--out", str(tmp_path / "p")],
+              "coreinfer", "bert is an encoder")
+
+
+def _bert(directory):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=64)).eval().save_pretrained(directory)
+    make_tokenizer(directory)
+    return directory
