@@ -70,6 +70,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    parser.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                        help="spread a model larger than one device over the GPUs and the CPU (accelerate); "
+                             "replaces --device")
+    parser.add_argument("--load-in", default=None, choices=["8bit", "4bit"],
+                        help="quantise the linear layers while loading (needs bitsandbytes and a CUDA GPU)")
 
 
 def _add_profile_options(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +89,13 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
                              "`find selectivity` (default: 256; 0 = none)")
     parser.add_argument("--no-positions", action="store_true",
                         help="skip the statistics per position bucket that `find positional` reads")
+    parser.add_argument("--exemplar-radius", type=int, default=16, metavar="R",
+                        help="keep each exemplar's z at R tokens either side, for the viewer and "
+                             "explanations (one more forward pass over the exemplar windows; default: 16; 0 = none)")
     parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints (default: 300)")
+    parser.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others at the rendezvous and at the "
+                             "merge (default: 1800)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -106,7 +117,7 @@ def _profile_options(args):
     return ProfileOptions(
         batch_size=args.batch_size, max_length=args.max_length, threshold=args.threshold, top_k=args.top_k,
         gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
-        doc_sample=args.doc_sample, positions=not args.no_positions,
+        doc_sample=args.doc_sample, positions=not args.no_positions, exemplar_radius=args.exemplar_radius,
     )
 
 
@@ -118,14 +129,17 @@ def _read_corpus(args):
 
 
 def _run_profile(args) -> int:
+    from .distributed import launch_from_env
     from .profile import profile
 
     atlas = profile(
         args.model, _read_corpus(args), args.out, options=_profile_options(args), device=args.device,
-        overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
-        checkpoint_every=args.checkpoint_every, trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map, load_in=args.load_in, overwrite=args.overwrite, resume=args.resume,
+        quiet=args.quiet, checkpoint_every=args.checkpoint_every, trust_remote_code=args.trust_remote_code,
+        dist_timeout=args.dist_timeout,
     )
-    if not args.quiet:
+    launch = launch_from_env()
+    if not args.quiet and (launch is None or launch.rank == 0):  # one summary per job
         print_summary(atlas.summary())
         print(f"atlas written to {args.out}")
     return 0

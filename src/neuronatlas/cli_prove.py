@@ -80,6 +80,9 @@ def _load_set(path: str):
 
 
 def run_evaluate(args) -> int:
+    from .distributed import refuse_distributed
+
+    refuse_distributed("evaluate")
     from .corpus import read_corpus
     from .evaluate import check_causal_lm, evaluate, format_matrix, plot_heatmap, to_markdown
     from .loading import load_config, load_model, model_fingerprint

@@ -121,6 +121,9 @@ def _layers(text: str | None) -> list[int] | None:
 
 
 def _run_sparsify(args) -> int:
+    from .distributed import refuse_distributed
+
+    refuse_distributed("sparsify")
     from .atlas import load_atlas
     from .sparse import SparsifyOptions, sparsify
     from .sparse.plan import check_sparsity

@@ -168,7 +168,9 @@ class DocPoolWriter:
     """Pools each sampled document's z while the profiler streams its windows."""
 
     def __init__(self, folder: Path, widths: list[int], labels: list[str], cap: int, documents_per_label: dict,
-                 device: torch.device):
+                 device: torch.device, sampled_before: tuple[int, ...] | None = None):
+        """``documents_per_label``: the documents this writer will see; ``sampled_before``: per label, documents
+        with a token before them (another rank's block): they count towards the cap as if seen here."""
         self.folder = Path(folder)
         self.widths = list(widths)
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int).tolist()
@@ -176,8 +178,10 @@ class DocPoolWriter:
         self.labels = list(labels)
         self.cap = int(cap)
         self.device = device
-        self.rows_max = sum(min(self.cap, int(documents_per_label.get(label, 0))) for label in self.labels)
-        self.label_counts = [0] * len(self.labels)  # documents sampled so far per label
+        before = list(sampled_before) if sampled_before is not None else [0] * len(self.labels)
+        self.rows_max = sum(min(self.cap, seen + int(documents_per_label.get(label, 0))) - min(self.cap, seen)
+                            for label, seen in zip(self.labels, before))
+        self.label_counts = [min(seen, self.cap) for seen in before]  # documents sampled so far per label
         self.next_row = 0
         self.last_doc = -1  # the document of the last window seen
         self.last_sampled = False
@@ -250,9 +254,12 @@ class DocPoolWriter:
     # -- one batch
 
     def begin(self, windows) -> bool:
-        """Assign the batch's windows to sampled documents; False when none of them is sampled."""
+        """Assign the batch's windows (None: skip that row) to sampled documents; False when none is sampled."""
         slots, slot_docs = [], []  # per window: slot or -1; per slot: (doc, row)
         for window in windows:
+            if window is None:  # a window of another rank's block, in a batch it shares with this one
+                slots.append(-1)
+                continue
             if window.doc != self.last_doc:
                 self.last_doc = window.doc
                 label = self.labels.index(window.label) if window.label is not None else 0
@@ -275,7 +282,7 @@ class DocPoolWriter:
             "rows": torch.tensor(rows, device=self.device),
             "slots": torch.tensor([slots[i] for i in rows], device=self.device),
             "slot_docs": slot_docs,
-            "last_doc": windows[-1].doc,
+            "last_doc": [window for window in windows if window is not None][-1].doc,
             "sum": torch.zeros((len(slot_docs), self.total), dtype=torch.float64, device=self.device),
             "max": torch.full((len(slot_docs), self.total), float("-inf"), device=self.device),
             "tokens": None,

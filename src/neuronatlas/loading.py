@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -61,26 +62,73 @@ def load_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     quiet: bool = False,
+    device_map: str | None = None,
+    load_in: str | None = None,
 ):
-    """(model, tokenizer) for a supported family, in eval mode on ``device``."""
+    """(model, tokenizer) for a supported family, in eval mode on ``device``.
+
+    ``device_map`` ("auto", "balanced", "sequential" ...) lets accelerate spread a model larger than
+    one device over the GPUs and the CPU instead; ``load_in`` ("8bit" or "4bit") quantises the
+    linear layers with bitsandbytes. Sharded safetensors checkpoints load like single files.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     config = load_config(name_or_path, trust_remote_code)
     site_for(config.model_type)  # unsupported families fail here, before loading weights
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    placement = _placement(device_map, load_in, torch_device)
     auto = AutoModelForMaskedLM if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        model = auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **placement)
     finally:
         if quiet and bars_were_on:
             hf_logging.enable_progress_bar()
-    model.to(torch_device).eval()
+    if not placement:
+        model.to(torch_device)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+LOAD_IN = ("8bit", "4bit")
+
+
+def _placement(device_map: str | None, load_in: str | None, device: torch.device) -> dict:
+    """from_pretrained's keywords for a device map and bitsandbytes quantisation; {} for neither."""
+    placement = {}
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise NeuronAtlasError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+        if importlib.util.find_spec("accelerate") is None:
+            raise NeuronAtlasError(f"--device-map {device_map} needs accelerate: pip install accelerate")
+        placement["device_map"] = device_map
+    if load_in is not None:
+        if load_in not in LOAD_IN:
+            raise NeuronAtlasError(f"unknown quantisation {load_in!r}; use 8bit or 4bit")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise NeuronAtlasError(
+                f"--load-in {load_in} needs bitsandbytes, which is not installed: pip install bitsandbytes "
+                "(it runs on CUDA GPUs), or leave --load-in out"
+            )
+        from transformers import BitsAndBytesConfig
+
+        bits = {"load_in_8bit": True} if load_in == "8bit" else {"load_in_4bit": True}
+        placement["quantization_config"] = BitsAndBytesConfig(**bits)
+        placement.setdefault("device_map", {"": str(device)})  # quantised weights are placed while loading
+    return placement
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its input embedding's device (with a device map, the first layer's)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    device = weight.device if weight is not None else next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def max_positions(config) -> int | None:
