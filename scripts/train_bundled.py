@@ -36,8 +36,8 @@ SEQ_LEN = 128
 # Per-model hyper-parameters: 1500 steps x 16 windows x 128 tokens (3.1M tokens, ~4.4 epochs)
 # take about 10 minutes on one otherwise idle core of the 2-core build machine.
 DEFAULTS = {
-    "llama": {"dir": "tiny-llama", "steps": 1500, "lr": 6e-3, "ffn": 1024},
-    "gpt2": {"dir": "tiny-gpt2", "steps": 1500, "lr": 8e-3, "ffn": 2048},
+    "llama": {"dir": "tiny-llama", "steps": 1500, "lr": 6e-3, "ffn": 384},
+    "gpt2": {"dir": "tiny-gpt2", "steps": 1500, "lr": 8e-3, "ffn": 512},
 }
 
 
