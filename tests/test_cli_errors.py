@@ -89,6 +89,19 @@ def test_folder_that_is_not_an_atlas(capsys, tmp_path):
     fails(capsys, ["info", str(tmp_path)], "not an atlas")
 
 
+def test_damaged_atlases(capsys, tmp_path, made_atlas):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "atlas.json").write_text("{bad")
+    fails(capsys, ["info", str(broken)], "not a complete atlas")
+    (broken / "atlas.json").write_text(json.dumps({"format_version": 1}))
+    fails(capsys, ["info", str(broken)], "not a complete atlas", "stats.safetensors")
+    (broken / "stats.safetensors").write_bytes(b"")
+    fails(capsys, ["info", str(broken)], "not a complete atlas")
+    (made_atlas / "stats.safetensors").write_bytes((made_atlas / "stats.safetensors").read_bytes()[:100])
+    fails(capsys, ["info", str(made_atlas)], "not a complete atlas")
+
+
 class StopsAfter(Corpus):
     """A corpus whose profiling pass (its second reading, after validation) is interrupted after
     ``limit`` documents, as by Ctrl-C."""

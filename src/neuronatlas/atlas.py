@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -290,22 +291,32 @@ def load_atlas(path: str | Path) -> Atlas:
     path = Path(path)
     if not is_atlas(path):
         raise NeuronAtlasError(f"{path} is not an atlas (no {META_FILE}); make one with `neuronatlas profile`")
-    meta = json.loads((path / META_FILE).read_text())
-    version = meta.get("format_version")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        version = meta.get("format_version")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise _incomplete(path, error) from None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise NeuronAtlasError(
             f"{path} was written in atlas format {version}, newer than this neuronatlas "
             f"{__version__} reads (format {FORMAT_VERSION}); upgrade neuronatlas"
         )
-    state = load_file(str(path / STATS_FILE))
-    atlas = from_state(meta, state)
-    if (path / "contexts.parquet").exists():
-        atlas.contexts = pq.read_table(path / "contexts.parquet")
-    if (path / "vocab.parquet").exists():
-        atlas.vocab = pq.read_table(path / "vocab.parquet")
-    atlas.docpool = load_docpool(path, atlas.widths)
+    try:
+        atlas = from_state(meta, load_file(str(path / STATS_FILE)))
+        if (path / "contexts.parquet").exists():
+            atlas.contexts = pq.read_table(path / "contexts.parquet")
+        if (path / "vocab.parquet").exists():
+            atlas.vocab = pq.read_table(path / "vocab.parquet")
+        atlas.docpool = load_docpool(path, atlas.widths)
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError, pa.ArrowException) as error:
+        raise _incomplete(path, error) from None
     atlas.path = path
     return atlas
+
+
+def _incomplete(path: Path, error: BaseException) -> NeuronAtlasError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return NeuronAtlasError(f"{path} is not a complete atlas ({reason}); profile it again with `neuronatlas profile`")
 
 
 def new_signals(meta: dict, device: torch.device | str = "cpu") -> dict[str, SignalStats]:
