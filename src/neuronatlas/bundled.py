@@ -7,7 +7,7 @@ from pathlib import Path
 from .errors import NeuronAtlasError
 
 ROOT = Path(__file__).parent / "bundled"
-MODELS = ("tiny-llama", "tiny-gpt2")
+MODELS = ("tiny-llama", "tiny-gpt2", "tiny-gpt2-seed1")
 CORPUS_TRAIN = ROOT / "corpus" / "train.jsonl"
 CORPUS_HELDOUT = ROOT / "corpus" / "heldout.jsonl"
 TEXT_FIELD, LABEL_FIELD = "text", "lang"
