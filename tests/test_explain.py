@@ -289,4 +289,34 @@ def test_cli_bad_inputs(run, capsys, tmp_path):
                        "--explainer", str(TINY_LLAMA), "--out", str(tmp_path / "x.json")], "holds no neurons")
     cli_fails(capsys, ["explain", "--atlas", str(run["dir"]), "--neurons", str(run["set"]),
                        "--explainer", str(tmp_path / "missing-model"), "--out", str(tmp_path / "x.json")], "model path not found")
-    assert not (tmp_path / "x.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "other.json"]  # no output, partial file or folder
+
+
+def save_bert(directory):
+    """A tiny random BERT with its masked-LM head: it loads as a language model but attends both ways."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=37)).save_pretrained(directory)
+
+
+def save_distilbert(directory):
+    """A tiny random DistilBERT: transformers has no causal LM class for its family."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    torch.manual_seed(0)
+    DistilBertForMaskedLM(DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4,
+                                           hidden_dim=37)).save_pretrained(directory)
+
+
+@pytest.mark.parametrize("save", [save_bert, save_distilbert])
+def test_explainer_that_is_not_a_causal_lm_is_a_clear_error(run, capsys, tmp_path, save):
+    encoder = tmp_path / "encoder"
+    save(encoder)
+    capsys.readouterr()  # the saving's progress bar
+    out = tmp_path / "expl.json"
+    cli_fails(capsys, ["explain", "--atlas", str(run["dir"]), "--neurons", str(run["set"]), "--explainer", str(encoder),
+                       "--out", str(out), "--random", "0", "--quiet"],
+              f"{encoder} is not a causal language model", "endpoint URL")
+    assert [p.name for p in tmp_path.iterdir()] == ["encoder"]  # no output, partial file or folder

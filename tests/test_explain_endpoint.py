@@ -28,13 +28,23 @@ class ChatServer:
 
     ok: explanations are PHRASE, simulations give level 7 to tokens holding "a" and 0 to the others;
     fail_after: HTTP 500 from the explanation request after the first ``explain_first`` on.
+    GET /v1/models lists ``models`` (HTTP 404 when None); ``gets`` keeps the paths asked for.
     """
 
     def __init__(self):
         self.mode, self.delay, self.explain_first, self.requests = "ok", 0.0, 0, []
+        self.models, self.gets = ["served-model", "other-model"], []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.gets.append(self.path)
+                if self.path != "/v1/models" or server.models is None:
+                    self.send_error(404, "no such route")
+                    return
+                listing = {"object": "list", "data": [{"id": name, "object": "model"} for name in server.models]}
+                server._send(self, json.dumps(listing).encode())
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
@@ -119,6 +129,20 @@ def argv(small, server, out, *extra):
             "--explainer-model", "test-model", "--out", str(out), "--top", "4", "--holdout", "2", "--quiet", *extra]
 
 
+def contract_argv(small, url, out, *extra):
+    """The acceptance command line: no model name, no tuning."""
+    return ["explain", "--atlas", str(small["atlas"]), "--neurons", str(small["set"]), "--explainer", url,
+            "--out", str(out), *extra]
+
+
+def assert_nothing_written(folder, out):
+    """A failed run leaves no output, no partial file and no new folder: ``folder`` (where --out
+    points) is as empty as it was."""
+    assert not out.exists()
+    assert not out.with_name(out.name + ".partial.jsonl").exists()
+    assert list(folder.iterdir()) == []
+
+
 def test_endpoint_end_to_end(small, server, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_CHAT_KEY", "secret-123")
     out = tmp_path / "expl.json"
@@ -158,7 +182,8 @@ def test_bad_replies_are_clear_errors_and_write_nothing(small, server, tmp_path,
     server.mode = mode
     out = tmp_path / "expl.json"
     cli_fails(capsys, argv(small, server, out, "--random", "0"), message, server.url)
-    assert not out.exists()
+    assert_nothing_written(tmp_path, out)
+    cli_fails(capsys, argv(small, server, out, "--random", "0"), message)  # the same error again, no "--resume"
 
 
 def test_timeout_is_a_clear_error(small, server, tmp_path, capsys):
@@ -167,7 +192,7 @@ def test_timeout_is_a_clear_error(small, server, tmp_path, capsys):
     started = time.monotonic()
     cli_fails(capsys, argv(small, server, out, "--random", "0", "--timeout", "0.5"), "did not answer within 0.5 s")
     assert time.monotonic() - started < 30
-    assert not out.exists()
+    assert_nothing_written(tmp_path, out)
 
 
 def test_connection_refused_is_a_clear_error(small, tmp_path, capsys):
@@ -178,12 +203,43 @@ def test_connection_refused_is_a_clear_error(small, tmp_path, capsys):
     cli_fails(capsys, ["explain", "--atlas", str(small["atlas"]), "--neurons", str(small["set"]),
                        "--explainer", f"http://127.0.0.1:{port}/v1", "--explainer-model", "m", "--out", str(out),
                        "--random", "0", "--quiet"], "cannot reach endpoint", "refused")
-    assert not out.exists()
+    assert_nothing_written(tmp_path, out)
+    cli_fails(capsys, contract_argv(small, f"http://127.0.0.1:{port}/v1", out), "cannot reach endpoint", "/v1/models")
+    assert_nothing_written(tmp_path, out)
 
 
-def test_endpoint_needs_a_model_name(small, server, tmp_path, capsys):
-    cli_fails(capsys, ["explain", "--atlas", str(small["atlas"]), "--neurons", str(small["set"]),
-                       "--explainer", server.url, "--out", str(tmp_path / "x.json")], "--explainer-model")
+def test_endpoint_without_a_model_name_uses_the_first_listed(small, server, tmp_path, capsys):
+    """The contract's command line (no --explainer-model): the model comes from GET /v1/models, is
+    named on stderr and in the output, and is the one every chat request asks for."""
+    out = tmp_path / "expl.json"
+    assert main(contract_argv(small, server.url, out, "--top", "4", "--holdout", "2", "--random", "0")) == 0
+    assert f"using served-model at {server.url}" in capsys.readouterr().err
+    assert server.gets == ["/v1/models"]
+    result = json.loads(out.read_text())
+    assert result["explainer"] == result["simulator"] == f"served-model at {server.url}"
+    assert all(n["explanation"] == PHRASE for n in result["neurons"])
+    assert {r["body"]["model"] for r in server.requests} == {"served-model"}
+    quiet = tmp_path / "quiet.json"
+    assert main(contract_argv(small, server.url + "/chat/completions", quiet, "--max-neurons", "1", "--random", "0", "--quiet")) == 0
+    assert capsys.readouterr().err == ""
+    assert server.gets == ["/v1/models"] * 2  # a full chat URL lists the models of its base
+
+
+@pytest.mark.parametrize("models, message", [(None, "HTTP 404"), ([], "lists no model")])
+def test_endpoint_without_a_model_list_is_a_clear_error(small, server, tmp_path, capsys, models, message):
+    server.models = models
+    out = tmp_path / "expl.json"
+    cli_fails(capsys, contract_argv(small, server.url, out), "no model name given", message, "/v1/models", "--explainer-model")
+    assert server.requests == []
+    assert_nothing_written(tmp_path, out)
+
+
+def test_out_in_a_missing_folder_is_refused_up_front(small, server, tmp_path, capsys):
+    out = tmp_path / "missing" / "deeper" / "expl.json"
+    cli_fails(capsys, argv(small, server, out, "--random", "0"), "does not exist", str(out.parent))
+    cli_fails(capsys, argv(small, server, tmp_path, "--random", "0"), "is a folder")
+    assert server.requests == [] and server.gets == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_run_resumes(small, server, tmp_path, capsys):

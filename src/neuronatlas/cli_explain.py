@@ -8,6 +8,7 @@ See docs/explain.md. Torch-heavy modules are imported inside the handler so ``--
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .errors import NeuronAtlasError
 
@@ -41,9 +42,11 @@ def register(commands) -> None:
 def _add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explainer", required=True,
                         help="a local causal LM (folder or Hugging Face id) or the http(s) URL of an OpenAI-compatible endpoint")
-    parser.add_argument("--explainer-model", default=None, help="model name sent to an explainer endpoint")
+    parser.add_argument("--explainer-model", default=None,
+                        help="model name sent to an explainer endpoint (default: the first model it lists at GET .../models)")
     parser.add_argument("--simulator", default=None, help="like --explainer (default: the explainer)")
-    parser.add_argument("--simulator-model", default=None, help="model name sent to a simulator endpoint (default: --explainer-model)")
+    parser.add_argument("--simulator-model", default=None,
+                        help="model name sent to a simulator endpoint (default: --explainer-model, else the first it lists)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the endpoints' API key (default: OPENAI_API_KEY)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an endpoint's answer (default: 60)")
@@ -53,11 +56,12 @@ def _add_backend_args(parser: argparse.ArgumentParser) -> None:
 def _run_explain(args) -> int:
     from .atlas import load_atlas
     from .explain import ExplainOptions, explain_neurons
-    from .explain.run import atlas_corpus
+    from .explain.run import atlas_corpus, check_out
     from .neuronset import load_neuron_set
 
     if args.max_neurons is not None and args.max_neurons < 1:
         raise NeuronAtlasError(f"--max-neurons must be at least 1 (got {args.max_neurons})")
+    check_out(args.out, args.resume)
     atlas = load_atlas(args.atlas)
     if not atlas.meta["options"].get("top_k"):
         raise NeuronAtlasError(f"{args.atlas} keeps no exemplars (profiled with --top-k 0); profile it with --top-k above 0")
@@ -84,11 +88,19 @@ def _backends(args):
     from .explain import open_backend
 
     common = {"api_key_env": args.api_key_env, "timeout": args.timeout, "device": args.device, "dtype": args.dtype,
-              "max_new_tokens": args.max_new_tokens, "trust_remote_code": args.trust_remote_code}
-    explainer = open_backend(args.explainer, args.explainer_model, **common)
+              "max_new_tokens": args.max_new_tokens, "trust_remote_code": args.trust_remote_code, "quiet": args.quiet}
+    explainer = _announced(open_backend(args.explainer, args.explainer_model, **common), "explainer", args.quiet)
     if args.simulator is None or (args.simulator == args.explainer and args.simulator_model in (None, args.explainer_model)):
         return explainer, explainer
-    return explainer, open_backend(args.simulator, args.simulator_model or args.explainer_model, **common)
+    simulator = open_backend(args.simulator, args.simulator_model or args.explainer_model, **common)
+    return explainer, _announced(simulator, "simulator", args.quiet)
+
+
+def _announced(backend, role: str, quiet: bool):
+    """``backend``, after saying on stderr which model an endpoint given without a name will use."""
+    if getattr(backend, "discovered", False) and not quiet:
+        print(f"neuronatlas: {role}: no model name given, using {backend.name} (the first model it lists)", file=sys.stderr)
+    return backend
 
 
 def _subject(args, atlas, options):

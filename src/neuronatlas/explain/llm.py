@@ -31,16 +31,32 @@ class LocalModel:
     pass per excerpt, or per chunk of it when the prompt is longer than the model's context)."""
 
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 24,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, quiet: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-        load_config(name_or_path, trust_remote_code)  # a clear error for a wrong path or id
+        config = load_config(name_or_path, trust_remote_code)  # a clear error for a wrong path or id
         self.name = str(name_or_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-        ).to(resolve_device(device)).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        if getattr(config, "is_encoder_decoder", False):
+            raise _not_causal(self.name)
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        if quiet:
+            hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            ).to(resolve_device(device)).eval()
+        except (ValueError, OSError):  # a family without a causal LM class, or no weights for one
+            raise _not_causal(self.name) from None
+        finally:
+            if quiet and bars_were_on:
+                hf_logging.enable_progress_bar()
         self.device = next(self.model.parameters()).device
+        _check_causal(self.model, self.device, self.name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (ValueError, OSError) as error:
+            raise NeuronAtlasError(f"cannot load the tokenizer of {self.name} ({_first_line(error)}); give a folder that holds its tokenizer") from None
         self.context = max_positions(self.model.config)  # None: no known limit
         self.max_new_tokens = max_new_tokens
         self.numbers = number_token_ids(self.tokenizer, "\t")
@@ -129,17 +145,36 @@ class LocalModel:
 
 
 class ChatEndpoint:
-    """An OpenAI-compatible chat-completions endpoint (POST {base}/chat/completions)."""
+    """An OpenAI-compatible chat-completions endpoint (POST {base}/chat/completions).
 
-    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
-        if not model:
-            raise NeuronAtlasError(f"endpoint {url} needs a model name; pass --explainer-model (or --simulator-model)")
+    Without a model name it uses the first model the endpoint lists (GET {base}/models);
+    ``discovered`` then says so.
+    """
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 60.0):
         if timeout <= 0:
             raise NeuronAtlasError(f"--timeout must be positive (got {timeout})")
-        base = url.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.name = f"{model} at {url}"
+        base = url.rstrip("/").removesuffix("/chat/completions")
+        self.url = base + "/chat/completions"
+        self.api_key, self.timeout = api_key, timeout
+        self.discovered = not model
+        self.model = model or self._first_listed_model(base + "/models")
+        self.name = f"{self.model} at {url}"
+
+    def _first_listed_model(self, models_url: str) -> str:
+        """The ``id`` of the first entry of the endpoint's model list ({"data": [{"id": ...}, ...]})."""
+        hint = "pass --explainer-model (or --simulator-model)"
+        try:
+            data = _reply_json(self._request(models_url), models_url)
+        except NeuronAtlasError as error:
+            raise NeuronAtlasError(f"no model name given and listing the endpoint's models failed ({error}); {hint}") from None
+        try:
+            model = data["data"][0]["id"]
+        except (KeyError, IndexError, TypeError):
+            model = None
+        if not isinstance(model, str) or not model:
+            raise NeuronAtlasError(f'no model name given and {models_url} lists no model (expected {{"data": [{{"id": ...}}]}}); {hint}')
+        return model
 
     def explain(self, excerpts: list[Excerpt]) -> str:
         return self.chat(EXPLAIN_SYSTEM, explanation_prompt(excerpts), max_tokens=60)
@@ -152,7 +187,7 @@ class ChatEndpoint:
         """The content of the first choice's message."""
         body = {"model": self.model, "temperature": 0, "max_tokens": max_tokens,
                 "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
-        data = _reply_json(self._post(json.dumps(body).encode()), self.url)
+        data = _reply_json(self._request(self.url, json.dumps(body).encode()), self.url)
         try:
             content = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -161,28 +196,51 @@ class ChatEndpoint:
             raise NeuronAtlasError(f"endpoint {self.url} answered JSON without choices[0].message.content; is it an OpenAI-compatible chat endpoint?")
         return content
 
-    def _post(self, body: bytes) -> bytes:
-        headers = {"Content-Type": "application/json"}
+    def _request(self, url: str, body: bytes | None = None) -> bytes:
+        """The reply's body: POST ``body`` as JSON, or GET when there is none."""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        request = urllib.request.Request(url, data=body, headers=headers, method="GET" if body is None else "POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return response.read()
         except urllib.error.HTTPError as error:
             detail = " ".join(error.read(200).decode("utf-8", "replace").split())
-            raise NeuronAtlasError(f"endpoint {self.url} answered HTTP {error.code} ({detail or error.reason}); check the URL, model name and key") from None
+            raise NeuronAtlasError(f"endpoint {url} answered HTTP {error.code} ({detail or error.reason}); check the URL, model name and key") from None
         except urllib.error.URLError as error:
             if isinstance(error.reason, (TimeoutError, socket.timeout)):
-                raise self._timed_out() from None
-            raise NeuronAtlasError(f"cannot reach endpoint {self.url} ({error.reason}); check the URL and that the server is running") from None
+                raise self._timed_out(url) from None
+            raise NeuronAtlasError(f"cannot reach endpoint {url} ({error.reason}); check the URL and that the server is running") from None
         except (TimeoutError, socket.timeout):
-            raise self._timed_out() from None
+            raise self._timed_out(url) from None
         except (ConnectionError, http.client.HTTPException) as error:
-            raise NeuronAtlasError(f"the connection to endpoint {self.url} failed ({type(error).__name__}: {error}); check the server") from None
+            raise NeuronAtlasError(f"the connection to endpoint {url} failed ({type(error).__name__}: {error}); check the server") from None
 
-    def _timed_out(self) -> NeuronAtlasError:
-        return NeuronAtlasError(f"endpoint {self.url} did not answer within {self.timeout:g} s; raise --timeout or check the server")
+    def _timed_out(self, url: str) -> NeuronAtlasError:
+        return NeuronAtlasError(f"endpoint {url} did not answer within {self.timeout:g} s; raise --timeout or check the server")
+
+
+def _not_causal(name: str) -> NeuronAtlasError:
+    return NeuronAtlasError(f"{name} is not a causal language model; give a decoder model folder or an endpoint URL")
+
+
+def _check_causal(model, device: torch.device, name: str) -> None:
+    """Changing the last token must leave the logits of the positions before it as they were. An
+    encoder that loads with a language-model head (BERT, RoBERTa) attends both ways and fails."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(1, 5, device=device) % vocab  # (4,)
+    changed = ids.clone()
+    changed[-1] = (ids[-1] + 1) % vocab
+    with torch.inference_mode():
+        logits = model(torch.stack([ids, changed])).logits[:, :-1].float()  # (2, 3, V)
+    if (logits[0] - logits[1]).abs().max() > 1e-3 * logits.abs().max().clamp_min(1e-6):
+        raise _not_causal(name)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _reply_json(raw: bytes, url: str) -> dict:
@@ -199,8 +257,10 @@ def is_endpoint(spec: str) -> bool:
 
 def open_backend(spec: str, model: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 24,
-                 trust_remote_code: bool = False):
-    """A ChatEndpoint for an http(s) URL (key from the environment variable ``api_key_env``), else a LocalModel."""
+                 trust_remote_code: bool = False, quiet: bool = False):
+    """A ChatEndpoint for an http(s) URL (key from the environment variable ``api_key_env``; without
+    ``model``, the first the endpoint lists), else a LocalModel."""
     if is_endpoint(spec):
-        return ChatEndpoint(spec, model or "", os.environ.get(api_key_env) or None, timeout)
-    return LocalModel(spec, device=device, dtype=dtype, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
+        return ChatEndpoint(spec, model, os.environ.get(api_key_env) or None, timeout)
+    return LocalModel(spec, device=device, dtype=dtype, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
+                      quiet=quiet)

@@ -7,10 +7,11 @@ Output (read by the viewer)::
      "neurons": [{"layer", "index", "explanation", "score", "score_top", "score_random",
                   "clusters": [{"explanation", "size", "score"}]}]}
 
-Each finished neuron is appended to ``OUT.partial.jsonl`` (a header line, then one line per neuron);
-the output is written at the end through a temporary file and a rename, and the partial file is then
-removed. A run stopped by an error or an interrupt leaves no output, only the partial file, which
-``resume=True`` continues.
+Each finished neuron is appended to ``OUT.partial.jsonl`` (made with the first finished neuron: a
+header line, then one line per neuron); the output is written at the end through a temporary file
+and a rename, and the partial file is then removed. A run stopped by an error or an interrupt leaves
+no output, and a partial file only when a neuron was finished, which ``resume=True`` continues.
+Folders are never made: the folder of ``OUT`` must exist.
 """
 
 from __future__ import annotations
@@ -155,21 +156,32 @@ def _random_spans(atlas: Atlas, subject, corpus, neurons, options: ExplainOption
     return random_spans(subject, corpus, max_length, atlas.meta["windows"], options.random, neurons, options.context, options.seed)
 
 
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial.jsonl")
+
+
+def check_out(out: str | Path, resume: bool) -> None:
+    """Errors a run would meet only when writing: ``out`` a folder, its folder missing, an
+    interrupted run's partial file there without ``resume``."""
+    out = Path(out)
+    if out.is_dir():
+        raise NeuronAtlasError(f"--out {out} is a folder; give the path of the explanations JSON file to write")
+    if not out.parent.is_dir():
+        raise NeuronAtlasError(f"the folder of --out {out} does not exist; create {out.parent} or write elsewhere")
+    if partial_path(out).exists() and not resume:
+        raise NeuronAtlasError(f"{partial_path(out)} holds an interrupted run; pass --resume to continue it or delete it")
+
+
 class PartialOutput:
-    """Finished neurons in ``OUT.partial.jsonl``: a header line, then one JSON line per neuron."""
+    """Finished neurons in ``OUT.partial.jsonl``: a header line, then one JSON line per neuron. The
+    file is made with the first neuron, so a run that finishes none leaves nothing behind."""
 
     def __init__(self, out: Path, header: dict, resume: bool):
-        if out.is_dir():
-            raise NeuronAtlasError(f"--out {out} is a folder; give the path of the explanations JSON file to write")
-        self.out, self.path = out, out.with_name(out.name + ".partial.jsonl")
+        check_out(out, resume)
+        self.out, self.path, self.header = out, partial_path(out), header
         self.done: dict[tuple[int, int], dict] = {}
-        if self.path.exists() and not resume:
-            raise NeuronAtlasError(f"{self.path} holds an interrupted run; pass --resume to continue it or delete it")
         if self.path.exists():
             self._read(header)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"header": header}) + "\n")
 
     def _read(self, header: dict) -> None:
         lines = self.path.read_text().splitlines()
@@ -188,8 +200,9 @@ class PartialOutput:
             self.done[(record["layer"], record["index"])] = record
 
     def add(self, record: dict) -> None:
+        lines = [record] if self.path.exists() else [{"header": self.header}, record]
         with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write("".join(json.dumps(line) + "\n" for line in lines))
             handle.flush()
             os.fsync(handle.fileno())
         self.done[(record["layer"], record["index"])] = record
@@ -197,7 +210,11 @@ class PartialOutput:
     def finish(self, header: dict, neurons: list[tuple[int, int]]) -> dict:
         result = dict(header, neurons=[self.done[n] for n in neurons])
         temporary = self.out.with_name(self.out.name + ".writing")
-        temporary.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(temporary, self.out)
-        self.path.unlink()
+        try:
+            temporary.write_text(json.dumps(result, indent=1) + "\n")
+            os.replace(temporary, self.out)
+        except BaseException:  # a full disk or an interrupt: no half-written file stays
+            temporary.unlink(missing_ok=True)
+            raise
+        self.path.unlink(missing_ok=True)
         return result
