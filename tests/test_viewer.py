@@ -25,6 +25,7 @@ from neuronatlas.hooks import capture
 from neuronatlas.loading import load_model
 from neuronatlas.methods import find_lape, vocab_projection
 from neuronatlas.models import locate_neurons
+from neuronatlas.viewer.data import VIEWER_LAPE
 
 TINY_LLAMA = bundled.model_path("tiny-llama")
 DOCS_PER_LABEL = 4
@@ -120,6 +121,34 @@ def client(viewer):
     from neuronatlas.viewer.app import create_app
 
     return TestClient(create_app(viewer.data, viewer.model))
+
+
+@pytest.fixture(scope="module")
+def bare_client(files):
+    """The viewer as the acceptance check starts it: the atlas alone, no sets."""
+    from fastapi.testclient import TestClient
+
+    from neuronatlas.viewer import open_viewer
+    from neuronatlas.viewer.app import create_app
+
+    viewer = open_viewer(files["atlas"])
+    return TestClient(create_app(viewer.data, viewer.model))
+
+
+@pytest.fixture(scope="module")
+def viewer_lape(files):
+    """LAPE with its default options on the test atlas: what the viewer should find by itself."""
+    return find_lape(load_atlas(files["atlas"]))
+
+
+def search_all(client, by: str, q: str) -> list[dict]:
+    """Every result of a search, page after page."""
+    first = client.get("/api/search", params={"by": by, "q": q}).json()
+    rows = first["results"]
+    for page in range(2, first["pages"] + 1):
+        rows += client.get("/api/search", params={"by": by, "q": q, "page": page}).json()["results"]
+    assert len(rows) == first["total"]
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +252,57 @@ def test_overview_shows_layers_sets_and_evaluation(client, files):
     assert f"{evaluation['delta'][label][label]:+.4f}" in page
     counts = files["lape"].for_label(label)
     assert f">{label}</a></th>" in page and f"<td>{len(counts)}</td>" in page
+    assert f"{VIEWER_LAPE}</h2>" in page and 'id="lape-heatmap"' in page
+
+
+def heatmap_counts(page: str, table_id: str) -> dict[str, list[int]]:
+    """{label: counts per layer} of a heatmap table on a page."""
+    table = page[page.index(f'id="{table_id}"') :]
+    table = table[: table.index("</table>")]
+    rows = re.findall(r'<th><a href="[^"]*">([^<]+)</a></th>(.*?)</tr>', table, re.S)
+    return {label: [int(n) for n in re.findall(r"<td[^>]*>(\d+)</td>", cells)][:-1] for label, cells in rows}
+
+
+def test_without_sets_the_viewer_finds_label_neurons_by_lape(bare_client, files, viewer_lape):
+    page = bare_client.get("/").text
+    assert "No neuron sets given" in page and VIEWER_LAPE in page
+    counts = heatmap_counts(page, "lape-heatmap")
+    widths = load_atlas(files["atlas"]).widths
+    assert list(counts) == viewer_lape.labels and sum(map(sum, counts.values())) == len(viewer_lape) > 0
+    for label, row in counts.items():
+        expected = [0] * len(widths)
+        for neuron in viewer_lape.for_label(label).neurons:
+            expected[neuron.layer] += 1
+        assert row == expected, label
+    label = max(viewer_lape.labels, key=lambda name: len(viewer_lape.for_label(name)))
+    reply = bare_client.get("/api/search", params={"by": "label", "q": label}).json()
+    assert reply["total"] == len(viewer_lape.for_label(label)) > 0
+    assert {r["set"] for r in reply["results"]} == {VIEWER_LAPE} and VIEWER_LAPE in reply["note"]
+    first = reply["results"][0]
+    assert first["score"] == min(n.score for n in viewer_lape.for_label(label).neurons)
+    neuron = bare_client.get(f"/neuron/{first['layer']}/{first['index']}").text
+    assert VIEWER_LAPE in neuron and "No neuron set given names this neuron" not in neuron
+
+
+def test_single_label_atlas_skips_lape_with_a_note(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from neuronatlas.profile import ProfileOptions, profile
+    from neuronatlas.viewer import open_viewer
+    from neuronatlas.viewer.app import create_app
+
+    rows = [json.loads(line) for line in bundled.CORPUS_TRAIN.read_text(encoding="utf-8").splitlines()[:2]]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": row["text"]}) + "\n" for row in rows), encoding="utf-8")
+    profile(str(TINY_LLAMA), corpus, tmp_path / "atlas", device="cpu", quiet=True,
+            options=ProfileOptions(max_length=16, top_k=2, doc_sample=0))
+    viewer = open_viewer(tmp_path / "atlas")
+    assert viewer.data.viewer_lape is None
+    client = TestClient(create_app(viewer.data, viewer.model))
+    page = client.get("/").text
+    assert "single label ('all')" in html.unescape(page) and 'id="lape-heatmap"' not in page
+    reply = client.get("/api/search", params={"by": "label", "q": "all"}).json()
+    assert reply["total"] == 0 and "single label" in reply["note"]
 
 
 def test_search_by_token_finds_neurons_that_peak_on_it(client, files):
@@ -234,26 +314,34 @@ def test_search_by_token_finds_neurons_that_peak_on_it(client, files):
         assert peaks.count("the") == row["exemplars"]
 
 
-def test_search_by_label_method_and_explanation(client, files):
+def test_search_by_label_method_and_explanation(client, files, viewer_lape):
     lape = files["lape"]
     label = lape.labels[0]
-    reply = client.get("/api/search", params={"by": "label", "q": label}).json()
-    assert reply["total"] == len(lape.for_label(label))
-    assert {(r["layer"], r["index"]) for r in reply["results"]} <= {(n.layer, n.index) for n in lape.for_label(label).neurons}
-    assert client.get("/api/search", params={"by": "method", "q": "lape"}).json()["total"] == len(lape)
+    rows = search_all(client, "label", label)
+    given = [(r["layer"], r["index"]) for r in rows if r["set"] == "lape"]
+    own = [(r["layer"], r["index"]) for r in rows if r["set"] == VIEWER_LAPE]
+    assert len(given) + len(own) == len(rows)
+    assert rows[: len(given)] == [r for r in rows if r["set"] == "lape"]  # the sets given come first
+    # Best first: LAPE's score is an entropy, lower is more specific.
+    assert [n for n in given] == [(n.layer, n.index) for n in sorted(lape.for_label(label).neurons,
+                                                                   key=lambda n: (n.score, n.layer, n.index))]
+    assert sorted(own) == sorted((n.layer, n.index) for n in viewer_lape.neurons if n.label == label)
+    by_method = search_all(client, "method", "lape")
+    assert len(by_method) == len(lape) + len(viewer_lape)
     reply = client.get("/api/search", params={"by": "explanation", "q": "cyrillic pieces"}).json()
     last = files["explained"][1]
     assert [(r["layer"], r["index"]) for r in reply["results"]] == [(last.layer, last.index)]
     assert client.get("/api/search", params={"by": "explanation", "q": "no-such-word"}).json()["total"] == 0
 
 
-def test_search_pages(client, files):
-    total = len(files["lape"])
+def test_search_pages(client, files, viewer_lape):
+    total = len(files["lape"]) + len(viewer_lape)
     first = client.get("/api/search", params={"by": "method", "q": "lape"}).json()
     assert first["pages"] == -(-total // 50) and len(first["results"]) == min(total, 50)
     if first["pages"] > 1:
         second = client.get("/api/search", params={"by": "method", "q": "lape", "page": 2}).json()
-        assert not {(r["layer"], r["index"]) for r in first["results"]} & {(r["layer"], r["index"]) for r in second["results"]}
+        rows = [{(r["set"], r["layer"], r["index"], r["label"]) for r in reply["results"]} for reply in (first, second)]
+        assert not rows[0] & rows[1]
     page = client.get("/search", params={"by": "method", "q": "lape"}).text
     assert f"{total:,} neurons found" in page
 
@@ -402,6 +490,57 @@ def test_report_writes_linked_static_pages(files, tmp_path):
     assert (out / "index.html").exists() and (out / "search.html").exists()
 
 
+def written_pages(out: Path) -> list[tuple[int, int]]:
+    return sorted((int(path.parent.name), int(path.stem)) for path in out.glob("neuron/*/*.html"))
+
+
+def pages_script(out: Path) -> dict:
+    text = (out / "static" / "pages.js").read_text()
+    return json.loads(text[len("window.NEURONATLAS_PAGES = "):].rstrip().rstrip(";"))
+
+
+def test_report_of_a_large_atlas_writes_a_chosen_subset(capsys, files, viewer_lape, tmp_path):
+    out, max_pages = tmp_path / "report", 60
+    atlas = load_atlas(files["atlas"])
+    total = sum(atlas.widths)
+    assert total > max_pages
+    assert main(["report", str(files["atlas"]), "-o", str(out), "--max-pages", str(max_pages), "--quiet"]) == 0
+    written = written_pages(out)
+    line = capsys.readouterr().out.strip()
+    assert len(line.splitlines()) == 1
+    assert f"{len(written)} of {total:,} neurons have a page" in line and "--neurons SET.json" in line and "--all" in line
+    lape = {(n.layer, n.index) for n in viewer_lape.neurons}
+    per_layer = (max_pages - len(lape)) // len(atlas.widths)
+    assert len(written) == len(lape) + per_layer * len(atlas.widths) <= max_pages
+    assert lape <= set(written)
+    for layer in range(len(atlas.widths)):  # the rest: the neurons of highest max activation, per layer
+        others = [i for l, i in written if l == layer and (l, i) not in lape]
+        peak = atlas.overall("max", layer)
+        assert len(others) == per_layer
+        assert float(peak[others].min()) >= max(float(peak[i]) for i in range(atlas.widths[layer])
+                                                if i not in others and (layer, i) not in lape)
+    script = pages_script(out)
+    assert [(l, i) for l, row in enumerate(script["layers"]) for i in row] == written
+    assert (script["written"], script["total"]) == (len(written), total)
+    overview = (out / "index.html").read_text()
+    assert f"{len(written)} of {total:,} neurons have a page" in overview and 'id="lape-heatmap"' in overview
+    for link in re.findall(r'href="(neuron/[^"]+)"', overview):
+        assert (out / link).exists(), link
+    layer, index = written[0]
+    page = (out / "neuron" / str(layer) / f"{index}.html").read_text()
+    for link in re.findall(r'(?:href|src)="([^"#?]+)"', page):
+        assert (out / "neuron" / str(layer) / link).resolve().exists(), link
+
+
+def test_report_all_writes_every_page(capsys, files, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(files["atlas"]), "-o", str(out), "--all", "--max-pages", "5", "--quiet"]) == 0
+    widths = load_atlas(files["atlas"]).widths
+    assert len(written_pages(out)) == sum(widths)
+    assert f"all {sum(widths):,} neurons have a page" in capsys.readouterr().out
+    assert pages_script(out)["layers"] is None
+
+
 # ---- the command line -----------------------------------------------------------------------------
 
 
@@ -412,7 +551,10 @@ def test_serve_refuses_a_folder_that_is_not_an_atlas(capsys, tmp_path):
 
 def test_report_refuses_too_many_pages_and_a_full_folder(capsys, files, tmp_path):
     atlas = str(files["atlas"])
-    cli_fails(capsys, ["report", atlas, "-o", str(tmp_path / "r"), "--max-pages", "10"], "--max-pages 10", "--neurons")
+    cli_fails(capsys, ["report", atlas, "-o", str(tmp_path / "r"), "--neurons", str(files["sets"]), "--max-pages", "10"],
+              "--max-pages 10", f"{len({(n.layer, n.index) for n in files['lape'].neurons})} neurons")
+    cli_fails(capsys, ["report", atlas, "-o", str(tmp_path / "r"), "--max-pages", "0"], "--max-pages must be at least 1")
+    assert not (tmp_path / "r").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     cli_fails(capsys, ["report", atlas, "-o", str(tmp_path / "full"), "--neurons", str(files["sets"])], "not empty", "--overwrite")

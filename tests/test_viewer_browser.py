@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 from test_viewer import TINY_LLAMA, build_viewer_files, hostile_neuron
 
+from neuronatlas.atlas import load_atlas
 from neuronatlas.cli import main
+from neuronatlas.methods import find_lape
+from neuronatlas.viewer.data import VIEWER_LAPE
 
 CHROMIUM = shutil.which("chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -67,6 +70,11 @@ def server(files):
 
 
 @pytest.fixture(scope="module")
+def viewer_lape(files):
+    return find_lape(load_atlas(files["atlas"]))
+
+
+@pytest.fixture(scope="module")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     with sync_api.sync_playwright() as playwright:
@@ -109,6 +117,7 @@ def test_overview(page, server, files):
     evaluation = json.loads(files["eval"].read_text())
     label = evaluation["set_labels"][0]
     assert f"{evaluation['delta'][label][label]:+.4f}" in page.locator("main").inner_text()
+    assert page.locator("#lape-heatmap").is_visible() and VIEWER_LAPE in page.locator("main").inner_text()
     screenshot(page, "overview")
     assert not page.dialogs
 
@@ -142,14 +151,14 @@ def test_neuron_page(page, server):
     assert not page.dialogs
 
 
-def test_search(page, server, files):
+def test_search(page, server, files, viewer_lape):
     label = files["lape"].labels[0]
     page.goto(server + "/search")
     page.select_option("#search-by", "label")
     page.fill("#search-q", label)
     page.click("#search-form button")
     page.wait_for_url("**/search?by=label*")
-    expected = len(files["lape"].for_label(label))
+    expected = len(files["lape"].for_label(label)) + len([n for n in viewer_lape.neurons if n.label == label])
     assert page.locator("#search-count").inner_text().startswith(f"{expected:,} neuron")
     screenshot(page, "search")
     page.locator("#results a").first.click()
@@ -212,19 +221,28 @@ def test_missing_neuron_page(page, server):
     screenshot(page, "404")
 
 
-def test_static_report(page, files, tmp_path):
+def test_static_report(page, files, viewer_lape, tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(files["atlas"]), "-o", str(out), "--sets", str(files["sets"]), "--neurons",
                  str(files["sets"]), "--explanations", str(files["explanations"]), "--quiet"]) == 0
     label = files["lape"].labels[0]
+    written = {(n.layer, n.index) for n in files["lape"].neurons}
     page.goto((out / "index.html").as_uri())
     assert page.locator("h1").inner_text() == "Atlas overview"
+    assert page.locator("#report-pages").inner_text().startswith(f"{len(written)} of ")
     page.click("nav >> text=Search")
     page.select_option("#search-by", "label")
     page.fill("#search-q", label)
     page.click("#search-form button")
     page.wait_for_selector("#results a")
-    assert page.locator("#search-count").inner_text().startswith(f"{len(files['lape'].for_label(label)):,} neuron")
+    # The report's search holds the neurons with a page: the set's, and the viewer's LAPE among them.
+    expected = len(files["lape"].for_label(label)) + len([n for n in viewer_lape.neurons
+                                                          if n.label == label and (n.layer, n.index) in written])
+    assert page.locator("#search-count").inner_text().startswith(f"{expected:,} neuron")
+    page.goto((out / "index.html").as_uri())
+    page.locator("table.heatmap").get_by_role("link", name=label, exact=True).first.click()  # the label's search
+    page.wait_for_selector("#results a")
+    assert page.locator("#search-count").inner_text().startswith(f"{expected:,} neuron")
     page.locator("#results a").first.click()
     page.wait_for_selector("#exemplars")
     assert page.locator("#exemplars .tok.peak").count() > 0
@@ -235,4 +253,13 @@ def test_static_report(page, files, tmp_path):
     page.click("form.jump button")
     page.wait_for_url(f"**/neuron/{first[0]}/{first[1]}.html")
     assert page.locator("#neuron-name").inner_text() == f"L{first[0]}/{first[1]}"
+    missing = next((0, i) for i in range(load_atlas(files["atlas"]).widths[0]) if (0, i) not in written)
+    page.fill("form.jump input[name=layer]", "0")
+    page.fill("form.jump input[name=index]", str(missing[1]))
+    page.click("form.jump button")
+    note = page.locator("#jump-note")
+    note.wait_for(state="visible")
+    assert f"L0/{missing[1]} has no page in this report" in note.inner_text() and "--all" in note.inner_text()
+    assert page.locator("#neuron-name").inner_text() == f"L{first[0]}/{first[1]}"  # stayed on the page
+    screenshot(page, "report-missing-page")
     assert not page.dialogs

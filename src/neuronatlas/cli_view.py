@@ -36,10 +36,14 @@ def _add_report(commands) -> None:
     parser = commands.add_parser("report", help="write the viewer's pages as static HTML")
     _add_sources(parser)
     parser.add_argument("-o", "--out", required=True, help="folder to write the report into")
-    parser.add_argument("--neurons", default=None, metavar="SET.json",
-                        help="write pages only for this neuron set's neurons (default: every neuron)")
-    parser.add_argument("--max-pages", type=int, default=20_000,
-                        help="refuse to write more neuron pages than this (default: 20000); pick neurons with --neurons")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--neurons", default=None, metavar="SET.json",
+                       help="write pages for this neuron set's neurons (default: every neuron when they are at most "
+                            "--max-pages; else the sets' neurons, LAPE's and the top neurons of each layer by max activation)")
+    which.add_argument("--all", action="store_true", dest="all_neurons",
+                       help="write a page for every neuron, however many")
+    parser.add_argument("--max-pages", type=int, default=5_000,
+                        help="neuron pages written at most without --all (default: 5000)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_run_report)
@@ -65,21 +69,30 @@ def _run_serve(args) -> int:
 
 
 def _run_report(args) -> int:
-    from .errors import NeuronAtlasError
-    from .neuronset import load_neuron_set
     from .viewer import write_report
+    from .viewer.report import choose_neurons, every_neuron
 
     viewer = _open(args)
-    neurons = None
-    if args.neurons:
-        chosen = load_neuron_set(args.neurons)
-        chosen.check_model(viewer.data.meta["model"]["fingerprint"], viewer.data.widths)
-        neurons = sorted({(n.layer, n.index) for n in chosen.neurons})
-    pages = len(neurons) if neurons is not None else sum(viewer.data.widths)
-    if pages > args.max_pages:
-        raise NeuronAtlasError(f"the report would have {pages:,} neuron pages, more than --max-pages {args.max_pages:,}; "
-                               "choose neurons with --neurons SET.json or raise --max-pages")
-    out = write_report(viewer, args.out, neurons=neurons, overwrite=args.overwrite, quiet=args.quiet)
-    if not args.quiet:
-        print(f"report written to {out}: open {out / 'index.html'} ({pages:,} neuron pages)")
+    if args.all_neurons:
+        chosen = every_neuron(viewer.data.widths)
+    elif args.neurons:
+        chosen = _neurons_of(args.neurons, viewer.data, args.max_pages)
+    else:
+        chosen = choose_neurons(viewer.data, args.max_pages)
+    out = write_report(viewer, args.out, neurons=chosen, overwrite=args.overwrite, quiet=args.quiet)
+    print(f"report written to {out}: open {out / 'index.html'}; {chosen.summary()}")
     return 0
+
+
+def _neurons_of(path: str, data, max_pages: int):
+    from .errors import NeuronAtlasError
+    from .neuronset import load_neuron_set
+    from .viewer.report import ReportNeurons
+
+    chosen = load_neuron_set(path)
+    chosen.check_model(data.meta["model"]["fingerprint"], data.widths)
+    neurons = sorted({(n.layer, n.index) for n in chosen.neurons})
+    if len(neurons) > max_pages:
+        raise NeuronAtlasError(f"{path} names {len(neurons):,} neurons, more than --max-pages {max_pages:,}; "
+                               "raise --max-pages or choose fewer neurons")
+    return ReportNeurons(neurons, sum(data.widths), f"the neurons of {path}")

@@ -20,10 +20,12 @@ import pyarrow.parquet as pq
 
 from ..atlas import Atlas, is_atlas, load_atlas
 from ..errors import NeuronAtlasError
+from ..methods.lape import find_lape
 from ..neuronset import NeuronSet, load_neuron_set
 
 EXEMPLAR_RADIUS = 16  # tokens shown either side of an exemplar when the atlas has no activation windows
 EXPLANATIONS_FORMAT = "neuronatlas.explanations"
+VIEWER_LAPE = "LAPE (computed by the viewer)"  # the name of the set the viewer finds itself
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Membership:
     method: str
     label: str | None
     score: float
+    rank: int  # place of the neuron in its set, best score first
 
 
 @dataclass
@@ -67,10 +70,11 @@ class AtlasData:
         self._db = duckdb.connect()
         self._db.execute("set parquet_metadata_cache = true")  # the atlas does not change while viewed
         self._db_lock = threading.Lock()  # one duckdb connection, queried from the server's threads
-        self._preloaded: dict[int, dict[int, list[tuple]]] = {}  # layer -> neuron -> exemplar rows
+        self._preloaded: dict[tuple[int, int], list[tuple]] = {}  # (layer, neuron) -> exemplar rows
         self._index_contexts()
         self._index_vocab()
         self.sets = [self._load_set(item) for item in sets]
+        self.viewer_lape, self.viewer_lape_note = self._find_lape()
         self.memberships = self._index_memberships()
         self.explanations = [load_explanations(item, self.meta) for item in explanations]
         self.evaluations = [load_evaluation(item) for item in evaluations]
@@ -98,12 +102,30 @@ class AtlasData:
         neuron_set.check_model(self.meta["model"]["fingerprint"], self.widths)
         return Path(item).stem, neuron_set
 
+    def _find_lape(self) -> tuple[NeuronSet | None, str]:
+        """Label-specific neurons by LAPE with its default options, found once at start-up.
+
+        An atlas with a single label has none; the note says why.
+        """
+        if len(self.labels) < 2:
+            return None, (f"This atlas has a single label ({', '.join(map(repr, self.labels)) or 'none'}), so it has "
+                          "no label-specific neurons; profile with --label-field for them.")
+        lape = find_lape(self.atlas)
+        params = lape.params
+        return lape, (f"LAPE with its default options (the {params['kept']:,} neurons of lowest entropy over labels, "
+                      f"{100 * params['top_rate']:g}% of {params['total_neurons']:,}; tau {params['tau']:.4g} on "
+                      f"the {params['signal']} signal), computed by the viewer from this atlas.")
+
+    def searchable_sets(self) -> list[tuple[str, NeuronSet]]:
+        """The sets given, then the viewer's own LAPE set when the atlas has labels."""
+        return self.sets + ([(VIEWER_LAPE, self.viewer_lape)] if self.viewer_lape is not None else [])
+
     def _index_memberships(self) -> dict[tuple[int, int], list[Membership]]:
         table: dict[tuple[int, int], list[Membership]] = {}
-        for name, neuron_set in self.sets:
-            for neuron in neuron_set.neurons:
+        for name, neuron_set in self.searchable_sets():
+            for rank, neuron in enumerate(best_first(neuron_set)):
                 table.setdefault((neuron.layer, neuron.index), []).append(
-                    Membership(name, neuron_set.method, neuron.label, neuron.score))
+                    Membership(name, neuron_set.method, neuron.label, neuron.score, rank))
         return table
 
     # ---- one neuron -------------------------------------------------------------------------
@@ -154,25 +176,31 @@ class AtlasData:
         """
         if not self.has_exemplars:
             return []
-        if layer in self._preloaded:
-            return [self._exemplar(row) for row in self._preloaded[layer].get(index, [])]
+        preloaded = self._preloaded.get((layer, index))
+        if preloaded is not None:
+            return [self._exemplar(row) for row in preloaded]
         query = f"select {self._exemplar_columns()} from read_parquet(?) where layer = ? and neuron = ? order by rank"
         with self._db_lock:
             rows = self._db.execute(query, [str(self._exemplars_file), layer, index]).fetchall()
         return [self._exemplar(row) for row in rows]
 
-    def preload_layer(self, layer: int) -> None:
-        """Read one layer's exemplars at once (for writing every page of a layer); drops the previous layer's."""
-        if not self.has_exemplars or layer in self._preloaded:
+    def preload_layer(self, layer: int, neurons: list[int] | None = None) -> None:
+        """Read the exemplars of one layer's neurons (all, or ``neurons``) at once, to write their pages.
+
+        Replaces what was preloaded before: one layer's rows are held at a time.
+        """
+        if not self.has_exemplars:
             return
-        query = (f"select neuron, {self._exemplar_columns()} from read_parquet(?) where layer = ? "
+        wanted = list(range(self.widths[layer])) if neurons is None else [int(index) for index in neurons]
+        chosen = "" if neurons is None else "and neuron in (select unnest(?::bigint[])) "  # a hash semi-join
+        query = (f"select neuron, {self._exemplar_columns()} from read_parquet(?) where layer = ? {chosen}"
                  "order by neuron, rank")
+        parameters = [str(self._exemplars_file), layer] + ([wanted] if neurons is not None else [])
         with self._db_lock:
-            rows = self._db.execute(query, [str(self._exemplars_file), layer]).fetchall()
-        by_neuron: dict[int, list[tuple]] = {}
+            rows = self._db.execute(query, parameters).fetchall()
+        self._preloaded = {(layer, index): [] for index in wanted}
         for row in rows:
-            by_neuron.setdefault(row[0], []).append(row[1:])
-        self._preloaded = {layer: by_neuron}
+            self._preloaded[(layer, row[0])].append(row[1:])
 
     def _exemplar_columns(self) -> str:
         return "rank, activation, seq, pos, doc, label" + (", window_start, window_activations" if self.has_windows else "")
@@ -250,16 +278,19 @@ class AtlasData:
         return [{"layer": l, "index": n, "exemplars": c, "activation": a} for l, n, c, a in rows]
 
     def neurons_of_sets(self, label: str | None = None, method: str | None = None) -> list[dict]:
-        """Neurons of the given sets with this label (or of sets by this method), best score first."""
+        """Neurons with this label (or of sets by this method) in the sets given and the viewer's LAPE.
+
+        Set by set in that order, each best score first.
+        """
         found = []
-        for name, neuron_set in self.sets:
+        for name, neuron_set in self.searchable_sets():
             if method is not None and method.casefold() not in (neuron_set.method.casefold(), name.casefold()):
                 continue
-            for neuron in neuron_set.neurons:
+            for neuron in best_first(neuron_set):
                 if label is None or (neuron.label or "").casefold() == label.casefold():
                     found.append({"layer": neuron.layer, "index": neuron.index, "score": neuron.score,
                                   "label": neuron.label, "set": name, "method": neuron_set.method})
-        return sorted(found, key=lambda item: (-item["score"], item["layer"], item["index"]))
+        return found
 
     def neurons_explained_by(self, words: str) -> list[dict]:
         """Neurons whose explanation (or a cluster's) holds every word of ``words``."""
@@ -279,17 +310,20 @@ class AtlasData:
 
     # ---- overview ---------------------------------------------------------------------------
 
-    def specialised_counts(self) -> list[dict]:
-        """Per neuron set: {"name", "method", "labels", "counts": [[neurons of label l in layer i]]}."""
-        out = []
-        for name, neuron_set in self.sets:
-            labels = neuron_set.labels or [None]
-            counts = [[0] * len(self.widths) for _ in labels]
-            for neuron in neuron_set.neurons:
-                counts[labels.index(neuron.label) if neuron.label in labels else 0][neuron.layer] += 1
-            out.append({"name": name, "method": neuron_set.method,
-                        "labels": [label or "(none)" for label in labels], "counts": counts})
-        return out
+    def specialised_counts(self, neuron_set: NeuronSet, name: str) -> dict:
+        """{"name", "method", "labels", "counts": [[neurons of label l in layer i]]} of one set."""
+        labels = neuron_set.labels or [None]
+        counts = [[0] * len(self.widths) for _ in labels]
+        for neuron in neuron_set.neurons:
+            counts[labels.index(neuron.label) if neuron.label in labels else 0][neuron.layer] += 1
+        return {"name": name, "method": neuron_set.method,
+                "labels": [label or "(none)" for label in labels], "counts": counts}
+
+
+def best_first(neuron_set: NeuronSet) -> list:
+    """The set's neurons, best score first: lowest first where the set says lower is better (LAPE's entropy)."""
+    lower_is_better = "lower =" in str(neuron_set.params.get("score", ""))
+    return sorted(neuron_set.neurons, key=lambda n: ((n.score if lower_is_better else -n.score), n.layer, n.index))
 
 
 def load_explanations(path: str | Path, atlas_meta: dict) -> Explanations:

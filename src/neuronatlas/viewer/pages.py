@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup, escape
 
-from .data import AtlasData
+from .data import VIEWER_LAPE, AtlasData
 from .live import LiveModel, ModelUnavailable
 from .plots import bar_chart, heat_colour, histogram, token_spans
 from .search import COLUMNS, KINDS
@@ -40,10 +40,9 @@ class Site:
         return f"{self.root}neuron/"
 
     def search(self, by: str | None = None, q: str | None = None, page: int = 1) -> str:
-        if self.static:
-            return f"{self.root}search.html"
         query = {key: value for key, value in (("by", by), ("q", q), ("page", page if page > 1 else None)) if value}
-        return f"{self.root}search" + (f"?{urlencode(query)}" if query else "")
+        page_name = "search.html" if self.static else "search"  # a report's search reads the query in the browser
+        return f"{self.root}{page_name}" + (f"?{urlencode(query)}" if query else "")
 
     def jump(self) -> str:
         return f"{self.root}neuron"
@@ -79,16 +78,17 @@ class Pages:
         model_name = f"{self.data.summary['model']} · {self.data.summary['corpus']}"
         return self.env.get_template(template).render(site=site, model_name=model_name, **context)
 
-    def overview(self, site: Site) -> str:
-        summary = self.data.summary
+    def overview(self, site: Site, report: dict | None = None) -> str:
+        """The overview; ``report``: which neurons a static report holds pages for (see report.py)."""
+        data, summary = self.data, self.data.summary
         layers = [str(layer) for layer in range(summary["layers"])]
-        specialised = [dict(item, peak=max((max(row) for row in item["counts"]), default=0))
-                       for item in self.data.specialised_counts()]
-        evaluations = [dict(result, peak=_peak(result)) for result in self.data.evaluations]
+        specialised = [_heatmap(data.specialised_counts(neuron_set, name)) for name, neuron_set in data.sets]
+        lape = _heatmap(data.specialised_counts(data.viewer_lape, VIEWER_LAPE)) if data.viewer_lape else None
+        evaluations = [dict(result, peak=_peak(result)) for result in data.evaluations]
         return self._render(
-            "overview.html", site, summary=summary, fingerprint=self.data.meta["model"]["fingerprint"],
-            has_windows=self.data.has_windows, specialised=specialised, evaluations=evaluations,
-            explanations=self.data.explanations,
+            "overview.html", site, summary=summary, fingerprint=data.meta["model"]["fingerprint"],
+            has_windows=data.has_windows, specialised=specialised, evaluations=evaluations,
+            lape=lape, lape_name=VIEWER_LAPE, lape_note=data.viewer_lape_note, explanations=data.explanations, report=report,
             rate_plot=bar_chart(summary["activation_rate_per_layer"], layers, "activation rate per layer", percent=True),
             dead_plot=bar_chart(summary["dead_fraction_per_layer"], layers, "dead neurons per layer", percent=True),
         )
@@ -130,7 +130,7 @@ def neuron_record(data: AtlasData, model: LiveModel | None, layer: int, index: i
     data.check_neuron(layer, index)
     record = {"layer": layer, "index": index, **data.neuron_stats(layer, index)}
     record["exemplars"] = data.exemplars(layer, index)
-    record["sets"] = [{"set": m.set_name, "method": m.method, "label": m.label, "score": m.score}
+    record["sets"] = [{"set": m.set_name, "method": m.method, "label": m.label, "score": m.score, "rank": m.rank}
                       for m in data.memberships.get((layer, index), [])]
     record["explanations"] = data.explanations_of(layer, index)
     record["top_tokens"], record["bottom_tokens"], record["vocab_projection_error"] = [], [], None
@@ -148,6 +148,10 @@ def _colour_scale(record: dict) -> float:
     """Colours saturate at the neuron's largest |activation| in the corpus (comparable across exemplars)."""
     values = [abs(record["max"]), abs(record["min"])]
     return max((v for v in values if math.isfinite(v)), default=0.0)
+
+
+def _heatmap(counts: dict) -> dict:
+    return dict(counts, peak=max((max(row) for row in counts["counts"]), default=0))
 
 
 def _peak(result: dict) -> float:

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 from markupsafe import Markup, escape
 
-POSITIVE = (230, 90, 20)  # orange: the neuron fires
-NEGATIVE = (40, 110, 220)  # blue: below zero
-
-
-def activation_colour(value: float | None, scale: float) -> str:
-    """Background for a token: orange up to ``scale``, blue for negative values, none for unknown."""
-    if value is None or scale <= 0 or not math.isfinite(value):
-        return "transparent"
-    strength = min(abs(value) / scale, 1.0)
-    red, green, blue = POSITIVE if value > 0 else NEGATIVE
-    return f"rgba({red}, {green}, {blue}, {0.85 * strength:.3f})"
-
 
 def token_spans(tokens: list[str], values: list[float | None], peak: int, scale: float) -> Markup:
-    """One span per token, coloured by its activation, the value in its tooltip; the peak outlined."""
+    """One span per token, coloured by its activation, the value in its tooltip; the peak outlined.
+
+    The colour is the stylesheet's (.tok orange, .tok.neg blue) at the opacity ``--a`` the span sets:
+    a page holds hundreds of tokens, so each carries only what differs.
+    """
     parts = ['<span class="tokens" dir="auto">']
     for position, (token, value) in enumerate(zip(tokens, values)):
-        shown = "unknown" if value is None else f"{value:.4f}"
-        title = escape(f"{json.dumps(token, ensure_ascii=False)}: {shown}")
-        kind = "tok peak" if position == peak else "tok"
-        parts.append(f'<span class="{kind}" style="background: {activation_colour(value, scale)}" '
-                     f'title="{title}">{escape(token)}</span>')
+        kind = "tok" + (" neg" if value is not None and value < 0 else "") + (" peak" if position == peak else "")
+        if value is None or not math.isfinite(value):
+            parts.append(f'<span class="{kind}" title="unknown">{escape(token)}</span>')
+            continue
+        strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
+        parts.append(f'<span class="{kind}" style="--a:{0.85 * strength:.3f}" title="{value:.4f}">{escape(token)}</span>')
     parts.append("</span>")
     return Markup("".join(parts))
 
@@ -64,7 +56,7 @@ def bar_chart(values: list[float], names: list[str], title: str, percent: bool =
 
 
 def histogram(edges: list[float], counts: list[int], title: str, width: int = 560, height: int = 170) -> Markup:
-    """Bars per bin on a log count scale; bins are drawn equally wide (the edges are log-spaced)."""
+    """Bars per non-empty bin on a log count scale; bins are drawn equally wide (the edges are log-spaced)."""
     bins = len(counts)
     bottom, top, left = height - 34, 20, 40
     bar_width = (width - left - 10) / max(bins, 1)
@@ -74,6 +66,8 @@ def histogram(edges: list[float], counts: list[int], title: str, width: int = 56
              f'<text x="0" y="14" class="plot-title">{escape(title)}</text>',
              f'<line x1="{left}" y1="{bottom}" x2="{width - 10}" y2="{bottom}" class="axis"/>']
     for i, count in enumerate(counts):
+        if not count:
+            continue  # nothing to draw (or hover)
         bar = (bottom - top) * math.log1p(count) / peak
         x = left + i * bar_width
         parts.append(f'<rect x="{x:.1f}" y="{bottom - bar:.1f}" width="{max(bar_width - 1, 1):.1f}" height="{bar:.1f}" '

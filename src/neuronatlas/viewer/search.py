@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from .data import AtlasData
+from .data import VIEWER_LAPE, AtlasData
 from .live import LiveModel, ModelUnavailable
 
 KINDS = {
     "token": "peak token of an exemplar",
     "promotes": "token the neuron promotes",
-    "label": "label of a neuron set",
+    "label": "label (LAPE and the neuron sets given)",
     "method": "method (or name) of a neuron set",
     "explanation": "words of an explanation",
 }
@@ -75,10 +75,18 @@ class Searcher:
         return data.neurons_explained_by(q)
 
     def _note(self, by: str) -> str | None:
-        if by in ("label", "method") and not self.data.sets:
-            return "No neuron sets were given (serve with --sets SET.json)."
+        if by in ("label", "method"):
+            return self._sets_note()
         if by == "explanation" and not self.data.explanations:
             return "No explanations were given (serve with --explanations EXPL.json)."
         if by == "promotes":
             return f"Neurons whose value vector gives the token the highest logit (W_U[t] · w_out), at most {PROMOTING_LIMIT}."
         return None
+
+    def _sets_note(self) -> str:
+        """Which sets a label or method search looks in."""
+        data = self.data
+        names = [name for name, _ in data.sets] + ([VIEWER_LAPE] if data.viewer_lape else [])
+        searched = f"Searches {', '.join(names)}." if names else "No neuron sets to search."
+        given = "" if data.sets else " No neuron sets were given (serve with --sets SET.json)."
+        return f"{searched}{given} {data.viewer_lape_note}"

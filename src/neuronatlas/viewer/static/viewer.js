@@ -19,11 +19,31 @@ function element(tag, text, className) {
 function staticJump(form) {
   const root = form.dataset.staticRoot;
   if (!root) return;
+  const note = element("span", undefined, "jump-note");
+  note.id = "jump-note";
+  form.appendChild(note);
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     const layer = parseInt(form.elements.layer.value, 10), index = parseInt(form.elements.index.value, 10);
-    window.location.href = root + "neuron/" + layer + "/" + index + ".html";
+    const missing = missingPage(window.NEURONATLAS_PAGES, layer, index);
+    note.textContent = missing || "";
+    if (!missing) window.location.href = root + "neuron/" + layer + "/" + index + ".html";
   });
+}
+
+// Why a report has no page for this neuron (null when it has one): pages.js lists the pages written.
+function missingPage(pages, layer, index) {
+  if (!pages) return null;
+  const widths = pages.widths;
+  if (!(layer >= 0 && layer < widths.length)) return "no layer " + layer + ": the layers are 0-" + (widths.length - 1);
+  if (!(index >= 0 && index < widths[layer])) {
+    return "no neuron " + index + " in layer " + layer + ": its neurons are 0-" + (widths[layer] - 1);
+  }
+  if (pages.layers && !pages.layers[layer].includes(index)) {
+    return "L" + layer + "/" + index + " has no page in this report (" + pages.written.toLocaleString("en") + " of " +
+      pages.total.toLocaleString("en") + " neurons have one; write it with `neuronatlas report --neurons SET.json` or --all)";
+  }
+  return null;
 }
 
 function showTokens(container, tokens, values, caption) {
@@ -127,8 +147,9 @@ function matchesOf(entry, by, query) {
   }).map((item) => ({ explanation: item.explanation, score: item.score, source: item.source }));
 }
 
+// Best first: a set's own order (its rank: LAPE's lowest entropy first), else the largest number.
 function sortKey(row) {
-  return -(row.exemplars ?? row.logit ?? row.score ?? 0);
+  return row.rank ?? -(row.exemplars ?? row.logit ?? row.score ?? 0);
 }
 
 function formatCell(value) {
