@@ -280,17 +280,6 @@ needs_bundled = pytest.mark.skipif(not (TINY_LLAMA / "config.json").exists(),
                                    reason=f"the bundled tiny-llama is not there yet ({TINY_LLAMA})")
 
 
-def first_per_label(path, count, out):
-    taken, lines = {}, []
-    for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True):
-        label = json.loads(line)["lang"]
-        if taken.get(label, 0) < count:
-            taken[label] = taken.get(label, 0) + 1
-            lines.append(line)
-    out.write_text("".join(lines), encoding="utf-8")
-    return out
-
-
 @pytest.fixture(scope="module")
 def bundled_run(tmp_path_factory):
     """The bundled tiny-llama profiled on the first 60 training documents per language, and its LAPE set."""
@@ -298,7 +287,7 @@ def bundled_run(tmp_path_factory):
     from neuronatlas.profile import ProfileOptions, profile
 
     root = tmp_path_factory.mktemp("bundled")
-    train = first_per_label(bundled.CORPUS_TRAIN, TRAIN_DOCS, root / "train.jsonl")
+    train = bundled.first_per_label(bundled.CORPUS_TRAIN, TRAIN_DOCS, root / "train.jsonl")
     started = time.monotonic()
     atlas = profile(str(TINY_LLAMA), train, root / "atlas", label_field="lang", device="cpu", quiet=True,
                     options=ProfileOptions(max_length=MAX_LENGTH, top_k=0, batch_size=16))
@@ -331,7 +320,7 @@ def test_lape_neurons_are_language_specific(bundled_run):
 def bundled_langid(bundled_run):
     from neuronatlas.langid import train_langid
 
-    return train_langid(first_per_label(bundled.CORPUS_TRAIN, 200, bundled_run["root"] / "langid-train.jsonl"))
+    return train_langid(bundled.first_per_label(bundled.CORPUS_TRAIN, 200, bundled_run["root"] / "langid-train.jsonl"))
 
 
 @needs_bundled

@@ -41,22 +41,11 @@ needs_seeds = pytest.mark.skipif(not (SEED1 / "config.json").exists(), reason=f"
 DOCS_PER_LABEL = 40
 
 
-def first_per_label(path, count, out):
-    taken, lines = {}, []
-    for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True):
-        label = json.loads(line)["lang"]
-        if taken.get(label, 0) < count:
-            taken[label] = taken.get(label, 0) + 1
-            lines.append(line)
-    out.write_text("".join(lines), encoding="utf-8")
-    return out
-
-
 @pytest.fixture(scope="module")
 def gpt2_run(tmp_path_factory):
     """The bundled tiny-gpt2 profiled on the first 40 training documents per language (all sampled)."""
     root = tmp_path_factory.mktemp("stats")
-    train = first_per_label(bundled.CORPUS_TRAIN, DOCS_PER_LABEL, root / "train.jsonl")
+    train = bundled.first_per_label(bundled.CORPUS_TRAIN, DOCS_PER_LABEL, root / "train.jsonl")
     profile(str(TINY_GPT2), train, root / "atlas", label_field="lang", device="cpu", quiet=True, overwrite=True,
             options=ProfileOptions(max_length=128, top_k=0, batch_size=16, doc_sample=DOCS_PER_LABEL))
     model, tokenizer = load_model(str(TINY_GPT2), device="cpu", quiet=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import NeuronAtlasError
@@ -18,3 +19,16 @@ def model_path(name: str) -> Path:
     if name not in MODELS:
         raise NeuronAtlasError(f"unknown bundled model {name!r}; bundled: {', '.join(MODELS)}")
     return ROOT / "models" / name
+
+
+def first_per_label(source: Path, target: Path, count: int) -> Path:
+    """Write the first ``count`` JSONL documents of each label of ``source`` to ``target``."""
+    seen: dict[str, int] = {}
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with Path(source).open(encoding="utf-8") as lines, Path(target).open("w", encoding="utf-8") as kept:
+        for line in lines:
+            label = json.loads(line)[LABEL_FIELD]
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] <= count:
+                kept.write(line)
+    return Path(target)

@@ -30,7 +30,7 @@ def run_demo(model: str = "tiny-llama", out: str | Path = "neuronatlas-demo", qu
 
     out = Path(out)
     model_path = str(bundled.model_path(model) if model in bundled.MODELS else model)
-    corpus = _first_per_label(bundled.CORPUS_TRAIN, out / "corpus.jsonl", DEMO_TRAIN_PER_LABEL)
+    corpus = bundled.first_per_label(bundled.CORPUS_TRAIN, out / "corpus.jsonl", DEMO_TRAIN_PER_LABEL)
     _say(f"1. profile {model} on {DEMO_TRAIN_PER_LABEL} bundled documents per language into {out / 'atlas'}")
     atlas = profile(model_path, corpus, out / "atlas", text_field=bundled.TEXT_FIELD, label_field=bundled.LABEL_FIELD,
                     options=ProfileOptions(batch_size=32), device="cpu", overwrite=True, quiet=quiet)
@@ -56,19 +56,6 @@ def run_demo(model: str = "tiny-llama", out: str | Path = "neuronatlas-demo", qu
         steering = steer(model_obj, tokenizer, atlas, neuron_set, STEER_FROM, STEER_TO, prompts)
         print(format_steering(steering, examples=1))
     print(f"\nwritten to {out}: corpus.jsonl, atlas/, lape.json, eval.json, eval.md, eval.png")
-
-
-def _first_per_label(source: Path, target: Path, count: int) -> Path:
-    """Write the first ``count`` JSONL documents of each label of ``source`` to ``target``."""
-    seen: dict[str, int] = {}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with source.open(encoding="utf-8") as lines, target.open("w", encoding="utf-8") as kept:
-        for line in lines:
-            label = json.loads(line)[bundled.LABEL_FIELD]
-            seen[label] = seen.get(label, 0) + 1
-            if seen[label] <= count:
-                kept.write(line)
-    return target
 
 
 def _say(text: str) -> None:
