@@ -287,7 +287,7 @@ def bundled_run(tmp_path_factory):
     from neuronatlas.profile import ProfileOptions, profile
 
     root = tmp_path_factory.mktemp("bundled")
-    train = bundled.first_per_label(bundled.CORPUS_TRAIN, TRAIN_DOCS, root / "train.jsonl")
+    train = bundled.first_per_label(bundled.CORPUS_TRAIN, root / "train.jsonl", TRAIN_DOCS)
     started = time.monotonic()
     atlas = profile(str(TINY_LLAMA), train, root / "atlas", label_field="lang", device="cpu", quiet=True,
                     options=ProfileOptions(max_length=MAX_LENGTH, top_k=0, batch_size=16))
@@ -320,7 +320,7 @@ def test_lape_neurons_are_language_specific(bundled_run):
 def bundled_langid(bundled_run):
     from neuronatlas.langid import train_langid
 
-    return train_langid(bundled.first_per_label(bundled.CORPUS_TRAIN, 200, bundled_run["root"] / "langid-train.jsonl"))
+    return train_langid(bundled.first_per_label(bundled.CORPUS_TRAIN, bundled_run["root"] / "langid-train.jsonl", 200))
 
 
 @needs_bundled

@@ -45,7 +45,7 @@ DOCS_PER_LABEL = 40
 def gpt2_run(tmp_path_factory):
     """The bundled tiny-gpt2 profiled on the first 40 training documents per language (all sampled)."""
     root = tmp_path_factory.mktemp("stats")
-    train = bundled.first_per_label(bundled.CORPUS_TRAIN, DOCS_PER_LABEL, root / "train.jsonl")
+    train = bundled.first_per_label(bundled.CORPUS_TRAIN, root / "train.jsonl", DOCS_PER_LABEL)
     profile(str(TINY_GPT2), train, root / "atlas", label_field="lang", device="cpu", quiet=True, overwrite=True,
             options=ProfileOptions(max_length=128, top_k=0, batch_size=16, doc_sample=DOCS_PER_LABEL))
     model, tokenizer = load_model(str(TINY_GPT2), device="cpu", quiet=True)
