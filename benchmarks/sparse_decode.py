@@ -5,7 +5,10 @@
 The model (hidden 2048, FFN 5632, vocabulary 8192 tied: about 430M parameters, FFN ~65% of the
 weight bytes) is built from a config with seeded random weights: no download. Speed does not depend
 on which neurons a plan keeps, so hot scores are random and TEAL/WINA calibrate on random token ids.
-Prints one JSON line per plan (the fields of `neuronatlas bench`).
+Dense and sparse decode take turns step by step (`neuronatlas.sparse.bench.paired_decode`), so
+load from other processes hits both alike; CoreInfer's per-prompt compaction is in its decode
+time. Prints one JSON line per plan (the fields of `neuronatlas bench`, with each run's speedup
+and the load average).
 """
 
 from __future__ import annotations
@@ -83,8 +86,13 @@ def main() -> None:
     for plan in plans(model, args.methods.split(","), args.sparsity, args.moe_sparsity):
         result = decode_speed(model, SparseModel(model, plan), prompt, args.new_tokens, args.runs)
         print(json.dumps({"method": plan.method, "sparsity": plan.sparsity, "params_m": round(params / 1e6),
-                          "threads": args.threads} | {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}),
-              flush=True)
+                          "threads": args.threads} | {k: rounded(v) for k, v in result.items()}), flush=True)
+
+
+def rounded(value):
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return round(value, 3) if isinstance(value, float) else value
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import cli_fails, make_gpt2, make_tokenizer
 
+from neuronatlas.cli import main
+from neuronatlas.errors import NeuronAtlasError
 from neuronatlas.intervene import Intervention, intervene
 from neuronatlas.loading import load_model
 from neuronatlas.sparse import SparsifyOptions, apply_plan, load_plan, sparsify
@@ -119,9 +123,30 @@ def test_coreinfer_decode_equals_masked_dense(llama):
     dense_prompt = model(ids[:, :split], use_cache=True)
     with intervene(model, [Intervention(dropped, "zero")]):
         masked = model(ids[:, split:], past_key_values=dense_prompt.past_key_values).logits
-    with apply_plan(model, plan):
-        stepped = prefill_then_steps(model, ids, split)
+    with apply_plan(model, plan) as sparse:
+        prefill_then_steps(model, ids_of(tokenizer, "der hund lief zum haus und die katze"), 3)  # another prompt first
+        other_core = [runtime.compact.keep.clone() for runtime in sparse.runtimes]
+        stepped = prefill_then_steps(model, ids, split)  # refills the same buffers with this prompt's core set
+    assert any(not torch.equal(runtime.compact.keep, old) for runtime, old in zip(sparse.runtimes, other_core))
     assert torch.allclose(stepped[:, 1:], masked[:, :-1], atol=DENSE_TOL)
+
+
+def test_paired_decode_gives_the_tokens_of_each_side_alone(llama):
+    """Dense and CoreInfer steps taking turns (bench) do not disturb each other's KV cache or core set."""
+    from neuronatlas.sparse.bench import paired_decode
+
+    model, tokenizer = llama
+    plan = make_plan("coreinfer", model, tokenizer, 0.5)
+    prompt, new = ids_of(tokenizer), 6
+    sparse = apply_plan(model, plan)
+    for sparse_first in (False, True):
+        paired = paired_decode(model, sparse, prompt, new, sparse_first=sparse_first)
+        greedy = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        dense = model.generate(prompt, **greedy)[0, prompt.shape[1]:]
+        with sparse:
+            alone = model.generate(prompt, **greedy)[0, prompt.shape[1]:]
+        assert torch.equal(paired["dense"]["ids"], dense) and torch.equal(paired["sparse"]["ids"], alone)
+        assert paired["sparse"]["decode_s"] > 0 and paired["dense"]["prefill_s"] > 0
 
 
 @pytest.mark.parametrize("method", ["teal", "wina", "moe", "coreinfer"])
@@ -236,10 +261,6 @@ def test_families_decode_like_their_multi_token_path(family, corpus_path, tmp_pa
 
 
 def test_cli_sparsify_and_bench_write_the_contract(tiny_llama, llama_atlas, corpus_path, tmp_path):
-    import json
-
-    from neuronatlas.cli import main
-
     plan = tmp_path / "plan"
     assert main(["sparsify", "hot", "--model", str(tiny_llama), "--atlas", str(llama_atlas[1]),
                  "--sparsity", "0.5", "--out", str(plan)]) == 0
@@ -251,11 +272,26 @@ def test_cli_sparsify_and_bench_write_the_contract(tiny_llama, llama_atlas, corp
     for key in ("dense_tokens_per_s", "sparse_tokens_per_s", "speedup", "ppl_dense", "ppl_sparse"):
         assert result[key] > 0, key
     assert result["speedup"] == pytest.approx(result["sparse_tokens_per_s"] / result["dense_tokens_per_s"])
+    assert len(result["speedup_per_run"]) == 1 and result["new_tokens"] == 4
+
+
+def test_cli_bench_sweep_writes_a_point_per_sparsity(tiny_llama, corpus_path, tmp_path):
+    plan = tmp_path / "plan"
+    assert main(["sparsify", "coreinfer", "--model", str(tiny_llama), "--out", str(plan)]) == 0
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_llama), "--plan", str(plan), "--corpus", str(corpus_path),
+                 "--json", str(out), "--runs", "1", "--new-tokens", "2", "--prompt-tokens", "4", "--max-windows", "3",
+                 "--max-length", "24", "--sweep", "0.25,0.75"]) == 0
+    result = json.loads(out.read_text())
+    assert [point["sparsity"] for point in result["sweep"]] == [0.25, 0.75]
+    for point in result["sweep"]:
+        assert point["ppl_dense"] == result["ppl_dense"] and point["eval_windows"] == 3
+        assert point["ppl_sparse"] > 0 and point["ppl_random"] > 0
+    low, high = result["sweep"]
+    assert high["ppl_random"] != low["ppl_random"]  # the control follows the sparsity too
 
 
 def test_cli_bad_input(tiny_llama, llama_atlas, corpus_path, tmp_path, capsys):
-    from neuronatlas.cli import main
-
     model = str(tiny_llama)
     cli_fails(capsys, ["sparsify", "hot", "--model", model, "--atlas", str(llama_atlas[1]), "--sparsity", "1.0",
                        "--out", str(tmp_path / "p")], "sparsity must be in [0, 1)", "1.0")
@@ -273,6 +309,56 @@ def test_cli_bad_input(tiny_llama, llama_atlas, corpus_path, tmp_path, capsys):
     capsys.readouterr()
     cli_fails(capsys, ["sparsify", "coreinfer", "--model", str(bert), "--out", str(tmp_path / "p")],
               "coreinfer", "bert is an encoder")
+
+
+def test_cli_refuses_a_corrupt_plan(tiny_llama, llama, tmp_path, capsys):
+    model, tokenizer = llama
+    model_dir = str(tiny_llama)
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    (plan / "plan.json").write_text("{garbage", encoding="utf-8")
+    cli_fails(capsys, ["bench", "--model", model_dir, "--plan", str(plan)], str(plan), "is not a valid sparse plan",
+              "neuronatlas sparsify")
+    (plan / "plan.json").write_text('{"format_version": 1}', encoding="utf-8")
+    cli_fails(capsys, ["bench", "--model", model_dir, "--plan", str(plan)], "is not a valid sparse plan", "'method'")
+    good = make_plan("coreinfer", model, tokenizer, 0.5)
+    good.save(plan)
+    meta = (plan / "plan.json").read_text(encoding="utf-8")
+    (plan / "plan.json").write_text(meta.replace('"sparsity": 0.5', '"sparsity": "half"'), encoding="utf-8")
+    cli_fails(capsys, ["bench", "--model", model_dir, "--plan", str(plan)], "is not a valid sparse plan", "'half'")
+    (plan / "plan.json").write_text(meta, encoding="utf-8")
+    (plan / "tensors.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{trunc")
+    cli_fails(capsys, ["bench", "--model", model_dir, "--plan", str(plan)], "is not a valid sparse plan")
+    assert load_plan(good.save(tmp_path / "again")).sparsity == 0.5  # a sound plan still loads
+
+
+def test_cli_refuses_counts_that_would_do_nothing(tiny_llama, corpus_path, tmp_path, capsys):
+    model = str(tiny_llama)  # 2 layers
+    out = ["--out", str(tmp_path / "p")]
+    cli_fails(capsys, ["sparsify", "coreinfer", "--model", model, "--layers", "99", *out], "[99]", "0..1", "--layers")
+    cli_fails(capsys, ["sparsify", "coreinfer", "--model", model, "--layers", "1,2", *out], "[1, 2]", "0..1")
+    cli_fails(capsys, ["sparsify", "coreinfer", "--model", model, "--layers", "5-2", *out], "5-2", "backwards", "2-5")
+    cli_fails(capsys, ["sparsify", "coreinfer", "--model", model, "--layers", "", *out], "--layers", "not a list")
+    cli_fails(capsys, ["sparsify", "teal", "--model", model, "--corpus", str(corpus_path), "--calib-tokens", "0", *out],
+              "--calib-tokens", "at least 1", "not 0")
+    cli_fails(capsys, ["sparsify", "coreinfer", "--model", model, "--alpha", "0", *out], "--alpha", "(0, 1]")
+    cli_fails(capsys, ["sparsify", "coreinfer", "--model", model, "--clusters", "-1", *out], "--clusters", "not -1")
+    cli_fails(capsys, ["sparsify", "coreinfer", "--model", model, "--cluster-layer", "7", *out], "--cluster-layer", "7")
+    cli_fails(capsys, ["sparsify", "moe", "--model", model, "--experts", "0", *out], "--experts", "at least 1")
+    cli_fails(capsys, ["sparsify", "coreinfer", "--model", model, "--ppl-within", "0", "--corpus", str(corpus_path), *out],
+              "--ppl-within", "positive")
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(NeuronAtlasError, match=r"layers.*not \[\]"):
+        sparsify("coreinfer", *load_model(model, device="cpu", quiet=True), 0.5, options=SparsifyOptions(layers=[]))
+    plan = tmp_path / "plan"
+    assert main(["sparsify", "coreinfer", "--model", model, "--layers", "1", "--out", str(plan)]) == 0
+    converted = apply_plan(load_model(model, device="cpu", quiet=True)[0], load_plan(plan)).runtimes
+    assert load_plan(plan).options["layers"] == [1] and converted[0] is None and converted[1] is not None
+    capsys.readouterr()
+    for flag, value in (("--runs", "0"), ("--new-tokens", "1"), ("--prompt-tokens", "0"), ("--max-windows", "0"),
+                        ("--max-length", "-3")):
+        cli_fails(capsys, ["bench", "--model", model, "--plan", str(plan), flag, value], flag, f"not {value}")
+    cli_fails(capsys, ["bench", "--model", model, "--plan", str(plan), "--sweep", "0.5"], "--sweep", "--corpus")
 
 
 def _bert(directory):

@@ -108,13 +108,17 @@ def _random_model(args):
 
 
 def _layers(text: str | None) -> list[int] | None:
+    """``1-3,5`` -> [1, 2, 3, 5]; a backwards range or an empty list is an error."""
     if text is None:
         return None
     layers = []
     try:
         for part in text.split(","):
             low, _, high = part.partition("-")
-            layers.extend(range(int(low), int(high or low) + 1))
+            low, high = int(low), int(high or low)
+            if high < low:
+                raise NeuronAtlasError(f"--layers {text!r}: the range {part} runs backwards; write {high}-{low}")
+            layers.extend(range(low, high + 1))
     except ValueError:
         raise NeuronAtlasError(f"--layers {text!r} is not a list of layers; write e.g. 1-3 or 0,2") from None
     return layers
@@ -129,6 +133,8 @@ def _run_sparsify(args) -> int:
     from .sparse.plan import check_sparsity
 
     check_sparsity(args.sparsity)
+    if args.ppl_within is not None and args.ppl_within <= 0:
+        raise NeuronAtlasError(f"--ppl-within must be a positive percentage, not {args.ppl_within:g} (1 = within 1% of dense)")
     if args.ppl_within is not None and not (args.eval_corpus or args.corpus):
         raise NeuronAtlasError("--ppl-within measures perplexity: pass --eval-corpus FILE (or --corpus FILE)")
     model, tokenizer = _load(args)
@@ -159,8 +165,11 @@ def _run_bench(args) -> int:
     from .sparse import load_plan
     from .sparse.bench import bench
 
-    if args.runs < 1 or args.new_tokens < 2:
-        raise NeuronAtlasError(f"bench needs --runs >= 1 and --new-tokens >= 2 (got {args.runs} and {args.new_tokens})")
+    for flag, least in (("runs", 1), ("new_tokens", 2), ("prompt_tokens", 1), ("max_windows", 1), ("max_length", 4)):
+        if getattr(args, flag) < least:
+            raise NeuronAtlasError(f"--{flag.replace('_', '-')} must be at least {least}, not {getattr(args, flag)}")
+    if (args.controls or args.sweep) and args.corpus is None:
+        raise NeuronAtlasError("--controls and --sweep measure perplexity: pass --corpus HELDOUT.jsonl")
     sweep = _sweep(args.sweep)
     plan = load_plan(args.plan)
     model, tokenizer = _load(args)

@@ -1,16 +1,19 @@
 """``bench``: speed and quality of a sparse plan next to the dense model, in one process.
 
-Speed: batch-1 greedy decode (one prefill, then ``new_tokens`` single-token steps with the KV
-cache), dense and sparse runs alternating, the median of ``runs`` runs of each; tokens/s of the
-decode steps, the prefill time, and their ratio. Quality: held-out perplexity of the continuation
-of each window given its first ``prompt_fraction`` as the prompt (the prompt is prefilled first,
-as in generation: CoreInfer chooses its core neurons there), dense and sparse, on the same tokens.
+Speed: batch-1 greedy decode (one prefill, then ``new_tokens - 1`` single-token steps with the KV
+cache), dense and sparse taking turns step by step (:func:`paired_decode`), the median of ``runs``
+runs; tokens/s of the decode steps, the prefill time, and their ratio. Quality: held-out
+perplexity of the continuation of each window given its first ``prompt_fraction`` as the prompt
+(the prompt is prefilled first, as in generation: CoreInfer chooses its core neurons there), dense
+and sparse, on the same tokens.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -32,40 +35,51 @@ def check_decoder(model) -> None:
 
 
 @torch.inference_mode()
-def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, decode tokens per second, generated ids (new_tokens,)) for prompt (1, T)."""
-    started = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
-    token = out.logits[:, -1:].argmax(-1)  # (1, 1)
-    prefill = time.perf_counter() - started
-    past, generated = out.past_key_values, [token]
-    started = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        generated.append(token)
-    decode = time.perf_counter() - started
-    return prefill, (new_tokens - 1) / max(decode, 1e-9), torch.cat(generated, 1)[0]
+def paired_decode(model, sparse: SparseModel, prompt: torch.Tensor, new_tokens: int, sparse_first: bool = False) -> dict:
+    """Dense and sparse greedy decodes of prompt (1, T), taking turns step by step.
+
+    Each side prefills, then both run ``new_tokens - 1`` single-token steps on their own KV cache,
+    alternating, so a burst of load from other processes hits both alike. Per-prompt work (CoreInfer
+    compacting its core set at the first step) is inside the sparse side's decode time; attaching
+    and detaching the plan between steps is not timed. Returns {side: {"prefill_s", "decode_s", "ids"}}.
+    """
+    sides = ("sparse", "dense") if sparse_first else ("dense", "sparse")
+    state = {side: {"prefill_s": 0.0, "decode_s": 0.0, "ids": []} for side in sides}
+    past = {}
+    for step in range(new_tokens):
+        for side in sides if step % 2 == 0 else sides[::-1]:
+            with sparse if side == "sparse" else nullcontext():
+                started = time.perf_counter()
+                if step == 0:
+                    out = model(input_ids=prompt, use_cache=True)
+                else:
+                    out = model(input_ids=state[side]["ids"][-1], past_key_values=past[side], use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)  # (1, 1)
+                if token.is_cuda:  # kernels run asynchronously: wait for them before reading the clock
+                    torch.cuda.synchronize(token.device)
+                state[side]["prefill_s" if step == 0 else "decode_s"] += time.perf_counter() - started
+            past[side] = out.past_key_values
+            state[side]["ids"].append(token)
+    for side in sides:
+        state[side]["ids"] = torch.cat(state[side]["ids"], 1)[0]  # (new_tokens,)
+    return state
 
 
 def decode_speed(model, sparse: SparseModel, prompt: torch.Tensor, new_tokens: int = 32, runs: int = 5) -> dict:
-    """Dense and sparse decode alternating, ``runs`` each (after one warm-up of each); medians."""
-    times = {"dense": [], "sparse": []}
-    for run in range(runs + 1):
-        for name in ("dense", "sparse") if run % 2 == 0 else ("sparse", "dense"):
-            if name == "sparse":
-                with sparse:
-                    result = greedy_decode(model, prompt, new_tokens)
-            else:
-                result = greedy_decode(model, prompt, new_tokens)
-            if run:  # the first round warms caches and allocators
-                times[name].append(result[:2])
-    dense_prefill, dense_speed = (statistics.median(v) for v in zip(*times["dense"]))
-    sparse_prefill, sparse_speed = (statistics.median(v) for v in zip(*times["sparse"]))
-    return {"dense_tokens_per_s": dense_speed, "sparse_tokens_per_s": sparse_speed,
-            "speedup": sparse_speed / dense_speed, "dense_prefill_s": dense_prefill,
-            "sparse_prefill_s": sparse_prefill, "prefill_speedup": dense_prefill / max(sparse_prefill, 1e-9),
-            "runs": runs, "new_tokens": new_tokens, "prompt_tokens": int(prompt.shape[1])}
+    """Medians over ``runs`` paired decodes (after one warm-up), and each run's speedup to show the noise."""
+    rounds = [paired_decode(model, sparse, prompt, new_tokens, sparse_first=run % 2 == 1) for run in range(runs + 1)][1:]
+
+    def median(side: str, key: str) -> float:
+        return max(statistics.median(r[side][key] for r in rounds), 1e-9)
+
+    steps = new_tokens - 1
+    dense_speed, sparse_speed = steps / median("dense", "decode_s"), steps / median("sparse", "decode_s")
+    return {"dense_tokens_per_s": dense_speed, "sparse_tokens_per_s": sparse_speed, "speedup": sparse_speed / dense_speed,
+            "dense_prefill_s": median("dense", "prefill_s"), "sparse_prefill_s": median("sparse", "prefill_s"),
+            "prefill_speedup": median("dense", "prefill_s") / median("sparse", "prefill_s"),
+            "speedup_per_run": [r["dense"]["decode_s"] / max(r["sparse"]["decode_s"], 1e-9) for r in rounds],
+            "load_average": os.getloadavg()[0], "runs": runs, "new_tokens": new_tokens,
+            "prompt_tokens": int(prompt.shape[1])}
 
 
 def eval_windows(tokenizer, corpus, text_field: str = "text", max_windows: int = 32, max_length: int = 128) -> list[torch.Tensor]:
@@ -121,12 +135,14 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
     if windows is not None:
         result |= quality(model, plan, windows, controls)
         if sweep:
-            result["sweep"] = [quality(model, plan.at_sparsity(s), windows, True) | {"sparsity": s} for s in sweep]
+            result["sweep"] = [quality(model, plan.at_sparsity(s), windows, True, result["ppl_dense"]) | {"sparsity": s}
+                               for s in sweep]
     return result
 
 
-def quality(model, plan: SparsePlan, windows, controls: bool = False) -> dict:
-    dense = perplexity(model, windows)
+def quality(model, plan: SparsePlan, windows, controls: bool = False, ppl_dense: float | None = None) -> dict:
+    """Perplexity of the plan (and of its random control) next to dense (measured unless given)."""
+    dense = perplexity(model, windows) if ppl_dense is None else ppl_dense
     sparse = perplexity(model, windows, SparseModel(model, plan))
     out = {"ppl_dense": dense, "ppl_sparse": sparse, "ppl_ratio": sparse / dense, "eval_windows": len(windows)}
     if controls:

@@ -55,7 +55,8 @@ class CoreInferRuntime:
         self.weights = layer_weights(layer)
         self.keep: torch.Tensor | None = None  # (B, k) per sequence of the current prompt
         self.prompt = -1  # the prompt keep belongs to
-        self.compact: CompactFFN | None = None
+        self.compact: CompactFFN | None = None  # its buffers are reused from prompt to prompt
+        self.compacted = -1  # the prompt compact holds the core set of
 
     def forward(self, role, x, original):
         if self.phase.prefill:
@@ -67,8 +68,8 @@ class CoreInferRuntime:
         if self.keep is None:  # similarity-guided: the prompt's clusters are known once prefill ended
             self.keep = torch.stack([self._cluster_core(c) for c in self.phase.clusters]).to(x.device)
         if self.keep.shape[0] == 1:
-            if self.compact is None:
-                self.compact = CompactFFN(self.weights, self.keep[0])
+            if self.compacted != self.prompt:  # first decode step of this prompt
+                self._compact(self.keep[0])
             return self.compact.forward(role, x)
         if role != "down":
             return original(x)
@@ -77,13 +78,20 @@ class CoreInferRuntime:
     def _choose(self, z: torch.Tensor) -> None:
         batch = self.phase.batch
         z = z.reshape(batch, -1, z.shape[-1])  # (B, T, d_ff), also for OPT's flattened tokens
-        self.prompt, self.compact, self.keep = self.phase.prompt, None, None
+        self.prompt, self.keep = self.phase.prompt, None
         if self.plan.options.get("clusters", 0) and self.plan.control is None:
             if self.layer.index == int(self.plan.options["cluster_layer"]):
                 self.phase.clusters = [self._nearest_cluster(z[b]) for b in range(batch)]
             return
         sets = [core_neurons(self._frequency(z[b], b), self.plan.sparsity) for b in range(batch)]
         self.keep = torch.stack(sets)
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        if self.compact is None:
+            self.compact = CompactFFN(self.weights, keep)
+        else:
+            self.compact.refill(keep)
+        self.compacted = self.prompt
 
     def _frequency(self, z: torch.Tensor, row: int) -> torch.Tensor:
         if self.plan.control == "random":

@@ -33,12 +33,16 @@ class FFNWeights:
     def width(self) -> int:
         return self.down.shape[1]
 
-    def rows(self, role: str, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, bias) of the input projection ``role`` restricted to neurons ``keep`` (k,)."""
+    def rows(self, role: str, keep: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the input projection ``role`` restricted to neurons ``keep`` (k,).
+
+        ``out``: a buffer of the result's shape to gather the weight into instead of a new tensor.
+        """
         weight, bias = (self.up, self.up_bias) if role == "up" else (self.gate, self.gate_bias)
         if role == "up" and self.fused:  # gate rows then up rows, so the MLP's chunk(2) still splits them
             keep = torch.cat([keep, keep + self.width])
-        return weight.index_select(0, keep).contiguous(), None if bias is None else bias.index_select(0, keep)
+        rows = torch.index_select(weight, 0, keep, out=out)
+        return rows, None if bias is None else bias.index_select(0, keep)
 
 
 def layer_weights(layer: LayerNeurons) -> FFNWeights:

@@ -51,13 +51,27 @@ def chosen_neurons(scores: torch.Tensor, sparsity: float, control: str | None, s
 
 
 class CompactFFN:
-    """One layer run on a subset of its neurons, with weights compacted into dense matrices."""
+    """One layer run on a subset of its neurons, with weights compacted into dense matrices.
+
+    :meth:`refill` gathers another subset of the same size into the same buffers (CoreInfer, once
+    per prompt): no new allocation, so no page faults on half the layer's weight bytes per prompt.
+    """
 
     def __init__(self, weights: FFNWeights, keep: torch.Tensor):
-        self.keep = keep  # (k,) sorted neuron indices
-        self.up, self.up_bias = weights.rows("up", keep)
-        self.gate, self.gate_bias = weights.rows("gate", keep) if weights.gate is not None else (None, None)
-        self.down = weights.down.index_select(1, keep).contiguous()  # (d_model, k)
+        self.weights = weights
+        self.up = self.gate = self.down = None  # buffers, allocated by the first refill
+        self.refill(keep)
+
+    @torch.inference_mode(False)  # normal tensors, refillable inside and outside inference mode
+    @torch.no_grad()
+    def refill(self, keep: torch.Tensor) -> None:
+        """Gather the rows of W_in / W_gate and the columns of W_out of ``keep`` (k,), sorted indices."""
+        if self.down is not None and self.down.shape[1] != keep.numel():
+            self.up = self.gate = self.down = None  # another size: new buffers
+        weights, self.keep = self.weights, keep
+        self.up, self.up_bias = weights.rows("up", keep, out=self.up)  # (k or 2k, d_model)
+        self.gate, self.gate_bias = weights.rows("gate", keep, out=self.gate) if weights.gate is not None else (None, None)
+        self.down = torch.index_select(weights.down, 1, keep, out=self.down)  # (d_model, k)
         self.down_bias = weights.down_bias
 
     def forward(self, role: str, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
@@ -101,9 +102,40 @@ def load_plan(path: str | Path) -> SparsePlan:
     meta_file = path / META_FILE
     if not meta_file.exists():
         raise NeuronAtlasError(f"{path} is not a sparse plan (no {META_FILE}); make one with `neuronatlas sparsify`")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise NeuronAtlasError(f"plan {path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    tensors = load_file(str(path / TENSORS_FILE)) if (path / TENSORS_FILE).exists() else {}
-    return SparsePlan(meta["method"], meta["sparsity"], meta["model"], meta.get("options", {}), tensors,
-                      meta.get("calibration", {}), meta.get("control"))
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise TypeError(f"{META_FILE} holds a {type(meta).__name__}, not an object")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        tensors = load_file(str(path / TENSORS_FILE)) if (path / TENSORS_FILE).exists() else {}
+        plan = SparsePlan(meta["method"], meta["sparsity"], meta["model"], meta.get("options", {}),
+                          tensors, meta.get("calibration", {}), meta.get("control"))
+        _check_fields(plan)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError, OSError) as error:
+        raise NeuronAtlasError(f"{path} is not a valid sparse plan ({_reason(error)}); make one with `neuronatlas sparsify`") from None
+    return plan
+
+
+def _check_fields(plan: SparsePlan) -> None:
+    """Raise ValueError/TypeError on fields a hand-edited or truncated plan.json could get wrong."""
+    if plan.method not in METHODS:
+        raise ValueError(f"method {plan.method!r} is none of {', '.join(METHODS)}")
+    if isinstance(plan.sparsity, bool) or not isinstance(plan.sparsity, (int, float)) or not 0 <= plan.sparsity < 1:
+        raise ValueError(f"sparsity {plan.sparsity!r} is not a number in [0, 1)")
+    if plan.control not in CONTROLS:
+        raise ValueError(f"control {plan.control!r} is none of {', '.join(map(str, CONTROLS))}")
+    if not isinstance(plan.options, dict) or not isinstance(plan.calibration, dict):
+        raise TypeError("options and calibration must be objects")
+    widths, fingerprint = plan.model["widths"], plan.model["fingerprint"]
+    if not (isinstance(widths, list) and widths and all(isinstance(w, int) and w > 0 for w in widths)):
+        raise ValueError(f"model widths {widths!r} are not a list of positive integers")
+    if not isinstance(fingerprint, str):
+        raise TypeError(f"model fingerprint {fingerprint!r} is not a string")
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, KeyError):
+        return f"missing field {error}"
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text or type(error).__name__

@@ -52,6 +52,7 @@ def sparsify(method: str, model, tokenizer=None, sparsity: float = 0.5, *, atlas
     sparsity = check_sparsity(sparsity)
     neurons = locate_neurons(model)
     check_support(method, neurons.model_type)
+    _check_counts(options, neurons.num_layers)
     _check_sources(method, options, atlas, corpus)
     if atlas is not None:
         check_atlas(atlas, model)
@@ -64,6 +65,34 @@ def sparsify(method: str, model, tokenizer=None, sparsity: float = 0.5, *, atlas
     builders = {"teal": _teal, "wina": _wina, "coreinfer": _coreinfer, "hot": _hot, "moe": _moe}
     plan.tensors = builders[method](neurons, options, atlas, sample, plan)
     return plan
+
+
+def _check_counts(options: SparsifyOptions, num_layers: int) -> None:
+    """Refuse counts and shares that would silently calibrate or convert nothing."""
+    for name, value, least in (("calib_tokens", options.calib_tokens, 1), ("max_length", options.max_length, 2),
+                               ("experts", options.experts, 1), ("clusters", options.clusters, 0),
+                               ("router_steps", options.router_steps, 1)):
+        if value < least:
+            raise NeuronAtlasError(f"{_option(name)} must be at least {least}, not {value}")
+    for name, value in (("alpha", options.alpha), ("active", options.active)):
+        if not 0 < value <= 1:
+            raise NeuronAtlasError(f"{_option(name)} must be in (0, 1], not {value}")
+    if options.layers is not None:
+        outside = [layer for layer in options.layers if not 0 <= layer < num_layers]
+        if not options.layers or outside:
+            raise NeuronAtlasError(f"{_option('layers')} must list layers within the model's 0..{num_layers - 1}, "
+                                   f"not {options.layers}; pass e.g. --layers 0-{num_layers - 1}")
+    if options.cluster_layer is not None and not 0 <= options.cluster_layer < num_layers:
+        raise NeuronAtlasError(f"{_option('cluster_layer')} {options.cluster_layer} is outside the model's layers "
+                               f"0..{num_layers - 1}")
+
+
+CLI_FLAGS = {"calib_tokens", "experts", "clusters", "alpha", "layers", "cluster_layer"}  # options `sparsify` exposes
+
+
+def _option(name: str) -> str:
+    """An option's name, with its command-line flag where ``neuronatlas sparsify`` has one."""
+    return f"{name} (--{name.replace('_', '-')})" if name in CLI_FLAGS else name
 
 
 def _check_sources(method: str, options: SparsifyOptions, atlas, corpus) -> None:
@@ -80,8 +109,6 @@ def _check_sources(method: str, options: SparsifyOptions, atlas, corpus) -> None
             raise NeuronAtlasError(f"unknown router {options.router!r}; use one of {', '.join(moe.ROUTERS)}")
         if (options.split == "coactivation" or options.router == "mlp") and corpus is None:
             raise NeuronAtlasError(f"moe --split {options.split} --router {options.router} learns from activations: pass --corpus FILE")
-        if options.experts < 1:
-            raise NeuronAtlasError(f"experts must be at least 1, not {options.experts}")
 
 
 def _uses_corpus(method: str, options: SparsifyOptions) -> bool:
@@ -140,8 +167,6 @@ def _hot(neurons, options, atlas, sample, plan):
 
 
 def _coreinfer(neurons, options, atlas, sample, plan):
-    if options.alpha <= 0 or options.alpha > 1:
-        raise NeuronAtlasError(f"alpha must be in (0, 1], not {options.alpha}")
     if not options.clusters:
         return {}
     return coreinfer_clusters(neurons, sample, options, plan.options["cluster_layer"])
