@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from neuronatlas.sparse.kernels import compact_columns, compact_rows, expert_runs, sparse_input_matvec
+from neuronatlas.sparse.kernels import compact_columns, compact_rows, expert_runs, sparse_input_matvec, weighted_row_sums
 
 
 def ffn_dense(x, w):
@@ -32,19 +32,20 @@ def build(hidden: int, ffn: int, layers: int, sparsity: float, experts: int):
         kept = torch.randperm(ffn)[:keep].sort().values
         w["compact"] = {"gate": compact_rows(w["gate"], kept), "up": compact_rows(w["up"], kept),
                         "down": compact_columns(w["down"], kept)}
-        w["t"] = {name: w[name].T.contiguous() for name in ("gate", "up", "down")}  # (in, out) for gathers
-        w["down_t"] = w["down"].T.contiguous()  # (ffn, hidden): expert rows contiguous
+        w["gate_up_t"] = torch.cat([w["gate"].T, w["up"].T]).contiguous()  # (2 hidden, ffn): rows per input channel
+        w["down_t"] = w["down"].T.contiguous()  # (ffn, hidden): expert rows / neuron rows contiguous
         out.append(w)
     bounds = torch.linspace(0, ffn, experts + 1).long().tolist()
     return out, bounds
 
 
-def per_token(x, w, threshold_x, threshold_z):
-    t = w["t"]
+def per_token(x, w, threshold_x, threshold_z, pieces=None):
+    """TEAL's decode step: one bag call for gate and up (shared x mask), one for down (mask of z)."""
     xv = x[0]
-    mask = xv.abs() > threshold_x
-    z = F.silu(sparse_input_matvec(xv, t["gate"], mask)) * sparse_input_matvec(xv, t["up"], mask)
-    return sparse_input_matvec(z, t["down"], z.abs() > threshold_z)
+    kept = (xv.abs() > threshold_x).nonzero().squeeze(1)
+    gate, up = weighted_row_sums(w["gate_up_t"], [kept, kept + xv.numel()], [xv[kept]] * 2, pieces)
+    z = F.silu(gate) * up
+    return sparse_input_matvec(z, w["down_t"], z.abs() > threshold_z, pieces)
 
 
 def experts_ffn(x, w, runs):
@@ -93,7 +94,8 @@ def main() -> None:
     layouts = {
         "compacted fixed mask 50%": lambda w: ffn_dense(x, w["compact"]),
         "4 of 16 expert slices (25%)": lambda w: experts_ffn(x, w, quarter),
-        "per-token embedding_bag 50% (TEAL/WINA)": lambda w: per_token(x, w, threshold_x, threshold_z),
+        "per-token embedding_bag 50%, a bag per thread (TEAL/WINA)": lambda w: per_token(x, w, threshold_x, threshold_z),
+        "per-token embedding_bag 50%, one bag": lambda w: per_token(x, w, threshold_x, threshold_z, pieces=1),
         "per-token index_select 50%": lambda w: index_select_ffn(x, w, kept),
     }
     with torch.inference_mode():

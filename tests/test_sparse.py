@@ -13,7 +13,7 @@ from neuronatlas.errors import NeuronAtlasError
 from neuronatlas.intervene import Intervention, intervene
 from neuronatlas.loading import load_model
 from neuronatlas.sparse import SparsifyOptions, apply_plan, load_plan, sparsify
-from neuronatlas.sparse.kernels import masked_input_matmul, sparse_input_matvec
+from neuronatlas.sparse.kernels import masked_input_matmul, sparse_input_matvec, weighted_row_sums
 
 DENSE_TOL = 1e-5
 
@@ -170,9 +170,35 @@ def test_sparse_input_kernel_equals_masked_matmul():
     torch.manual_seed(0)
     weight_t, x = torch.randn(50, 23), torch.randn(50)
     mask = x.abs() > 0.7
-    assert torch.allclose(sparse_input_matvec(x, weight_t, mask), masked_input_matmul(x[None], weight_t, mask[None])[0],
-                          atol=1e-5)
+    for pieces in (1, 2, 3, 64):  # the kept rows split into bags (64: more bags than rows, some empty)
+        assert torch.allclose(sparse_input_matvec(x, weight_t, mask, pieces),
+                              masked_input_matmul(x[None], weight_t, mask[None])[0], atol=1e-5)
     assert torch.equal(sparse_input_matvec(x, weight_t, torch.zeros(50, dtype=torch.bool)), torch.zeros(23))
+    rows = [torch.tensor([3, 7, 8]), torch.tensor([], dtype=torch.long), torch.tensor([0, 49])]
+    weights = [torch.randn(3), torch.randn(0), torch.randn(2)]
+    expected = torch.stack([w @ weight_t[r] for r, w in zip(rows, weights)])
+    assert torch.allclose(weighted_row_sums(weight_t, rows, weights, pieces=2), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_gate_and_up_come_from_one_bag_call_and_equal_their_masked_products(llama, corpus_path, method):
+    from neuronatlas.models import locate_neurons
+    from neuronatlas.sparse.teal import threshold_runtime
+
+    model, tokenizer = llama
+    plan = make_plan(method, model, tokenizer, 0.5, corpus=corpus_path)
+    runtime = threshold_runtime(plan, locate_neurons(model).layers[0], weighted=method == "wina")
+    pair = runtime.pair
+    assert pair.shared_mask == (method == "teal")  # TEAL thresholds x once for both
+    x = torch.randn(1, 1, pair.rows)
+    gate = runtime.forward("gate", x, None)
+    assert set(pair.waiting) == {"up"}
+    up = runtime.forward("up", x, None)
+    assert not pair.waiting  # the second call took the kept output
+    for out, projection in ((gate, pair.gate), (up, pair.up)):
+        expected = masked_input_matmul(x, projection.weight_t, projection.mask(x))
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert not torch.allclose(out, x @ projection.weight_t, atol=1e-3)  # channels were dropped
 
 
 def test_every_plan_works_with_generate(llama, llama_atlas, corpus_path):
