@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli_sets import write_set
 from .errors import NeuronAtlasError
 
 
@@ -36,11 +37,7 @@ def _check_out(out: str) -> None:
 
 def _save(found, args, extra: str) -> None:
     found.params["atlas"] = str(args.atlas)
-    from .cli_find import print_set_summary  # cli_find imports this module: import here, not above
-
-    found.save(args.out)
-    print_set_summary(found, extra)
-    print(f"neuron set written to {args.out}")
+    write_set(found, args.out, extra)
 
 
 # ---- selectivity --------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
 from .cli_detect import add_find_commands
 from .cli_find_grad import add_find_commands as add_gradient_commands
 from .cli_find_stats import add_find_commands as add_statistics_commands
+from .cli_sets import write_set
 from .errors import NeuronAtlasError
 
 
@@ -87,9 +87,7 @@ def _run_lape(args) -> int:
     found = find_lape(atlas, top_rate=args.top_rate, percentile=args.percentile, signal=args.signal,
                       filter=not args.no_filter)
     found.params["atlas"] = str(args.atlas)
-    found.save(args.out)
-    print_set_summary(found, extra=f"signal {found.params['signal']}, tau {found.params['tau']:.4g}")
-    print(f"neuron set written to {args.out}")
+    write_set(found, args.out, extra=f"signal {found.params['signal']}, tau {found.params['tau']:.4g}")
     return 0
 
 
@@ -115,9 +113,7 @@ def _run_dead(args) -> int:
     atlas = load_atlas(args.atlas)
     found = find_dead(atlas, max_rate=args.max_rate, signal=args.signal)
     found.params["atlas"] = str(args.atlas)
-    found.save(args.out)
-    print_set_summary(found, extra=f"rate <= {args.max_rate:g} on signal {found.params['signal']}")
-    print(f"neuron set written to {args.out}")
+    write_set(found, args.out, extra=f"rate <= {args.max_rate:g} on signal {found.params['signal']}")
     return 0
 
 
@@ -149,9 +145,7 @@ def _run_find_vocab(args) -> int:
     model, _ = _load(args)
     found = find_vocab(model, meta, kind=args.kind, kurtosis=args.kurtosis)
     found.params["model"] = args.model
-    found.save(args.out)
-    print_set_summary(found, extra=f"{args.kind} neurons, vocab kurtosis > {args.kurtosis:g}")
-    print(f"neuron set written to {args.out}")
+    write_set(found, args.out, extra=f"{args.kind} neurons, vocab kurtosis > {args.kurtosis:g}")
     return 0
 
 
@@ -229,27 +223,7 @@ def _run_weights(args) -> int:
         found = find_weight_class(model, cls, args.threshold, atlas_meta=meta, classes=classes)
         found.params["model"] = args.model
         if args.out is not None:
-            found.save(args.out)
-            print_set_summary(found, extra=f"class {cls}")
-            print(f"neuron set written to {args.out}")
+            write_set(found, args.out, extra=f"class {cls}")
         else:
             print(f"{cls}: {len(found)} neurons (pass --out to write them)")
     return 0
-
-
-# ---- summary ------------------------------------------------------------------------------------
-
-
-def print_set_summary(found, extra: str = "") -> None:
-    """One line of totals, then neurons per label (when labelled) and per layer."""
-    widths = found.model.get("widths") or []
-    unique = {(n.layer, n.index) for n in found.neurons}
-    total = sum(widths)
-    share = f" ({100 * len(unique) / total:.2f}% of {total:,})" if total else ""
-    print(f"{found.method}: {len(unique):,} neurons{share}" + (f"; {extra}" if extra else ""))
-    labels = Counter(n.label for n in found.neurons if n.label is not None)
-    if labels:
-        print("per label: " + ", ".join(f"{label} {count:,}" for label, count in sorted(labels.items())))
-    layers = Counter(layer for layer, _ in unique)
-    if layers:
-        print("per layer: " + ", ".join(f"{layer}: {layers.get(layer, 0):,}" for layer in range(len(widths) or max(layers) + 1)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli_sets import write_set
 from .errors import NeuronAtlasError
 
 
@@ -44,12 +45,8 @@ def _load(args):
 
 
 def _save(found, args, extra: str) -> None:
-    from .cli_find import print_set_summary  # cli_find imports this module: import here, not above
-
     found.params["model"] = args.model
-    found.save(args.out)
-    print_set_summary(found, extra)
-    print(f"neuron set written to {args.out}")
+    write_set(found, args.out, extra)
 
 
 def _layers(text: str | None) -> list[int] | None:

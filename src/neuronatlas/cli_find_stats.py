@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_sets import write_set
 from .errors import NeuronAtlasError
 
 
@@ -72,14 +73,6 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise NeuronAtlasError(f"{option} {text!r} is not a comma-separated list of integers; e.g. {option} 1,2,4") from None
-
-
-def _save(found, args, extra: str) -> None:
-    from .cli_find import print_set_summary  # cli_find imports this module: import here, not above
-
-    found.save(args.out)
-    print_set_summary(found, extra)
-    print(f"neuron set written to {args.out}")
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -161,7 +154,7 @@ def _run_probe(args) -> int:
     if args.plot:
         plot_curves(found, args.plot)
         print(f"plot written to {args.plot}")
-    _save(found, args, f"ranking {args.ranking}, best layer per label by mean F1 over k <= {args.top_k}")
+    write_set(found, args.out, f"ranking {args.ranking}, best layer per label by mean F1 over k <= {args.top_k}")
     return 0
 
 
@@ -209,7 +202,7 @@ def _run_universal(args) -> int:
     if args.report:
         _write_json(args.report, {"method": "universal", "params": found.params})
         print(f"report written to {args.report}")
-    _save(found, args, f"excess correlation > {args.threshold:g} over {found.params['tokens']:,} tokens")
+    write_set(found, args.out, f"excess correlation > {args.threshold:g} over {found.params['tokens']:,} tokens")
     return 0
 
 
@@ -254,7 +247,7 @@ def _run_entropy(args) -> int:
     found.params["model"] = args.model
     if corpus is not None and args.check_docs:
         _check(found, model, tokenizer, corpus, args, direction=None)
-    _save(found, args, f"{found.params['candidates']:,} candidates, null dims {found.params['null_dims']}")
+    write_set(found, args.out, f"{found.params['candidates']:,} candidates, null dims {found.params['null_dims']}")
     return 0
 
 
@@ -282,7 +275,7 @@ def _run_frequency(args) -> int:
     found.params["model"] = args.model
     if args.check_docs:
         _check(found, model, tokenizer, corpus, args, direction)
-    _save(found, args, f"{found.params['candidates']:,} candidates")
+    write_set(found, args.out, f"{found.params['candidates']:,} candidates")
     return 0
 
 
