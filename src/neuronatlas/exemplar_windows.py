@@ -50,14 +50,15 @@ def exemplar_windows(neurons: ModelNeurons, windows: list[Window], top_uid: list
                 hi = int(torch.searchsorted(sorted_seq, batch_seqs[-1], right=True))
                 candidates = order[lo:hi]
                 rows = torch.searchsorted(batch_seqs, seq[candidates]).clamp(max=len(batch_seqs) - 1)
-                here = candidates[batch_seqs[rows] == seq[candidates]]  # exemplars whose window is in this batch
-                rows = rows[batch_seqs[rows] == seq[candidates]]
+                in_batch = batch_seqs[rows] == seq[candidates]  # exemplars whose window is in this batch
+                here, rows = candidates[in_batch], rows[in_batch]
                 if len(here) == 0:
                     return
-                z = z.reshape(len(batch_seqs), -1, z.shape[-1]).float().cpu()  # (B, T, D)
+                z = z.reshape(len(batch_seqs), -1, z.shape[-1])  # (B, T, D), left where the model runs
                 at = pos[here, None] + offsets  # (m, W) positions around each exemplar
                 inside = (at >= 0) & (at < lengths[rows, None])
-                picked = z[rows[:, None], at.clamp(0, z.shape[1] - 1), neuron[here, None]]  # (m, W)
+                index = (rows[:, None], at.clamp(0, z.shape[1] - 1), neuron[here, None])
+                picked = z[tuple(i.to(z.device) for i in index)].float().cpu()  # (m, W): only these leave the device
                 values[layer][here] = torch.where(inside, picked, float("nan"))
 
             with capture(neurons, on_z):
