@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,8 +33,9 @@ import torch.nn.functional as F
 from .corpus import Batch, Corpus, iter_batches, iter_windows, read_corpus
 from .errors import NeuronAtlasError
 from .intervene import Intervention, intervene
-from .loading import ENCODER_TYPES, max_positions, model_fingerprint
-from .models import locate_neurons
+from .hooks import forward_batch, pad_token_id
+from .loading import max_positions, model_fingerprint
+from .models import check_causal, locate_neurons
 from .neuronset import NeuronSet
 
 FORMAT_VERSION = 1
@@ -55,16 +57,6 @@ def t975(df: int) -> float:
         return _T975[df - 1]
     z = 1.959964
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def check_causal_lm(model) -> None:
-    """Refuse models whose loss is not next-token prediction."""
-    config = model.config
-    if config.model_type in ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
-        raise NeuronAtlasError(
-            f"evaluate measures next-token NLL, which needs a causal (decoder-only) language model; "
-            f"{config.model_type} is an encoder (masked LM): use a decoder model such as llama or gpt2"
-        )
 
 
 def evaluate(
@@ -94,69 +86,20 @@ def evaluate(
     ``constant`` or ``scale`` (need ``value``). Returns the EVAL.json dict (see the module docstring).
     """
     started = time.monotonic()
-    check_causal_lm(model)
+    check_causal(model.config, "evaluate", needs="next-token NLL")
     neurons = locate_neurons(model)
     _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, batch_size, max_docs_per_label)
     fingerprint = model_fingerprint(model)
     if check_fingerprint:
         neuron_set.check_model(fingerprint, neurons.widths)
-    if not isinstance(corpus, Corpus):
-        corpus = read_corpus(corpus, text_field=text_field, label_field=label_field)
-    if corpus.label_field is None and not corpus.label_from_folder:
-        raise NeuronAtlasError(
-            f"evaluate needs labelled documents to measure each label's text, but corpus {corpus.path} is read "
-            "without labels; pass label_field / --label-field (e.g. lang)"
-        )
+    corpus = _labelled_corpus(corpus, text_field, label_field)
     max_length = _max_length(model, max_length)
     batches, documents, tokens = _label_batches(corpus, tokenizer, max_docs_per_label, max_length, batch_size)
-    labels = sorted(batches)
-    set_labels = neuron_set.labels
-    missing = [label for label in set_labels if label not in batches]
-    if missing:
-        raise NeuronAtlasError(
-            f"neuron set label(s) {', '.join(map(repr, missing))} have no text in corpus {corpus.path} "
-            f"(it has: {', '.join(labels)}); evaluate on a corpus with those labels"
-        )
-    sets = {label: neuron_set.for_label(label).per_layer() for label in set_labels}
-    empty = [label for label, table in sets.items() if not table]
-    if empty:
-        raise NeuronAtlasError(f"the neuron set has no neurons for label(s) {', '.join(empty)}")
-
-    progress = _Progress(1 + len(set_labels) + len(set_labels) * controls, quiet)
-    device = next(model.parameters()).device
-    baseline = _nll(model, batches, labels, device)
-    progress.step("baseline")
-    nll: dict[str, dict[str, float]] = {}
-    for label in set_labels:
-        with intervene(neurons, [_ablation(sets[label], op, value, signal)], atlas=atlas, allow_empty=False):
-            nll[label] = _nll(model, batches, labels, device)
-        progress.step(f"ablate {label}")
+    labels, set_labels = sorted(batches), neuron_set.labels
+    sets = _label_sets(neuron_set, labels, corpus)
+    ablation = partial(Intervention, op=op, value=value, signal=signal)
+    baseline, nll, control = _measure(model, neurons, batches, sets, ablation, atlas, controls, seed, quiet)
     delta = {row: {col: nll[row][col] - baseline[col] for col in labels} for row in set_labels}
-
-    generator = torch.Generator().manual_seed(seed)
-    control: dict[str, dict] = {}
-    for label in set_labels:
-        increases = []
-        for _ in range(controls):
-            random_set = random_like(sets[label], neurons.widths, generator)
-            with intervene(neurons, [_ablation(random_set, op, value, signal)], atlas=atlas, allow_empty=False):
-                increases.append(_nll(model, batches, [label], device)[label] - baseline[label])
-            progress.step(f"control {label}")
-        if controls:
-            control[label] = summarize(increases)
-    progress.close()
-
-    specific = {}
-    for label in set_labels:
-        own = delta[label][label]
-        others = [delta[label][col] for col in labels if col != label]
-        beats_controls = (own > control[label]["high"]) if label in control else True
-        specific[label] = bool(all(own > other for other in others) and beats_controls)
-    diagonal = [delta[label][label] for label in set_labels]
-    off = [delta[row][col] for row in set_labels for col in labels if col != row]
-    mean_diagonal = sum(diagonal) / len(diagonal)
-    mean_off = sum(off) / len(off) if off else float("nan")
-    ratio = mean_diagonal / mean_off if off and mean_off > 0 else None
     return {
         "format_version": FORMAT_VERSION,
         "kind": "evaluation",
@@ -177,10 +120,7 @@ def evaluate(
         "nll": nll,
         "delta": delta,
         "control": control,
-        "specific": specific,
-        "mean_diagonal": mean_diagonal,
-        "mean_off_diagonal": mean_off,
-        "ratio": ratio,
+        **_verdicts(delta, control, set_labels, labels),
         "params": {
             "op": op, "value": value, "signal": signal, "controls": controls, "seed": seed,
             "max_docs_per_label": max_docs_per_label, "batch_size": batch_size, "max_length": max_length,
@@ -191,7 +131,76 @@ def evaluate(
     }
 
 
+def _measure(model, neurons, batches, sets, ablation, atlas, controls: int, seed: int, quiet: bool):
+    """(baseline NLL per text label, NLL per ablated label and text label, control summary per ablated label)."""
+    labels = sorted(batches)
+    progress = _Progress(1 + len(sets) + len(sets) * controls, quiet)
+    device = next(model.parameters()).device
+    baseline = _nll(model, batches, labels, device)
+    progress.step("baseline")
+    nll: dict[str, dict[str, float]] = {}
+    for label, table in sets.items():
+        with intervene(neurons, [ablation(table)], atlas=atlas, allow_empty=False):
+            nll[label] = _nll(model, batches, labels, device)
+        progress.step(f"ablate {label}")
+    generator = torch.Generator().manual_seed(seed)
+    control: dict[str, dict] = {}
+    for label, table in sets.items():
+        increases = []
+        for _ in range(controls):
+            random_set = random_like(table, neurons.widths, generator)
+            with intervene(neurons, [ablation(random_set)], atlas=atlas, allow_empty=False):
+                increases.append(_nll(model, batches, [label], device)[label] - baseline[label])
+            progress.step(f"control {label}")
+        if controls:
+            control[label] = summarize(increases)
+    progress.close()
+    return baseline, nll, control
+
+
+def _verdicts(delta: dict, control: dict, set_labels: list[str], labels: list[str]) -> dict:
+    """Which sets are specific, and the mean diagonal / off-diagonal increases and their ratio."""
+    specific = {}
+    for label in set_labels:
+        own = delta[label][label]
+        others = [delta[label][col] for col in labels if col != label]
+        beats_controls = (own > control[label]["high"]) if label in control else True
+        specific[label] = bool(all(own > other for other in others) and beats_controls)
+    diagonal = [delta[label][label] for label in set_labels]
+    off = [delta[row][col] for row in set_labels for col in labels if col != row]
+    mean_diagonal = sum(diagonal) / len(diagonal)
+    mean_off = sum(off) / len(off) if off else float("nan")
+    ratio = mean_diagonal / mean_off if off and mean_off > 0 else None
+    return {"specific": specific, "mean_diagonal": mean_diagonal, "mean_off_diagonal": mean_off, "ratio": ratio}
+
+
 # ---- pieces -----------------------------------------------------------------------------------
+
+
+def _labelled_corpus(corpus, text_field: str, label_field: str | None) -> Corpus:
+    if not isinstance(corpus, Corpus):
+        corpus = read_corpus(corpus, text_field=text_field, label_field=label_field)
+    if corpus.label_field is None and not corpus.label_from_folder:
+        raise NeuronAtlasError(
+            f"evaluate needs labelled documents to measure each label's text, but corpus {corpus.path} is read "
+            "without labels; pass label_field / --label-field (e.g. lang)"
+        )
+    return corpus
+
+
+def _label_sets(neuron_set: NeuronSet, labels: list[str], corpus: Corpus) -> dict[str, dict[int, torch.Tensor]]:
+    """{set label: {layer: neuron indices}}; every set label needs text and neurons."""
+    missing = [label for label in neuron_set.labels if label not in labels]
+    if missing:
+        raise NeuronAtlasError(
+            f"neuron set label(s) {', '.join(map(repr, missing))} have no text in corpus {corpus.path} "
+            f"(it has: {', '.join(labels)}); evaluate on a corpus with those labels"
+        )
+    sets = {label: neuron_set.for_label(label).per_layer() for label in neuron_set.labels}
+    empty = [label for label, table in sets.items() if not table]
+    if empty:
+        raise NeuronAtlasError(f"the neuron set has no neurons for label(s) {', '.join(empty)}")
+    return sets
 
 
 def _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, batch_size, max_docs) -> None:
@@ -246,7 +255,7 @@ def _label_batches(corpus: Corpus, tokenizer, max_docs: int | None, max_length: 
     for window in iter_windows(chosen, tokenizer, max_length):
         if len(window.input_ids) >= 2:
             per_label[window.label].append(window)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     batches = {}
     tokens = {}
     for label, windows in sorted(per_label.items()):
@@ -266,8 +275,7 @@ def _nll(model, batches: dict[str, list[Batch]], labels: list[str], device) -> d
         for batch in batches[label]:
             ids = batch.input_ids.to(device)
             mask = batch.attention_mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            logits = logits[:, :-1].float()
+            logits = forward_batch(model, ids, mask).logits[:, :-1].float()
             targets = ids[:, 1:]
             real = (mask[:, 1:] * mask[:, :-1]).bool()
             losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
@@ -275,10 +283,6 @@ def _nll(model, batches: dict[str, list[Batch]], labels: list[str], device) -> d
             count += int(real.sum())
         out[label] = total / max(count, 1)
     return out
-
-
-def _ablation(table: dict[int, torch.Tensor], op: str, value, signal: str) -> Intervention:
-    return Intervention(table, op, value=value, signal=signal)
 
 
 def random_like(table: dict[int, torch.Tensor], widths: list[int], generator: torch.Generator) -> dict[int, torch.Tensor]:

@@ -45,13 +45,14 @@ the order given.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .errors import NeuronAtlasError
+from .hooks import before, hook_sites
 from .models import ModelNeurons, locate_neurons
 from .neuronset import NeuronSet
 
@@ -270,21 +271,20 @@ def intervene(model: nn.Module, interventions: Sequence[Intervention] | Interven
     neurons = model if isinstance(model, ModelNeurons) else locate_neurons(model)
     plan = check_interventions(neurons, interventions, atlas, allow_empty=allow_empty)
     needs_shape = any(edit.positions != "all" for edits in plan.values() for edit in edits)
-    state: dict = {"shape": None}
-    handles = []
-    try:
+    state: dict = {"shape": None}  # (B, T) of the current forward, for positions of flattened sites
+    on = {signal: {layer: edits for (layer, kind), edits in plan.items() if kind == signal} for signal in SIGNALS}
+
+    def edit(signal: str):
+        return lambda layer, x: _apply(x, on[signal][layer], state["shape"])
+
+    with ExitStack() as stack:
         if needs_shape:
-            handles.append(neurons.model.register_forward_pre_hook(_shape_recorder(state), with_kwargs=True))
-        for (layer, signal), edits in sorted(plan.items()):
-            site = neurons.layers[layer]
-            if signal == "z":
-                handles.append(site.down.register_forward_pre_hook(_pre_hook(edits, state)))
-            else:
-                handles.append(site.act.register_forward_hook(_post_hook(edits, state)))
+            stack.enter_context(before(neurons.model, _shape_recorder(state), with_kwargs=True))
+        if on["z"]:
+            stack.enter_context(hook_sites(neurons, before_down=edit("z"), layers=sorted(on["z"])))
+        if on["gate"]:
+            stack.enter_context(hook_sites(neurons, after_act=edit("gate"), layers=sorted(on["gate"])))
         yield neurons
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _shape_recorder(state: dict):
@@ -294,20 +294,6 @@ def _shape_recorder(state: dict):
             ids = kwargs.get("inputs_embeds")
         if ids is not None:
             state["shape"] = (ids.shape[0], ids.shape[1])
-
-    return hook
-
-
-def _pre_hook(edits: list[_Edit], state: dict):
-    def hook(module, args):
-        return (_apply(args[0], edits, state["shape"]),) + tuple(args[1:])
-
-    return hook
-
-
-def _post_hook(edits: list[_Edit], state: dict):
-    def hook(module, args, output):
-        return _apply(output, edits, state["shape"])
 
     return hook
 

@@ -29,9 +29,10 @@ import torch
 
 from .corpus import Corpus, read_corpus
 from .errors import NeuronAtlasError
+from .hooks import pad_token_id
 from .intervene import Intervention, intervene
 from .loading import model_fingerprint
-from .models import locate_neurons
+from .models import check_causal, locate_neurons
 from .neuronset import NeuronSet
 
 MODES = ("add", "replace", "diff")
@@ -119,7 +120,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = DEF
              batch_size: int = 16, repetition_penalty: float = REPETITION_PENALTY) -> list[str]:
     """Greedy continuations (new text only) of ``prompts``, left-padded in batches."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out = []
@@ -164,6 +165,7 @@ def steer(
     per-prompt ``examples`` and the parameters.
     """
     started = time.monotonic()
+    check_causal(model.config, "steer", needs="text generation")
     neurons = locate_neurons(model)
     if not prompts:
         raise NeuronAtlasError("no prompts to steer from; give at least one")
@@ -177,14 +179,39 @@ def steer(
             raise NeuronAtlasError(f"unknown {role} label {label!r}; the atlas has labels: {', '.join(atlas.labels)}")
     items = steering_interventions(neuron_set, source, target, mode, deactivate_value, strength, signal)
     if check_fingerprint:
-        fingerprint = model_fingerprint(model)
-        neuron_set.check_model(fingerprint, neurons.widths)
-        atlas_print = atlas.meta["model"].get("fingerprint")
-        if atlas_print and atlas_print != fingerprint:
-            raise NeuronAtlasError(
-                f"the atlas was made for another model ({atlas.meta['model'].get('name_or_path')}, fingerprint "
-                f"{atlas_print} vs {fingerprint}); profile this model to get its atlas"
-            )
+        _check_fingerprints(model, neurons, neuron_set, atlas)
+    langid = _check_langid(langid, atlas, source, target)
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, repetition_penalty=repetition_penalty)
+    with intervene(neurons, items, atlas=atlas, allow_empty=False):  # validated before the plain run
+        pass
+    plain = generate(model, tokenizer, prompts, **kwargs)
+    with intervene(neurons, items, atlas=atlas, allow_empty=False):
+        steered = generate(model, tokenizer, prompts, **kwargs)
+    result = _judge(langid, source, target, prompts, plain, steered)
+    result["params"] = {
+        "mode": mode, "deactivate_value": deactivate_value, "strength": strength, "signal": signal,
+        "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty, "decoding": "greedy",
+        "positions": "all",
+        "neurons": {source: len(neuron_set.for_label(source)), target: len(neuron_set.for_label(target))},
+    }
+    result["seconds"] = round(time.monotonic() - started, 2)
+    return result
+
+
+def _check_fingerprints(model, neurons, neuron_set: NeuronSet, atlas) -> None:
+    """The neuron set and the atlas must both come from ``model``."""
+    fingerprint = model_fingerprint(model)
+    neuron_set.check_model(fingerprint, neurons.widths)
+    atlas_print = atlas.meta["model"].get("fingerprint")
+    if atlas_print and atlas_print != fingerprint:
+        raise NeuronAtlasError(
+            f"the atlas was made for another model ({atlas.meta['model'].get('name_or_path')}, fingerprint "
+            f"{atlas_print} vs {fingerprint}); profile this model to get its atlas"
+        )
+
+
+def _check_langid(langid, atlas, source: str, target: str):
+    """The given language identifier (else one trained on the atlas's corpus), knowing both labels."""
     if langid is None:
         langid = langid_for_atlas(atlas)
     missing = [label for label in (source, target) if label not in langid.labels]
@@ -193,12 +220,11 @@ def steer(
             f"the language identifier knows no {', '.join(map(repr, missing))} (it knows {', '.join(langid.labels)}); "
             "train it on a corpus with those labels"
         )
-    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, repetition_penalty=repetition_penalty)
-    with intervene(neurons, items, atlas=atlas, allow_empty=False):  # validated before the plain run
-        pass
-    plain = generate(model, tokenizer, prompts, **kwargs)
-    with intervene(neurons, items, atlas=atlas, allow_empty=False):
-        steered = generate(model, tokenizer, prompts, **kwargs)
+    return langid
+
+
+def _judge(langid, source: str, target: str, prompts, plain: list[str], steered: list[str]) -> dict:
+    """The shares of plain and steered continuations in each language, and the examples."""
     plain_lang, steered_lang = _languages(langid, plain), _languages(langid, steered)
     n = len(prompts)
 
@@ -222,13 +248,6 @@ def steer(
             {"prompt": p, "plain": a, "plain_lang": la, "steered": b, "steered_lang": lb}
             for p, a, la, b, lb in zip(prompts, plain, plain_lang, steered, steered_lang)
         ],
-        "params": {
-            "mode": mode, "deactivate_value": deactivate_value, "strength": strength, "signal": signal,
-            "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty, "decoding": "greedy",
-            "positions": "all",
-            "neurons": {source: len(neuron_set.for_label(source)), target: len(neuron_set.for_label(target))},
-        },
-        "seconds": round(time.monotonic() - started, 2),
     }
 
 

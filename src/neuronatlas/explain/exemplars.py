@@ -14,7 +14,6 @@ for every neuron of a set.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,10 @@ import torch
 from ..atlas import Atlas
 from ..corpus import Corpus, iter_windows
 from ..errors import NeuronAtlasError
-from ..hooks import capture
+from ..hooks import capture, forward_batch
 from ..loading import load_model, model_fingerprint
 from ..models import locate_neurons
+from ..tokens import token_texts
 
 DEFAULT_CONTEXT = 16  # tokens either side of the exemplar token
 
@@ -53,7 +53,6 @@ class SubjectModel:
         self.neurons = locate_neurons(model)
         self.base = model.base_model if hasattr(model, "base_model") else model
         self.device = next(model.parameters()).device
-        self.takes_positions = "position_ids" in inspect.signature(self.base.forward).parameters
 
     def activations(self, token_ids: list[int], wanted: dict[int, list[int]]) -> dict[int, np.ndarray]:
         """{layer: (T, len(wanted[layer])) float32}: z of the wanted neurons at every token of one window."""
@@ -66,11 +65,8 @@ class SubjectModel:
                 out[layer] = z[:, columns[layer].to(z.device)].float().cpu().numpy()
 
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # (1, T)
-        kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
-        if self.takes_positions:  # as the profile does: positions count from the window's start
-            kwargs["position_ids"] = torch.arange(len(token_ids), device=self.device)[None]
-        with torch.inference_mode(), capture(self.neurons, on_z):
-            self.base(**kwargs)
+        with torch.inference_mode(), capture(self.neurons, on_z):  # as the profile runs it: positions from 0
+            forward_batch(self.base, input_ids, torch.ones_like(input_ids))
         return out
 
 
@@ -102,7 +98,7 @@ class TokenStrings:
         if token_id not in self.known:
             if self.tokenizer is None:
                 raise NeuronAtlasError(f"token id {token_id} is not in the atlas's vocab.parquet; pass the model")
-            self.known[token_id] = self.tokenizer.decode([token_id])
+            self.known[token_id] = token_texts(self.tokenizer, [token_id])[0]
         return self.known[token_id]
 
 

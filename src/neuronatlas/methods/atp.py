@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NeuronAtlasError
+from ..hooks import capture_activations
 from ..models import ModelNeurons, locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
-from .gradients import (at_least_float32, capture_activations, drop_block_gradient, first_token, flat_scores, patch_per_row,
-                        prompt_ids, read_jsonl, track_neurons)
+from .gradients import (at_least_float32, drop_block_gradient, first_token, flat_scores, patch_per_row, prompt_ids,
+                        read_jsonl, track_neurons)
 
 METRICS = ("logit_diff", "logprob")
 

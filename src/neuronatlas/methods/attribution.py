@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..corpus import Corpus, iter_batches, iter_windows, read_corpus
 from ..errors import NeuronAtlasError
+from ..hooks import forward_batch, pad_token_id
 from ..loading import model_fingerprint
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
@@ -62,7 +63,7 @@ def corpus_attributions(model, tokenizer, corpus: Corpus, target: str = "logprob
     neurons = locate_neurons(model)
     device = next(model.parameters()).device
     windows = _windows(corpus, tokenizer, max_docs_per_label, max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     sums: dict = {}
     counts: dict = {}
     progress = None if quiet else _progress(sum(len(rows) for rows in windows.values()))
@@ -70,7 +71,7 @@ def corpus_attributions(model, tokenizer, corpus: Corpus, target: str = "logprob
         for batch in iter_batches(rows, batch_size, pad, "right"):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             with torch.enable_grad(), track_neurons(neurons) as record:
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                logits = forward_batch(model, ids, mask).logits
                 grads = record.gradients(_window_metric(logits, ids, mask, target))
             length = ids.shape[1]
             pooled = {layer: _pool(as_sequences(record.activations[layer] * grads[layer], length), mask, pool)

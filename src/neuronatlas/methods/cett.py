@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from ..errors import NeuronAtlasError
+from ..hooks import capture_activations
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
-from .gradients import capture_activations, read_jsonl
+from .gradients import read_jsonl
 
 POOLS = ("mean", "max")
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import NeuronAtlasError
+from ..hooks import before, capture_activations, forward_batch, pad_token_id
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import model_block_for
@@ -244,23 +245,19 @@ def _check_batches(tokenizer, corpus, max_docs: int, max_length: int, batch_size
 
     if max_docs < 1:
         raise NeuronAtlasError(f"check documents must be at least 1 (got {max_docs})")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     windows = [w for w in iter_windows(islice(corpus, max_docs), tokenizer, max_length) if len(w.input_ids) >= 2]
     if not windows:
         raise NeuronAtlasError(f"corpus {corpus.path} gave no window of two tokens or more to check on")
-    return list(iter_batches(windows, batch_size, pad, "right"))
+    return list(iter_batches(windows, batch_size, pad_token_id(tokenizer), "right"))
 
 
 def _mean_activations(model, site, batches, neurons) -> dict[tuple[int, int], float]:
-    from ..hooks import capture
-
     wanted = sorted(set(neurons))
     sums, count = torch.zeros(len(wanted), dtype=torch.float64), 0
     device = next(model.parameters()).device
     for batch in batches:
-        captured = {}
-        with capture(site, lambda layer, z: captured.__setitem__(layer, z.reshape(*batch.input_ids.shape, -1))):
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+        with capture_activations(site, batch.input_ids.shape) as captured:
+            forward_batch(model, batch.input_ids.to(device), batch.attention_mask.to(device))
         real = batch.attention_mask.bool().to(device)
         for number, (layer, index) in enumerate(wanted):
             sums[number] += float(captured[layer][..., index][real].double().sum())
@@ -319,15 +316,14 @@ class _Readout:
             self.log_unigram = torch.log_softmax(centred, 0)  # the normalised log unigram distribution
 
     def clean(self, batch, layers: list[int]) -> dict:
-        from ..hooks import capture
+        norm_input = {}
 
-        captured, norm_input = {}, {}
-        hook = self.site.final_norm.register_forward_pre_hook(lambda module, args: norm_input.__setitem__("x", args[0]))
-        try:
-            with capture(self.site, lambda l, z: captured.__setitem__(l, z.reshape(*batch.input_ids.shape, -1))):
-                logits = self._forward(batch)
-        finally:
-            hook.remove()
+        def keep_norm_input(module, args) -> None:
+            norm_input["x"] = args[0]
+
+        with before(self.site.final_norm, keep_norm_input), \
+                capture_activations(self.site, batch.input_ids.shape) as captured:
+            logits = self._forward(batch)
         x = norm_input["x"].float()  # (B, T, d)
         centred = x - x.mean(-1, keepdim=True) if self.centres else x
         sigma = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # (B, T, 1): the norm's frozen scale
@@ -376,8 +372,8 @@ class _Readout:
         return out
 
     def _forward(self, batch) -> torch.Tensor:
-        return self.model(input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device),
-                          use_cache=False).logits.float()
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        return forward_batch(self.model, ids, mask).logits.float()
 
     def _per_token(self, logits: torch.Tensor, clean: dict) -> dict[str, torch.Tensor]:
         """Per predicted token (N,): loss, entropy and, with a frequency direction, projection and KL to the unigram."""

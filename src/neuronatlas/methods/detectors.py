@@ -32,7 +32,6 @@ Per-neuron extras (triggers, coverage, VR, suppression) are in ``params["details
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 from pathlib import Path
 
@@ -40,8 +39,10 @@ import numpy as np
 import torch
 
 from ..errors import NeuronAtlasError
+from ..hooks import capture, forward_batch, pad_token_id
 from ..neuronset import Neuron, NeuronSet, model_info
 from ..stats import split_uid
+from ..tokens import token_texts
 
 _PAIR = 1 << 32  # bigram key = (previous + 1) * _PAIR + token
 
@@ -205,7 +206,7 @@ def _decoder(atlas, tokenizer):
             return table[token_id]
         if tokenizer is not None:
             try:
-                return tokenizer.decode([token_id])
+                return token_texts(tokenizer, [token_id])[0]
             except Exception:  # an id the tokenizer cannot decode
                 return None
         return None
@@ -227,15 +228,29 @@ def variance_explained(atlas, model, tokenizer, corpus, neurons: list[tuple[int,
     ``triggers`` (neuron -> trigger keys) also trigger_tokens, mean_on_triggers, mean_elsewhere and
     vr_triggers, the VR of the binary feature "the token is one of the triggers".
     """
-    from ..corpus import Corpus, iter_batches, iter_windows, read_corpus
-    from ..hooks import capture
+    from ..corpus import Corpus, iter_batches, read_corpus
     from ..models import locate_neurons
 
     if not isinstance(corpus, Corpus):
         corpus = read_corpus(Path(corpus), text_field=text_field, label_field=label_field)
-    max_length = atlas.meta["options"].get("max_length") or 512
-    windows = []
-    total = 0
+    windows, total = _first_windows(corpus, tokenizer, atlas.meta["options"].get("max_length") or 512, max_tokens)
+    located = locate_neurons(model)
+    base = model.base_model if hasattr(model, "base_model") else model
+    per_pass = max(1, max_elements // total)  # neurons per pass: (groups <= total tokens) x neurons accumulators
+    results = {}
+    for start in range(0, len(neurons), per_pass):
+        sums = _GroupSums(neurons[start : start + per_pass], total, next(model.parameters()).device)
+        for batch in iter_batches(iter(windows), batch_size, pad_token_id(tokenizer), "right"):
+            sums.add(base, located, batch, ngram)
+        results.update(sums.results(triggers))
+    return results
+
+
+def _first_windows(corpus, tokenizer, max_length: int, max_tokens: int) -> tuple[list, int]:
+    """The corpus's first whole windows up to ``max_tokens`` tokens, and their token count."""
+    from ..corpus import iter_windows
+
+    windows, total = [], 0
     for window in iter_windows(corpus, tokenizer, max_length):
         windows.append(window)
         total += len(window.input_ids)
@@ -243,91 +258,97 @@ def variance_explained(atlas, model, tokenizer, corpus, neurons: list[tuple[int,
             break
     if total < 2:
         raise NeuronAtlasError(f"the corpus {corpus.path} gives {total} tokens; variance explained needs more text")
-    located = locate_neurons(model)
-    device = next(model.parameters()).device
-    base = model.base_model if hasattr(model, "base_model") else model
-    takes_positions = "position_ids" in inspect.signature(base.forward).parameters
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    groups_bound = total
-    per_pass = max(1, max_elements // groups_bound)
-    results = {}
-    for start in range(0, len(neurons), per_pass):
-        chunk = neurons[start : start + per_pass]
+    return windows, total
+
+
+class _GroupSums:
+    """Streamed float64 sums of a chunk of neurons' z, per token group (token or bigram) and overall."""
+
+    def __init__(self, chunk: list[tuple[int, int]], groups_bound: int, device: torch.device):
         columns: dict[int, list[int]] = {}
         for layer, index in chunk:
             columns.setdefault(layer, []).append(index)
-        slot = {}  # (layer, index) -> column of the accumulators
+        self.slot = {}  # (layer, index) -> column of the accumulators
         for layer, indices in columns.items():
             for index in indices:
-                slot[(layer, index)] = len(slot)
-        layer_slots = {layer: torch.tensor([slot[(layer, i)] for i in idx], device=device) for layer, idx in columns.items()}
-        layer_cols = {layer: torch.tensor(idx, device=device) for layer, idx in columns.items()}
-        width = len(slot)
-        group_sum = torch.zeros((groups_bound, width), dtype=torch.float64, device=device)
-        group_count = torch.zeros(groups_bound, dtype=torch.float64, device=device)
-        total_sum = torch.zeros(width, dtype=torch.float64, device=device)
-        total_sq = torch.zeros(width, dtype=torch.float64, device=device)
-        row_of: dict[int, int] = {}
-        for batch in iter_batches(iter(windows), batch_size, pad, "right"):
-            ids = batch.input_ids.to(device)
-            mask = batch.attention_mask.to(device).bool()
-            B, T = mask.shape
-            keys = ids
-            if ngram == 2:
-                previous = torch.cat([torch.full((B, 1), -1, device=device, dtype=ids.dtype), ids[:, :-1]], 1)
-                keys = (previous + 1) * _PAIR + ids
-            keys = keys[mask]
-            unique, inverse = keys.unique(return_inverse=True)
-            rows = torch.tensor([row_of.setdefault(int(k), len(row_of)) for k in unique.tolist()], device=device)
-            token_rows = rows[inverse]  # (N,)
-            group_count.index_add_(0, token_rows, torch.ones_like(token_rows, dtype=torch.float64))
-            grabbed = torch.zeros((len(token_rows), width), dtype=torch.float64, device=device)
+                self.slot[(layer, index)] = len(self.slot)
+        self.layer_slots = {layer: torch.tensor([self.slot[(layer, i)] for i in idx], device=device)
+                            for layer, idx in columns.items()}
+        self.layer_cols = {layer: torch.tensor(idx, device=device) for layer, idx in columns.items()}
+        width = len(self.slot)
+        self.device = device
+        self.group_sum = torch.zeros((groups_bound, width), dtype=torch.float64, device=device)  # (G, W)
+        self.group_count = torch.zeros(groups_bound, dtype=torch.float64, device=device)  # (G,)
+        self.total_sum = torch.zeros(width, dtype=torch.float64, device=device)  # (W,)
+        self.total_sq = torch.zeros(width, dtype=torch.float64, device=device)  # (W,)
+        self.row_of: dict[int, int] = {}  # group key -> row of group_sum
 
-            def on_z(layer: int, z: torch.Tensor) -> None:
-                if layer in layer_cols:
-                    values = z.reshape(B, T, -1)[mask][:, layer_cols[layer]].double()
-                    grabbed[:, layer_slots[layer]] = values
+    def add(self, base, located, batch, ngram: int) -> None:
+        """Run one right-padded batch and add its real tokens' z to the sums."""
+        device = self.device
+        ids = batch.input_ids.to(device)
+        mask = batch.attention_mask.to(device).bool()
+        B, T = mask.shape
+        keys = ids
+        if ngram == 2:
+            previous = torch.cat([torch.full((B, 1), -1, device=device, dtype=ids.dtype), ids[:, :-1]], 1)
+            keys = (previous + 1) * _PAIR + ids
+        keys = keys[mask]
+        unique, inverse = keys.unique(return_inverse=True)
+        rows = torch.tensor([self.row_of.setdefault(int(k), len(self.row_of)) for k in unique.tolist()], device=device)
+        token_rows = rows[inverse]  # (N,)
+        self.group_count.index_add_(0, token_rows, torch.ones_like(token_rows, dtype=torch.float64))
+        grabbed = torch.zeros((len(token_rows), len(self.slot)), dtype=torch.float64, device=device)  # (N, W)
 
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            kwargs = {"input_ids": ids, "attention_mask": mask.long(), "use_cache": False}
-            if takes_positions:
-                kwargs["position_ids"] = positions
-            with capture(located, on_z):
-                base(**kwargs)
-            group_sum.index_add_(0, token_rows, grabbed)
-            total_sum += grabbed.sum(0)
-            total_sq += (grabbed * grabbed).sum(0)
-        groups = len(row_of)
-        count = group_count[:groups]
+        def on_z(layer: int, z: torch.Tensor) -> None:
+            if layer in self.layer_cols:
+                values = z.reshape(B, T, -1)[mask][:, self.layer_cols[layer]].double()
+                grabbed[:, self.layer_slots[layer]] = values
+
+        with capture(located, on_z):
+            forward_batch(base, ids, mask)
+        self.group_sum.index_add_(0, token_rows, grabbed)
+        self.total_sum += grabbed.sum(0)
+        self.total_sq += (grabbed * grabbed).sum(0)
+
+    def results(self, triggers: dict | None) -> dict[tuple[int, int], dict]:
+        """Per neuron of the chunk: VR, adjusted VR, groups and tokens (and the trigger feature's VR)."""
+        groups = len(self.row_of)
+        count = self.group_count[:groups]
         n = count.sum()
-        overall = total_sum ** 2 / n
-        total_ss = total_sq - overall
-        between_ss = (group_sum[:groups] ** 2 / count[:, None]).sum(0) - overall
+        overall = self.total_sum ** 2 / n
+        total_ss = self.total_sq - overall
+        between_ss = (self.group_sum[:groups] ** 2 / count[:, None]).sum(0) - overall
         within_ss = (total_ss - between_ss).clamp(min=0)
-        varies = total_ss > 1e-12 * total_sq.abs().clamp(min=1e-300)
+        varies = total_ss > 1e-12 * self.total_sq.abs().clamp(min=1e-300)
         safe = torch.where(varies, total_ss, torch.ones_like(total_ss))
         vr = torch.where(varies, (between_ss / safe).clamp(0, 1), torch.zeros_like(total_ss))
         adjusted = torch.where(varies, 1 - (within_ss / max(float(n) - groups, 1.0)) / (safe / max(float(n) - 1, 1.0)),
                                torch.zeros_like(total_ss))
-        for neuron, column in slot.items():
+        results = {}
+        for neuron, column in self.slot.items():
             results[neuron] = {"vr": float(vr[column]), "vr_adjusted": float(adjusted[column]), "groups": groups,
                                "tokens": int(n)}
-            keys = [key for key in (triggers or {}).get(neuron, []) if key in row_of]
             if triggers is not None:
-                on_rows = torch.tensor([row_of[key] for key in keys], dtype=torch.long, device=device)
-                n_on = float(count[on_rows].sum())
-                sum_on = float(group_sum[on_rows, column].sum())
-                sum_all, n_all = float(total_sum[column]), float(n)
-                mean_on = sum_on / n_on if n_on else None
-                mean_off = (sum_all - sum_on) / (n_all - n_on) if n_all > n_on else None
-                # VR of the binary feature "the token is a trigger": between-group / total sum of squares
-                between = sum(size * (mean - sum_all / n_all) ** 2
-                              for size, mean in ((n_on, mean_on), (n_all - n_on, mean_off)) if size)
-                results[neuron].update({
-                    "trigger_tokens": int(n_on), "mean_on_triggers": mean_on, "mean_elsewhere": mean_off,
-                    "vr_triggers": min(max(between / float(safe[column]), 0.0), 1.0) if bool(varies[column]) else 0.0,
-                })
-    return results
+                total = float(safe[column]) if bool(varies[column]) else None
+                results[neuron].update(self._trigger_feature(triggers.get(neuron, []), column, count, float(n), total))
+        return results
+
+    def _trigger_feature(self, keys: list[int], column: int, count: torch.Tensor, n_all: float,
+                         total_ss: float | None) -> dict:
+        """Means on and off the triggers and the VR of the binary feature "the token is a trigger"."""
+        on_rows = torch.tensor([self.row_of[key] for key in keys if key in self.row_of], dtype=torch.long,
+                               device=self.device)
+        n_on = float(count[on_rows].sum())
+        sum_on = float(self.group_sum[on_rows, column].sum())
+        sum_all = float(self.total_sum[column])
+        mean_on = sum_on / n_on if n_on else None
+        mean_off = (sum_all - sum_on) / (n_all - n_on) if n_all > n_on else None
+        # between-group / total sum of squares of the two groups
+        between = sum(size * (mean - sum_all / n_all) ** 2
+                      for size, mean in ((n_on, mean_on), (n_all - n_on, mean_off)) if size)
+        return {"trigger_tokens": int(n_on), "mean_on_triggers": mean_on, "mean_elsewhere": mean_off,
+                "vr_triggers": min(max(between / total_ss, 0.0), 1.0) if total_ss is not None else 0.0}
 
 
 # ---- suppression of the trigger -----------------------------------------------------------------

@@ -4,7 +4,7 @@ gradients at the neuron site, patching hooks, the answer metric and the JSONL re
 The site is the input z of each block's FFN output projection, (batch, time, d_ff). To read
 d metric / d z without detaching anything, a forward pre-hook adds a zero leaf tensor to z: the
 forward values stay exactly the same and the leaf's gradient is the total derivative with respect
-to z (every path, later layers included). Hooks are removed when their context exits.
+to z (every path, later layers included). The hooks come from :mod:`neuronatlas.hooks`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NeuronAtlasError
+from ..hooks import after, hook_sites
 from ..models import ModelNeurons, find_blocks
 
 
@@ -46,45 +47,15 @@ class SiteGradients:
 def track_neurons(neurons: ModelNeurons, layers: list[int] | None = None) -> Iterator[SiteGradients]:
     """Record z of ``layers`` (default: all) in a way that lets :meth:`SiteGradients.gradients` differentiate."""
     record = SiteGradients()
-    chosen = range(neurons.num_layers) if layers is None else layers
 
-    def hook_for(layer: int):
-        def hook(module, args):
-            z = args[0]
-            leaf = torch.zeros_like(z, requires_grad=True)
-            record.activations[layer] = z.detach()
-            record.leaves[layer] = leaf
-            return (z + leaf,) + tuple(args[1:])
+    def add_leaf(layer: int, z: torch.Tensor) -> torch.Tensor:
+        leaf = torch.zeros_like(z, requires_grad=True)
+        record.activations[layer] = z.detach()
+        record.leaves[layer] = leaf
+        return z + leaf
 
-        return hook
-
-    handles = []
-    try:
-        for layer in chosen:
-            handles.append(neurons.layers[layer].down.register_forward_pre_hook(hook_for(layer)))
+    with hook_sites(neurons, before_down=add_leaf, layers=layers):
         yield record
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def capture_activations(neurons: ModelNeurons) -> Iterator[dict[int, torch.Tensor]]:
-    """{layer: z, (B, T, d_ff)} of the forwards run inside the block (the last one wins)."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def hook_for(layer: int):
-        def hook(module, args):
-            seen[layer] = args[0].detach()
-
-        return hook
-
-    handles = [site.down.register_forward_pre_hook(hook_for(site.index)) for site in neurons.layers]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -101,11 +72,8 @@ def drop_block_gradient(neurons: ModelNeurons, layer: int) -> Iterator[None]:
         dropped = hidden + (first - hidden).detach()
         return (dropped,) + tuple(output[1:]) if isinstance(output, tuple) else dropped
 
-    handle = block.register_forward_hook(hook, with_kwargs=True)
-    try:
+    with after(block, hook, with_kwargs=True):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -114,30 +82,20 @@ def patch_per_row(neurons: ModelNeurons, rows: list[tuple[int, int]], source: di
 
     ``source[layer]`` is z of one sequence, (1, T, d_ff) or (T, d_ff), as long as the batch's sequences.
     """
-    by_layer: dict[int, list[tuple[int, int]]] = {}
+    targets: dict[int, list[tuple[int, int]]] = {}  # layer -> [(batch row, neuron index)]
     for row, (layer, index) in enumerate(rows):
-        by_layer.setdefault(layer, []).append((row, index))
+        targets.setdefault(layer, []).append((row, index))
+    where = {layer: torch.tensor(pairs).T for layer, pairs in targets.items()}  # layer -> (2, n): rows, indices
 
-    def hook_for(layer: int, targets: list[tuple[int, int]]):
-        row_ids = torch.tensor([row for row, _ in targets])
-        index_ids = torch.tensor([index for _, index in targets])
+    def patch(layer: int, flat: torch.Tensor) -> torch.Tensor:
+        row_ids, index_ids = where[layer]
+        length = source[layer].shape[-2]
+        z = as_sequences(flat.clone(), length)  # (B, T, d_ff)
+        z[row_ids, :, index_ids] = as_sequences(source[layer], length)[0, :, index_ids].T.to(z.dtype)  # (n, T)
+        return z.reshape(flat.shape)
 
-        def hook(module, args):
-            length = source[layer].shape[-2]
-            z = as_sequences(args[0].clone(), length)  # (B, T, d_ff)
-            z[row_ids, :, index_ids] = as_sequences(source[layer], length)[0, :, index_ids].T.to(z.dtype)  # (n, T)
-            return (z.reshape(args[0].shape),) + tuple(args[1:])
-
-        return hook
-
-    handles = []
-    try:
-        for layer, targets in by_layer.items():
-            handles.append(neurons.layers[layer].down.register_forward_pre_hook(hook_for(layer, targets)))
+    with hook_sites(neurons, before_down=patch, layers=list(where)):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def first_token(tokenizer, text: str, where: str) -> int:

@@ -25,6 +25,7 @@ from collections import defaultdict
 import torch
 
 from ..errors import NeuronAtlasError
+from ..hooks import hook_sites
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
@@ -77,23 +78,19 @@ def integrated_gradients(model, prompt: list[int], answer: list[int], layer: int
     alphas = torch.arange(1, steps + 1, device=device, dtype=torch.float32) / steps  # (m,)
     state: dict = {}
 
-    def scale(module, args):
-        z = as_sequences(args[0], ids.shape[1])  # (m, T, d_ff)
+    def scale(index: int, flat: torch.Tensor) -> torch.Tensor:
+        z = as_sequences(flat, ids.shape[1])  # (m, T, d_ff)
         original = z[0, position].detach()  # (d_ff,)
         scaled = (alphas[:, None].to(z.dtype) * original).requires_grad_(True)  # (m, d_ff)
         state["original"], state["scaled"] = original, scaled
         z = z.clone()
         z[:, position] = scaled
-        return (z.reshape(args[0].shape),) + tuple(args[1:])
+        return z.reshape(flat.shape)
 
-    handle = neurons.layers[layer].down.register_forward_pre_hook(scale)
-    try:
-        with torch.enable_grad():
-            logits = model(input_ids=ids, use_cache=False).logits  # (m, T, V)
-            probability = answer_logprob(logits, answer).exp()  # (m,)
-            (grad,) = torch.autograd.grad(probability.sum(), state["scaled"])  # (m, d_ff)
-    finally:
-        handle.remove()
+    with hook_sites(neurons, before_down=scale, layers=[layer]), torch.enable_grad():
+        logits = model(input_ids=ids, use_cache=False).logits  # (m, T, V)
+        probability = answer_logprob(logits, answer).exp()  # (m,)
+        (grad,) = torch.autograd.grad(probability.sum(), state["scaled"])  # (m, d_ff)
     return (state["original"].double() * grad.double().mean(0)).cpu()
 
 

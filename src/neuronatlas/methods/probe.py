@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import NeuronAtlasError
+from ..hooks import capture_activations, forward_batch, pad_token_id
 from ..neuronset import Neuron, NeuronSet, model_info
 
 RANKINGS = ("mean_diff", "f_stat", "l1")
@@ -77,7 +78,6 @@ def collect_samples(model, tokenizer, corpus, unit: str = "doc", pool: str = "me
     random real tokens of each window, until ``max_per_label`` tokens per label.
     """
     from ..corpus import iter_batches, iter_windows
-    from ..hooks import capture
     from ..models import locate_neurons
 
     if unit not in UNITS:
@@ -97,13 +97,11 @@ def collect_samples(model, tokenizer, corpus, unit: str = "doc", pool: str = "me
     if len(taken) < 2:
         raise NeuronAtlasError(f"corpus {corpus.path} needs labelled documents of at least two labels to probe "
                                f"(found: {', '.join(sorted(taken)) or 'none'}); pass --label-field")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collector = _Collector(neurons.num_layers, unit, pool, max_per_label, tokens_per_window, seed)
-    batches = iter_batches(iter_windows(chosen, tokenizer, max_length), batch_size, pad, "right")
+    batches = iter_batches(iter_windows(chosen, tokenizer, max_length), batch_size, pad_token_id(tokenizer), "right")
     for batch in batches:
-        captured: dict[int, torch.Tensor] = {}
-        with capture(neurons, lambda layer, z: captured.__setitem__(layer, z.reshape(*batch.input_ids.shape, -1))):
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+        with capture_activations(neurons, batch.input_ids.shape) as captured:
+            forward_batch(model, batch.input_ids.to(device), batch.attention_mask.to(device))
         collector.add(batch, [captured[layer].float().cpu() for layer in range(neurons.num_layers)])
         if unit == "token" and all(collector.taken.get(label, 0) >= max_per_label for label in taken):
             break  # every label has its tokens: the remaining documents are not needed

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NeuronAtlasError
+from ..hooks import capture_activations, forward_batch, pad_token_id
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block_for
@@ -149,8 +150,8 @@ def correlate_models(model_a, model_b, tokenizer, corpus, max_tokens: int = 20_0
     sites = [locate_neurons(model_a), locate_neurons(model_b)]
     stats = PairCorrelation(sites[0].widths, sites[1].widths)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    for batch in iter_batches(iter_windows(corpus, tokenizer, max_length), batch_size, pad, "right"):
+    windows = iter_windows(corpus, tokenizer, max_length)
+    for batch in iter_batches(windows, batch_size, pad_token_id(tokenizer), "right"):
         keep = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, special)  # (B, T)
         room = max_tokens - stats.tokens
         if room < int(keep.sum()):  # the last batch: only the first tokens that fit
@@ -166,12 +167,9 @@ def correlate_models(model_a, model_b, tokenizer, corpus, max_tokens: int = 20_0
 
 def _activations(model, site, batch, keep: torch.Tensor) -> torch.Tensor:
     """(n kept tokens, all neurons) float64 z of one model, layers concatenated."""
-    from ..hooks import capture
-
     device = next(model.parameters()).device
-    captured = {}
-    with capture(site, lambda layer, z: captured.__setitem__(layer, z.reshape(*batch.input_ids.shape, -1))):
-        model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+    with capture_activations(site, batch.input_ids.shape) as captured:
+        forward_batch(model, batch.input_ids.to(device), batch.attention_mask.to(device))
     mask = keep.to(device)
     return torch.cat([captured[layer][mask].double().cpu() for layer in range(site.num_layers)], 1)
 

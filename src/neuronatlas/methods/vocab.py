@@ -21,6 +21,7 @@ import torch
 from ..errors import NeuronAtlasError
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet, check_indices
+from ..tokens import token_texts
 from . import model_block_for
 
 KINDS = ("prediction", "suppression")
@@ -52,7 +53,7 @@ def _token_text(tokenizer, token_id: int) -> str | None:
     if tokenizer is None:
         return None
     try:
-        return tokenizer.decode([token_id])
+        return token_texts(tokenizer, [token_id])[0]
     except Exception:  # ids past the tokenizer's vocabulary (padded embedding matrices)
         return None
 

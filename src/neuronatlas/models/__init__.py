@@ -42,6 +42,24 @@ def site_for(model_type: str) -> Site:
     return table[model_type]
 
 
+def is_encoder(config) -> bool:
+    """True for models that attend both ways (BERT, RoBERTa) and for encoder-decoders."""
+    if getattr(config, "is_encoder_decoder", False):
+        return True
+    site = sites().get(config.model_type)
+    return site is not None and site.encoder
+
+
+def check_causal(config, verb: str, needs: str = "next-token prediction") -> None:
+    """Refuse encoders and encoder-decoders where ``verb`` needs a causal (decoder-only) LM."""
+    if is_encoder(config):
+        raise NeuronAtlasError(
+            f"{verb} needs {needs}, so a causal (decoder-only) language model; {config.model_type} is an "
+            f"encoder (masked LM){' or encoder-decoder' if getattr(config, 'is_encoder_decoder', False) else ''}: "
+            f"use a decoder model such as llama or gpt2"
+        )
+
+
 def find_blocks(model: nn.Module, site: Site) -> nn.ModuleList:
     modules = dict(model.named_modules())
     for suffix in site.blocks:
@@ -82,4 +100,5 @@ def locate_neurons(model: nn.Module) -> ModelNeurons:
     return ModelNeurons(model, str(model_type), site, layers, _find_final_norm(model, site))
 
 
-__all__ = ["LayerNeurons", "ModelNeurons", "Site", "find_blocks", "locate_neurons", "site_for", "sites", "supported_model_types"]
+__all__ = ["LayerNeurons", "ModelNeurons", "Site", "check_causal", "find_blocks", "is_encoder", "locate_neurons", "site_for",
+           "sites", "supported_model_types"]

@@ -26,6 +26,7 @@ class Site:
     conv1d: bool = False  # GPT-2's Conv1D keeps weights as (in, out) instead of (out, in)
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj, gate rows first, then up rows
     final_norm: tuple[str, ...] = ()  # suffixes of the final norm before the unembedding
+    encoder: bool = False  # attends both ways (masked LM): no next-token loss, no decoding
 
     @property
     def gated(self) -> bool:

@@ -8,5 +8,6 @@ SITE = Site(
     down="output.dense",
     act="intermediate.intermediate_act_fn",
     up="intermediate.dense",
+    encoder=True,
     final_norm=(),  # post-LN: each layer ends in its own LayerNorm; the MLM head has one more
 )
