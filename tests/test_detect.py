@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from neuronatlas.atlas import Atlas, default_position_edges, load_atlas, merge_atlases
+from neuronatlas.atlas import Atlas, default_position_edges, load_atlas
+from neuronatlas.atlas_merge import merge_atlases
 from neuronatlas.corpus import iter_windows, read_corpus
 from neuronatlas.errors import NeuronAtlasError
 from neuronatlas.hooks import capture
 from neuronatlas.loading import load_model
 from neuronatlas.models import locate_neurons
-from neuronatlas.profile import ProfileOptions, _ProfileRun, profile
+from neuronatlas.profile import ProfileOptions, ProfileRun, profile
 from neuronatlas.stats import SignalStats
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -151,7 +152,7 @@ def test_doc_pooled_mean_and_max_equal_brute_force(atlas, reference):
 def test_resume_gives_the_uninterrupted_atlas(tiny_llama, corpus_path, atlas, tmp_path, monkeypatch):
     """Interrupted several batches after its last checkpoint (rows written past it), then resumed."""
     out = tmp_path / "resumed"
-    original = _ProfileRun.checkpoint
+    original = ProfileRun.checkpoint
     calls = []
 
     def only_early_checkpoints(self, path):
@@ -159,12 +160,12 @@ def test_resume_gives_the_uninterrupted_atlas(tiny_llama, corpus_path, atlas, tm
         if len(calls) <= 3:  # later batches run on, writing rows the checkpoint does not count
             original(self, path)
 
-    monkeypatch.setattr(_ProfileRun, "checkpoint", only_early_checkpoints)
+    monkeypatch.setattr(ProfileRun, "checkpoint", only_early_checkpoints)
     corpus = StopsAfter(read_corpus(corpus_path, label_field="lang"), limit=10)
     with pytest.raises(KeyboardInterrupt):
         profile(str(tiny_llama), corpus, out, options=options(), device="cpu", quiet=True, checkpoint_every=0)
     assert len(calls) > 3 and (out / "checkpoint.safetensors").exists()
-    monkeypatch.setattr(_ProfileRun, "checkpoint", original)
+    monkeypatch.setattr(ProfileRun, "checkpoint", original)
     resumed = profile(str(tiny_llama), corpus_path, out, label_field="lang", options=options(), device="cpu",
                       quiet=True, resume=True)
     assert not (out / "checkpoint.safetensors").exists() and not (out / "docpool.partial").exists()
@@ -208,18 +209,18 @@ def test_merge_keeps_positions_of_compatible_max_lengths_and_drops_others():
             part.position_tokens = torch.ones(len(edges), dtype=torch.int64)
         return part
 
-    from neuronatlas.atlas import _merge_positions
+    from neuronatlas.atlas_merge import merge_positions
 
     merged = fake(64, [0])
-    _merge_positions(fake(24, default_position_edges(24)), fake(64, default_position_edges(64)), merged)
+    merge_positions(fake(24, default_position_edges(24)), fake(64, default_position_edges(64)), merged)
     assert merged.meta["options"]["position_edges"] == default_position_edges(64)
     assert merged.position_tokens.tolist() == [2, 2, 2, 2, 2, 2, 2, 1]
     assert merged.position_stat("sum", 0)[-1].tolist() == [1, 1]
     merged = fake(64, [0])
-    _merge_positions(fake(24, [0, 5]), fake(64, default_position_edges(64)), merged)
+    merge_positions(fake(24, [0, 5]), fake(64, default_position_edges(64)), merged)
     assert merged.positions is None and merged.meta["options"]["positions"] is False
     merged = fake(64, [0])
-    _merge_positions(fake(24, None), fake(64, default_position_edges(64)), merged)
+    merge_positions(fake(24, None), fake(64, default_position_edges(64)), merged)
     assert merged.positions is None
 
 
@@ -502,7 +503,7 @@ def test_detector_bad_inputs(planted, atlas, tiny_gpt2, corpus_path):
 
 
 def parser() -> argparse.ArgumentParser:
-    from neuronatlas.cli_detect import add_find_commands
+    from neuronatlas.cli.find import add_methods as add_find_commands
 
     top = argparse.ArgumentParser(prog="neuronatlas")
     commands = top.add_subparsers(dest="command")

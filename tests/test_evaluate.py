@@ -221,10 +221,11 @@ def test_steer_cli_runs_and_writes_json(capsys, llama, tiny_llama, random_atlas,
 
 
 def test_cli_defaults_match_the_library():
-    from neuronatlas import cli_prove, steer
+    from neuronatlas import steer
+    from neuronatlas.cli import steer as cli_steer
 
     for name in ("DEFAULT_DEACTIVATE", "DEFAULT_STRENGTH", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_PROMPT_WORDS"):
-        assert getattr(cli_prove, name) == getattr(steer, name), name
+        assert getattr(cli_steer, name) == getattr(steer, name), name
 
 
 def test_steer_cli_bad_input(capsys, llama, tiny_llama, random_atlas, corpus_path, tmp_path):

@@ -22,10 +22,14 @@ def __getattr__(name):
         from .profile import profile
 
         return profile
-    if name in ("Atlas", "load_atlas", "merge_atlases"):
+    if name in ("Atlas", "load_atlas"):
         from . import atlas
 
         return getattr(atlas, name)
+    if name == "merge_atlases":
+        from .atlas_merge import merge_atlases
+
+        return merge_atlases
     if name == "read_corpus":
         from .corpus import read_corpus
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from . import bundled
-from .cli import print_summary
+from .summary import print_summary
 
 # The bundled models have only 1,536-2,048 FFN neurons, so LAPE's default 1% keeps one to six
 # neurons per language; 5% (the top of the paper's 1-5% sweep) gives each language a real set.

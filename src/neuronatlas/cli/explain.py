@@ -1,8 +1,8 @@
-"""Command line: ``neuronatlas explain`` (automatic explanations, simulated and scored).
+"""``neuronatlas explain``: automatic explanations of neurons, simulated and scored.
 
     neuronatlas explain --atlas ATLAS --neurons SET.json --explainer DIR_OR_ENDPOINT --out EXPL.json
 
-See docs/explain.md. Torch-heavy modules are imported inside the handler so ``--help`` stays fast.
+See docs/explain.md.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import NeuronAtlasError
+from ..errors import NeuronAtlasError
+from .args import debug_arg, load_args, model_arg, out_arg, quiet_arg
 
 
 def register(commands) -> None:
-    """Add ``explain`` to the CLI's subcommands."""
     parser = commands.add_parser("explain", help="explain neurons with a language model, then simulate and score the explanations")
     parser.add_argument("--atlas", required=True, help="an atlas folder (its exemplars are explained)")
     parser.add_argument("--neurons", required=True, help="a neuron set JSON (from `neuronatlas find`)")
-    parser.add_argument("--out", required=True, help="the explanations JSON to write")
-    _add_backend_args(parser)
+    out_arg(parser, "the explanations JSON to write")
+    _backend_args(parser)
     parser.add_argument("--max-neurons", type=int, default=None, help="explain only the first N neurons of the set")
     parser.add_argument("--top", type=int, default=10, help="top exemplars shown to the explainer (default: 10)")
     parser.add_argument("--holdout", type=int, default=5, help="top exemplars held out for scoring (default: 5)")
@@ -28,18 +28,16 @@ def register(commands) -> None:
     parser.add_argument("--clusters", type=int, default=0, metavar="K",
                         help="also group each neuron's exemplars into K clusters and explain each (default: 0 = off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random exemplars and the clustering (default: 0)")
-    parser.add_argument("--model", default=None, help="the profiled model (default: the path recorded in the atlas)")
+    model_arg(parser, required=False, help="the profiled model (default: the path recorded in the atlas)")
     parser.add_argument("--corpus", default=None, help="corpus of the random exemplars (default: the atlas's corpus)")
-    parser.add_argument("--device", default="cpu", help="device of the local models: cpu, auto, cuda, cuda:N or mps (default: cpu)")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run model repositories' own code")
+    load_args(parser)  # of the local models: subject, explainer and simulator
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (skips the neurons in OUT.partial.jsonl)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    parser.set_defaults(handler=_run_explain)
+    quiet_arg(parser)
+    debug_arg(parser)
+    parser.set_defaults(handler=run)
 
 
-def _add_backend_args(parser: argparse.ArgumentParser) -> None:
+def _backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explainer", required=True,
                         help="a local causal LM (folder or Hugging Face id) or the http(s) URL of an OpenAI-compatible endpoint")
     parser.add_argument("--explainer-model", default=None,
@@ -53,11 +51,11 @@ def _add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens a local explainer may write (default: 24)")
 
 
-def _run_explain(args) -> int:
-    from .atlas import load_atlas
-    from .explain import ExplainOptions, explain_neurons
-    from .explain.run import atlas_corpus, check_out
-    from .neuronset import load_neuron_set
+def run(args) -> int:
+    from ..atlas import load_atlas
+    from ..explain import ExplainOptions, explain_neurons
+    from ..explain.run import atlas_corpus, check_out
+    from ..neuronset import load_neuron_set
 
     if args.max_neurons is not None and args.max_neurons < 1:
         raise NeuronAtlasError(f"--max-neurons must be at least 1 (got {args.max_neurons})")
@@ -85,7 +83,7 @@ def _run_explain(args) -> int:
 
 
 def _backends(args):
-    from .explain import open_backend
+    from ..explain import open_backend
 
     common = {"api_key_env": args.api_key_env, "timeout": args.timeout, "device": args.device, "dtype": args.dtype,
               "max_new_tokens": args.max_new_tokens, "trust_remote_code": args.trust_remote_code, "quiet": args.quiet}
@@ -105,10 +103,11 @@ def _announced(backend, role: str, quiet: bool):
 
 def _subject(args, atlas, options):
     """The profiled model, when random exemplars or unrecorded exemplar activations need it."""
-    import pyarrow.parquet as pq
     from pathlib import Path
 
-    from .explain import load_subject
+    import pyarrow.parquet as pq
+
+    from ..explain import load_subject
 
     file = Path(args.atlas) / "exemplars.parquet"
     recorded = file.exists() and "window_activations" in pq.read_schema(file).names

@@ -1,0 +1,75 @@
+"""``neuronatlas bench``: decode speed and perplexity of a sparse plan next to the dense model."""
+
+from __future__ import annotations
+
+from ..errors import NeuronAtlasError
+from .args import window_args
+from .common import write_json
+from .sparsify import load_speed_model, sparse_corpus_args, speed_model_args
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("bench", help="decode speed and perplexity of a sparse plan next to the dense model")
+    speed_model_args(parser)
+    parser.add_argument("--plan", required=True, help="a plan folder from `neuronatlas sparsify`")
+    sparse_corpus_args(parser, "a held-out corpus for perplexity (dense and sparse)")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each, alternating (default: 5)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per run (default: 32)")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
+    parser.add_argument("--max-windows", type=int, default=32, help="held-out windows for perplexity (default: 32)")
+    window_args(parser, max_length=128, batch_size=False)
+    parser.add_argument("--controls", action="store_true", help="also the perplexity of the random control plan")
+    parser.add_argument("--sweep", default=None, help="also perplexity (plan and random) at these sparsities, e.g. 0.25,0.5,0.75")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from ..sparse import load_plan
+    from ..sparse.bench import bench
+
+    for flag, least in (("runs", 1), ("new_tokens", 2), ("prompt_tokens", 1), ("max_windows", 1), ("max_length", 4)):
+        if getattr(args, flag) < least:
+            raise NeuronAtlasError(f"--{flag.replace('_', '-')} must be at least {least}, not {getattr(args, flag)}")
+    if (args.controls or args.sweep) and args.corpus is None:
+        raise NeuronAtlasError("--controls and --sweep measure perplexity: pass --corpus HELDOUT.jsonl")
+    sweep = _sweep(args.sweep)
+    plan = load_plan(args.plan)
+    model, tokenizer = load_speed_model(args)
+    if args.corpus is not None and tokenizer is None:
+        raise NeuronAtlasError(f"{args.model} has no tokenizer to read --corpus with; drop --corpus or add a tokenizer")
+    result = bench(model, tokenizer, plan, args.corpus, text_field=args.text_field, runs=args.runs,
+                   new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, max_windows=args.max_windows,
+                   max_length=args.max_length, controls=args.controls, sweep=sweep)
+    _print_bench(result)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def _sweep(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    from ..sparse.plan import check_sparsity
+
+    try:
+        return [check_sparsity(float(part)) for part in text.split(",")]
+    except ValueError:
+        raise NeuronAtlasError(f"--sweep {text!r} is not a list of sparsities; write e.g. 0.25,0.5,0.75") from None
+
+
+def _print_bench(result: dict) -> None:
+    print(f"{result['method']} at sparsity {result['sparsity']:g}, {result['threads']} threads, "
+          f"median of {result['runs']} runs of {result['new_tokens']} tokens")
+    print(f"decode: dense {result['dense_tokens_per_s']:.1f} tok/s, sparse {result['sparse_tokens_per_s']:.1f} tok/s, "
+          f"speedup {result['speedup']:.2f}x")
+    print(f"prefill ({result['prompt_tokens']} tokens): dense {1e3 * result['dense_prefill_s']:.1f} ms, "
+          f"sparse {1e3 * result['sparse_prefill_s']:.1f} ms")
+    if "ppl_dense" in result:
+        line = f"perplexity: dense {result['ppl_dense']:.3f}, sparse {result['ppl_sparse']:.3f} (x{result['ppl_ratio']:.3f})"
+        if "ppl_random" in result:
+            line += f", random control {result['ppl_random']:.3f}"
+        print(line)
+    for point in result.get("sweep", []):
+        print(f"  sparsity {point['sparsity']:.2f}: ppl x{point['ppl_ratio']:.3f}, random x{point['ppl_random'] / point['ppl_dense']:.3f}")
+

@@ -1,0 +1,74 @@
+"""``neuronatlas profile``: profile every FFN neuron of a model over a corpus into an atlas."""
+
+from __future__ import annotations
+
+import argparse
+
+from .args import corpus_args, debug_arg, model_args, out_arg, overwrite_arg, quiet_arg, window_args
+from .common import read_corpus_from
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("profile", help="profile every FFN neuron over a corpus into an atlas")
+    model_args(parser)
+    parser.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                        help="spread a model larger than one device over the GPUs and the CPU (accelerate); "
+                             "replaces --device")
+    parser.add_argument("--load-in", default=None, choices=["8bit", "4bit"],
+                        help="quantise the linear layers while loading (needs bitsandbytes and a CUDA GPU)")
+    corpus_args(parser, formats=True, folder=True)
+    _profile_options(parser)
+    out_arg(parser, "the atlas folder to write")
+    overwrite_arg(parser, "replace an atlas already in --out")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted profile in --out")
+    debug_arg(parser)
+    parser.set_defaults(handler=run)
+
+
+def _profile_options(parser: argparse.ArgumentParser) -> None:
+    window_args(parser, max_length=None, default_text="min(model positions, 512)")
+    parser.add_argument("--threshold", type=float, default=0.0, help="active means activation > threshold (default: 0)")
+    parser.add_argument("--top-k", type=int, default=20, help="exemplars kept per neuron (default: 20)")
+    parser.add_argument("--no-gate", action="store_true", help="skip the gate signal of gated families")
+    parser.add_argument("--padding-side", default="right", choices=["left", "right"])
+    parser.add_argument("--doc-sample", type=int, default=256, metavar="N",
+                        help="keep the mean and max z of the first N documents of each label, for "
+                             "`find selectivity` (default: 256; 0 = none)")
+    parser.add_argument("--no-positions", action="store_true",
+                        help="skip the statistics per position bucket that `find positional` reads")
+    parser.add_argument("--exemplar-radius", type=int, default=16, metavar="R",
+                        help="keep each exemplar's z at R tokens either side, for the viewer and "
+                             "explanations (one more forward pass over the exemplar windows; default: 16; 0 = none)")
+    parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints (default: 300)")
+    parser.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others at the rendezvous and at the "
+                             "merge (default: 1800)")
+    quiet_arg(parser)
+
+
+def _options(args):
+    from ..profile import ProfileOptions
+
+    return ProfileOptions(
+        batch_size=args.batch_size, max_length=args.max_length, threshold=args.threshold, top_k=args.top_k,
+        gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
+        doc_sample=args.doc_sample, positions=not args.no_positions, exemplar_radius=args.exemplar_radius,
+    )
+
+
+def run(args) -> int:
+    from ..distributed import launch_from_env
+    from ..profile import profile
+    from ..summary import print_summary
+
+    atlas = profile(
+        args.model, read_corpus_from(args), args.out, options=_options(args), device=args.device,
+        device_map=args.device_map, load_in=args.load_in, overwrite=args.overwrite, resume=args.resume,
+        quiet=args.quiet, checkpoint_every=args.checkpoint_every, trust_remote_code=args.trust_remote_code,
+        dist_timeout=args.dist_timeout,
+    )
+    launch = launch_from_env()
+    if not args.quiet and (launch is None or launch.rank == 0):  # one summary per job
+        print_summary(atlas.summary())
+        print(f"atlas written to {args.out}")
+    return 0

@@ -1,0 +1,131 @@
+"""``neuronatlas sparsify``: calibrate a sparse plan. :func:`speed_model_args` and
+:func:`load_speed_model` are shared with ``bench``."""
+
+from __future__ import annotations
+
+from ..errors import NeuronAtlasError
+from .args import debug_arg, layers_arg, load_args, model_arg, out_arg, parse_layers
+
+METHOD_CHOICES = ("teal", "wina", "coreinfer", "hot", "moe")
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("sparsify", help="calibrate a sparse plan (teal, wina, coreinfer, hot, moe)")
+    parser.add_argument("method", choices=METHOD_CHOICES)
+    speed_model_args(parser)
+    parser.add_argument("--atlas", default=None, help="an atlas of this model (hot needs one; teal/wina use its histograms)")
+    sparse_corpus_args(parser, "a calibration corpus (teal/wina thresholds, coreinfer clusters, moe co-activation/router)")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="share of FFN work skipped, in [0, 1) (default: 0.5)")
+    parser.add_argument("--ppl-within", type=float, default=None, metavar="P",
+                        help="instead of --sparsity: the highest sparsity within P%% of dense perplexity on --eval-corpus")
+    parser.add_argument("--eval-corpus", default=None, help="held-out corpus for --ppl-within (default: --corpus)")
+    out_arg(parser, "the plan folder to write")
+    group = parser.add_argument_group("method options")
+    group.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens read from --corpus")
+    group.add_argument("--hot-score", default="rms", choices=["rms", "rate"], help="hot: rank by rms of z or activation rate")
+    group.add_argument("--hot-signal", default="z", choices=["z", "gate"], help="hot: signal of the atlas to rank")
+    group.add_argument("--alpha", type=float, default=0.2, help="coreinfer: top share of positive activations per token")
+    group.add_argument("--core-score", default="signed", choices=["signed", "abs"], help="coreinfer: rank z signed or |z|")
+    layers_arg(group, prefix="coreinfer: ")
+    group.add_argument("--clusters", type=int, default=0, help="coreinfer: similarity-guided variant with N clusters")
+    group.add_argument("--cluster-layer", type=int, default=None, help="coreinfer: layer clustered (default: middle)")
+    group.add_argument("--experts", type=int, default=16, help="moe: experts per layer (default: 16)")
+    group.add_argument("--split", default="weights", choices=["weights", "coactivation"], help="moe: how neurons are grouped")
+    group.add_argument("--router", default="centroid", choices=["centroid", "mlp"], help="moe: router kind")
+    group.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=run)
+
+
+def speed_model_args(parser) -> None:
+    """--model, --device, --dtype, and what speed measurements add: --random-init, --threads."""
+    model_arg(parser)
+    load_args(parser, trust=False)
+    parser.add_argument("--random-init", action="store_true",
+                        help="build the model from its config with seeded random weights (speed benchmarks)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    debug_arg(parser)
+
+
+def sparse_corpus_args(parser, help: str) -> None:
+    """--corpus (optional; the sparse functions read it themselves) and --text-field."""
+    parser.add_argument("--corpus", default=None, help=help)
+    parser.add_argument("--text-field", default="text", help="field or column holding the text (default: text)")
+
+
+def load_speed_model(args):
+    """(model, tokenizer): loaded, or built from the config with seeded random weights (--random-init);
+    the tokenizer is None when a random-init model has none."""
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise NeuronAtlasError(f"--threads must be at least 1, not {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.random_init:
+        return _random_model(args)
+    from .common import load_model_from
+
+    return load_model_from(args)
+
+
+def _random_model(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..loading import load_config, load_tokenizer, resolve_device, resolve_dtype
+    from ..models import site_for
+
+    config = load_config(args.model)
+    site_for(config.model_type)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(args.dtype))
+    model.to(resolve_device(args.device)).eval()
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def run(args) -> int:
+    from ..distributed import refuse_distributed
+
+    refuse_distributed("sparsify")
+    from ..atlas import load_atlas
+    from ..sparse import SparsifyOptions, sparsify
+    from ..sparse.plan import check_sparsity
+
+    check_sparsity(args.sparsity)
+    if args.ppl_within is not None and args.ppl_within <= 0:
+        raise NeuronAtlasError(f"--ppl-within must be a positive percentage, not {args.ppl_within:g} (1 = within 1% of dense)")
+    if args.ppl_within is not None and not (args.eval_corpus or args.corpus):
+        raise NeuronAtlasError("--ppl-within measures perplexity: pass --eval-corpus FILE (or --corpus FILE)")
+    layers = parse_layers(args.layers)
+    model, tokenizer = load_speed_model(args)
+    atlas = load_atlas(args.atlas) if args.atlas else None
+    options = SparsifyOptions(calib_tokens=args.calib_tokens, hot_score=args.hot_score, hot_signal=args.hot_signal,
+                              alpha=args.alpha, core_score=args.core_score, layers=layers,
+                              clusters=args.clusters, cluster_layer=args.cluster_layer, experts=args.experts,
+                              split=args.split, router=args.router, seed=args.seed)
+    plan = sparsify(args.method, model, tokenizer, args.sparsity, atlas=atlas, corpus=args.corpus,
+                    text_field=args.text_field, options=options, name_or_path=args.model)
+    if args.ppl_within is not None:
+        plan = _within_ppl(args, model, tokenizer, plan)
+    plan.save(args.out)
+    calibrated = sorted({key.split(".")[1] for key in plan.tensors if key.startswith("quantiles.")})
+    note = f", thresholds on the inputs of {', '.join(calibrated)}" if calibrated else ""
+    print(f"{args.method} plan at sparsity {plan.sparsity:g}{note} written to {args.out}")
+    return 0
+
+
+def _within_ppl(args, model, tokenizer, plan):
+    """``plan`` at the highest sparsity within --ppl-within % of dense perplexity."""
+    from ..sparse.bench import eval_windows
+    from ..sparse.search import ppl_p_sparsity
+
+    windows = eval_windows(tokenizer, args.eval_corpus or args.corpus, args.text_field)
+    found = ppl_p_sparsity(model, plan, windows, args.ppl_within)
+    plan = plan.at_sparsity(found["sparsity"])
+    plan.calibration["ppl_p_search"] = found
+    print(f"PPL-{args.ppl_within:g}% sparsity: {found['sparsity']:.3f} (perplexity {found['ppl']:.3f}, dense {found['ppl_dense']:.3f})")
+    return plan

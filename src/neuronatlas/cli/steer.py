@@ -1,0 +1,98 @@
+"""``neuronatlas steer``: steer generation from one language to another with language neurons.
+
+    neuronatlas steer --model DIR --atlas ATLAS --sets SET.json --from A --to B --corpus FILE.jsonl \\
+        [--prompts N] [--mode add|replace] [--strength 1.0] [--max-new-tokens 20] [--json OUT]
+"""
+
+from __future__ import annotations
+
+from ..errors import NeuronAtlasError
+from .args import corpus_args, debug_arg, model_args, quiet_arg
+from .common import load_model_from, read_corpus_from, write_json
+
+# The defaults of neuronatlas.steer, repeated here so that building the parser imports no torch
+# (a test checks they agree).
+DEFAULT_DEACTIVATE = -2.5
+DEFAULT_STRENGTH = 7.0
+DEFAULT_MAX_NEW_TOKENS = 20
+DEFAULT_PROMPT_WORDS = 4
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "steer", help="steer generation from one language to another with language neurons",
+        description="Language Arithmetics: during greedy generation from source-language prompts, set the source "
+                    "language's neurons to a constant and add (or set) the target language's mean activation at "
+                    "its neurons; report the share of continuations a language identifier puts in the target.",
+    )
+    model_args(parser)
+    parser.add_argument("--atlas", required=True, help="the model's atlas (for the target's mean activations)")
+    parser.add_argument("--sets", required=True, help="a neuron set JSON with language labels (e.g. from find lape)")
+    parser.add_argument("--from", dest="source", required=True, help="the source language (label)")
+    parser.add_argument("--to", dest="target", required=True, help="the target language (label)")
+    corpus_args(parser, help="labelled text to take source-language prompts from (e.g. the held-out corpus)", formats=True)
+    parser.add_argument("--prompts", type=int, default=20, help="number of prompts (default: 20)")
+    parser.add_argument("--prompt-words", type=int, default=DEFAULT_PROMPT_WORDS,
+                        help=f"words of each document used as its prompt (default: {DEFAULT_PROMPT_WORDS})")
+    parser.add_argument("--mode", default="add", choices=["add", "replace", "diff"], help="how to activate the target (default: add)")
+    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                        help=f"lambda of mode add/diff: a += lambda * mean_target (default: {DEFAULT_STRENGTH})")
+    parser.add_argument("--deactivate", default=str(DEFAULT_DEACTIVATE),
+                        help=f"constant the source neurons are set to, or 'none' (default: {DEFAULT_DEACTIVATE})")
+    parser.add_argument("--signal", default=None, choices=["z", "gate"], help="default: gate for gated families, else z")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--examples", type=int, default=3, help="examples to print (default: 3)")
+    parser.add_argument("--langid", default=None, help="a saved language identifier (.npz); default: train one")
+    parser.add_argument("--langid-corpus", default=None,
+                        help="labelled corpus to train the language identifier on (default: the atlas's corpus)")
+    parser.add_argument("--json", default=None, help="write the full result (all continuations) as JSON to OUT")
+    quiet_arg(parser, "print only the result lines")
+    debug_arg(parser)
+    parser.set_defaults(handler=run)
+
+
+def _deactivate_value(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise NeuronAtlasError(f"--deactivate must be a number or 'none', not {text!r}") from None
+
+
+def run(args) -> int:
+    from ..atlas import load_atlas
+    from ..corpus import read_corpus
+    from ..langid import LangId, train_langid
+    from ..neuronset import load_neuron_set
+    from ..steer import format_steering, langid_for_atlas, prompts_from_corpus, steer
+
+    deactivate = _deactivate_value(args.deactivate)
+    neuron_set = load_neuron_set(args.sets)
+    atlas = load_atlas(args.atlas)
+    for label, flag in ((args.source, "--from"), (args.target, "--to")):
+        if label not in neuron_set.labels:
+            raise NeuronAtlasError(
+                f"unknown label {label!r} for {flag}; the neuron set has labels: {', '.join(neuron_set.labels) or 'none'}"
+            )
+        atlas.label_index(label)
+    label_field = args.label_field or atlas.meta.get("corpus", {}).get("label_field") or "lang"
+    corpus = read_corpus_from(args, label_field=label_field)
+    prompts = prompts_from_corpus(corpus, args.source, args.prompts, args.prompt_words)
+    if args.langid:
+        langid = LangId.load(args.langid)
+    elif args.langid_corpus:
+        langid = train_langid(read_corpus(args.langid_corpus, text_field=args.text_field, label_field=label_field))
+    else:
+        langid = langid_for_atlas(atlas)
+    model, tokenizer = load_model_from(args)
+    result = steer(
+        model, tokenizer, atlas, neuron_set, args.source, args.target, prompts, mode=args.mode,
+        deactivate_value=deactivate, strength=args.strength, max_new_tokens=args.max_new_tokens,
+        signal=args.signal, langid=langid,
+    )
+    result["params"]["prompt_words"] = args.prompt_words
+    print(format_steering(result, examples=0 if args.quiet else args.examples))
+    if args.json:
+        write_json(args.json, result)
+    return 0

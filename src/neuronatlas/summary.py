@@ -1,0 +1,23 @@
+"""The per-layer summary of an atlas as a plain-text table (``neuronatlas info``, ``profile``, ``demo``).
+
+It sits below both the CLI and the demo, so neither borrows the other's printer.
+"""
+
+from __future__ import annotations
+
+
+def print_summary(summary: dict) -> None:
+    """Print ``Atlas.summary()``: model, corpus and token counts, then a per-layer table of neurons,
+    activation rate, % dead (and % dead gate for gated families)."""
+    print(f"model {summary['model']} ({summary['model_type']}), corpus {summary['corpus']}")
+    print(f"{summary['tokens']:,} tokens in {summary['documents']:,} documents ({summary['windows']:,} windows)")
+    print("tokens per label: " + ", ".join(f"{k} {v:,}" for k, v in summary["tokens_per_label"].items()))
+    gate = summary.get("gate_dead_fraction_per_layer")
+    header = f"{'layer':>5} {'neurons':>8} {'active %':>9} {'dead %':>7}" + (f" {'gate dead %':>11}" if gate else "")
+    print(header)
+    rows = zip(summary["neurons_per_layer"], summary["activation_rate_per_layer"], summary["dead_fraction_per_layer"])
+    for layer, (width, rate, dead) in enumerate(rows):
+        line = f"{layer:>5} {width:>8} {100 * rate:>9.2f} {100 * dead:>7.2f}"
+        if gate:
+            line += f" {100 * gate[layer]:>11.2f}"
+        print(line)
