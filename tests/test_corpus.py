@@ -214,12 +214,25 @@ def test_iter_windows_uses_build_inputs_when_present():
         def build_inputs_with_special_tokens(self, ids):
             return [100] + ids + [101]
 
-        def __call__(self, text, add_special_tokens, verbose):
+        def __call__(self, text, add_special_tokens, verbose, padding, truncation):
             return {"input_ids": [len(word) for word in text.split()]}
 
     windows = list(iter_windows([Document(0, "a bb ccc dddd e", None)], Slow(), max_length=4))
     assert [w.input_ids for w in windows] == [(100, 1, 2, 101), (100, 3, 4, 101), (100, 1, 101)]
     assert [w.start for w in windows] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_iter_windows_ignores_padding_and_truncation_the_tokenizer_file_switches_on(kind):
+    plain, padded = _tokenizer(kind), _tokenizer(kind)
+    padded.backend_tokenizer.enable_padding(length=16, pad_id=0, pad_token="<pad>")  # as all-MiniLM-L6-v2 ships
+    padded.backend_tokenizer.enable_truncation(max_length=3)
+    docs = [Document(i, " ".join(TEXTS[i:] * 3), None) for i in range(len(TEXTS))]
+    windows = list(iter_windows(docs, padded, max_length=8))
+    assert windows == list(iter_windows(docs, plain, max_length=8))
+    lengths = [len(plain(doc.text, add_special_tokens=False)["input_ids"]) for doc in docs]
+    specials = plain.num_special_tokens_to_add(pair=False)
+    assert sum(len(w.input_ids) for w in windows) == sum(lengths) + specials * len(windows)
 
 
 def test_iter_windows_max_length_too_small(tokenizer):

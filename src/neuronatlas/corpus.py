@@ -378,7 +378,9 @@ def iter_windows(documents: Iterable[Document], tokenizer, max_length: int) -> I
     Documents are tokenised without special tokens, split into chunks of
     ``max_length - tokenizer.num_special_tokens_to_add()`` tokens, and each chunk is wrapped with the
     tokenizer's single-sequence special tokens (bos for Llama, none for GPT-2, [CLS]/[SEP] for BERT).
-    Documents with no tokens give no windows.
+    Documents with no tokens give no windows. Padding and truncation a tokenizer file switches on
+    (all-MiniLM-L6-v2's pads and cuts at 128) never apply: a window holds exactly its text's tokens
+    and its special tokens.
     """
     specials = tokenizer.num_special_tokens_to_add(pair=False)
     size = max_length - specials
@@ -393,7 +395,7 @@ def iter_windows(documents: Iterable[Document], tokenizer, max_length: int) -> I
 def _windows(documents, tokenizer, size: int, wrap: Callable[[list[int]], list[int]]) -> Iterator[Window]:
     seq = 0
     for doc in documents:
-        ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = tokenizer(doc.text, add_special_tokens=False, padding=False, truncation=False, verbose=False)["input_ids"]
         for start in range(0, len(ids), size):
             yield Window(seq, doc.index, doc.label, start, tuple(wrap(list(ids[start : start + size]))))
             seq += 1
@@ -406,14 +408,19 @@ def _special_tokens_wrapper(tokenizer) -> Callable[[list[int]], list[int]]:
         return build
     # transformers 5's fast tokenizers have no build_inputs_with_special_tokens: ask the Rust
     # post-processor instead, by encoding a one-word probe and keeping what surrounds it.
+    # The backend may still pad (to a fixed length, e.g. 128) as its tokenizer.json says: pads have
+    # attention mask 0 and are dropped.
     probe = tokenizer.backend_tokenizer.encode(["a"], is_pretokenized=True, add_special_tokens=True)
-    content = [i for i, sequence in enumerate(probe.sequence_ids) if sequence is not None]
+    kept = [(token, sequence)
+            for token, sequence, real in zip(probe.ids, probe.sequence_ids, probe.attention_mask) if real]
+    content = [i for i, (_, sequence) in enumerate(kept) if sequence is not None]
     if not content:
         raise NeuronAtlasError(
             f"cannot tell where {type(tokenizer).__name__} puts its special tokens: it encodes 'a' to no tokens "
             "(use a tokenizer with a byte-level or unknown-token fallback)"
         )
-    prefix, suffix = probe.ids[: content[0]], probe.ids[content[-1] + 1 :]
+    prefix = [token for token, _ in kept[: content[0]]]
+    suffix = [token for token, _ in kept[content[-1] + 1 :]]
     return lambda chunk: [*prefix, *chunk, *suffix]
 
 

@@ -1,19 +1,21 @@
-"""Load any Hugging Face model and tokenizer by id or local path, and fingerprint it."""
+"""Load any Hugging Face model and tokenizer by id, local folder or GGUF file, and fingerprint it."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import importlib.util
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import NeuronAtlasError
-from .models import site_for
+from .models import is_encoder, site_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ENCODER_TYPES = ("bert", "roberta")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -41,17 +43,20 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
-    """The model's config, with clear errors for a missing path or an unreachable hub id."""
+    """The model's config, with clear errors for a missing path, an unreachable hub id or a bad GGUF file."""
     from transformers import AutoConfig
 
     if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise NeuronAtlasError(f"model path not found: {name_or_path} (give a local model folder or a Hugging Face id)")
+    gguf = gguf_file(name_or_path)
+    if gguf is not None:
+        stat = gguf.stat()
+        return copy.deepcopy(_gguf_config(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns))
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise NeuronAtlasError(
-            f"could not load model config {name_or_path!r}: {first_line} "
+            f"could not load model config {name_or_path!r}: {_first_line(error)} "
             "(check the id or path; pass --trust-remote-code only for models you trust)"
         ) from error
 
@@ -67,31 +72,67 @@ def load_model(
 ):
     """(model, tokenizer) for a supported family, in eval mode on ``device``.
 
-    ``device_map`` ("auto", "balanced", "sequential" ...) lets accelerate spread a model larger than
-    one device over the GPUs and the CPU instead; ``load_in`` ("8bit" or "4bit") quantises the
-    linear layers with bitsandbytes. Sharded safetensors checkpoints load like single files.
+    ``name_or_path`` is a hub id, a model folder, a ``.gguf`` file or a folder holding one (dequantised
+    to ``dtype`` by transformers; the model's name_or_path becomes the file). ``device_map`` ("auto",
+    "balanced", "sequential" ...) lets accelerate spread a model larger than one device over the GPUs
+    and the CPU instead; ``load_in`` ("8bit" or "4bit") quantises the linear layers with bitsandbytes.
+    Sharded safetensors checkpoints load like single files.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
     config = load_config(name_or_path, trust_remote_code)
     site_for(config.model_type)  # unsupported families fail here, before loading weights
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     placement = _placement(device_map, load_in, torch_device)
-    auto = AutoModelForMaskedLM if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
+    auto = AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
+    gguf = gguf_file(name_or_path)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        model = auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **placement)
+        # Weights a checkpoint lacks (all-MiniLM-L6-v2 has no masked-LM head) are initialised at random:
+        # seeded, every load gives the same model and the same model_fingerprint.
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: no CUDA context for a CPU run
+            torch.default_generator.manual_seed(0)
+            if gguf is None:
+                model = auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                             **placement)
+            else:
+                model = _load_gguf_model(auto, gguf, config, torch_dtype, placement, quiet)
     finally:
         if quiet and bars_were_on:
             hf_logging.enable_progress_bar()
     if not placement:
         model.to(torch_device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return model, load_tokenizer(name_or_path, trust_remote_code)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The model's tokenizer with any padding and truncation its files switch on turned off.
+
+    The project windows and pads documents itself; a tokenizer.json that pads every text to 128 and
+    cuts it there (all-MiniLM-L6-v2's does) would otherwise add pads to or cut every window.
+    """
+    from transformers import AutoTokenizer
+
+    source, gguf = pretrained_source(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
+    if gguf:
+        tokenizer.name_or_path = str(Path(source) / gguf["gguf_file"])  # the file, as the model's
+    return without_builtin_padding(tokenizer)
+
+
+def without_builtin_padding(tokenizer):
+    """``tokenizer`` with its backend's padding and truncation off (in place); slow tokenizers carry none."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    for key in ("max_length", "truncation_strategy", "stride", "pad_to_multiple_of"):  # copied from tokenizer.json
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -159,4 +200,111 @@ def model_fingerprint(model) -> str:
             step = max(flat.numel() // 64, 1)
             sample = flat[::step][:64].to("cpu", torch.bfloat16).view(torch.int16)
             digest.update(sample.numpy().tobytes())
+    source = gguf_source(model)
+    if source is not None:  # the same dequantised weights from another GGUF file are another model
+        digest.update(f"gguf:{source['bytes']}:{source['fingerprint']}".encode())
     return digest.hexdigest()[:16]
+
+
+# ---- GGUF files -----------------------------------------------------------------------------------
+
+
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file ``name_or_path`` names: itself, or the one ``.gguf`` in a folder without config.json."""
+    path = Path(str(name_or_path)).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return path
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(file.name for file in found)
+        raise NeuronAtlasError(f"{path} holds {len(found)} GGUF files ({names}): give one of them as the model path")
+    return found[0] if found else None
+
+
+def pretrained_source(name_or_path: str) -> tuple[str, dict]:
+    """What any ``from_pretrained`` takes for ``name_or_path``: (it, {}), or (folder, {"gguf_file": name})."""
+    gguf = gguf_file(name_or_path)
+    return (str(name_or_path), {}) if gguf is None else (str(gguf.parent), {"gguf_file": gguf.name})
+
+
+def gguf_source(model) -> dict | None:
+    """{"file", "bytes", "fingerprint"} of the GGUF file a model was loaded from; None for other models."""
+    gguf = gguf_file(str(getattr(model, "name_or_path", "") or ""))
+    if gguf is None:
+        return None
+    return {"file": str(gguf.resolve()), "bytes": gguf.stat().st_size, "fingerprint": file_fingerprint(gguf)}
+
+
+def file_fingerprint(path: Path, blocks: int = 64, block_bytes: int = 1 << 16) -> str:
+    """sha256 of a file's size and ``blocks`` evenly spaced blocks of it: at most 4 MiB read, even for 16 GB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        for block in range(blocks):
+            handle.seek(block * max(size - block_bytes, 0) // max(blocks - 1, 1))
+            digest.update(handle.read(block_bytes))
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, size: int, mtime_ns: int):
+    """A GGUF file's config, read once per version of the file: reading parses its whole header
+    (seconds for SmolLM2's 49k-token vocabulary), and a profile asks for the config three times."""
+    from transformers import AutoConfig
+
+    gguf = Path(path)
+    with _gguf_errors(gguf, "config"):
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _load_gguf_model(auto, gguf: Path, config, dtype: torch.dtype, placement: dict, quiet: bool):
+    """``auto.from_pretrained`` on a GGUF file, which transformers dequantises to ``dtype``."""
+    with _gguf_errors(gguf, "weights"), _quiet_gguf_bar(quiet):
+        model = auto.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config, dtype=dtype, **placement)
+    model.name_or_path = model.config._name_or_path = str(gguf)  # what the atlas records, and reloads
+    return model
+
+
+@contextmanager
+def _gguf_errors(gguf: Path, what: str):
+    """One-line NeuronAtlasErrors for a missing gguf package, an unsupported quantisation or a bad file."""
+    if importlib.util.find_spec("gguf") is None:
+        raise NeuronAtlasError(f"loading the GGUF file {gguf} needs the gguf package: pip install gguf")
+    try:
+        yield
+    except NotImplementedError as error:  # gguf's dequantize: "Dequantization for Q8_1 is not yet implemented"
+        kind = str(error).split("for ")[-1].split(" is ")[0] if "for " in str(error) else _first_line(error)
+        raise NeuronAtlasError(
+            f"cannot load {gguf}: its tensors are quantised as {kind}, which gguf cannot dequantise "
+            "(upgrade it: pip install -U gguf, or convert the model to Q8_0, F16 or a safetensors folder)"
+        ) from None
+    except NeuronAtlasError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the gguf reader raises many kinds for a damaged file
+        raise NeuronAtlasError(
+            f"cannot read the {what} of GGUF file {gguf}: {_first_line(error)} "
+            "(check the file is a complete GGUF of a family transformers supports, e.g. llama, qwen2, gpt2)"
+        ) from None
+
+
+@contextmanager
+def _quiet_gguf_bar(quiet: bool):
+    """Hide transformers' dequantisation progress bar (plain tqdm, not switched off by its logging)."""
+    if not quiet:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    shown = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(shown, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = shown
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

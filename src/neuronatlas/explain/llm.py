@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from ..errors import NeuronAtlasError
-from ..loading import load_config, max_positions, resolve_device, resolve_dtype
+from ..hooks import pad_token_id
+from ..loading import load_config, load_tokenizer, max_positions, pretrained_source, resolve_device, resolve_dtype
+from ..models import is_encoder
 from .prompts import (
     EXPLAIN_SYSTEM, SIMULATE_SYSTEM, SLOT, Excerpt, chat_simulation_prompt, explanation_prompt, show_token,
     simulation_intro,
@@ -32,19 +34,20 @@ class LocalModel:
 
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 24,
                  trust_remote_code: bool = False, quiet: bool = False):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         config = load_config(name_or_path, trust_remote_code)  # a clear error for a wrong path or id
         self.name = str(name_or_path)
-        if getattr(config, "is_encoder_decoder", False):
+        if is_encoder(config):
             raise _not_causal(self.name)
         bars_were_on = hf_logging.is_progress_bar_enabled()
         if quiet:
             hf_logging.disable_progress_bar()
         try:
+            source, gguf = pretrained_source(name_or_path)  # a GGUF file loads from its folder
             self.model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+                source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **gguf
             ).to(resolve_device(device)).eval()
         except (ValueError, OSError):  # a family without a causal LM class, or no weights for one
             raise _not_causal(self.name) from None
@@ -52,9 +55,9 @@ class LocalModel:
             if quiet and bars_were_on:
                 hf_logging.enable_progress_bar()
         self.device = next(self.model.parameters()).device
-        _check_causal(self.model, self.device, self.name)
+        _check_attends_back_only(self.model, self.device, self.name)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
         except (ValueError, OSError) as error:
             raise NeuronAtlasError(f"cannot load the tokenizer of {self.name} ({_first_line(error)}); give a folder that holds its tokenizer") from None
         self.context = max_positions(self.model.config)  # None: no known limit
@@ -70,9 +73,9 @@ class LocalModel:
     def explain(self, excerpts: list[Excerpt]) -> str:
         prompt = self._fitting_prompt(excerpts)
         inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                         pad_token_id=pad_token_id(self.tokenizer))
         return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def _fitting_prompt(self, excerpts: list[Excerpt]) -> str:
@@ -225,9 +228,10 @@ def _not_causal(name: str) -> NeuronAtlasError:
     return NeuronAtlasError(f"{name} is not a causal language model; give a decoder model folder or an endpoint URL")
 
 
-def _check_causal(model, device: torch.device, name: str) -> None:
+def _check_attends_back_only(model, device: torch.device, name: str) -> None:
     """Changing the last token must leave the logits of the positions before it as they were. An
-    encoder that loads with a language-model head (BERT, RoBERTa) attends both ways and fails."""
+    encoder of a family neuronatlas does not know that loads with a language-model head attends both
+    ways and fails."""
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.arange(1, 5, device=device) % vocab  # (4,)
     changed = ids.clone()
