@@ -93,7 +93,7 @@ def hostile_neuron(atlas: Path, fragment: str) -> tuple[int, int, str]:
     rows = duckdb.sql(f"select layer, neuron from '{atlas}/exemplars.parquet' order by layer, neuron, rank").fetchall()
     for layer, neuron in rows:
         for item in data.exemplars(layer, neuron):
-            text = "".join(item["tokens"])
+            text = item["text"]
             if fragment in text:
                 return layer, neuron, text
     raise AssertionError(f"no exemplar window holds {fragment!r}")
@@ -417,6 +417,68 @@ def test_loopback_server_refuses_other_host_names(viewer):
     assert TestClient(app, base_url="http://localhost:8000").get("/api/summary").status_code == 200
     assert TestClient(app, base_url="http://attacker.example").get("/api/summary").status_code == 400
     assert allowed_hosts("0.0.0.0") is None
+
+
+# ---- readable text: byte tokens joined, no U+FFFD --------------------------------------------------
+
+
+PARTIAL_BYTE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def readable_copy(files: dict, tmp_path_factory) -> Path:
+    """A copy of the test atlas with the vocab table of neuronatlas.tokens (each token's bytes), as profile writes it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from neuronatlas.tokens import vocab_table
+
+    if "readable" not in _BUILT:
+        folder = tmp_path_factory.mktemp("readable") / "atlas"
+        shutil.copytree(files["atlas"], folder)
+        ids = pq.read_table(folder / "vocab.parquet")["id"].to_pylist()
+        pq.write_table(vocab_table(AutoTokenizer.from_pretrained(str(TINY_LLAMA)), ids), folder / "vocab.parquet")
+        _BUILT["readable"] = folder
+    return _BUILT["readable"]
+
+
+def cyrillic_neurons(data, count: int = 3) -> list[tuple[int, int]]:
+    """Neurons with an exemplar window whose Cyrillic letters are split over byte tokens."""
+    rows = duckdb.sql(f"select distinct layer, neuron from '{data.path}/exemplars.parquet' order by all").fetchall()
+    return [(layer, index) for layer, index in rows
+            if any(PARTIAL_BYTE.search("".join(item["tokens"])) and re.search("[а-яА-Я]", item["text"])
+                   for item in data.exemplars(layer, index))][:count]
+
+
+def test_cyrillic_exemplars_read_as_text(files, tmp_path_factory, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from neuronatlas.viewer import open_viewer
+    from neuronatlas.viewer.app import create_app
+    from neuronatlas.viewer.report import ReportNeurons, write_report
+
+    viewer = open_viewer(readable_copy(files, tmp_path_factory))
+    client = TestClient(create_app(viewer.data, viewer.model))
+    chosen = cyrillic_neurons(viewer.data)
+    assert chosen
+    for layer, index in chosen:
+        page, reply = client.get(f"/neuron/{layer}/{index}").text, client.get(f"/api/neuron/{layer}/{index}")
+        assert "\ufffd" not in page and "&#65533;" not in page and "\ufffd" not in reply.text
+        body, shown = reply.json(), html.unescape(re.sub(r"<[^>]+>", "", page))  # the page's text
+        assert {"exemplars", "label_probability", "top_tokens"} <= set(body)
+        for item in body["exemplars"]:
+            assert len(item["tokens"]) == len(item["token_ids"]) and item["text"].strip() in shown
+        assert "max: " in page  # a span of several tokens lists each in its tooltip
+        promoted = [row["id"] for row in body["top_tokens"]]
+        assert promoted and not set(promoted) & {row["id"] for row in body["bottom_tokens"]}
+    written = write_report(viewer, tmp_path / "report", ReportNeurons(chosen, sum(viewer.data.widths), "test"), quiet=True)
+    for file in [*written.rglob("*.html"), *written.rglob("*.js")]:
+        text = file.read_text(encoding="utf-8")
+        assert "\ufffd" not in text and "\\ufffd" not in text, file
+    live = client.post("/api/live", json={"text": "Привет, Пётр! 🎉", "layer": 1, "index": 2}).json()
+    assert "".join(span["text"] for span in live["spans"]) == live["text"] and live["text"].endswith("Привет, Пётр! 🎉")
+    assert sorted(i for span in live["spans"] for i in span["tokens"]) == list(range(len(live["token_ids"])))
+    assert "\ufffd" not in "".join(live["tokens"])
 
 
 # ---- atlases and models the viewer has to cope with ---------------------------------------------

@@ -12,10 +12,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_viewer import TINY_LLAMA, build_viewer_files, hostile_neuron
+from test_viewer import TINY_LLAMA, build_viewer_files, cyrillic_neurons, hostile_neuron, readable_copy
 
 from neuronatlas.atlas import load_atlas
 from neuronatlas.cli import main
@@ -42,13 +43,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(files):
-    """`neuronatlas serve` on a free port; yields its base URL."""
+@contextmanager
+def serving(atlas: Path, *options: str):
+    """`neuronatlas serve ATLAS` on a free port; yields its base URL."""
     port = free_port()
-    command = [sys.executable, "-m", "neuronatlas", "serve", str(files["atlas"]), "--port", str(port),
-               "--sets", str(files["sets"]), "--explanations", str(files["explanations"]),
-               "--eval", str(files["eval"]), "--quiet"]
+    command = [sys.executable, "-m", "neuronatlas", "serve", str(atlas), "--port", str(port), *options, "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -67,6 +66,13 @@ def server(files):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    with serving(files["atlas"], "--sets", str(files["sets"]), "--explanations", str(files["explanations"]),
+                 "--eval", str(files["eval"])) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +140,12 @@ def test_neuron_page(page, server):
     assert rows.count() == len(record["exemplars"]) + 1
     best = record["exemplars"][0]
     assert rows.nth(1).locator("td").nth(1).inner_text() == f"{best['activation']:.3f}"
-    peak = rows.nth(1).locator(".tok.peak")
-    assert peak.inner_text() == best["tokens"][best["peak"]]
+    peak = rows.nth(1).locator(".tok.peak")  # the span of whole characters that holds the peak token
+    assert peak.inner_text() in best["text"]
     assert f"{best['activations'][best['peak']]:.4f}" in peak.get_attribute("title")
     colour = peak.evaluate("node => getComputedStyle(node).backgroundColor")
     assert colour.startswith("rgba(230, 90, 20") and colour != "rgba(0, 0, 0, 0)"
-    assert "".join(best["tokens"]).strip() in rows.nth(1).inner_text()
+    assert best["text"].strip() in rows.nth(1).inner_text()
     assert page.locator("#vocab ol").first.locator("li").count() == len(record["top_tokens"]) > 0
     assert page.locator("#label-profile tr").count() == len(record["label_probability"]) + 1
     screenshot(page, "neuron")
@@ -262,4 +268,29 @@ def test_static_report(page, files, viewer_lape, tmp_path):
     assert f"L0/{missing[1]} has no page in this report" in note.inner_text() and "--all" in note.inner_text()
     assert page.locator("#neuron-name").inner_text() == f"L{first[0]}/{first[1]}"  # stayed on the page
     screenshot(page, "report-missing-page")
+    assert not page.dialogs
+
+
+def test_cyrillic_text_reads_without_replacement_characters(page, files, tmp_path_factory):
+    from neuronatlas.viewer.data import AtlasData
+
+    atlas = readable_copy(files, tmp_path_factory)
+    chosen = cyrillic_neurons(AtlasData(atlas), count=2)
+    assert chosen
+    with serving(atlas) as url:
+        for layer, index in chosen:
+            page.goto(f"{url}/neuron/{layer}/{index}")
+            shown = page.locator("body").inner_text()
+            titles = page.locator("#exemplars .tok").evaluate_all("nodes => nodes.map((node) => node.title).join(' ')")
+            assert "\ufffd" not in shown + titles
+            assert any(item["text"].strip() in shown for item in api(f"{url}/api/neuron/{layer}/{index}")["exemplars"])
+        screenshot(page, "cyrillic-neuron")
+        text = "Привет, Пётр! Это тест 🎉"
+        page.goto(f"{url}/live?layer=1&index=2")
+        page.fill("#live-text", text)
+        page.click("#live-form button")
+        page.wait_for_selector("#live-tokens")
+        shown = page.locator("#live-tokens").inner_text()
+        assert "\ufffd" not in shown and shown.replace("<s>", "").strip() == text
+        screenshot(page, "cyrillic-live")
     assert not page.dialogs

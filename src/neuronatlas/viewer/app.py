@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..errors import NeuronAtlasError
+from ..tokens import decode_bytes, display_spans, piece_text, token_bytes
 from .data import AtlasData
 from .live import LiveModel, ModelUnavailable
 from .pages import Pages, Site, finite, neuron_record, static_files
@@ -134,9 +135,19 @@ def _live(data: AtlasData, model: LiveModel | None, body: dict, max_chars: int) 
     if model is None:
         return JSONResponse({"error": "no model: live text needs the atlas's model"}, status_code=503)
     try:
-        return _json(model.run(text, neuron))
+        reply = model.run(text, neuron)
+        _, tokenizer, _ = model.load()
     except ModelUnavailable as error:
         return JSONResponse({"error": str(error)}, status_code=503)
+    return _json(readable_live(reply, tokenizer))
+
+
+def readable_live(reply: dict, tokenizer) -> dict:
+    """The live reply with readable tokens, the text, and "spans": the tokens joined into whole characters
+    ({"text", "tokens": their indices}; the page colours each span by the max of its tokens)."""
+    pieces = token_bytes(tokenizer, reply["token_ids"])
+    spans = [{"text": span.text, "tokens": span.tokens} for span in display_spans(pieces)]
+    return dict(reply, tokens=[piece_text(piece) for piece in pieces], text=decode_bytes(pieces), spans=spans)
 
 
 def _json(value) -> JSONResponse:

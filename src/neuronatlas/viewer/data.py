@@ -22,6 +22,7 @@ from ..atlas import Atlas, is_atlas, load_atlas
 from ..errors import NeuronAtlasError
 from ..methods.lape import find_lape
 from ..neuronset import NeuronSet, load_neuron_set
+from ..tokens import decode_bytes, piece_text, vocab_bytes
 
 EXEMPLAR_RADIUS = 16  # tokens shown either side of an exemplar when the atlas has no activation windows
 EXPLANATIONS_FORMAT = "neuronatlas.explanations"
@@ -94,8 +95,12 @@ class AtlasData:
         self._context_start = contexts["start"].to_numpy()
 
     def _index_vocab(self) -> None:
-        vocab = self.atlas.vocab
-        self.vocab = {} if vocab is None else dict(zip(vocab["id"].to_pylist(), vocab["token"].to_pylist()))
+        self.vocab_bytes = vocab_bytes(self.atlas.vocab)  # id -> what the token adds to the text
+        self.vocab = {i: piece_text(data) for i, data in self.vocab_bytes.items()}  # id -> the token alone, readable
+
+    def pieces(self, ids: list[int]) -> list[bytes]:
+        """Each token's bytes (an id the vocab lacks as ``<id>``)."""
+        return [self.vocab_bytes.get(i, f"<{i}>".encode()) for i in ids]
 
     def _load_set(self, item) -> tuple[str, NeuronSet]:
         neuron_set = load_neuron_set(item)
@@ -169,7 +174,7 @@ class AtlasData:
         return {"edges": signal.hist_edges.tolist(), "counts": signal.tensors[key][index].tolist()}
 
     def exemplars(self, layer: int, index: int) -> list[dict]:
-        """Top exemplars, best first: tokens of the window around the exemplar and their activations.
+        """Top exemplars, best first: tokens of the window around the exemplar, its text, their activations.
 
         Without activation windows in the atlas only the exemplar token's activation is known (the
         others are None).
@@ -215,11 +220,13 @@ class AtlasData:
             stop = min(len(ids), pos + EXEMPLAR_RADIUS + 1) if ids else pos + 1
             values = [activation if p == pos else None for p in range(start, stop)]
         window_ids = ids[start : start + len(values)] if ids else []
+        pieces = self.pieces(window_ids)
         return {
             "rank": rank, "activation": activation, "seq": seq, "pos": pos, "doc": doc, "label": label,
             "start": start, "peak": pos - start,
             "token_ids": window_ids,
-            "tokens": [self.vocab.get(i, f"<{i}>") for i in window_ids],
+            "tokens": [piece_text(piece) for piece in pieces],
+            "text": decode_bytes(pieces),
             "activations": values[: len(window_ids)] if ids else [],
         }
 

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..hooks import capture
+from ..tokens import token_texts
 
 PROJECTION_CACHE = 4096  # neurons whose vocabulary projection is kept
 
@@ -98,7 +99,7 @@ class LiveModel:
         _, tokenizer, _ = self.load()
         with self._lock:
             if self._vocabulary is None:
-                self._vocabulary = [tokenizer.decode([i]).strip().casefold() for i in range(len(tokenizer))]
+                self._vocabulary = [t.strip().casefold() for t in token_texts(tokenizer, range(len(tokenizer)))]
         wanted = text.strip().casefold()
         return [i for i, token in enumerate(self._vocabulary) if token == wanted] if wanted else []
 
@@ -121,7 +122,7 @@ class LiveModel:
         with self._lock, capture(neurons, on_activation=keep):
             model(**{k: v.to(next(model.parameters()).device) for k, v in encoded.items()})
         full = len(tokenizer(text)["input_ids"])
-        result = {"token_ids": ids, "tokens": [tokenizer.decode([i]) for i in ids], "truncated": full > len(ids),
+        result = {"token_ids": ids, "tokens": token_texts(tokenizer, ids), "truncated": full > len(ids),
                   "max_tokens": self.max_tokens, "top": _most_active(per_layer, top)}
         if neuron is not None:
             layer, index = neuron

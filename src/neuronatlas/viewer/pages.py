@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup, escape
 
+from ..tokens import display_spans, token_texts
 from .data import VIEWER_LAPE, AtlasData
 from .live import LiveModel, ModelUnavailable
 from .plots import bar_chart, heat_colour, histogram, token_spans
@@ -72,7 +73,11 @@ class Pages:
         self.data, self.model = data, model
         self.env = Environment(loader=PackageLoader("neuronatlas.viewer", "templates"),
                                autoescape=select_autoescape(["html"], default_for_string=True, default=True))
-        self.env.globals.update(tokens=token_spans, heat=heat_colour, cell=_cell)
+        self.env.globals.update(tokens=self.tokens, heat=heat_colour, cell=_cell)
+
+    def tokens(self, ids: list[int], values: list, peak: int, scale: float) -> Markup:
+        """An exemplar window as spans of whole characters, coloured by activation."""
+        return token_spans(display_spans(self.data.pieces(ids), values), peak, scale)
 
     def _render(self, template: str, site: Site, **context) -> str:
         model_name = f"{self.data.summary['model']} · {self.data.summary['corpus']}"
@@ -137,11 +142,24 @@ def neuron_record(data: AtlasData, model: LiveModel | None, layer: int, index: i
     try:
         if model is None:
             raise ModelUnavailable("no model given: the vocabulary projection needs the atlas's model")
-        projection = model.projection(layer, index)
-        record["top_tokens"], record["bottom_tokens"] = projection["promoted"], projection["suppressed"]
+        record["top_tokens"], record["bottom_tokens"] = readable_projection(model, layer, index)
     except ModelUnavailable as error:
         record["vocab_projection_error"] = str(error)
     return record
+
+
+def readable_projection(model: LiveModel, layer: int, index: int) -> tuple[list[dict], list[dict]]:
+    """The promoted and suppressed rows of one neuron, each token as readable text, no id in both lists
+    (a vocabulary smaller than twice the list would repeat its middle)."""
+    projection = model.projection(layer, index)
+    _, tokenizer, _ = model.load()
+
+    def readable(rows):
+        return [dict(row, token=text) for row, text in zip(rows, token_texts(tokenizer, [row["id"] for row in rows]))]
+
+    promoted = {row["id"] for row in projection["promoted"]}
+    suppressed = [row for row in projection["suppressed"] if row["id"] not in promoted]
+    return readable(projection["promoted"]), readable(suppressed)
 
 
 def _colour_scale(record: dict) -> float:

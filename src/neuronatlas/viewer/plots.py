@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from markupsafe import Markup, escape
 
+from ..tokens import Span
 
-def token_spans(tokens: list[str], values: list[float | None], peak: int, scale: float) -> Markup:
-    """One span per token, coloured by its activation, the value in its tooltip; the peak outlined.
+
+def token_spans(spans: list[Span], peak: int, scale: float) -> Markup:
+    """One element per span of whole characters (see :func:`neuronatlas.tokens.display_spans`), coloured
+    by its activation (the max of its tokens'); the tooltip gives the value, or each token's for a
+    span of several; the span holding token ``peak`` outlined.
 
     The colour is the stylesheet's (.tok orange, .tok.neg blue) at the opacity ``--a`` the span sets:
     a page holds hundreds of tokens, so each carries only what differs.
     """
     parts = ['<span class="tokens" dir="auto">']
-    for position, (token, value) in enumerate(zip(tokens, values)):
-        kind = "tok" + (" neg" if value is not None and value < 0 else "") + (" peak" if position == peak else "")
-        if value is None or not math.isfinite(value):
-            parts.append(f'<span class="{kind}" title="unknown">{escape(token)}</span>')
+    for span in spans:
+        value = span.activation
+        known = value is not None and math.isfinite(value)
+        kind = "tok" + (" neg" if known and value < 0 else "") + (" peak" if peak in span.tokens else "")
+        title = escape(_span_title(span))
+        if not known:
+            parts.append(f'<span class="{kind}" title="{title}">{escape(span.text)}</span>')
             continue
         strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
-        parts.append(f'<span class="{kind}" style="--a:{0.85 * strength:.3f}" title="{value:.4f}">{escape(token)}</span>')
+        parts.append(f'<span class="{kind}" style="--a:{0.85 * strength:.3f}" title="{title}">{escape(span.text)}</span>')
     parts.append("</span>")
     return Markup("".join(parts))
+
+
+def _span_title(span: Span) -> str:
+    """The tooltip: the value of a span of one token; of several, a line per token ("piece": value) and the max."""
+    def shown(value):
+        return "unknown" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+    if len(span.tokens) == 1:
+        return shown(span.activation)
+    lines = [f"{json.dumps(piece, ensure_ascii=False)}: {shown(value)}" for piece, value in zip(span.pieces, span.activations)]
+    return "\n".join(lines + [f"max: {shown(span.activation)}"])
 
 
 def heat_colour(value: float | None, peak: float) -> str:

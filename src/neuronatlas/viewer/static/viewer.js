@@ -46,16 +46,21 @@ function missingPage(pages, layer, index) {
   return null;
 }
 
-function showTokens(container, tokens, values, caption) {
+// The reply's spans (tokens joined into whole characters), each coloured by the max of its tokens'
+// values; a reply without spans shows one span per token.
+function showTokens(container, reply, values, caption) {
   const scale = Math.max(...values.map((v) => Math.abs(v)), 0);
   container.replaceChildren(element("p", caption, "meta"));
   const line = element("div", undefined, "tokens");
   line.id = "live-tokens";
-  tokens.forEach((token, i) => {
-    const span = element("span", token, "tok");
-    span.title = JSON.stringify(token) + ": " + values[i].toFixed(4);
-    span.dataset.value = values[i];
-    span.style.background = activationColour(values[i], scale);
+  const spans = reply.spans || reply.tokens.map((token, i) => ({ text: token, tokens: [i] }));
+  spans.forEach((item) => {
+    const value = Math.max(...item.tokens.map((i) => values[i]));
+    const span = element("span", item.text, "tok");
+    const lines = item.tokens.map((i) => JSON.stringify(reply.tokens[i]) + ": " + values[i].toFixed(4));
+    span.title = item.tokens.length === 1 ? lines[0] : lines.join("\n") + "\nmax: " + value.toFixed(4);
+    span.dataset.value = value;
+    span.style.background = activationColour(value, scale);
     line.appendChild(span);
   });
   container.appendChild(line);
@@ -66,7 +71,7 @@ function showLive(form, reply) {
   const tokensBox = element("div");
   const root = form.dataset.root;
   result.replaceChildren(tokensBox);
-  const show = (item) => showTokens(tokensBox, reply.tokens, item.activations,
+  const show = (item) => showTokens(tokensBox, reply, item.activations,
     "L" + item.layer + "/" + item.index + ": max " + item.max.toFixed(4) + " (hover a token for its value)");
   show(reply.neuron || reply.top[0]);
   if (reply.truncated) result.appendChild(element("p", "The text was cut to " + reply.max_tokens + " tokens.", "meta"));
