@@ -26,7 +26,7 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from ..viewer import write_report
-    from ..viewer.report import choose_neurons, every_neuron
+    from ..viewer.report import choose_neurons, every_neuron, report_size
 
     viewer = open_from(args)
     if args.all_neurons:
@@ -36,7 +36,10 @@ def run(args) -> int:
     else:
         chosen = choose_neurons(viewer.data, args.max_pages)
     out = write_report(viewer, args.out, neurons=chosen, overwrite=args.overwrite, quiet=args.quiet)
-    print(f"report written to {out}: open {out / 'index.html'}; {chosen.summary()}")
+    size = report_size(out)
+    print(f"report written to {out}: open {out / 'index.html'}; {chosen.summary()}; {size['pages']:,} neuron pages of "
+          f"{size['page_bytes'] / 1000:.1f} KB on average (largest {size['largest_page'] / 1000:.1f} KB), "
+          f"{size['total_bytes'] / 1e6:.1f} MB in all")
     return 0
 
 

@@ -16,7 +16,7 @@ from ..errors import NeuronAtlasError
 from ..tokens import decode_bytes, display_spans, piece_text, token_bytes
 from .data import AtlasData
 from .live import LiveModel, ModelUnavailable
-from .pages import Pages, Site, finite, neuron_record, static_files
+from .pages import Pages, Site, add_samples, finite, neuron_record, static_files
 from .search import Searcher
 
 MAX_LIVE_CHARS = 2000
@@ -63,6 +63,8 @@ def create_app(data: AtlasData, model: LiveModel | None, allowed_hosts: list[str
         previous, following = data.neighbours(layer_number, index_number)
         record = neuron_record(data, model, layer_number, index_number)
         return pages.neuron(site, record, previous, following, site.random())
+
+    _sample_routes(app, data, model, pages, site)
 
     @app.get("/neuron")
     def jump(layer: str = "", index: str = ""):
@@ -117,6 +119,30 @@ def _neuron(data: AtlasData, layer: str, index: str) -> tuple[int, int]:
     except NeuronAtlasError as error:
         raise StarletteHTTPException(404, str(error)) from None
     return layer_number, index_number
+
+
+def _sample_routes(app: FastAPI, data: AtlasData, model: LiveModel | None, pages: Pages, site: Site) -> None:
+    """A neuron's samples (see neuronatlas.samples), drawn on first request: the page's section and JSON."""
+
+    @app.get("/neuron/{layer}/{index}/samples", response_class=HTMLResponse)
+    def samples_section(layer: str, index: str):
+        """The neuron page's samples section, drawn now if need be (the page fetches it)."""
+        layer_number, index_number = _neuron(data, layer, index)
+        return pages.samples(site, add_samples(_sample_record(data, layer_number, index_number), data, model))
+
+    @app.get("/api/neuron/{layer}/{index}/samples")
+    def samples_api(layer: str, index: str):
+        record = add_samples(_sample_record(data, *_neuron(data, layer, index)), data, model)
+        if record.get("samples_error"):
+            return JSONResponse({"error": record["samples_error"]}, status_code=503)
+        return _json(record["samples"])
+
+
+def _sample_record(data: AtlasData, layer: int, index: int) -> dict:
+    """What the samples section needs of a neuron: its place and colour scale, no samples yet."""
+    stats = data.atlas
+    return {"layer": layer, "index": index, "samples": None,
+            "max": float(stats.overall("max", layer)[index]), "min": float(stats.overall("min", layer)[index])}
 
 
 def _live(data: AtlasData, model: LiveModel | None, body: dict, max_chars: int) -> JSONResponse:

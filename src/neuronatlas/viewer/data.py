@@ -3,7 +3,10 @@
 Statistics come from stats.safetensors (held in memory, as :func:`neuronatlas.atlas.load_atlas`
 reads them); exemplars are queried per neuron with duckdb over exemplars.parquet, which the atlas
 writes sorted by (layer, neuron, rank), so a query only decodes the row groups that hold that
-neuron and a page never loads the whole table. Context windows and the vocabulary are small
+neuron and a page never loads the whole table. The most negative exemplars are read the same way
+from bottom_exemplars.parquet (same columns, rank 0 the most negative), or from the
+``bottom_values``/``bottom_uid`` statistics when the atlas has only those; an atlas with neither has
+none recorded. Context windows and the vocabulary are small
 (only windows an exemplar points to) and are indexed once at start-up.
 """
 
@@ -22,8 +25,10 @@ from ..atlas import Atlas, is_atlas, load_atlas
 from ..errors import NeuronAtlasError
 from ..methods.lape import find_lape
 from ..neuronset import NeuronSet, load_neuron_set
+from ..stats import split_uid
 from ..tokens import decode_bytes, piece_text, vocab_bytes
 
+BOTTOM_EXEMPLARS_FILE = "bottom_exemplars.parquet"
 EXEMPLAR_RADIUS = 16  # tokens shown either side of an exemplar when the atlas has no activation windows
 EXPLANATIONS_FORMAT = "neuronatlas.explanations"
 VIEWER_LAPE = "LAPE (computed by the viewer)"  # the name of the set the viewer finds itself
@@ -65,15 +70,18 @@ class AtlasData:
         self.labels = self.atlas.labels
         self.summary = self.atlas.summary()
         self._exemplars_file = path / "exemplars.parquet"
+        self._bottom_file = path / BOTTOM_EXEMPLARS_FILE
         self.has_exemplars = self._exemplars_file.exists()
         columns = pq.read_schema(self._exemplars_file).names if self.has_exemplars else []
         self.has_windows = "window_start" in columns and "window_activations" in columns
+        self.has_bottom = self._bottom_file.exists() or self.atlas.has_stat("bottom_values")
         self._db = duckdb.connect()
         self._db.execute("set parquet_metadata_cache = true")  # the atlas does not change while viewed
         self._db_lock = threading.Lock()  # one duckdb connection, queried from the server's threads
-        self._preloaded: dict[tuple[int, int], list[tuple]] = {}  # (layer, neuron) -> exemplar rows
+        self._preloaded: dict[tuple[Path, int, int], list[tuple]] = {}  # (file, layer, neuron) -> exemplar rows
         self._index_contexts()
         self._index_vocab()
+        self.set_signals: dict[str, str] = {}  # set name -> the signal it was found on, where it says
         self.sets = [self._load_set(item) for item in sets]
         self.viewer_lape, self.viewer_lape_note = self._find_lape()
         self.memberships = self._index_memberships()
@@ -105,6 +113,9 @@ class AtlasData:
     def _load_set(self, item) -> tuple[str, NeuronSet]:
         neuron_set = load_neuron_set(item)
         neuron_set.check_model(self.meta["model"]["fingerprint"], self.widths)
+        signal = json.loads(Path(item).read_text()).get("signal") or neuron_set.params.get("signal")
+        if signal:
+            self.set_signals[Path(item).stem] = str(signal)
         return Path(item).stem, neuron_set
 
     def _find_lape(self) -> tuple[NeuronSet | None, str]:
@@ -117,6 +128,7 @@ class AtlasData:
                           "no label-specific neurons; profile with --label-field for them.")
         lape = find_lape(self.atlas)
         params = lape.params
+        self.set_signals[VIEWER_LAPE] = params["signal"]
         return lape, (f"LAPE with its default options (the {params['kept']:,} neurons of lowest entropy over labels, "
                       f"{100 * params['top_rate']:g}% of {params['total_neurons']:,}; tau {params['tau']:.4g} on "
                       f"the {params['signal']} signal), computed by the viewer from this atlas.")
@@ -181,39 +193,63 @@ class AtlasData:
         """
         if not self.has_exemplars:
             return []
-        preloaded = self._preloaded.get((layer, index))
-        if preloaded is not None:
-            return [self._exemplar(row) for row in preloaded]
-        query = f"select {self._exemplar_columns()} from read_parquet(?) where layer = ? and neuron = ? order by rank"
-        with self._db_lock:
-            rows = self._db.execute(query, [str(self._exemplars_file), layer, index]).fetchall()
+        return [self._exemplar(row) for row in self._rows(self._exemplars_file, layer, index)]
+
+    def bottom_exemplars(self, layer: int, index: int) -> list[dict] | None:
+        """The most negative exemplars, most negative first, as :meth:`exemplars`; None when the atlas
+        records none."""
+        if self._bottom_file.exists():
+            return [self._exemplar(row) for row in self._rows(self._bottom_file, layer, index)]
+        if not self.has_bottom:
+            return None
+        values = self.atlas.stat("bottom_values", layer)[index].tolist()
+        seq, pos = split_uid(self.atlas.stat("bottom_uid", layer)[index])
+        rows = [(rank, v, s, p) + self._document(s) for rank, (v, s, p) in enumerate(zip(values, seq.tolist(), pos.tolist()))
+                if s >= 0]
         return [self._exemplar(row) for row in rows]
 
-    def preload_layer(self, layer: int, neurons: list[int] | None = None) -> None:
-        """Read the exemplars of one layer's neurons (all, or ``neurons``) at once, to write their pages.
+    def _document(self, seq: int) -> tuple[int | None, str | None]:
+        """(doc, label) of context window ``seq``, from the contexts table."""
+        where = self._context_row(seq)
+        if where is None:
+            return None, None
+        return int(self.atlas.contexts["doc"][where].as_py()), self.atlas.contexts["label"][where].as_py()
 
-        Replaces what was preloaded before: one layer's rows are held at a time.
-        """
-        if not self.has_exemplars:
-            return
-        wanted = list(range(self.widths[layer])) if neurons is None else [int(index) for index in neurons]
-        chosen = "" if neurons is None else "and neuron in (select unnest(?::bigint[])) "  # a hash semi-join
-        query = (f"select neuron, {self._exemplar_columns()} from read_parquet(?) where layer = ? {chosen}"
-                 "order by neuron, rank")
-        parameters = [str(self._exemplars_file), layer] + ([wanted] if neurons is not None else [])
+    def _rows(self, file: Path, layer: int, index: int) -> list[tuple]:
+        preloaded = self._preloaded.get((file, layer, index))
+        if preloaded is not None:
+            return preloaded
+        query = f"select {self._exemplar_columns(file)} from read_parquet(?) where layer = ? and neuron = ? order by rank"
         with self._db_lock:
-            rows = self._db.execute(query, parameters).fetchall()
-        self._preloaded = {(layer, index): [] for index in wanted}
-        for row in rows:
-            self._preloaded[(layer, row[0])].append(row[1:])
+            return self._db.execute(query, [str(file), layer, index]).fetchall()
 
-    def _exemplar_columns(self) -> str:
-        return "rank, activation, seq, pos, doc, label" + (", window_start, window_activations" if self.has_windows else "")
+    def preload_layer(self, layer: int, neurons: list[int] | None = None) -> None:
+        """Read the exemplars (top, and bottom where recorded) of one layer's neurons (all, or ``neurons``)
+        at once, to write their pages. Replaces what was preloaded before: one layer's rows are held at a time.
+        """
+        wanted = list(range(self.widths[layer])) if neurons is None else [int(index) for index in neurons]
+        self._preloaded = {}
+        for file in (self._exemplars_file, self._bottom_file):
+            if not file.exists():
+                continue
+            chosen = "" if neurons is None else "and neuron in (select unnest(?::bigint[])) "  # a hash semi-join
+            query = (f"select neuron, {self._exemplar_columns(file)} from read_parquet(?) where layer = ? {chosen}"
+                     "order by neuron, rank")
+            parameters = [str(file), layer] + ([wanted] if neurons is not None else [])
+            with self._db_lock:
+                rows = self._db.execute(query, parameters).fetchall()
+            self._preloaded.update({(file, layer, index): [] for index in wanted})
+            for row in rows:
+                self._preloaded[(file, layer, row[0])].append(row[1:])
+
+    def _exemplar_columns(self, file: Path) -> str:
+        windows = self.has_windows if file == self._exemplars_file else "window_start" in pq.read_schema(file).names
+        return "rank, activation, seq, pos, doc, label" + (", window_start, window_activations" if windows else "")
 
     def _exemplar(self, row: tuple) -> dict:
         rank, activation, seq, pos, doc, label = row[:6]
         ids = self.window_tokens(seq)
-        if self.has_windows and row[6] is not None:
+        if len(row) > 6 and row[6] is not None:
             start, values = int(row[6]), list(row[7])
         else:
             start = max(0, pos - EXEMPLAR_RADIUS)
@@ -230,12 +266,25 @@ class AtlasData:
             "activations": values[: len(window_ids)] if ids else [],
         }
 
-    def window_tokens(self, seq: int) -> list[int]:
-        """Token ids of context window ``seq`` (empty when the atlas did not keep it)."""
+    def _context_row(self, seq: int) -> int | None:
         where = np.searchsorted(self._context_seqs, seq)
         if where >= len(self._context_seqs) or self._context_seqs[where] != seq:
-            return []
-        return self._token_ids[int(self._context_rows[where])].as_py()
+            return None
+        return int(self._context_rows[where])
+
+    def window_tokens(self, seq: int) -> list[int]:
+        """Token ids of context window ``seq`` (empty when the atlas did not keep it)."""
+        row = self._context_row(seq)
+        return [] if row is None else self._token_ids[row].as_py()
+
+    def label_signal(self, layer: int, index: int) -> dict:
+        """{"signal", "set"}: the signal the label chart shows, the one the first set that names this neuron
+        was found on (LAPE on the gate of a gated model; z when no set says)."""
+        for membership in self.memberships.get((layer, index), []):
+            signal = self.set_signals.get(membership.set_name)
+            if signal in self.atlas.signals:
+                return {"signal": signal, "set": membership.set_name}
+        return {"signal": "z", "set": None}
 
     def explanations_of(self, layer: int, index: int) -> list[dict]:
         found = []

@@ -17,6 +17,7 @@ from ..hooks import capture
 from ..tokens import token_texts
 
 PROJECTION_CACHE = 4096  # neurons whose vocabulary projection is kept
+VIEWER_SAMPLES = {"bands": 10, "per_band": 2, "non_activating": 5, "seed": 0}  # see neuronatlas.samples
 
 
 class ModelUnavailable(Exception):
@@ -74,6 +75,19 @@ class LiveModel:
                     self._projections.popitem(last=False)
             self._projections.move_to_end(key)
             return self._projections[key]
+
+    def samples(self, atlas, neuron: tuple[int, int]):
+        """One neuron's quantile and non-activating samples (:func:`neuronatlas.samples.sample_contexts` over the
+        atlas's corpus), drawn once and cached in the atlas's samples/ folder."""
+        from ..samples import cached_samples, sample_contexts
+
+        model, tokenizer, _ = self.load()
+
+        def draw(missing, **options):
+            return sample_contexts(model, tokenizer, atlas, missing, **options)
+
+        with self._lock:
+            return cached_samples(atlas.path, atlas.meta, [neuron], draw, **VIEWER_SAMPLES)[neuron]
 
     @torch.no_grad()
     def neurons_promoting(self, token_ids: list[int], limit: int) -> list[dict]:

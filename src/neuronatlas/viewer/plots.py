@@ -10,27 +10,38 @@ from markupsafe import Markup, escape
 from ..tokens import Span
 
 
-def token_spans(spans: list[Span], peak: int, scale: float) -> Markup:
-    """One element per span of whole characters (see :func:`neuronatlas.tokens.display_spans`), coloured
-    by its activation (the max of its tokens'); the tooltip gives the value, or each token's for a
-    span of several; the span holding token ``peak`` outlined.
+def token_spans(spans: list[Span], peak: int, scale: float = 0.0) -> Markup:
+    """A window's text with what viewer.js needs to cut it into spans of whole characters (see
+    :func:`neuronatlas.tokens.display_spans`) and colour each by its activation (the max of its tokens').
 
-    The colour is the stylesheet's (.tok orange, .tok.neg blue) at the opacity ``--a`` the span sets:
-    a page holds hundreds of tokens, so each carries only what differs.
+    One element per window, not per span: a report page holds hundreds of tokens. Its data: ``v`` each
+    token's value (empty when unknown), ``s`` each span's length in characters (code points) and, for a
+    span of several tokens, ":" and their number, ``m`` the tooltips of those spans (each token's text
+    and value, and the max), ``p`` the peak token (outlined). Without scripts the text still reads.
     """
-    parts = ['<span class="tokens" dir="auto">']
+    values, lengths, titles, texts = [], [], [], []
+    # 4 decimals (the tooltip's), more where the neuron's scale is small: 3 significant digits of it
+    decimals = max(4, 3 - math.floor(math.log10(scale))) if scale > 0 and math.isfinite(scale) else 4
     for span in spans:
-        value = span.activation
-        known = value is not None and math.isfinite(value)
-        kind = "tok" + (" neg" if known and value < 0 else "") + (" peak" if peak in span.tokens else "")
-        title = escape(_span_title(span))
-        if not known:
-            parts.append(f'<span class="{kind}" title="{title}">{escape(span.text)}</span>')
-            continue
-        strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
-        parts.append(f'<span class="{kind}" style="--a:{0.85 * strength:.3f}" title="{title}">{escape(span.text)}</span>')
-    parts.append("</span>")
-    return Markup("".join(parts))
+        text = span.text.replace("\r", "\n")  # the HTML parser reads \r as \n: lengths must match what it keeps
+        texts.append(text)
+        lengths.append(str(len(text)) if len(span.tokens) == 1 else f"{len(text)}:{len(span.tokens)}")
+        values += [compact_number(value, decimals) for value in span.activations]
+        if len(span.tokens) > 1:
+            titles.append(_span_title(span))
+    data = f' data-v="{",".join(values)}" data-s="{",".join(lengths)}" data-p="{peak}"'
+    if titles:
+        data += f' data-m="{escape(json.dumps(titles, ensure_ascii=False))}"'
+    return Markup(f'<span class="tokens" dir="auto"{data}>{escape("".join(texts))}</span>')
+
+
+def compact_number(value: float | None, decimals: int = 4) -> str:
+    """A value rounded to ``decimals`` in few characters: "-.0125", "12.3456", "0"; "" for None or not finite."""
+    if value is None or not math.isfinite(value):
+        return ""
+    text = f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+    text = text.replace("0.", ".", 1) if text.startswith(("0.", "-0.")) else text
+    return "0" if text in ("", "-0") else text
 
 
 def _span_title(span: Span) -> str:
@@ -75,35 +86,10 @@ def bar_chart(values: list[float], names: list[str], title: str, percent: bool =
 
 
 def histogram(edges: list[float], counts: list[int], title: str, width: int = 560, height: int = 170) -> Markup:
-    """Bars per non-empty bin on a log count scale; bins are drawn equally wide (the edges are log-spaced)."""
-    bins = len(counts)
-    bottom, top, left = height - 34, 20, 40
-    bar_width = (width - left - 10) / max(bins, 1)
-    peak = math.log1p(max(counts, default=0)) or 1.0
-    parts = [f'<svg class="plot" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
-             f"<title>{escape(title)}</title>",
-             f'<text x="0" y="14" class="plot-title">{escape(title)}</text>',
-             f'<line x1="{left}" y1="{bottom}" x2="{width - 10}" y2="{bottom}" class="axis"/>']
-    for i, count in enumerate(counts):
-        if not count:
-            continue  # nothing to draw (or hover)
-        bar = (bottom - top) * math.log1p(count) / peak
-        x = left + i * bar_width
-        parts.append(f'<rect x="{x:.1f}" y="{bottom - bar:.1f}" width="{max(bar_width - 1, 1):.1f}" height="{bar:.1f}" '
-                     f'class="bar"><title>{escape(_bin_name(edges, i))}: {count:,} tokens</title></rect>')
-    for i in range(0, bins, max(bins // 8, 1)):
-        if 0 < i <= len(edges):
-            x = left + i * bar_width
-            parts.append(f'<text x="{x:.1f}" y="{bottom + 14}" text-anchor="middle" class="tick">{edges[i - 1]:.3g}</text>')
-    parts.append(f'<text x="{left}" y="{height - 4}" class="tick">activation (bin edges log-spaced); '
-                 f'bar height: log(1 + tokens)</text>')
-    parts.append("</svg>")
-    return Markup("".join(parts))
-
-
-def _bin_name(edges: list[float], i: int) -> str:
-    if i == 0:
-        return f"< {edges[0]:.3g}"
-    if i >= len(edges):
-        return f">= {edges[-1]:.3g}"
-    return f"[{edges[i - 1]:.3g}, {edges[i]:.3g})"
+    """An empty plot that viewer.js draws: a bar per non-empty bin on a log count scale, bins drawn equally
+    wide (the edges are log-spaced), each bar's tooltip its bin and count. The bins travel as data (``e``:
+    the edges, ``c``: the counts), a tenth of the drawn bars' size: a report holds thousands."""
+    data = f'data-e="{",".join(f"{edge:.4g}" for edge in edges)}" data-c="{",".join(str(int(c)) for c in counts)}"'
+    return Markup(f'<svg class="plot hist" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+                  f'{data}><title>{escape(title)}</title>'
+                  f'<text x="0" y="14" class="plot-title">{escape(title)}</text></svg>')

@@ -14,6 +14,7 @@ complete report or none.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,15 @@ def write_report(viewer: Viewer, out: str | Path, neurons: ReportNeurons | None 
     return out
 
 
+def report_size(out: str | Path) -> dict:
+    """{"pages", "page_bytes" (mean of the neuron pages), "largest_page", "total_bytes"} of a written report."""
+    out = Path(out)
+    pages = [path.stat().st_size for path in out.glob("neuron/*/*.html")]
+    total = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    return {"pages": len(pages), "page_bytes": sum(pages) / max(len(pages), 1), "largest_page": max(pages, default=0),
+            "total_bytes": total}
+
+
 def _write_neurons(pages: Pages, staging: Path, chosen: list[tuple[int, int]], seed: int, quiet: bool) -> list[dict]:
     """Write each neuron's page (``chosen`` in (layer, index) order); return their search entries."""
     generator = np.random.default_rng(seed)
@@ -170,13 +180,18 @@ def _search_entry(record: dict) -> dict:
             token = item["tokens"][item["peak"]]
             peaks[token] = peaks.get(token, 0) + 1
     return {
-        "layer": record["layer"], "index": record["index"], "max": record["max"],
+        "layer": record["layer"], "index": record["index"], "max": _rounded(record["max"]),
         "peaks": peaks,
-        "promotes": [[row["token"], row["logit"]] for row in record["top_tokens"]],
+        "promotes": [[row["token"], _rounded(row["logit"])] for row in record["top_tokens"]],
         "sets": record["sets"],
         "explanations": [{"explanation": e["explanation"], "score": e["score"], "source": e["source"],
                           "clusters": [c["explanation"] for c in e["clusters"]]} for e in record["explanations"]],
     }
+
+
+def _rounded(value: float) -> float:
+    """4 significant digits: the search shows no more, and the index is a tenth of a report."""
+    return float(f"{value:.4g}") if isinstance(value, float) and math.isfinite(value) else value
 
 
 def _search_index(entries: list[dict]) -> str:

@@ -203,3 +203,94 @@ function staticSearch(table) {
 
 const staticResults = document.querySelector("#results[data-columns]");
 if (staticResults) staticSearch(staticResults);
+
+// ---- windows of text coloured by activation (see plots.token_spans): one element per window, cut here ----
+
+function paintWindow(node, scale) {
+  const values = node.dataset.v.split(",").map((v) => (v === "" ? null : parseFloat(v)));
+  const titles = node.dataset.m ? JSON.parse(node.dataset.m) : [];
+  const chars = Array.from(node.textContent);  // code points, as the server counted them
+  const peak = parseInt(node.dataset.p, 10);
+  let at = 0, token = 0, multi = 0;
+  node.textContent = "";
+  node.dataset.s.split(",").forEach((item) => {
+    const [length, count] = item.split(":").map(Number).concat([1]).slice(0, 2);
+    const own = values.slice(token, token + count).filter((v) => v !== null && isFinite(v));
+    const value = own.length ? Math.max(...own) : null;
+    const kind = "tok" + (value !== null && value < 0 ? " neg" : "") + (peak >= token && peak < token + count ? " peak" : "");
+    const span = element("span", chars.slice(at, at + length).join(""), kind);
+    if (value !== null && scale > 0) span.style.setProperty("--a", (0.85 * Math.min(Math.abs(value) / scale, 1)).toFixed(3));
+    span.title = count > 1 ? titles[multi++] : value === null ? "unknown" : value.toFixed(4);
+    node.appendChild(span);
+    at += length;
+    token += count;
+  });
+}
+
+function paintWindows(root) {
+  root.querySelectorAll(".tokens[data-v]").forEach((node) => {
+    const holder = node.closest("[data-scale]");
+    paintWindow(node, holder ? parseFloat(holder.dataset.scale) : 0);
+  });
+}
+
+// A neuron page without samples asks the server to draw them, then shows the section it returns.
+async function loadSamples(placeholder) {
+  try {
+    const response = await fetch(placeholder.dataset.samples);
+    const section = new DOMParser().parseFromString(await response.text(), "text/html").getElementById("samples");
+    if (!section) throw new Error(response.statusText);
+    paintWindows(section);
+    document.getElementById("samples").replaceWith(document.adoptNode(section));
+  } catch (error) {
+    placeholder.textContent = "the samples could not be drawn: " + error;
+  }
+}
+
+paintWindows(document);
+document.querySelectorAll("[data-samples]").forEach(loadSamples);
+
+// ---- the activation histogram of a neuron page (see plots.histogram): drawn from its bins ----
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svgElement(tag, attributes, text) {
+  const node = document.createElementNS(SVG, tag);
+  Object.entries(attributes).forEach(([name, value]) => node.setAttribute(name, value));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function binName(edges, i) {
+  const shown = (value) => Number(value).toPrecision(3).replace(/\.?0+$/, "").replace(/\.?0+e/, "e");
+  if (i === 0) return "< " + shown(edges[0]);
+  if (i >= edges.length) return ">= " + shown(edges[edges.length - 1]);
+  return "[" + shown(edges[i - 1]) + ", " + shown(edges[i]) + ")";
+}
+
+function drawHistogram(svg) {
+  const edges = svg.dataset.e.split(",").map(Number), counts = svg.dataset.c.split(",").map(Number);
+  const width = Number(svg.getAttribute("width")), height = Number(svg.getAttribute("height"));
+  const bottom = height - 34, top = 20, left = 40, bins = counts.length;
+  const barWidth = (width - left - 10) / Math.max(bins, 1);
+  const peak = Math.log1p(Math.max(0, ...counts)) || 1;
+  svg.appendChild(svgElement("line", { x1: left, y1: bottom, x2: width - 10, y2: bottom, class: "axis" }));
+  counts.forEach((count, i) => {
+    if (!count) return;  // nothing to draw (or hover)
+    const bar = (bottom - top) * Math.log1p(count) / peak;
+    const rect = svgElement("rect", { x: (left + i * barWidth).toFixed(1), y: (bottom - bar).toFixed(1),
+      width: Math.max(barWidth - 1, 1).toFixed(1), height: bar.toFixed(1), class: "bar" });
+    rect.appendChild(svgElement("title", {}, binName(edges, i) + ": " + count.toLocaleString("en") + " tokens"));
+    svg.appendChild(rect);
+  });
+  for (let i = 0; i < bins; i += Math.max(Math.floor(bins / 8), 1)) {
+    if (i > 0 && i <= edges.length) {
+      svg.appendChild(svgElement("text", { x: (left + i * barWidth).toFixed(1), y: bottom + 14, "text-anchor": "middle",
+        class: "tick" }, Number(edges[i - 1]).toPrecision(3).replace(/\.?0+$/, "")));
+    }
+  }
+  svg.appendChild(svgElement("text", { x: left, y: height - 4, class: "tick" },
+    "activation (bin edges log-spaced); bar height: log(1 + tokens)"));
+}
+
+document.querySelectorAll("svg.hist[data-c]").forEach(drawHistogram);
