@@ -151,3 +151,10 @@ def test_console_script_exits_2_without_traceback_and_debug_shows_it(tmp_path):
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and "not an atlas" in plain.stderr
     debug = subprocess.run(command + ["--debug"], capture_output=True, text=True, env=env)
     assert "Traceback" in debug.stderr
+
+
+def test_quiet_hides_progress_but_not_the_summary(capsys, tiny_llama, corpus_path, tmp_path):
+    assert main(profile_args(tiny_llama, corpus_path, tmp_path / "atlas")) == 0  # profile_args passes --quiet
+    captured = capsys.readouterr()
+    assert "atlas written to" in captured.out and "tokens in" in captured.out
+    assert "it/s" not in captured.err

@@ -392,3 +392,22 @@ def test_option_mismatches(tmp_path):
     _error(lambda: read_corpus(root, label_from_folder=True), "loose.txt", "label subfolder")
     _error(lambda: read_corpus(root, label_field="lang"), "label_field 'lang'", "label_from_folder")
     _error(lambda: read_corpus(write_jsonl(tmp_path), label_from_folder=True), "label_from_folder", "'jsonl'")
+
+
+def test_invalid_text_is_an_error_naming_its_line_or_replaced_with_a_count(tmp_path, capsys):
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text('{"text": "fine", "lang": "en"}\n{"text": "a \\ud800 b \\udfff", "lang": "en"}\n', encoding="utf-8")
+    _error(lambda: read_corpus(jsonl), "s.jsonl line 2", "lone surrogate", "--on-invalid-text replace")
+    labels = tmp_path / "l.jsonl"
+    labels.write_text('{"text": "fine", "lang": "e\\udc80"}\n', encoding="utf-8")
+    _error(lambda: read_corpus(labels, label_field="lang"), "l.jsonl line 1", "'lang'", "surrogate")
+    replaced = read_corpus(jsonl, on_invalid_text="replace")
+    assert [d.text for d in replaced] == ["fine", "a \ufffd b \ufffd"]
+    assert list(replaced) and "replaced 2 invalid character(s) in 1 line(s)" in capsys.readouterr().err  # noted once
+    assert capsys.readouterr().err == ""
+    text = tmp_path / "b.txt"
+    text.write_bytes(b"caf\xe9 \xef\xbf\xbd\nok\n")  # a U+FFFD already in the file is not counted
+    assert [d.text for d in read_corpus(text, on_invalid_text="replace")] == ["caf\ufffd \ufffd", "ok"]
+    assert "replaced 1 invalid character(s)" in capsys.readouterr().err
+    assert read_corpus(text, on_invalid_text="replace").fingerprint() == read_corpus(text).fingerprint()
+    _error(lambda: read_corpus(text, on_invalid_text="skip"), "on_invalid_text", "'skip'")

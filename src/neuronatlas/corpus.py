@@ -12,6 +12,10 @@ Formats (auto-detected from the path unless ``format`` is given):
   hidden files and folders skipped) is one document, labelled by its first-level subfolder when
   ``label_from_folder`` is set.
 
+Text that is not valid Unicode (bytes that are not UTF-8, a JSON ``"\\ud800"`` escape of a lone
+surrogate) stops the reading naming its line, or with ``on_invalid_text="replace"`` becomes U+FFFD and
+is counted in one note on stderr.
+
 Every problem a user can fix raises :class:`~neuronatlas.errors.NeuronAtlasError` with a one-line
 message naming the file, the line or row, and what to do.
 """
@@ -21,15 +25,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 import torch
 
+from .corpus_text import INVALID_TEXT, TextRepairs, read_lines, read_text_file, valid_text
 from .errors import NeuronAtlasError
 
 FORMATS = ("txt", "jsonl", "csv", "parquet", "dataset", "folder")
@@ -56,11 +62,19 @@ class Corpus:
     text_field: str = "text"
     label_field: str | None = None
     label_from_folder: bool = False
+    on_invalid_text: str = "error"  # one of INVALID_TEXT; not in the fingerprint: both read valid text alike
+    repairs: TextRepairs = field(default_factory=TextRepairs, compare=False, repr=False)
 
     def __iter__(self) -> Iterator[Document]:
+        self.repairs.characters = self.repairs.places = 0
         records = _READERS[self.format](self)  # (text, label) pairs
         for index, (text, label) in enumerate(records):
             yield Document(index, text, label)
+        if self.repairs.characters and not self.repairs.noted:
+            self.repairs.noted = True
+            print(f"neuronatlas: note: replaced {self.repairs.characters:,} invalid character(s) in "
+                  f"{self.repairs.places:,} line(s) or row(s) of {self.path} with U+FFFD (--on-invalid-text replace)",
+                  file=sys.stderr)
 
     def validate(self) -> dict:
         """Parse the whole corpus once; raise on the first problem or if it holds no documents."""
@@ -97,6 +111,11 @@ class Corpus:
         }
 
     @property
+    def replacing(self) -> TextRepairs | None:
+        """Where replaced invalid text is counted; None when invalid text is an error."""
+        return self.repairs if self.on_invalid_text == "replace" else None
+
+    @property
     def _fields(self) -> list[str]:
         """The fields every record must have."""
         return [self.text_field] + ([self.label_field] if self.label_field is not None else [])
@@ -108,9 +127,13 @@ def read_corpus(
     label_field: str | None = None,
     format: str | None = None,
     label_from_folder: bool = False,
+    on_invalid_text: str = "error",
 ) -> Corpus:
-    """Open a corpus: check the path and options now, read lazily when iterated."""
+    """Open a corpus: check the path and options now, read lazily when iterated. ``on_invalid_text``:
+    "error" stops at text that is not valid Unicode, "replace" reads it as U+FFFD and counts it."""
     path = Path(path)
+    if on_invalid_text not in INVALID_TEXT:
+        raise NeuronAtlasError(f"on_invalid_text must be one of {', '.join(INVALID_TEXT)}, not {on_invalid_text!r}")
     if not path.exists():
         raise NeuronAtlasError(f"corpus file not found: {path} (check the --corpus path)")
     fmt = _detect_format(path) if format is None else _check_format(path, format)
@@ -123,7 +146,7 @@ def read_corpus(
             f"label_field {label_field!r} cannot be used with {fmt!r} corpus {path}: it has no fields "
             "(use jsonl/csv/parquet, or label_from_folder for a folder)"
         )
-    return Corpus(path, fmt, text_field, label_field, label_from_folder)
+    return Corpus(path, fmt, text_field, label_field, label_from_folder, on_invalid_text)
 
 
 def _detect_format(path: Path) -> str:
@@ -151,14 +174,14 @@ def _check_format(path: Path, fmt: str) -> str:
 
 
 def _read_txt(corpus: Corpus) -> Iterator[tuple[str, str | None]]:
-    for _, line in _lines(corpus.path):
+    for _, line in read_lines(corpus.path, corpus.replacing):
         line = line.rstrip("\r\n")
         if line.strip():
             yield line, None
 
 
 def _read_jsonl(corpus: Corpus) -> Iterator[tuple[str, str | None]]:
-    for number, line in _lines(corpus.path):
+    for number, line in read_lines(corpus.path, corpus.replacing):
         if not line.strip():
             continue
         where = f"{corpus.path} line {number}"
@@ -174,7 +197,7 @@ def _read_jsonl(corpus: Corpus) -> Iterator[tuple[str, str | None]]:
 
 
 def _read_csv(corpus: Corpus) -> Iterator[tuple[str, str | None]]:
-    reader = csv.reader(line for _, line in _lines(corpus.path))  # lines keep their ends for quoted newlines
+    reader = csv.reader(line for _, line in read_lines(corpus.path, corpus.replacing))  # lines keep their ends for quoted newlines
     with _csv_field_limit():
         try:
             header = next(reader, None)
@@ -229,7 +252,7 @@ def _read_folder(corpus: Corpus) -> Iterator[tuple[str, str | None]]:
                     "(move it into a subfolder named after its label, or drop label_from_folder)"
                 )
             label = parts[0]
-        yield _read_text_file(file), label
+        yield read_text_file(file, corpus.replacing), label
 
 
 _READERS: dict[str, Callable[[Corpus], Iterator[tuple[str, str | None]]]] = {
@@ -243,34 +266,6 @@ _READERS: dict[str, Callable[[Corpus], Iterator[tuple[str, str | None]]]] = {
 
 
 # --- reader helpers -------------------------------------------------------------------------------
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line with its line ending) decoded as strict UTF-8, one line at a time."""
-    offset = 0  # byte offset of the current line
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise _not_utf8(path, number, offset + error.start) from None
-            offset += len(raw)
-            yield number, line.removeprefix("\ufeff") if number == 1 else line
-
-
-def _read_text_file(file: Path) -> str:
-    """A whole file as strict UTF-8 (a leading byte-order mark dropped)."""
-    data = file.read_bytes()
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as error:
-        raise _not_utf8(file, data.count(b"\n", 0, error.start) + 1, error.start) from None
-
-
-def _not_utf8(path: Path, line: int, offset: int) -> NeuronAtlasError:
-    return NeuronAtlasError(
-        f"{path} line {line} (byte {offset}) is not valid UTF-8 (re-encode the file to UTF-8, e.g. with iconv)"
-    )
 
 
 def _require_fields(available: Iterable[str], corpus: Corpus, where: str) -> None:
@@ -295,6 +290,7 @@ def _pick(record: dict, corpus: Corpus, where: str) -> tuple[str, str | None]:
             f"{where}: text field {corpus.text_field!r} is {_type_name(text)}, not a string "
             "(store the text as a string)"
         )
+    text = valid_text(text, corpus.replacing, where, corpus.text_field)
     if corpus.label_field is None:
         return text, None
     label = record[corpus.label_field]
@@ -302,7 +298,7 @@ def _pick(record: dict, corpus: Corpus, where: str) -> tuple[str, str | None]:
         raise NeuronAtlasError(
             f"{where}: label field {corpus.label_field!r} is null (give every document a label, or drop label_field)"
         )
-    return text, str(label)
+    return text, valid_text(str(label), corpus.replacing, where, corpus.label_field)
 
 
 def _load_dataset(path: Path):

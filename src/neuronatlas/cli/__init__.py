@@ -9,24 +9,31 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
 from ..errors import NeuronAtlasError
-from . import bench, demo, evaluate, explain, find, info, merge, profile, report, serve, sparsify, steer, vocab
+from . import bench, demo, evaluate, explain, export, find, info, merge, profile, report, serve, sparsify, steer, vocab
+from .args import Parser
 
 # The order of `neuronatlas --help`.
-VERBS = (profile, info, merge, demo, find, vocab, evaluate, steer, serve, report, explain, sparsify, bench)
+VERBS = (profile, info, merge, demo, find, vocab, evaluate, steer, serve, report, explain, export, sparsify, bench)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # --help, --version, or a bad flag (one line printed by Parser.error)
+        return exit.code if isinstance(exit.code, int) else 0
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     try:
-        return args.handler(args) or 0
+        status = args.handler(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
     except NeuronAtlasError as error:
         if args.debug:
             raise
@@ -35,10 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neuronatlas: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``neuronatlas info ATLAS | head -1``): end quietly, with the
+    status of a process ended by SIGPIPE, as other command-line tools do."""
+    try:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured in-process)
+        pass
+    return 128 + 13  # 13 = SIGPIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuronatlas", description="Map the FFN neurons of transformer models.")
+    parser = Parser(prog="neuronatlas", description="Map the FFN neurons of transformer models.")
     parser.add_argument("--version", action="version", version=f"neuronatlas {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for verb in VERBS:

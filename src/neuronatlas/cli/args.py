@@ -9,6 +9,8 @@ one-line :class:`NeuronAtlasError` rather than argparse's usage dump. Nothing he
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Callable
 
 from ..errors import NeuronAtlasError
 
@@ -17,6 +19,74 @@ CORPUS_FORMATS = ("txt", "jsonl", "csv", "parquet", "dataset", "folder")
 MODEL_HELP = "a Hugging Face model id or a local model folder"
 CORPUS_HELP = "a .txt/.jsonl/.csv/.parquet file, a datasets folder or a folder of .txt files"
 SET_OUT_HELP = "the neuron set JSON to write"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is one line (no usage dump) with exit status 2, like every other
+    user error. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(2, f"neuronatlas: error: {message} (see `{self.prog} --help`)\n")
+
+
+# --- value types: argparse calls them on the flag's text; a refusal names the value and the range --------
+
+
+def _number(text: str, kind: type):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a{'n integer' if kind is int else ' number'}, not {text!r}") from None
+    return value
+
+
+def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    """How a range reads in a refusal: "positive", "at least 1", "in [0, 1)"."""
+    if high == math.inf:
+        return "positive" if (low, low_open) == (0, True) else f"{'above' if low_open else 'at least'} {low:g}"
+    if low == -math.inf:
+        return f"{'below' if high_open else 'at most'} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def float_in(low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+             name: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite float within [low, high] (an end is left out with ``*_open``);
+    a refusal reads "argument --flag: [name ]must be in [low, high), not VALUE"."""
+
+    def parse(text: str) -> float:
+        value = _number(text, float)  # nan and inf fail the range test too
+        if not math.isfinite(value) or not low <= value <= high or (low_open and value == low) \
+                or (high_open and value == high):
+            shown = _range_text(low, high, low_open, high_open) if low > -math.inf or high < math.inf else "a finite number"
+            raise argparse.ArgumentTypeError(f"{name + ' ' if name else ''}must be {shown}, not {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def int_at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``least``."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {text}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+finite_float = float_in()  # any real number, not nan or inf
+positive_float = float_in(0.0, low_open=True)  # > 0
+nonnegative_float = float_in(0.0)  # >= 0
+fraction = float_in(0.0, 1.0)  # [0, 1]
+proper_fraction = float_in(0.0, 1.0, high_open=True)  # [0, 1): a share that cannot be all (--sparsity)
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
 
 
 def debug_arg(parser: argparse.ArgumentParser) -> None:
@@ -70,15 +140,25 @@ def corpus_args(parser: argparse.ArgumentParser, required: bool = True, help: st
         parser.add_argument("--label-from-folder", action="store_true", help="label each file of a folder corpus by its subfolder")
     if formats:
         parser.add_argument("--format", default=None, choices=CORPUS_FORMATS, help="corpus format (default: from the suffix)")
+    invalid_text_arg(parser)
+
+
+def invalid_text_arg(parser: argparse.ArgumentParser) -> None:
+    """--on-invalid-text: text that is not valid Unicode (bytes that are not UTF-8, a lone surrogate
+    escape in JSON) stops the command naming its line, or is replaced by U+FFFD with a count."""
+    parser.add_argument("--on-invalid-text", default="error", choices=("error", "replace"),
+                        help="text that is not valid UTF-8/Unicode: stop naming its line, or replace it with "
+                             "U+FFFD and count it (default: error)")
 
 
 def window_args(parser: argparse.ArgumentParser, max_length: int | None = 128, default_text: str | None = None,
-                batch_size: bool = True) -> None:
-    """--max-length (tokens per window) and --batch-size (windows per forward pass)."""
+                batch_size: bool = True, least_length: int = 2) -> None:
+    """--max-length (tokens per window, at least ``least_length``) and --batch-size (windows per forward pass)."""
     shown = default_text or str(max_length)
-    parser.add_argument("--max-length", type=int, default=max_length, help=f"tokens per window (default: {shown})")
+    parser.add_argument("--max-length", type=int_at_least(least_length), default=max_length,
+                        help=f"tokens per window (default: {shown})")
     if batch_size:
-        parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+        parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default: 8)")
 
 
 def out_arg(parser: argparse.ArgumentParser, help: str = SET_OUT_HELP, required: bool = True) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..errors import NeuronAtlasError
-from .args import window_args
-from .common import write_json
+from .args import int_at_least, overwrite_arg, positive_int, window_args
+from .common import preflight_output, write_json
 from .sparsify import load_speed_model, sparse_corpus_args, speed_model_args
 
 
@@ -14,11 +16,12 @@ def register(commands) -> None:
     parser.add_argument("--plan", required=True, help="a plan folder from `neuronatlas sparsify`")
     sparse_corpus_args(parser, "a held-out corpus for perplexity (dense and sparse)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs of each, alternating (default: 5)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per run (default: 32)")
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
-    parser.add_argument("--max-windows", type=int, default=32, help="held-out windows for perplexity (default: 32)")
-    window_args(parser, max_length=128, batch_size=False)
+    overwrite_arg(parser, "replace the --json file if it exists")
+    parser.add_argument("--runs", type=positive_int, default=5, help="timed runs of each, alternating (default: 5)")
+    parser.add_argument("--new-tokens", type=int_at_least(2), default=32, help="greedy tokens per run (default: 32)")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=64, help="prompt length (default: 64)")
+    parser.add_argument("--max-windows", type=positive_int, default=32, help="held-out windows for perplexity (default: 32)")
+    window_args(parser, max_length=128, batch_size=False, least_length=4)
     parser.add_argument("--controls", action="store_true", help="also the perplexity of the random control plan")
     parser.add_argument("--sweep", default=None, help="also perplexity (plan and random) at these sparsities, e.g. 0.25,0.5,0.75")
     parser.set_defaults(handler=run)
@@ -28,12 +31,10 @@ def run(args) -> int:
     from ..sparse import load_plan
     from ..sparse.bench import bench
 
-    for flag, least in (("runs", 1), ("new_tokens", 2), ("prompt_tokens", 1), ("max_windows", 1), ("max_length", 4)):
-        if getattr(args, flag) < least:
-            raise NeuronAtlasError(f"--{flag.replace('_', '-')} must be at least {least}, not {getattr(args, flag)}")
     if (args.controls or args.sweep) and args.corpus is None:
         raise NeuronAtlasError("--controls and --sweep measure perplexity: pass --corpus HELDOUT.jsonl")
     sweep = _sweep(args.sweep)
+    preflight_output(args.json, "file", overwrite=args.overwrite, what="bench JSON", flag="--json")
     plan = load_plan(args.plan)
     model, tokenizer = load_speed_model(args)
     if args.corpus is not None and tokenizer is None:
@@ -59,6 +60,9 @@ def _sweep(text: str | None) -> list[float] | None:
 
 
 def _print_bench(result: dict) -> None:
+    for warning in result.get("warnings", []):
+        print(f"neuronatlas: warning: {warning}; rerun on an idle machine, or pin --threads below the free cores",
+              file=sys.stderr)
     print(f"{result['method']} at sparsity {result['sparsity']:g}, {result['threads']} threads, "
           f"median of {result['runs']} runs of {result['new_tokens']} tokens")
     print(f"decode: dense {result['dense_tokens_per_s']:.1f} tok/s, sparse {result['sparse_tokens_per_s']:.1f} tok/s, "

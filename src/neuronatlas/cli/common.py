@@ -7,16 +7,59 @@ Heavy modules are imported inside the functions, so building the parser imports 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 from ..errors import NeuronAtlasError
 
+OUTPUT_KINDS = ("file", "folder")
+
+
+def preflight_output(path: str | Path | None, kind: str = "file", overwrite: bool | None = False,
+                     what: str = "output", flag: str = "--out") -> Path | None:
+    """Check, before any model is loaded, that ``path`` can be written as a ``kind`` ("file" or
+    "folder") named ``what``: it is not the other kind, its nearest existing folder is writable, and it
+    does not exist yet (a folder: is empty) unless ``overwrite``. ``overwrite=None`` leaves an existing
+    output to the verb (profile's --resume, demo's reruns). Returns the path (None for None)."""
+    if path is None:
+        return None
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"kind must be one of {OUTPUT_KINDS}, not {kind!r}")
+    path = Path(path)
+    if path.exists():
+        _check_existing(path, kind, overwrite, what, flag)
+    folder = path if path.is_dir() else _existing_parent(path, flag)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise NeuronAtlasError(f"{flag} {path}: cannot write in {folder} (permission denied); "
+                               f"choose another {flag} or make the folder writable")
+    return path
+
+
+def _check_existing(path: Path, kind: str, overwrite: bool | None, what: str, flag: str) -> None:
+    if kind == "file" and path.is_dir():
+        raise NeuronAtlasError(f"{flag} {path} is a folder; give the path of the {what} file to write")
+    if kind == "folder" and not path.is_dir():
+        raise NeuronAtlasError(f"{flag} {path} is a file; give a folder to write the {what} into")
+    if overwrite is False and (kind == "file" or any(path.iterdir())):
+        held = "already exists" if kind == "file" else "is not empty"
+        raise NeuronAtlasError(f"{flag} {path} {held}; pass --overwrite to replace it, or choose another {flag}")
+
+
+def _existing_parent(path: Path, flag: str) -> Path:
+    """The nearest existing ancestor of ``path``, which must be a folder (the rest is created)."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NeuronAtlasError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+    return parent
+
 
 def check_out(path: str | None, flag: str = "--out", kind: str = "neuron set JSON") -> None:
-    """Refuse an output file path that is a folder (before any slow work)."""
-    if path is not None and Path(path).is_dir():
-        raise NeuronAtlasError(f"{flag} {path} is a folder; give the path of the {kind} file to write")
+    """Refuse an output file path that is a folder or cannot be written (before any slow work); an
+    existing file is replaced."""
+    preflight_output(path, "file", overwrite=True, what=kind, flag=flag)
 
 
 def load_model_from(args, name_or_path: str | None = None):
@@ -34,7 +77,8 @@ def read_corpus_from(args, path: str | None = None, label_field: str | None = No
 
     return read_corpus(path or args.corpus, text_field=args.text_field,
                        label_field=label_field or getattr(args, "label_field", None),
-                       format=getattr(args, "format", None), label_from_folder=getattr(args, "label_from_folder", False))
+                       format=getattr(args, "format", None), label_from_folder=getattr(args, "label_from_folder", False),
+                       on_invalid_text=getattr(args, "on_invalid_text", "error"))
 
 
 def read_windowed_corpus(args):
@@ -55,8 +99,17 @@ def atlas_meta(path: str | None) -> dict | None:
 
 
 def write_json(path: str | Path, data: dict, indent: int = 2) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write ``data`` whole or not at all: a temporary file beside ``path``, then renamed onto it."""
+    path = Path(path)
+    if path.is_dir():  # a verb that did not preflight its output: still one line, not a traceback
+        raise NeuronAtlasError(f"{path} is a folder; give the path of the JSON file to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def write_set(found, out: str, extra: str = "") -> None:

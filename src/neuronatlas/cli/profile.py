@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .args import corpus_args, debug_arg, model_args, out_arg, overwrite_arg, quiet_arg, window_args
-from .common import read_corpus_from
+from .args import (corpus_args, debug_arg, finite_float, model_args, nonnegative_float, nonnegative_int, out_arg,
+                   overwrite_arg, positive_float, quiet_arg, window_args)
+from .common import preflight_output, read_corpus_from
 
 
 def register(commands) -> None:
@@ -27,23 +28,23 @@ def register(commands) -> None:
 
 def _profile_options(parser: argparse.ArgumentParser) -> None:
     window_args(parser, max_length=None, default_text="min(model positions, 512)")
-    parser.add_argument("--threshold", type=float, default=0.0, help="active means activation > threshold (default: 0)")
-    parser.add_argument("--top-k", type=int, default=20, help="exemplars kept per neuron (default: 20)")
+    parser.add_argument("--threshold", type=finite_float, default=0.0, help="active means activation > threshold (default: 0)")
+    parser.add_argument("--top-k", type=nonnegative_int, default=20, help="exemplars kept per neuron (default: 20)")
     parser.add_argument("--no-gate", action="store_true", help="skip the gate signal of gated families")
     parser.add_argument("--padding-side", default="right", choices=["left", "right"])
-    parser.add_argument("--doc-sample", type=int, default=256, metavar="N",
+    parser.add_argument("--doc-sample", type=nonnegative_int, default=256, metavar="N",
                         help="keep the mean and max z of the first N documents of each label, for "
                              "`find selectivity` (default: 256; 0 = none)")
     parser.add_argument("--no-positions", action="store_true",
                         help="skip the statistics per position bucket that `find positional` reads")
-    parser.add_argument("--exemplar-radius", type=int, default=16, metavar="R",
+    parser.add_argument("--exemplar-radius", type=nonnegative_int, default=16, metavar="R",
                         help="keep each exemplar's z at R tokens either side, for the viewer and "
                              "explanations (one more forward pass over the exemplar windows; default: 16; 0 = none)")
-    parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints (default: 300)")
-    parser.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+    parser.add_argument("--checkpoint-every", type=nonnegative_float, default=300.0, help="seconds between checkpoints (default: 300)")
+    parser.add_argument("--dist-timeout", type=positive_float, default=1800.0, metavar="SECONDS",
                         help="under torchrun: how long a rank waits for the others at the rendezvous and at the "
                              "merge (default: 1800)")
-    quiet_arg(parser)
+    quiet_arg(parser, "no progress bar (the summary is still printed)")
 
 
 def _options(args):
@@ -61,6 +62,8 @@ def run(args) -> int:
     from ..profile import profile
     from ..summary import print_summary
 
+    # Existing output is profile()'s to judge (--resume, --overwrite, an interrupted run).
+    preflight_output(args.out, "folder", overwrite=None, what="atlas")
     atlas = profile(
         args.model, read_corpus_from(args), args.out, options=_options(args), device=args.device,
         device_map=args.device_map, load_in=args.load_in, overwrite=args.overwrite, resume=args.resume,
@@ -68,7 +71,7 @@ def run(args) -> int:
         dist_timeout=args.dist_timeout,
     )
     launch = launch_from_env()
-    if not args.quiet and (launch is None or launch.rank == 0):  # one summary per job
+    if launch is None or launch.rank == 0:  # one summary per job; --quiet hides progress only
         print_summary(atlas.summary())
         print(f"atlas written to {args.out}")
     return 0

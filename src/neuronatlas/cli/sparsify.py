@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 from ..errors import NeuronAtlasError
-from .args import debug_arg, layers_arg, load_args, model_arg, out_arg, parse_layers
+from .args import (debug_arg, float_in, layers_arg, load_args, model_arg, nonnegative_int, out_arg,
+                   overwrite_arg, parse_layers, positive_float, positive_int)
+from .common import preflight_output
 
 METHOD_CHOICES = ("teal", "wina", "coreinfer", "hot", "moe")
+SPARSITY = float_in(0.0, 1.0, high_open=True, name="sparsity")  # as sparse.plan.check_sparsity says it
 
 
 def register(commands) -> None:
@@ -15,21 +18,22 @@ def register(commands) -> None:
     speed_model_args(parser)
     parser.add_argument("--atlas", default=None, help="an atlas of this model (hot needs one; teal/wina use its histograms)")
     sparse_corpus_args(parser, "a calibration corpus (teal/wina thresholds, coreinfer clusters, moe co-activation/router)")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="share of FFN work skipped, in [0, 1) (default: 0.5)")
-    parser.add_argument("--ppl-within", type=float, default=None, metavar="P",
+    parser.add_argument("--sparsity", type=SPARSITY, default=0.5, help="share of FFN work skipped, in [0, 1) (default: 0.5)")
+    parser.add_argument("--ppl-within", type=positive_float, default=None, metavar="P",
                         help="instead of --sparsity: the highest sparsity within P%% of dense perplexity on --eval-corpus")
     parser.add_argument("--eval-corpus", default=None, help="held-out corpus for --ppl-within (default: --corpus)")
     out_arg(parser, "the plan folder to write")
+    overwrite_arg(parser, "replace a plan already in --out")
     group = parser.add_argument_group("method options")
-    group.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens read from --corpus")
+    group.add_argument("--calib-tokens", type=positive_int, default=4096, help="calibration tokens read from --corpus")
     group.add_argument("--hot-score", default="rms", choices=["rms", "rate"], help="hot: rank by rms of z or activation rate")
     group.add_argument("--hot-signal", default="z", choices=["z", "gate"], help="hot: signal of the atlas to rank")
-    group.add_argument("--alpha", type=float, default=0.2, help="coreinfer: top share of positive activations per token")
+    group.add_argument("--alpha", type=float_in(0.0, 1.0, low_open=True), default=0.2, help="coreinfer: top share of positive activations per token")
     group.add_argument("--core-score", default="signed", choices=["signed", "abs"], help="coreinfer: rank z signed or |z|")
     layers_arg(group, prefix="coreinfer: ")
-    group.add_argument("--clusters", type=int, default=0, help="coreinfer: similarity-guided variant with N clusters")
-    group.add_argument("--cluster-layer", type=int, default=None, help="coreinfer: layer clustered (default: middle)")
-    group.add_argument("--experts", type=int, default=16, help="moe: experts per layer (default: 16)")
+    group.add_argument("--clusters", type=nonnegative_int, default=0, help="coreinfer: similarity-guided variant with N clusters")
+    group.add_argument("--cluster-layer", type=nonnegative_int, default=None, help="coreinfer: layer clustered (default: middle)")
+    group.add_argument("--experts", type=positive_int, default=16, help="moe: experts per layer (default: 16)")
     group.add_argument("--split", default="weights", choices=["weights", "coactivation"], help="moe: how neurons are grouped")
     group.add_argument("--router", default="centroid", choices=["centroid", "mlp"], help="moe: router kind")
     group.add_argument("--seed", type=int, default=0)
@@ -42,7 +46,7 @@ def speed_model_args(parser) -> None:
     load_args(parser, trust=False)
     parser.add_argument("--random-init", action="store_true",
                         help="build the model from its config with seeded random weights (speed benchmarks)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     debug_arg(parser)
 
 
@@ -58,8 +62,6 @@ def load_speed_model(args):
     import torch
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise NeuronAtlasError(f"--threads must be at least 1, not {args.threads}")
         torch.set_num_threads(args.threads)
     if args.random_init:
         return _random_model(args)
@@ -93,14 +95,11 @@ def run(args) -> int:
     refuse_distributed("sparsify")
     from ..atlas import load_atlas
     from ..sparse import SparsifyOptions, sparsify
-    from ..sparse.plan import check_sparsity
 
-    check_sparsity(args.sparsity)
-    if args.ppl_within is not None and args.ppl_within <= 0:
-        raise NeuronAtlasError(f"--ppl-within must be a positive percentage, not {args.ppl_within:g} (1 = within 1% of dense)")
     if args.ppl_within is not None and not (args.eval_corpus or args.corpus):
         raise NeuronAtlasError("--ppl-within measures perplexity: pass --eval-corpus FILE (or --corpus FILE)")
     layers = parse_layers(args.layers)
+    preflight_output(args.out, "folder", overwrite=args.overwrite, what="plan")
     model, tokenizer = load_speed_model(args)
     atlas = load_atlas(args.atlas) if args.atlas else None
     options = SparsifyOptions(calib_tokens=args.calib_tokens, hot_score=args.hot_score, hot_signal=args.hot_signal,

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 
-from .args import debug_arg, model_args
+from .args import debug_arg, model_args, nonnegative_int, positive_int
 from .common import load_model_from
 
 
 def register(commands) -> None:
     parser = commands.add_parser("vocab", help="the tokens one neuron's value vector promotes and suppresses")
     model_args(parser)
-    parser.add_argument("--layer", type=int, required=True)
-    parser.add_argument("--index", type=int, required=True, help="the neuron's index within its layer")
-    parser.add_argument("--top", type=int, default=30, help="tokens shown each way (default: 30)")
+    parser.add_argument("--layer", type=nonnegative_int, required=True)
+    parser.add_argument("--index", type=nonnegative_int, required=True, help="the neuron's index within its layer")
+    parser.add_argument("--top", type=positive_int, default=30, help="tokens shown each way (default: 30)")
     parser.add_argument("--through-norm", action="store_true", help="scale by the final norm's weight first")
     parser.add_argument("--json", action="store_true", help="print JSON")
     debug_arg(parser)
