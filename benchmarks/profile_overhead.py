@@ -1,26 +1,27 @@
 #!/usr/bin/env python3
-"""How much profiling costs: throughput against a bare forward, and peak memory against corpus length.
+"""How much profiling costs: the whole profile() against a bare forward, peak memory, atlas bytes.
 
-1. Throughput. The same pre-built batches (``iter_windows`` / ``iter_batches`` on a corpus) go, in
-   one process, through a bare Hugging Face forward of the base model and through the profiler's
-   step (``_ProfileRun.step``: the same forward plus the statistics), alternating bare, profiled,
-   bare, profiled ... batch by batch, for several rounds after an untimed warm-up round; the report
-   gives the medians over rounds and the ratio profiled / bare tokens per second (goal: >= 0.9),
-   and how much of the profiled time went to the hooks and, within them, to the statistics.
-   Every round takes new batches, so the statistics grow as in a real profile. The default model
-   is a randomly initialised Llama of a realistic shape (hidden 1024, intermediate 2816, 4 layers,
-   vocab 32000); batches of 4 windows of 256 tokens, from the corpus with consecutive documents
-   of a label joined (``--pack-tokens``) so that windows are full. The bundled tiny model, when
-   present, gives a second line: there the forward is so cheap that the statistics are a much
-   larger share of the cost. On a busy machine the ratio moves by a few hundredths from run to
-   run: compare the per-round lines.
-2. Memory. The real CLI (``python -m neuronatlas profile ...``) runs in child processes on the
-   corpus 1x and 4x long (the documents repeated); each child's peak RSS is read by a fresh wrapper
-   process with ``getrusage(RUSAGE_CHILDREN)`` (goal: 4x / 1x <= 1.1).
+1. Throughput of the whole ``profile()`` call (the model given loaded: loading is not timed; the
+   tokenisation, statistics, exemplar windows, contexts and the atlas written are), against a bare
+   Hugging Face forward of the CausalLM (``model(input_ids, attention_mask)``) and against plain
+   torch forward hooks that only receive z, over the same windows in the same batches (corpus
+   order, each padded to its longest window), alternating in one process for several rounds after
+   a warm-up round. Reports median tokens/s and the ratios profile/bare and profile/hooks per round
+   as ``median [min, max]`` (goals: >= 0.8 on the bundled tiny-llama, >= 0.9 on SmolLM2-135M), and
+   the atlas bytes per neuron (goal: <= 2 KB). Default models: the bundled tiny-llama, then
+   SmolLM2-135M-Instruct (Q4_1 GGUF) when fetched into ~/.cache/neuronatlas/real-models/.
+2. Memory: a child process loads the model, notes its peak RSS, profiles, notes the peak again;
+   reported against the weights' bytes (goal: peak <= 1.5x the model's footprint).
+3. ``--steps``: the profiler's step batch by batch against a bare forward on a random Llama, with
+   the share of time in the hooks and the statistics (where the time goes).
 
-    python benchmarks/profile_overhead.py                     # a few minutes on 2 CPU cores
-    python benchmarks/profile_overhead.py --model PATH --json overhead.json
-    python benchmarks/profile_overhead.py --rounds 3 --skip-memory
+On a busy machine the ratios move a lot from round to round: compare the per-round lines, and set
+``--threads 1`` when the cores are oversubscribed (multi-threaded torch ops then wait for
+descheduled threads, which makes the bare forward itself erratic).
+
+    python benchmarks/profile_overhead.py                     # tiny-llama and SmolLM2 if fetched
+    python benchmarks/profile_overhead.py --model PATH.gguf --whole-docs 60 --json overhead.json
+    python benchmarks/profile_overhead.py --stat-threads 1    # statistics threads: 0 = auto
 
 Ends with plain ``key: value`` lines (``--json PATH`` writes them too).
 """
@@ -42,74 +43,47 @@ from pathlib import Path
 
 import torch
 
-import neuronatlas.profile as profile_module
+import neuronatlas.profile.run as profile_module
 from neuronatlas.bundled import CORPUS_TRAIN, ROOT as BUNDLED_ROOT
 from neuronatlas.corpus import iter_batches, iter_windows, read_corpus
 from neuronatlas.loading import load_model, max_positions
 from neuronatlas.models import locate_neurons
-from neuronatlas.profile import ProfileOptions, _metadata, _ProfileRun
+from neuronatlas.hooks import capture, forward_batch, pad_token_id
+from neuronatlas.profile import ProfileOptions, ProfileRun, profile, run_metadata
 from neuronatlas.stats import SignalStats
 
 TINY_LLAMA = BUNDLED_ROOT / "models" / "tiny-llama"
-
-# Runs the command given as arguments, then prints its peak RSS: a fresh process per measurement,
-# so RUSAGE_CHILDREN sees that one child only.
-RSS_WRAPPER = """
-import json, resource, subprocess, sys, time
-started = time.monotonic()
-done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"returncode": done.returncode, "maxrss": peak, "seconds": time.monotonic() - started,
-                  "stderr": done.stderr[-2000:]}))
-"""
-
+SMOLLM2 = next(iter(sorted((Path.home() / ".cache" / "neuronatlas" / "real-models" / "smollm2-135m").glob("*.gguf"))), None)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict[str, object] = {"torch_threads": torch.get_num_threads()}
+    results: dict[str, object] = {"torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="profile-overhead-") as tmp:
         tmp = Path(tmp)
-        tokenizer_source = TINY_LLAMA if (TINY_LLAMA / "tokenizer.json").exists() else None
-        corpus = Path(args.corpus)
-        if args.pack_tokens:
-            corpus = pack_corpus(corpus, tmp / "packed.jsonl", args.text_field, args.label_field, args.pack_tokens)
-        if args.model:
-            model_path, model_name = Path(args.model), args.model
-        else:
-            model_path = tmp / "random-llama"
-            model_name = build_random_llama(model_path, args.hidden, args.intermediate, args.layers, args.heads,
-                                            args.vocab, tokenizer_source, Path(args.corpus), args.text_field)
-        say(f"throughput: {model_name}")
-        main_result = measure_throughput(model_path, corpus, args, args.batch_size, args.max_length)
-        results.update(model=model_name, **main_result)
-
-        if not args.skip_tiny and TINY_LLAMA.exists() and (args.model is None or Path(args.model) != TINY_LLAMA):
-            say(f"throughput: bundled {TINY_LLAMA.name}")
-            tiny = measure_throughput(TINY_LLAMA, corpus, args, args.batch_size, args.max_length)
-            results.update({f"tiny_{key}": value for key, value in tiny.items() if key != "rounds"})
-            results["tiny_note"] = ("the tiny model's forward is so cheap that the statistics are a much larger "
-                                    "share of its cost; the ratio that matters is the realistic model's")
-        elif not args.skip_tiny:
-            results["tiny_model"] = f"not found ({TINY_LLAMA})"
-
+        corpus = first_documents(Path(args.corpus), tmp / "whole.jsonl", args.whole_docs)
+        models = [Path(args.model)] if args.model else [TINY_LLAMA] + ([SMOLLM2] if SMOLLM2 else [])
+        for model in models:
+            name = "tiny" if model == TINY_LLAMA else "smollm2" if model == SMOLLM2 else "model"
+            say(f"whole profile(): {model.name} on {args.whole_docs} documents")
+            results.update({f"{name}_{key}": value for key, value in measure_whole(model, corpus, args, tmp).items()})
         if not args.skip_memory:
-            if args.memory_model:
-                memory_model, memory_name = Path(args.memory_model), args.memory_model
-            elif TINY_LLAMA.exists():
-                memory_model, memory_name = TINY_LLAMA, f"bundled {TINY_LLAMA.name}"
-            else:
-                memory_model = tmp / "small-llama"
-                memory_name = build_random_llama(memory_model, 256, 704, 4, 4, args.vocab, tokenizer_source,
-                                                 Path(args.corpus), args.text_field)
-            say(f"memory: {memory_name} on {args.memory_docs} and {4 * args.memory_docs} documents")
-            results.update(measure_memory(memory_model, memory_name, Path(args.corpus), tmp, args))
-
+            model = Path(args.memory_model) if args.memory_model else SMOLLM2 or TINY_LLAMA
+            say(f"memory: {model.name} on {args.whole_docs} documents, in a child process")
+            results.update(measure_model_memory(model, corpus, tmp, args))
+        if args.steps:
+            say("per batch: the profiler's step against a bare forward (random Llama)")
+            model_path = tmp / "random-llama"
+            tokenizer_source = TINY_LLAMA if (TINY_LLAMA / "tokenizer.json").exists() else None
+            build_random_llama(model_path, args.hidden, args.intermediate, args.layers, args.heads, args.vocab,
+                               tokenizer_source, Path(args.corpus), args.text_field)
+            packed = pack_corpus(Path(args.corpus), tmp / "packed.jsonl", args.text_field, args.label_field, 1024)
+            results.update({f"steps_{key}": value for key, value in
+                            measure_throughput(model_path, packed, args, 4, 256).items() if key != "rounds"})
     print()
     for key, value in results.items():
-        if key != "rounds":
-            print(f"{key}: {value}")
+        print(f"{key}: {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -117,32 +91,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a local model folder (default: a random Llama of the shape below)")
-    parser.add_argument("--hidden", type=int, default=1024, help="random model: hidden size (default: 1024)")
-    parser.add_argument("--intermediate", type=int, default=2816, help="random model: FFN width (default: 2816)")
-    parser.add_argument("--layers", type=int, default=4, help="random model: layers (default: 4)")
-    parser.add_argument("--heads", type=int, default=16, help="random model: attention heads (default: 16)")
-    parser.add_argument("--vocab", type=int, default=32000, help="random model: vocabulary size (default: 32000)")
+    parser.add_argument("--model", help="a model folder or .gguf file (default: the bundled tiny-llama, then "
+                                        "SmolLM2-135M when fetched by scripts/fetch_real_models)")
     parser.add_argument("--corpus", default=str(CORPUS_TRAIN), help="a jsonl corpus (default: the bundled train.jsonl)")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--label-field", default="lang")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per batch (default: 4)")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per window (default: 256)")
-    parser.add_argument("--pack-tokens", type=int, default=1024,
-                        help="join consecutive documents of one label until about this many tokens, so windows "
-                             "are full as in a corpus of long documents; 0 = use the documents as they are "
-                             "(default: 1024)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of bare + profiled (default: 5)")
-    parser.add_argument("--batches", type=int, default=2, help="batches per round (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8, profile's default)")
+    parser.add_argument("--whole-docs", type=int, default=60, help="documents profiled (default: 60)")
+    parser.add_argument("--whole-max-length", type=int, default=128, help="tokens per window (default: 128)")
+    parser.add_argument("--whole-rounds", type=int, default=3, help="timed rounds after a warm-up (default: 3)")
+    parser.add_argument("--stat-threads", type=int, default=0, help="profile's statistics threads, 0 = auto (default)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    parser.add_argument("--skip-tiny", action="store_true", help="skip the bundled tiny model")
-    parser.add_argument("--skip-memory", action="store_true", help="skip the peak memory runs")
-    parser.add_argument("--memory-model", help="model for the memory runs (default: the bundled tiny model, "
-                                               "else a small random Llama)")
-    parser.add_argument("--memory-docs", type=int, default=400, help="documents in the 1x memory corpus (default: 400)")
-    parser.add_argument("--memory-threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of the memory runs, 0 = inherit (default: 1: on a busy machine a "
-                             "small model runs several times faster on one thread; peak memory hardly changes)")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the peak memory run")
+    parser.add_argument("--memory-model", help="model of the memory run (default: SmolLM2 if fetched, else tiny-llama)")
+    parser.add_argument("--steps", action="store_true",
+                        help="also time the profiler's step batch by batch on a random Llama (where the time goes)")
+    parser.add_argument("--hidden", type=int, default=1024, help="--steps model: hidden size (default: 1024)")
+    parser.add_argument("--intermediate", type=int, default=2816, help="--steps model: FFN width (default: 2816)")
+    parser.add_argument("--layers", type=int, default=4, help="--steps model: layers (default: 4)")
+    parser.add_argument("--heads", type=int, default=16, help="--steps model: attention heads (default: 16)")
+    parser.add_argument("--vocab", type=int, default=32000, help="--steps model: vocabulary size (default: 32000)")
+    parser.add_argument("--rounds", type=int, default=5, help="--steps: timed rounds (default: 5)")
+    parser.add_argument("--batches", type=int, default=2, help="--steps: batches per round (default: 2)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -247,21 +217,17 @@ def measure_throughput(model_path: Path, corpus_path: Path, args, batch_size: in
     neurons = locate_neurons(model)
     corpus = read_corpus(corpus_path, text_field=args.text_field, label_field=args.label_field)
     options = ProfileOptions(batch_size=batch_size, max_length=min(max_length, max_positions(model.config) or max_length))
-    meta = _metadata(model, tokenizer, neurons, corpus, corpus.validate(), options)
-    run = _ProfileRun(neurons, tokenizer, corpus, meta, options)
+    meta = run_metadata(model, tokenizer, neurons, corpus, corpus.validate(), options)
+    run = ProfileRun(neurons, tokenizer, corpus, meta, options)
     base = run.base
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = run.pad_id
     needed = (args.rounds + 1) * args.batches  # one untimed warm-up round first
     batches = list(islice(iter_batches(iter_windows(corpus, tokenizer, options.max_length), batch_size, pad), needed))
     if len(batches) < needed:
         raise SystemExit(f"the corpus gives {len(batches)} batches, {needed} needed: lower --rounds or --batches")
 
     def bare(batch) -> None:
-        mask = batch.attention_mask.bool()
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": mask.long(), "use_cache": False}
-        if run.takes_positions:
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        base(**kwargs)
+        forward_batch(base, batch.input_ids, batch.attention_mask.bool())
 
     rounds = []
     with torch.inference_mode():
@@ -299,35 +265,113 @@ def measure_throughput(model_path: Path, corpus_path: Path, args, batch_size: in
     }
 
 
+# ---- the whole profile() call ---------------------------------------------------------------------
+
+
+def first_documents(source: Path, out: Path, count: int) -> Path:
+    with source.open(encoding="utf-8") as handle:
+        lines = [line if line.endswith("\n") else line + "\n" for line in islice(handle, count)]
+    out.write_text("".join(lines), encoding="utf-8")
+    return out
+
+
+def measure_whole(model_path: Path, corpus_path: Path, args, tmp: Path) -> dict:
+    """profile() (the model given loaded: loading is not timed) against a bare CausalLM forward and
+    against plain forward hooks that only receive z, over the same windows in the same batches (corpus
+    order, padded to the longest of each batch), alternating in one process for several rounds."""
+    model, tokenizer = load_model(str(model_path), device="cpu", quiet=True)
+    neurons = locate_neurons(model)
+    max_length = min(args.whole_max_length, max_positions(model.config) or args.whole_max_length)
+    corpus = read_corpus(corpus_path, text_field=args.text_field, label_field=args.label_field)
+    batches = list(iter_batches(iter_windows(corpus, tokenizer, max_length), args.batch_size, pad_token_id(tokenizer)))
+    tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
+    padded = sum(batch.attention_mask.numel() for batch in batches)
+    gated = "gate" if neurons.gated else None
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+    def hooked() -> None:
+        with capture(neurons, lambda layer, z: None, (lambda layer, g: None) if gated else None):
+            bare()
+
+    def profiled() -> None:
+        threads = {"stat_threads": args.stat_threads} if args.stat_threads else {}  # (older versions lack it)
+        options = ProfileOptions(batch_size=args.batch_size, max_length=max_length, **threads)
+        profile(model, corpus, tmp / "whole-atlas", tokenizer=tokenizer, label_field=args.label_field,
+                options=options, overwrite=True, quiet=True)
+
+    runs = {"bare": bare, "hooks": hooked, "profile": profiled}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(args.whole_rounds + 1):  # round 0 warms up
+        order = list(runs)[index % 3:] + list(runs)[: index % 3]  # rotate who goes first
+        for name in order:
+            started = time.perf_counter()
+            runs[name]()
+            if index:
+                seconds[name].append(time.perf_counter() - started)
+        if index:
+            say(f"  round {index}: " + ", ".join(f"{name} {tokens / seconds[name][-1]:,.0f} tok/s" for name in runs)
+                + f"; profile/bare {seconds['bare'][-1] / seconds['profile'][-1]:.3f}")
+    atlas_bytes = sum(path.stat().st_size for path in (tmp / "whole-atlas").iterdir() if path.is_file())
+    ratio = [b / p for b, p in zip(seconds["bare"], seconds["profile"])]
+    hooks_ratio = [h / p for h, p in zip(seconds["hooks"], seconds["profile"])]
+    return {
+        "corpus": f"{corpus.validate()['documents']} documents, {len(batches)} batches of {args.batch_size}, "
+                  f"max length {max_length}, {tokens} real tokens ({padded} with padding)",
+        "bare_tokens_per_s": round(statistics.median(tokens / t for t in seconds["bare"]), 1),
+        "hooks_tokens_per_s": round(statistics.median(tokens / t for t in seconds["hooks"]), 1),
+        "profile_tokens_per_s": round(statistics.median(tokens / t for t in seconds["profile"]), 1),
+        "profile_over_bare": spread(ratio),
+        "profile_over_hooks": spread(hooks_ratio),
+        "atlas_bytes_per_neuron": round(atlas_bytes / sum(neurons.widths), 1),
+        "stat_threads": args.stat_threads or "auto",
+    }
+
+
+def spread(ratios: list[float]) -> str:
+    """median [min, max] of per-round ratios."""
+    return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+
+
 # ---- memory -------------------------------------------------------------------------------------
 
 
-def measure_memory(model: Path, model_name: str, corpus: Path, tmp: Path, args) -> dict:
-    with corpus.open(encoding="utf-8") as handle:
-        lines = [line if line.endswith("\n") else line + "\n" for line in islice(handle, args.memory_docs)]
-    one, four = tmp / "memory-1x.jsonl", tmp / "memory-4x.jsonl"
-    one.write_text("".join(lines), encoding="utf-8")
-    four.write_text("".join(lines) * 4, encoding="utf-8")
-    peaks = {}
-    for name, path in (("1x", one), ("4x", four)):
-        command = [sys.executable, "-m", "neuronatlas", "profile", "--model", str(model), "--corpus", str(path),
-                   "--text-field", args.text_field, "--label-field", args.label_field, "--out", str(tmp / f"atlas-{name}"),
-                   "--quiet", "--device", "cpu"]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.memory_threads)) if args.memory_threads else None
-        done = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *command], capture_output=True, text=True,
-                              check=True, env=env)
-        report = json.loads(done.stdout.strip().splitlines()[-1])
-        if report["returncode"] != 0:
-            raise SystemExit(f"the profile of the {name} corpus failed:\n{report['stderr']}")
-        peaks[name] = report["maxrss"] / (2**20 if sys.platform == "darwin" else 2**10)  # MiB
-        say(f"  {name}: {len(lines) * (4 if name == '4x' else 1)} documents, peak RSS {peaks[name]:,.0f} MiB, "
-            f"{report['seconds']:.0f} s")
+# Loads the model, notes the peak RSS so far, profiles, notes the peak again (a fresh process: the
+# whole run's peak, not the parent's).
+MEMORY_CHILD = """
+import json, resource, sys, tempfile
+from neuronatlas.loading import load_model
+from neuronatlas.profile import ProfileOptions, profile
+model_path, corpus, out, label_field, max_length = sys.argv[1:6]
+model, tokenizer = load_model(model_path, device="cpu", quiet=True)
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+profile(model, corpus, out, tokenizer=tokenizer, label_field=label_field, quiet=True,
+        options=ProfileOptions(max_length=int(max_length)))
+print(json.dumps({"loaded": loaded, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "weights": weights}))
+"""
+
+
+def measure_model_memory(model: Path, corpus: Path, tmp: Path, args) -> dict:
+    command = [sys.executable, "-c", MEMORY_CHILD, str(model), str(corpus), str(tmp / "memory-atlas"),
+               args.label_field, str(args.whole_max_length)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the memory run failed:\n{done.stderr[-2000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    kib = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss unit
+    mib = {key: report[key] * kib / 2**20 for key in ("loaded", "peak")}
+    weights = report["weights"] / 2**20
     return {
-        "memory_model": model_name,
-        "memory_corpus": f"first {len(lines)} documents of {corpus.name}, and them repeated 4 times",
-        "peak_rss_1x_mib": round(peaks["1x"], 1),
-        "peak_rss_4x_mib": round(peaks["4x"], 1),
-        "peak_rss_ratio_4x_1x": round(peaks["4x"] / peaks["1x"], 3),
+        "memory_model": model.name,
+        "memory_weights_mib": round(weights, 1),
+        "memory_peak_rss_after_load_mib": round(mib["loaded"], 1),
+        "memory_peak_rss_mib": round(mib["peak"], 1),
+        "memory_peak_over_weights": round(mib["peak"] / weights, 2),
+        "memory_profile_added_mib": round(mib["peak"] - mib["loaded"], 1),
     }
 
 

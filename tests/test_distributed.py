@@ -21,8 +21,9 @@ from neuronatlas.atlas import load_atlas
 from neuronatlas.bundled import CORPUS_TRAIN, model_path
 from neuronatlas.cli import main
 from neuronatlas.corpus import read_corpus
-from neuronatlas.distributed import balanced_bounds, batch_share, launch_from_env, refuse_distributed
+from neuronatlas.distributed import launch_from_env, refuse_distributed
 from neuronatlas.errors import NeuronAtlasError
+from neuronatlas.profile.shards import balanced_bounds
 
 TINY_LLAMA = model_path("tiny-llama")
 OPTIONS = ["--max-length", "48", "--batch-size", "4", "--top-k", "5", "--doc-sample", "3", "--exemplar-radius", "2",
@@ -56,6 +57,7 @@ def free_port() -> int:
 
 
 def info(atlas: Path, capsys) -> dict:
+    capsys.readouterr()  # drop what came before (profile prints its summary)
     assert main(["info", str(atlas), "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -139,6 +141,7 @@ def test_a_killed_rank_fails_the_job_and_resume_completes_it(tmp_path, capsys):
     assert not list(killed.glob("checkpoint*"))
     whole = tmp_path / "whole"
     assert main(profile_command(corpus, whole, "--batch-size", "1")) == 0
+    capsys.readouterr()  # the profile's summary (--quiet hides progress only)
     assert_same_atlas(whole, killed, capsys)
 
 
@@ -200,9 +203,6 @@ def test_blocks_are_contiguous_balanced_and_never_empty():
         assert bounds[0] == 0 and bounds[-1] == len(tokens) and len(bounds) == world + 1
         assert all(b > a for a, b in zip(bounds, bounds[1:]))
     assert balanced_bounds(np.array([10] * 10), 2) == [0, 5, 10]
-    shares = [batch_share(10, 4, rank, 2) for rank in range(2)]  # 3 batches of windows: 4, 4, 2
-    assert shares == [(0, 4), (4, 10)]
-    assert [batch_share(3, 4, rank, 3) for rank in range(3)] == [(0, 0), (0, 0), (0, 3)]
 
 
 def test_sharded_checkpoint_and_device_map_give_the_same_atlas(corpus, single, tmp_path, capsys):
@@ -216,6 +216,7 @@ def test_sharded_checkpoint_and_device_map_give_the_same_atlas(corpus, single, t
     argv = profile_command(corpus, out, "--device-map", "auto")
     argv[argv.index("--model") + 1] = str(sharded)
     assert main(argv) == 0
+    capsys.readouterr()  # the profile's summary (--quiet hides progress only)
     first, second = info(single, capsys), info(out, capsys)
     assert {k: v for k, v in first.items() if k != "model"} == {k: v for k, v in second.items() if k != "model"}
     assert load_atlas(out).meta["model"]["fingerprint"] == load_atlas(single).meta["model"]["fingerprint"]

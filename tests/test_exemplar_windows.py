@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from neuronatlas import bundled
-from neuronatlas.atlas import load_atlas, merge_atlases
+from neuronatlas.atlas import load_atlas
+from neuronatlas.atlas_merge import merge_atlases
 from neuronatlas.exemplar_windows import neuron_exemplars
 from neuronatlas.hooks import capture
 from neuronatlas.loading import load_model
@@ -71,7 +72,8 @@ def test_windows_equal_a_recomputation_on_the_window_alone(atlas, model_and_toke
                 model(input_ids=ids)
             lo = example["pos"] - example["focus"]
             expected = seen[layer][lo:lo + len(example["activations"])]
-            assert torch.allclose(torch.tensor(example["activations"]), expected, atol=1e-4)
+            # kept in float16 (the exemplar's own value exact): float16's relative precision
+            assert torch.allclose(torch.tensor(example["activations"]), expected, rtol=1e-3, atol=1e-4)
             assert len(example["tokens"]) == len(example["activations"])
             assert max(example["activations"]) == pytest.approx(example["activation"], abs=1e-4)
             checked += 1
@@ -92,7 +94,7 @@ def test_merge_and_resave_keep_the_windows(model_and_tokenizer, corpora, tmp_pat
             if (key := (row["layer"], row["neuron"], row["seq"], row["pos"])) in whole]
     assert len(same) > 0.9 * len(rows)  # batching differs, so near-ties may pick other exemplars
     for merged_values, whole_values in same:
-        assert merged_values == pytest.approx(whole_values, abs=1e-4)
+        assert merged_values == pytest.approx(whole_values, rel=2e-3, abs=1e-4)  # float16 windows
 
 def test_radius_zero_records_no_windows(model_and_tokenizer, corpora, tmp_path):
     _profile(model_and_tokenizer, corpora[0], tmp_path / "plain", radius=0)

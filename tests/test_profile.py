@@ -13,7 +13,8 @@ import duckdb
 import pytest
 import torch
 
-from neuronatlas.atlas import load_atlas, merge_atlases
+from neuronatlas.atlas import load_atlas
+from neuronatlas.atlas_merge import merge_atlases
 from neuronatlas.corpus import iter_windows, read_corpus
 from neuronatlas.hooks import capture
 from neuronatlas.loading import load_model

@@ -9,6 +9,7 @@ An atlas is a directory::
                          doc, label, and (unless profiled with --exemplar-radius 0) window_start
                          and window_activations: the neuron's z at positions window_start,
                          window_start + 1, ... of window seq, up to R tokens either side of pos
+                         (float16 precision, the value at pos exact; zstd, byte-stream-split floats)
     contexts.parquet     the token ids of every window an exemplar points to: seq, doc, label,
                          start, token_ids
     vocab.parquet        token id -> the string it decodes to, to show contexts without the model
@@ -31,6 +32,9 @@ layer-major (layer 0's neurons, then layer 1's ...). See :mod:`neuronatlas.docpo
 atlases concatenates their samples (the second's documents renumbered after the first's; the
 per-label cap is not applied again, so a label may hold up to twice ``doc_sample`` documents).
 
+File names: :mod:`neuronatlas.files`. Merging two atlases: :mod:`neuronatlas.atlas_merge`. Shapes (K labels,
+D neurons, P buckets ...): the legend in :mod:`neuronatlas.stats`.
+
 Query the parquet files with duckdb, e.g.
 ``duckdb.sql("select * from 'ATLAS/exemplars.parquet' where layer = 3 and neuron = 17")``.
 """
@@ -51,15 +55,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .docpool import FILES as DOCPOOL_FILES
-from .docpool import DocPool, load_docpool, merge_docpools
+from .docpool import DocPool, load_docpool
 from .errors import NeuronAtlasError
+from .files import CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, META_FILE, STAGING_SUFFIX, STATS_FILE, VOCAB_FILE
 from .stats import SignalStats, split_uid
 
 FORMAT_VERSION = 1
 EXEMPLAR_ROW_GROUP = 16_384  # rows are sorted by (layer, neuron): small groups let one neuron's query skip the rest
-META_FILE = "atlas.json"
-STATS_FILE = "stats.safetensors"
 SIGNALS = ("z", "gate")
 WINDOW_KEYS = ("layer", "neuron", "seq", "pos")
 WINDOW_COLUMNS = ("window_start", "window_activations")
@@ -104,7 +106,11 @@ class Atlas:
         """A raw statistic tensor, e.g. ``stat("active", 3)`` → (K, D) int64."""
         if signal not in self.signals:
             raise NeuronAtlasError(f"this atlas has no {signal!r} signal (it has: {', '.join(self.signals)})")
-        return self.signals[signal].tensors[f"{name}.{layer}"]
+        return self.signals[signal].get(name, layer)
+
+    def has_stat(self, name: str, signal: str = "z") -> bool:
+        """Whether the atlas keeps this statistic, e.g. ``has_stat("hist")`` or ``has_stat("top_uid")``."""
+        return signal in self.signals and self.signals[signal].has(name)
 
     def activation_probability(self, layer: int, signal: str = "z") -> torch.Tensor:
         """(K, D) share of each label's tokens on which the neuron was active."""
@@ -140,7 +146,7 @@ class Atlas:
         """A position statistic, e.g. ``position_stat("sum", 3)`` → (P, D) float64, one row per bucket."""
         if self.positions is None:
             raise NeuronAtlasError("this atlas has no position statistics; profile again without --no-positions")
-        return self.positions.tensors[f"{name}.{layer}"]
+        return self.positions.get(name, layer)
 
     def dead_fraction(self, layer: int, signal: str = "z") -> float:
         return float((self.overall("active", layer, signal) == 0).double().mean())
@@ -185,10 +191,21 @@ class Atlas:
 
     # ---- writing ------------------------------------------------------------------------------
 
+    def recount(self) -> None:
+        """Set the token counts in the metadata from ``tokens_per_label``, after statistics were added up."""
+        self.meta["tokens"] = int(self.tokens_per_label.sum())
+        self.meta["tokens_per_label"] = dict(zip(self.labels, self.tokens_per_label.tolist()))
+
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The contents of stats.safetensors (counts as int32 while they fit: half the bytes)."""
         out = {"tokens_per_label": self.tokens_per_label.cpu()}
         for name, stats in self.signals.items():
-            out.update(stats.state(name))
+            for key, tensor in stats.state(name).items():
+                field = key.split(".")[1]
+                if field in ("hist", "active") and (not tensor.numel() or int(tensor.max()) < 2**31):
+                    tensor = tensor.int()  # read back as int64 (SignalStats.load_state)
+                if field != "top_window":  # exemplar windows live in exemplars.parquet
+                    out[key] = tensor
             if stats.hist_edges is not None:
                 out["hist_edges"] = stats.hist_edges.cpu()
         if self.positions is not None:
@@ -199,15 +216,18 @@ class Atlas:
     def save(self, path: str | Path) -> Path:
         """Write the atlas into ``path`` atomically: a complete atlas or nothing."""
         path = Path(path)
-        staging = path.with_name(path.name + ".writing")
+        staging = path.with_name(path.name + STAGING_SUFFIX)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_file(self.tensors(), str(staging / STATS_FILE))
-        pq.write_table(self.exemplar_table(), staging / "exemplars.parquet", row_group_size=EXEMPLAR_ROW_GROUP)
+        table = self.exemplar_table()
+        floats = [name for name in ("activation", "window_activations") if name in table.column_names]
+        pq.write_table(table, staging / EXEMPLARS_FILE, row_group_size=EXEMPLAR_ROW_GROUP, compression="zstd",
+                       use_byte_stream_split=floats)  # float16-precise values: their zero low bytes compress away
         if self.contexts is not None:
-            pq.write_table(self.contexts, staging / "contexts.parquet")
+            pq.write_table(self.contexts, staging / CONTEXTS_FILE)
         if self.vocab is not None:
-            pq.write_table(self.vocab, staging / "vocab.parquet")
+            pq.write_table(self.vocab, staging / VOCAB_FILE)
         if self.docpool is not None:
             self.docpool.write(staging)
         (staging / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
@@ -223,33 +243,28 @@ class Atlas:
         return path
 
     def exemplar_table(self) -> pa.Table:
-        columns: dict[str, list] = {"layer": [], "neuron": [], "rank": [], "activation": [], "seq": [], "pos": []}
-        if "top_values.0" in self.signals["z"].tensors:
+        columns = {"layer": [], "neuron": [], "rank": [], "activation": [], "seq": [], "pos": []}
+        if self.has_stat("top_values"):
             for layer in range(self.num_layers):
-                values = self.stat("top_values", layer)
-                seq, pos = split_uid(self.stat("top_uid", layer))
+                seq, pos = split_uid(self.stat("top_uid", layer).cpu())
                 filled = seq >= 0
                 neuron, rank = filled.nonzero(as_tuple=True)
-                columns["layer"] += [layer] * len(neuron)
-                columns["neuron"] += neuron.tolist()
-                columns["rank"] += rank.tolist()
-                columns["activation"] += values[filled].tolist()
-                columns["seq"] += seq[filled].tolist()
-                columns["pos"] += pos[filled].tolist()
-        table = pa.table({
-            "layer": pa.array(columns["layer"], pa.int32()),
-            "neuron": pa.array(columns["neuron"], pa.int32()),
-            "rank": pa.array(columns["rank"], pa.int16()),
-            "activation": pa.array(columns["activation"], pa.float32()),
-            "seq": pa.array(columns["seq"], pa.int64()),
-            "pos": pa.array(columns["pos"], pa.int32()),
-        })
+                columns["layer"].append(torch.full((len(neuron),), layer, dtype=torch.int32))
+                columns["neuron"].append(neuron.int())
+                columns["rank"].append(rank.short())
+                columns["activation"].append(self.stat("top_values", layer).cpu()[filled])
+                columns["seq"].append(seq[filled])
+                columns["pos"].append(pos[filled].int())
+        types = {"layer": pa.int32(), "neuron": pa.int32(), "rank": pa.int16(), "activation": pa.float32(),
+                 "seq": pa.int64(), "pos": pa.int32()}
+        table = pa.table({name: pa.array(torch.cat(columns[name]).numpy() if columns[name] else [], kind)
+                          for name, kind in types.items()})
         return self._with_windows(self._with_documents(table))
 
     def window_table(self) -> pa.Table | None:
         """Every exemplar's activation window (see exemplar_windows.py), or None when not recorded."""
-        if self.windows is None and self.path is not None and (self.path / "exemplars.parquet").exists():
-            file = self.path / "exemplars.parquet"
+        if self.windows is None and self.path is not None and (self.path / EXEMPLARS_FILE).exists():
+            file = self.path / EXEMPLARS_FILE
             if "window_start" in pq.read_schema(file).names:
                 self.windows = pq.read_table(file, columns=list(WINDOW_KEYS) + list(WINDOW_COLUMNS))
         return self.windows
@@ -272,14 +287,12 @@ class Atlas:
         """Add each exemplar's document index and label from the contexts table."""
         if self.contexts is None or table.num_rows == 0:
             return table
-        doc_of = dict(zip(self.contexts["seq"].to_pylist(), self.contexts["doc"].to_pylist()))
-        label_of = dict(zip(self.contexts["seq"].to_pylist(), self.contexts["label"].to_pylist()))
-        seqs = table["seq"].to_pylist()
-        table = table.append_column("doc", pa.array([doc_of.get(s) for s in seqs], pa.int64()))
-        return table.append_column("label", pa.array([label_of.get(s) for s in seqs], pa.string()))
+        row = pc.index_in(table["seq"], value_set=self.contexts["seq"])  # null where no context
+        table = table.append_column("doc", self.contexts["doc"].take(row).cast(pa.int64()))
+        return table.append_column("label", self.contexts["label"].take(row).cast(pa.string()))
 
 
-# ---- loading and merging ----------------------------------------------------------------------
+# ---- loading ---------------------------------------------------------------------------------------
 
 
 def is_atlas(path: str | Path) -> bool:
@@ -303,10 +316,10 @@ def load_atlas(path: str | Path) -> Atlas:
         )
     try:
         atlas = from_state(meta, load_file(str(path / STATS_FILE)))
-        if (path / "contexts.parquet").exists():
-            atlas.contexts = pq.read_table(path / "contexts.parquet")
-        if (path / "vocab.parquet").exists():
-            atlas.vocab = pq.read_table(path / "vocab.parquet")
+        if (path / CONTEXTS_FILE).exists():
+            atlas.contexts = pq.read_table(path / CONTEXTS_FILE)
+        if (path / VOCAB_FILE).exists():
+            atlas.vocab = pq.read_table(path / VOCAB_FILE)
         atlas.docpool = load_docpool(path, atlas.widths)
     except (OSError, KeyError, TypeError, ValueError, SafetensorError, pa.ArrowException) as error:
         raise _incomplete(path, error) from None
@@ -319,12 +332,14 @@ def _incomplete(path: Path, error: BaseException) -> NeuronAtlasError:
     return NeuronAtlasError(f"{path} is not a complete atlas ({reason}); profile it again with `neuronatlas profile`")
 
 
-def new_signals(meta: dict, device: torch.device | str = "cpu") -> dict[str, SignalStats]:
-    """Empty statistics for the signals an atlas with this metadata keeps."""
+def new_signals(meta: dict, device: torch.device | str = "cpu", windows: bool = False) -> dict[str, SignalStats]:
+    """Empty statistics for the signals an atlas with this metadata keeps; ``windows``: with the
+    exemplar windows as payloads (a profile and its checkpoints; a saved atlas keeps them in a table)."""
     options = meta["options"]
     widths, labels = meta["model"]["widths"], meta["labels"]
     edges = torch.tensor(options["hist_edges"], dtype=torch.float32)
-    signals = {"z": SignalStats(widths, len(labels), options["threshold"], edges, options["top_k"], device)}
+    radius = options.get("exemplar_radius", 0) if windows else 0
+    signals = {"z": SignalStats(widths, len(labels), options["threshold"], edges, options["top_k"], device, radius)}
     if meta["model"]["gated"] and options.get("gate", True):
         signals["gate"] = SignalStats(widths, len(labels), options["threshold"], None, 0, device)
     return signals
@@ -364,8 +379,9 @@ def new_positions(meta: dict, device: torch.device | str = "cpu") -> SignalStats
     return SignalStats(meta["model"]["widths"], len(edges), meta["options"]["threshold"], None, 0, device)
 
 
-def from_state(meta: dict, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Atlas:
-    signals = new_signals(meta, device)
+def from_state(meta: dict, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+               windows: bool = False) -> Atlas:
+    signals = new_signals(meta, device, windows)
     for name, stats in signals.items():
         stats.load_state(state, name)
     atlas = Atlas(meta, signals, state["tokens_per_label"].to(device))
@@ -374,131 +390,3 @@ def from_state(meta: dict, state: dict[str, torch.Tensor], device: torch.device 
         positions.load_state(state, POSITION)
         atlas.positions, atlas.position_tokens = positions, state["position_tokens"].to(device)
     return atlas
-
-
-def merge_atlases(first: Atlas, second: Atlas) -> Atlas:
-    """The atlas of corpus ``first`` followed by corpus ``second``, for the same model and options.
-
-    Counts add exactly; second's windows and documents are numbered after first's, so the merged
-    exemplars are those of one profile over the concatenated corpus.
-    """
-    _check_mergeable(first, second)
-    labels = first.labels + [label for label in second.labels if label not in first.labels]
-    meta = json.loads(json.dumps(first.meta))
-    meta["labels"] = labels
-    merged = Atlas(meta, new_signals(meta), torch.zeros(len(labels), dtype=torch.int64))
-    seq_offset = first.meta["windows"]
-    for part, offset in ((first, 0), (second, seq_offset)):
-        aligned = _align_labels(part, labels)
-        merged.tokens_per_label += aligned.tokens_per_label
-        for name, stats in merged.signals.items():
-            stats.merge_(aligned.signals[name], uid_offset=offset << 24)
-    meta["tokens"] = int(merged.tokens_per_label.sum())
-    meta["tokens_per_label"] = dict(zip(labels, merged.tokens_per_label.tolist()))
-    for key in ("documents", "windows"):
-        meta[key] = first.meta[key] + second.meta[key]
-    parts = [first.meta["corpus"], second.meta["corpus"]]
-    meta["corpus"] = {"path": " + ".join(part["path"] for part in parts), "parts": parts}
-    merged.contexts = _merge_contexts(first, second, merged)
-    merged.vocab = first.vocab
-    merged.windows = _merge_windows(first, second)
-    _merge_positions(first, second, merged)
-    merged.docpool = merge_docpools(first.docpool, second.docpool, first.meta["documents"])
-    meta["options"]["doc_sample"] = meta["options"].get("doc_sample", 0) if merged.docpool is not None else 0
-    return merged
-
-
-def _merge_windows(first: Atlas, second: Atlas) -> pa.Table | None:
-    """Both atlases' exemplar windows, second's renumbered after first's windows (None if either lacks them)."""
-    windows = [first.window_table(), second.window_table()]
-    if any(table is None for table in windows):
-        return None
-    index = windows[1].schema.get_field_index("seq")
-    windows[1] = windows[1].set_column(index, "seq", pc.add(windows[1]["seq"], first.meta["windows"]))
-    return pa.concat_tables(windows)
-
-
-def _merge_positions(first: Atlas, second: Atlas, merged: Atlas) -> None:
-    """Add the position statistics when both atlases have them on compatible buckets, else drop them.
-
-    Default buckets of two different ``max_length`` are compatible: the shorter list of edges is a
-    prefix of the longer one, and its last bucket (up to its ``max_length - 1``) lies within the
-    longer one's bucket of the same lower edge; its missing buckets count zero tokens.
-    """
-    options = merged.meta["options"]
-    edges = [position_edges_of(part.meta) if part.positions is not None else None for part in (first, second)]
-    merged.positions = merged.position_tokens = None
-    if edges[0] is None or edges[1] is None:
-        options["positions"], options["position_edges"] = False, None
-        return
-    longer, shorter = (0, 1) if len(edges[0]) >= len(edges[1]) else (1, 0)
-    long_edges, short_edges = edges[longer], edges[shorter]
-    short_max = (first, second)[shorter].meta["options"].get("max_length")
-    fits = long_edges[: len(short_edges)] == short_edges and (
-        len(short_edges) == len(long_edges)
-        or (short_max is not None and short_max <= long_edges[len(short_edges)])
-    )
-    if not fits:
-        options["positions"], options["position_edges"] = False, None
-        return
-    options["positions"], options["position_edges"] = True, long_edges
-    options["max_length"] = max(part.meta["options"].get("max_length") or 0 for part in (first, second)) or None
-    merged.positions = SignalStats(merged.widths, len(long_edges), options["threshold"], None, 0)
-    merged.position_tokens = torch.zeros(len(long_edges), dtype=torch.int64)
-    for part in (first, second):
-        rows = len(part.position_tokens)
-        merged.position_tokens[:rows] += part.position_tokens.cpu()
-        padded = SignalStats(merged.widths, len(long_edges), options["threshold"], None, 0)
-        for key, tensor in padded.tensors.items():
-            tensor[:rows] = part.positions.tensors[key].cpu()
-        merged.positions.merge_(padded)
-
-
-def _check_mergeable(first: Atlas, second: Atlas) -> None:
-    if first.meta["model"]["fingerprint"] != second.meta["model"]["fingerprint"]:
-        raise NeuronAtlasError(
-            f"cannot merge atlases of different models: {first.meta['model']['name_or_path']} and "
-            f"{second.meta['model']['name_or_path']}"
-        )
-    keys = ("threshold", "top_k", "hist_edges")
-    a = {k: first.meta["options"][k] for k in keys}
-    b = {k: second.meta["options"][k] for k in keys}
-    if a != b:
-        raise NeuronAtlasError(f"cannot merge atlases profiled with different options: {a} vs {b}")
-
-
-def _align_labels(atlas: Atlas, labels: list[str]) -> Atlas:
-    """The same atlas with label rows reordered (and zero rows added) to match ``labels``."""
-    if atlas.labels == labels:
-        return atlas
-    meta = dict(atlas.meta, labels=labels)
-    aligned = Atlas(meta, new_signals(meta), torch.zeros(len(labels), dtype=torch.int64))
-    rows = torch.tensor([labels.index(label) for label in atlas.labels])
-    aligned.tokens_per_label[rows] = atlas.tokens_per_label
-    for name, stats in aligned.signals.items():
-        for key, tensor in stats.tensors.items():
-            source = atlas.signals[name].tensors[key]
-            if key.split(".")[0] in SignalStats.FIELDS:
-                tensor[rows] = source
-            else:
-                stats.tensors[key] = source.clone()
-    return aligned
-
-
-def _merge_contexts(first: Atlas, second: Atlas, merged: Atlas) -> pa.Table | None:
-    """Both atlases' context windows, renumbered, keeping those the merged exemplars point to."""
-    if first.contexts is None or second.contexts is None:
-        return None
-    shifted = second.contexts.set_column(
-        second.contexts.schema.get_field_index("seq"), "seq",
-        pc.add(second.contexts["seq"], first.meta["windows"]),
-    ).set_column(
-        second.contexts.schema.get_field_index("doc"), "doc",
-        pc.add(second.contexts["doc"], first.meta["documents"]),
-    )
-    contexts = pa.concat_tables([first.contexts, shifted])
-    wanted = set()
-    for layer in range(merged.num_layers):
-        uid = merged.stat("top_uid", layer)
-        wanted.update(split_uid(uid[uid >= 0])[0].unique().tolist())
-    return contexts.filter(pc.is_in(contexts["seq"], pa.array(sorted(wanted), pa.int64())))

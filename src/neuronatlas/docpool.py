@@ -39,13 +39,10 @@ import pyarrow.parquet as pq
 import torch
 
 from .errors import NeuronAtlasError
+from .files import DOCPOOL_FILES, DOCPOOL_MAX_FILE, DOCPOOL_MEAN_FILE, DOCPOOL_TABLE_FILE
 
-MEAN_FILE = "docpool_mean.npy"
-MAX_FILE = "docpool_max.npy"
-TABLE_FILE = "docpool.parquet"
-PARTIAL_DIR = "docpool.partial"
-FILES = (MEAN_FILE, MAX_FILE, TABLE_FILE)
 POOLS = ("mean", "max")
+_FILE_OF_POOL = {"mean": DOCPOOL_MEAN_FILE, "max": DOCPOOL_MAX_FILE}
 FLOAT16_MAX = 65504.0
 _COPY_BYTES = 1 << 26  # rows copied per chunk when concatenating or trimming: ~64 MiB
 
@@ -92,14 +89,14 @@ class DocPool:
     def write(self, folder: Path) -> None:
         """Write the three files into ``folder``: moved when temporary single files, else copied in chunks."""
         folder = Path(folder)
-        for pool, name in (("mean", MEAN_FILE), ("max", MAX_FILE)):
+        for pool, name in _FILE_OF_POOL.items():
             arrays = [part[pool] for part in self.parts]
             source = _file_of(arrays[0]) if len(arrays) == 1 else None
             if self.temporary and source is not None and len(arrays[0]) == len(self):
                 os.replace(source, folder / name)
             else:
                 _concatenate_to(arrays, len(self), sum(self.widths), folder / name)
-        pq.write_table(self.table(), folder / TABLE_FILE)
+        pq.write_table(self.table(), folder / DOCPOOL_TABLE_FILE)
 
     def reopen(self, folder: Path) -> None:
         """Point at the files in ``folder`` (after :meth:`write`), read-only."""
@@ -109,16 +106,16 @@ class DocPool:
 
 def load_docpool(folder: Path, widths: list[int]) -> DocPool | None:
     folder = Path(folder)
-    if not all((folder / name).exists() for name in FILES):
+    if not all((folder / name).exists() for name in DOCPOOL_FILES):
         return None
-    table = pq.read_table(folder / TABLE_FILE)
+    table = pq.read_table(folder / DOCPOOL_TABLE_FILE)
     pool = DocPool(list(widths), np.asarray(table["doc"].to_numpy(), np.int64), table["label"].to_pylist(),
                    np.asarray(table["tokens"].to_numpy(), np.int64), [_open_parts(folder)])
     for pool_name in POOLS:
         shape = pool.parts[0][pool_name].shape
         if shape != (len(pool), sum(widths)):
             raise NeuronAtlasError(
-                f"{folder / (MEAN_FILE if pool_name == 'mean' else MAX_FILE)} has shape {shape}, expected "
+                f"{folder / _FILE_OF_POOL[pool_name]} has shape {shape}, expected "
                 f"({len(pool)}, {sum(widths)}); the atlas is damaged: profile again"
             )
     return pool
@@ -139,7 +136,7 @@ def merge_docpools(first: DocPool | None, second: DocPool | None, doc_offset: in
 
 
 def _open_parts(folder: Path) -> dict[str, np.ndarray]:
-    return {"mean": np.load(folder / MEAN_FILE, mmap_mode="r"), "max": np.load(folder / MAX_FILE, mmap_mode="r")}
+    return {pool: np.load(folder / name, mmap_mode="r") for pool, name in _FILE_OF_POOL.items()}
 
 
 def _file_of(array: np.ndarray) -> Path | None:

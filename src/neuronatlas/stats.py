@@ -6,14 +6,32 @@ histogram on fixed bin edges and the top-k exemplars. Memory is O(layers x neuro
 bins + k)), whatever the corpus length. Sums are kept in float64, counts in int64.
 
 Exemplars are ordered by (activation desc, uid asc) where ``uid = seq << 24 | pos`` locates a
-token (window ``seq``, position ``pos``): ties are broken the same way whatever the batching, so
-merged and sharded runs keep the very same exemplars.
+token (window ``seq``, position ``pos``; :func:`make_uid` and :func:`split_uid`): ties are broken
+the same way whatever the batching, so merged and sharded runs keep the very same exemplars.
+
+With a window ``radius`` R, each exemplar also carries the neuron's z at the 2R + 1 tokens around
+it (``top_window``, (D, k, 2R + 1) float16, NaN outside its window), cut from the batch while it
+is in memory (:class:`WindowSource`) and moved with its exemplar by every merge.
+
+Each field says how two partial statistics combine (:data:`REDUCTIONS`): counts and sums add,
+minima and maxima reduce, exemplar lists merge by rank. :meth:`SignalStats.merge_` (files) and the
+torchrun merge (:mod:`neuronatlas.profile.ranks`) both follow it.
+
+Shape legend, used in comments across the package:
+
+    B   windows (rows) in a batch             T   tokens per window (padded)
+    N   real tokens in a batch (B x T, less padding and tokens not counted)
+    L   layers                                D   neurons of one layer (d_ff)
+    K   labels                                P   position buckets
+    k   exemplars kept per neuron (top_k)     bins  histogram bins (len(hist_edges) + 1)
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +39,7 @@ UID_POS_BITS = 24  # positions within a window stay below 2**24
 _BLOCK_ELEMENTS = 2**18  # moments are reduced over blocks of rows of about 1 MiB, to stay in cache
 _MAX_RUNS = 64  # more runs of one label than this in a batch: group the rows by label first
 _MAX_CANDIDATES = 2  # sparse exemplar merge while a batch has at most this x k candidates per neuron on average
+FLOAT16_MAX = 65504.0  # window values beyond it are clamped (the exemplar's own value is kept exactly in top_values)
 
 
 def default_hist_edges() -> torch.Tensor:
@@ -34,13 +53,51 @@ def make_uid(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def split_uid(uid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq, pos) of each uid; an empty slot (uid -1) gives seq -1."""
     return uid >> UID_POS_BITS, uid & ((1 << UID_POS_BITS) - 1)
 
 
-class SignalStats:
-    """Statistics of one signal over ``widths[l]`` neurons per layer and ``num_labels`` labels."""
+def uid_offset(windows: int) -> int:
+    """What to add to a uid to number its window ``windows`` later (for a corpus appended after another)."""
+    return windows << UID_POS_BITS
 
-    FIELDS = ("active", "sum", "sumsq", "min", "max")
+
+# How each field of two partial statistics combines: "sum" adds, "min"/"max" reduce element-wise,
+# "top_k" merges the two exemplar lists of every neuron (merge_topk). Keys are "<field>.<layer>".
+REDUCTIONS = {"active": "sum", "sum": "sum", "sumsq": "sum", "min": "min", "max": "max", "hist": "sum",
+              "top_values": "top_k", "top_uid": "top_k", "top_window": "top_k"}
+Runs = list[tuple[int, int, int]]  # (label, start, stop) of each run of equal consecutive labels
+
+
+@dataclass
+class WindowSource:
+    """Where an update's N tokens lie in the batch's padded activations, to cut windows around exemplars."""
+
+    rows: torch.Tensor  # (N,) each token's row in the batch
+    columns: torch.Tensor  # (N,) its column in the padded batch
+    real: torch.Tensor  # (B, T) bool: the tokens the model saw (a window ends where they end)
+    radius: int
+    z: torch.Tensor | None = None  # (B, T, D) the layer being updated
+
+    def gather(self, tokens: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+        """(m, 2R + 1) float16: z of ``neurons`` (m,) around ``tokens`` (m,), NaN outside the window."""
+        _, width, depth = self.z.shape
+        offsets = torch.arange(-self.radius, self.radius + 1, device=tokens.device)
+        columns = self.columns[tokens, None] + offsets  # (m, W)
+        cells = (self.rows[tokens, None] * width + columns.clamp(0, width - 1))  # (m, W) flat (row, column)
+        inside = (columns >= 0) & (columns < width) & self.real.view(-1)[cells]
+        picked = self.z.reshape(-1)[cells * depth + neurons[:, None]].float()  # (m, W): one flat gather
+        return picked.clamp_(-FLOAT16_MAX, FLOAT16_MAX).masked_fill_(~inside, float("nan")).half()
+
+
+class SignalStats:
+    """Statistics of one signal over ``widths[l]`` neurons per layer and ``num_labels`` labels.
+
+    Per layer: active, sum, sumsq, min, max (K, D) one row per label; hist (D, bins) and
+    top_values / top_uid (D, k) over all labels, when kept. Read them with :meth:`get`.
+    """
+
+    FIELDS = ("active", "sum", "sumsq", "min", "max")  # the per-label fields: (K, D)
 
     def __init__(
         self,
@@ -50,8 +107,10 @@ class SignalStats:
         hist_edges: torch.Tensor | None = None,
         top_k: int = 0,
         device: torch.device | str = "cpu",
+        radius: int = 0,
     ):
         self.widths = list(widths)
+        self.radius = int(radius) if top_k else 0  # exemplar windows of 2 * radius + 1 tokens; 0 = none
         self.num_labels = num_labels
         self.threshold = float(threshold)
         self.top_k = int(top_k)
@@ -71,6 +130,9 @@ class SignalStats:
             if self.top_k:
                 self.tensors[f"top_values.{layer}"] = torch.full((width, self.top_k), float("-inf"), device=device)
                 self.tensors[f"top_uid.{layer}"] = torch.full((width, self.top_k), -1, dtype=torch.int64, device=device)
+            if self.radius:
+                self.tensors[f"top_window.{layer}"] = torch.full((width, self.top_k, 2 * self.radius + 1), float("nan"),
+                                                                 dtype=torch.float16, device=device)
 
     # ---- updating ---------------------------------------------------------------------------
     #
@@ -79,27 +141,31 @@ class SignalStats:
     # histogram looks bins up in a table instead of a binary search, and the exemplars only look
     # at the tokens that can still beat a neuron's k-th kept exemplar.
 
-    def update(self, layer: int, values: torch.Tensor, labels: torch.Tensor, uids: torch.Tensor) -> None:
-        """Add N tokens of one layer: values (N, D), labels (N,) label indices, uids (N,) ascending."""
+    def update(self, layer: int, values: torch.Tensor, labels: torch.Tensor, uids: torch.Tensor,
+               runs: Runs | None = None, windows: WindowSource | None = None) -> None:
+        """Add N tokens of one layer: values (N, D), labels (N,) label indices, uids (N,) ascending.
+
+        ``runs``: the label runs of ``labels`` when the caller knows them (the same for every layer of
+        a batch); ``windows``: where to cut the exemplar windows from (NaN windows without it).
+        """
         values = values.float().contiguous()  # no copy for contiguous float32
         if not len(values):
             return
-        with _one_cpu_thread(values.device):
-            self._update_moments(layer, values, labels)
-            if self.hist_edges is not None:
-                self._update_hist(layer, values)
-            if self.top_k:
-                self._update_top(layer, values, uids)
+        self._update_moments(layer, values, labels, runs)
+        if self.hist_edges is not None:
+            self._update_hist(layer, values)
+        if self.top_k:
+            self._update_top(layer, values, uids, windows)
 
-    def _update_moments(self, layer: int, values: torch.Tensor, labels: torch.Tensor) -> None:
+    def _update_moments(self, layer: int, values: torch.Tensor, labels: torch.Tensor, runs: Runs | None) -> None:
         t = self.tensors
         active, total, total_sq = t[f"active.{layer}"], t[f"sum.{layer}"], t[f"sumsq.{layer}"]
         low, high = t[f"min.{layer}"], t[f"max.{layer}"]
-        runs = _label_runs(labels)
+        runs = label_runs(labels) if runs is None else runs
         if len(runs) > _MAX_RUNS:  # labels interleaved token by token: one copy groups each label's rows
             order = labels.argsort(stable=True)
             values, labels = values[order], labels[order]
-            runs = _label_runs(labels)
+            runs = label_runs(labels)
         block = max(1, _BLOCK_ELEMENTS // values.shape[1])
         is_active = values.new_empty((min(block, len(values)), values.shape[1]))  # 0. / 1., reused
         as_double = is_active.double()  # reused
@@ -140,27 +206,46 @@ class SignalStats:
             index.index_copy_(0, unsure, exact)
         return index.view(values.shape)
 
-    def _update_top(self, layer: int, values: torch.Tensor, uids: torch.Tensor) -> None:
-        kept_values, kept_uid = self.tensors[f"top_values.{layer}"], self.tensors[f"top_uid.{layer}"]  # (D, k)
-        if not (kept_uid[:, -1] < 0).any():  # every list is full: only tokens above its k-th can enter
-            floor = _entry_floor(kept_values[:, -1], kept_uid[:, -1], uids.min())
-            merged = self._merge_candidates(kept_values, kept_uid, values, uids, floor)
+    def _update_top(self, layer: int, values: torch.Tensor, uids: torch.Tensor, windows: WindowSource | None) -> None:
+        kept = self.top(layer)  # values, uid (D, k) [, window (D, k, W)]
+        if not (kept[1][:, -1] < 0).any():  # every list is full: only tokens above its k-th can enter
+            floor = _entry_floor(kept[0][:, -1], kept[1][:, -1], uids.min())
+            merged = self._merge_candidates(kept, values, uids, floor, windows)
             if merged is not None:
-                self.tensors[f"top_values.{layer}"], self.tensors[f"top_uid.{layer}"] = merged
+                self.set_top_(layer, *merged)
                 return
         top_values, top_rows = batch_topk(values, self.top_k)  # (k', D) each
-        self.tensors[f"top_values.{layer}"], self.tensors[f"top_uid.{layer}"] = merge_topk(
-            kept_values, kept_uid, top_values.T, uids[top_rows].T, self.top_k,
-        )
+        neurons = torch.arange(values.shape[1], device=values.device)
+        self.set_top_(layer, *self._merge_new(kept, top_values.T, uids[top_rows].T, top_rows.T, neurons, windows))
 
-    def _merge_candidates(self, kept_values, kept_uid, values, uids, floor):
+    def _merge_new(self, kept, new_values, new_uid, new_rows, neurons, windows):
+        """Merge a batch's candidates values, uid, rows (D', k') of ``neurons`` (D',) into their lists
+        ``kept`` (D', k); windows are cut only for the candidates that enter (few after warm-up)."""
+        values, uid, index = merge_index(kept[0], kept[1], new_values, new_uid, self.top_k)
+        if not self.radius:
+            return [values, uid]
+        before = kept[0].shape[1]
+        fresh = index >= before  # (D', k) taken from the batch
+        window = kept[2].gather(1, index.clamp(max=before - 1)[:, :, None].expand(-1, -1, kept[2].shape[2]))
+        if fresh.any():
+            rows = new_rows.gather(1, (index - before).clamp(min=0))[fresh]
+            window[fresh] = self._windows_at(windows, rows, neurons[:, None].expand_as(index)[fresh])
+        return [values, uid, window]
+
+    def _windows_at(self, windows: WindowSource | None, rows: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+        """(m, 2R + 1) float16 windows of tokens ``rows`` for ``neurons``; NaN without a source."""
+        if windows is None:
+            return torch.full((len(rows), 2 * self.radius + 1), float("nan"), dtype=torch.float16, device=rows.device)
+        return windows.gather(rows, neurons)
+
+    def _merge_candidates(self, kept, values, uids, floor, windows):
         """Merge each neuron's tokens at or above its floor into its list; None if too many for that."""
         width, k = values.shape[1], self.top_k
         rows, neurons = (~(values < floor)).nonzero().unbind(1)  # by row; nan counts, as in topk
         if len(rows) > _MAX_CANDIDATES * k * width:  # early in a run: the dense top-k is cheaper
             return None
         if not len(rows):
-            return kept_values, kept_uid
+            return kept
         found = values.view(-1).index_select(0, rows * width + neurons)
         order = found.argsort(descending=True, stable=True)  # by value desc, then row
         order = order[neurons[order].argsort(stable=True)]  # by neuron, then value desc, then row
@@ -173,63 +258,138 @@ class SignalStats:
         slot = torch.zeros_like(counts)
         slot[touched] = torch.arange(len(touched), device=counts.device)
         new_values = values.new_full((len(touched), k), float("-inf"))  # (T, k), empty: -inf / -1
-        new_uid = uids.new_full((len(touched), k), -1)
+        new_uid, new_rows = uids.new_full((len(touched), k), -1), rows.new_zeros((len(touched), k))
         new_values[slot[neurons], rank] = found
         new_uid[slot[neurons], rank] = uids[rows]
-        merged_values, merged_uid = merge_topk(kept_values[touched], kept_uid[touched], new_values, new_uid, k)
-        return kept_values.index_put((touched,), merged_values), kept_uid.index_put((touched,), merged_uid)
+        new_rows[slot[neurons], rank] = rows
+        merged = self._merge_new([part[touched] for part in kept], new_values, new_uid, new_rows, touched, windows)
+        return [whole.index_put((touched,), part) for whole, part in zip(kept, merged)]
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def get(self, name: str, layer: int) -> torch.Tensor:
+        """One field of one layer, e.g. ``get("active", 3)`` (K, D) int64; see the class docstring."""
+        return self.tensors[f"{name}.{layer}"]
+
+    def has(self, name: str) -> bool:
+        """Whether this field is kept (``hist`` needs hist edges, ``top_values`` / ``top_uid`` a top_k)."""
+        return f"{name}.0" in self.tensors
 
     # ---- merging and state --------------------------------------------------------------------
 
+    def reduced(self) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """Key, tensor and reduction ("sum", "min" or "max") of each element-wise field (see REDUCTIONS)."""
+        for key, tensor in self.tensors.items():
+            reduction = REDUCTIONS[key.split(".")[0]]
+            if reduction != "top_k":
+                yield key, tensor, reduction
+
+    def top_layers(self) -> range:
+        """The layers whose exemplar lists merge by rank (none without a top_k)."""
+        return range(len(self.widths)) if self.top_k else range(0)
+
+    def top(self, layer: int) -> list[torch.Tensor]:
+        """Layer's exemplar lists: values, uid (D, k) [and window (D, k, W) with a radius]."""
+        names = ("top_values", "top_uid", "top_window") if self.radius else ("top_values", "top_uid")
+        return [self.tensors[f"{name}.{layer}"] for name in names]
+
+    def set_top_(self, layer: int, values: torch.Tensor, uid: torch.Tensor, window: torch.Tensor | None = None) -> None:
+        """Replace layer's exemplar lists: values, uid (D, k) ranked by (value desc, uid asc) [, window (D, k, W)]."""
+        self.tensors[f"top_values.{layer}"], self.tensors[f"top_uid.{layer}"] = values, uid
+        if self.radius:
+            self.tensors[f"top_window.{layer}"] = window
+
+    def merge_top_(self, layer: int, *candidates: torch.Tensor) -> None:
+        """Merge candidate exemplars values, uid (D, k') [, window (D, k', W)] into layer's lists, keeping the top_k."""
+        mine = self.top(layer)
+        self.set_top_(layer, *merge_topk(mine, [part.to(mine[0].device) for part in candidates], self.top_k))
+
     def merge_(self, other: SignalStats, uid_offset: int = 0) -> SignalStats:
         """Add ``other`` into self (same widths and labels); other's uids are shifted by uid_offset."""
-        for key, tensor in self.tensors.items():
-            kind = key.split(".")[0]
-            mine, theirs = tensor, other.tensors[key].to(tensor.device)
-            if kind in ("active", "sum", "sumsq", "hist"):
-                mine += theirs
-            elif kind == "min":
-                torch.minimum(mine, theirs, out=mine)
-            elif kind == "max":
-                torch.maximum(mine, theirs, out=mine)
-        for layer in range(len(self.widths)) if self.top_k else ():
-            other_uid = other.tensors[f"top_uid.{layer}"].to(self.tensors[f"top_uid.{layer}"].device)
+        for key, mine, reduction in self.reduced():
+            combine(mine, other.tensors[key].to(mine.device), reduction)
+        for layer in self.top_layers():
+            values, other_uid, *window = other.top(layer)
             other_uid = torch.where(other_uid >= 0, other_uid + uid_offset, other_uid)
-            values, uid = merge_topk(
-                self.tensors[f"top_values.{layer}"], self.tensors[f"top_uid.{layer}"],
-                other.tensors[f"top_values.{layer}"].to(other_uid.device), other_uid, self.top_k,
-            )
-            self.tensors[f"top_values.{layer}"], self.tensors[f"top_uid.{layer}"] = values, uid
+            if self.radius and not window:  # other keeps no windows: its exemplars come without
+                window = [torch.full((*values.shape, 2 * self.radius + 1), float("nan"), dtype=torch.float16)]
+            self.merge_top_(layer, values, other_uid, *window[: 1 if self.radius else 0])
+        return self
+
+    def drop_windows(self) -> dict[int, torch.Tensor]:
+        """Take the exemplar windows out (they are saved in the exemplar table): layer -> (D, k, W)."""
+        taken = {layer: self.tensors.pop(f"top_window.{layer}") for layer in self.top_layers()} if self.radius else {}
+        self.radius = 0
+        return taken
+
+    def with_rows(self, rows: torch.Tensor, num_labels: int) -> SignalStats:
+        """A copy with ``num_labels`` label rows, this one's label ``i`` at row ``rows[i]`` and the
+        other rows empty (to align the labels, or position buckets, of two atlases before a merge)."""
+        device = self.get("active", 0).device if self.widths else "cpu"
+        spread = SignalStats(self.widths, num_labels, self.threshold, self.hist_edges, self.top_k, device, self.radius)
+        for key, tensor in self.tensors.items():
+            if key.split(".")[0] in self.FIELDS:
+                spread.tensors[key][rows.to(device)] = tensor
+            else:
+                spread.tensors[key] = tensor.clone()
+        return spread
+
+    def to_(self, device: torch.device | str) -> SignalStats:
+        """Move every tensor (and the histogram edges) to ``device``, in place."""
+        self.tensors = {key: tensor.to(device) for key, tensor in self.tensors.items()}
+        if self.hist_edges is not None:
+            self.hist_edges = self.hist_edges.to(device)
         return self
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{key}": tensor.detach().cpu().contiguous() for key, tensor in self.tensors.items()}
 
     def load_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        for key in self.tensors:
-            self.tensors[key] = state[f"{prefix}.{key}"].to(self.tensors[key].device)
+        """Read the tensors of :meth:`state` (counts saved as int32 are widened again)."""
+        for key, tensor in self.tensors.items():
+            self.tensors[key] = state[f"{prefix}.{key}"].to(tensor.device, tensor.dtype)
+
+
+def auto_threads() -> int:
+    """Intra-op threads for the statistics: the cores the machine's load leaves free (at least 1).
+
+    They are some fifty memory-bound operations a layer: on free cores more threads help, but on a
+    busy machine every multi-threaded operation can wait a whole scheduler slice for a descheduled
+    thread (measured on 2 busy cores: 2 s a layer with 2 threads, 0.05 s with 1).
+    """
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on every platform
+        return 1
+    return max(1, min(torch.get_num_threads(), int(cores - load + 0.5)))
 
 
 @contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the statistics of a CPU batch on one intra-op thread.
-
-    They are some fifty memory-bound operations a layer, which gain little from more threads; but
-    on a busy machine every multi-threaded operation can wait a whole scheduler slice for a
-    descheduled thread (measured on 2 busy cores: 2 s a layer with 2 threads, 0.05 s with 1).
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+def intra_op_threads(threads: int, device: torch.device) -> Iterator[None]:
+    """Run the CPU work inside on ``threads`` intra-op threads (0 or a GPU device: as it is)."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or threads < 1 or threads == before:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
-def _label_runs(labels: torch.Tensor) -> list[tuple[int, int, int]]:
+def combine(mine: torch.Tensor, theirs: torch.Tensor, reduction: str) -> None:
+    """Fold ``theirs`` into ``mine`` in place by an element-wise reduction: "sum", "min" or "max"."""
+    if reduction == "sum":
+        mine += theirs
+    elif reduction == "min":
+        torch.minimum(mine, theirs, out=mine)
+    else:
+        torch.maximum(mine, theirs, out=mine)
+
+
+def label_runs(labels: torch.Tensor) -> Runs:
     """(label, start, stop) of each run of equal consecutive labels."""
     starts = torch.cat([labels.new_zeros(1), (labels[1:] != labels[:-1]).nonzero().flatten() + 1])
     bounds = starts.tolist() + [len(labels)]
@@ -282,10 +442,10 @@ def batch_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return top_values, top_rows
 
 
-def merge_topk(
-    values_a: torch.Tensor, uid_a: torch.Tensor, values_b: torch.Tensor, uid_b: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top k of two candidate lists per neuron, each (D, k_a) / (D, k_b), by (value desc, uid asc).
+def merge_index(values_a: torch.Tensor, uid_a: torch.Tensor, values_b: torch.Tensor, uid_b: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top k of two candidate lists per neuron, each (D, k_a) / (D, k_b), by (value desc, uid asc):
+    values, uid and index (D, k), the column each came from in ``cat([a, b], dim=1)``.
 
     Empty slots carry value -inf and uid -1 and sort last.
     """
@@ -293,6 +453,16 @@ def merge_topk(
     uid = torch.cat([uid_a, uid_b], dim=1)
     empty_last = torch.where(uid < 0, torch.iinfo(torch.int64).max, uid)
     by_uid = empty_last.argsort(dim=1, stable=True)
-    values, uid = values.gather(1, by_uid), uid.gather(1, by_uid)
-    by_value = values.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return values.gather(1, by_value), uid.gather(1, by_value)
+    by_value = values.gather(1, by_uid).argsort(dim=1, descending=True, stable=True)[:, :k]
+    index = by_uid.gather(1, by_value)
+    return values.gather(1, index), uid.gather(1, index), index
+
+
+def merge_topk(a: list[torch.Tensor], b: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """:func:`merge_index` of two lists [values, uid] (D, k_*), each optionally with a payload
+    (D, k_*, W) (the exemplar windows) that moves with its exemplar."""
+    values, uid, index = merge_index(a[0], a[1], b[0], b[1], k)
+    if len(a) == 2:
+        return [values, uid]
+    payload = torch.cat([a[2], b[2]], dim=1)
+    return [values, uid, payload.gather(1, index[:, :, None].expand(-1, -1, payload.shape[2]))]

@@ -39,7 +39,10 @@ def _profile_options(parser: argparse.ArgumentParser) -> None:
                         help="skip the statistics per position bucket that `find positional` reads")
     parser.add_argument("--exemplar-radius", type=nonnegative_int, default=16, metavar="R",
                         help="keep each exemplar's z at R tokens either side, for the viewer and "
-                             "explanations (one more forward pass over the exemplar windows; default: 16; 0 = none)")
+                             "explanations (cut from the batch in the same pass; default: 16; 0 = none)")
+    parser.add_argument("--threads", type=nonnegative_int, default=0, metavar="N",
+                        help="threads for the statistics, beside the forward pass; 0 = the cores the machine's "
+                             "load leaves free (default: 0)")
     parser.add_argument("--checkpoint-every", type=nonnegative_float, default=300.0, help="seconds between checkpoints (default: 300)")
     parser.add_argument("--dist-timeout", type=positive_float, default=1800.0, metavar="SECONDS",
                         help="under torchrun: how long a rank waits for the others at the rendezvous and at the "
@@ -54,6 +57,7 @@ def _options(args):
         batch_size=args.batch_size, max_length=args.max_length, threshold=args.threshold, top_k=args.top_k,
         gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
         doc_sample=args.doc_sample, positions=not args.no_positions, exemplar_radius=args.exemplar_radius,
+        stat_threads=args.threads,
     )
 
 

@@ -1,0 +1,141 @@
+"""What a profile records and how it batches: the options, their checks, and the metadata they
+resolve to (saved in atlas.json and in every checkpoint, and compared on ``--resume``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .. import __version__
+from ..atlas import FORMAT_VERSION, default_position_edges
+from ..corpus import Corpus
+from ..errors import NeuronAtlasError
+from ..exemplar_windows import DEFAULT_RADIUS
+from ..loading import max_positions, model_fingerprint
+from ..models import ModelNeurons
+from ..stats import default_hist_edges
+
+UNLABELLED = "all"  # the one label of a corpus profiled without labels
+DEFAULT_MAX_LENGTH = 512
+RUN_ONLY = ("stat_threads",)  # options that change how fast, not what: not in the atlas, free to change on resume
+
+
+@dataclass
+class ProfileOptions:
+    """What a profile records and how it batches; all but ``device`` must match on resume."""
+
+    batch_size: int = 8  # windows per forward pass
+    max_length: int | None = None  # tokens per window; None = min(model positions, 512)
+    threshold: float = 0.0  # a neuron is active on a token when its activation > threshold
+    top_k: int = 20  # exemplars kept per neuron
+    gate: bool = True  # also count the gate signal act(gate(x)) of gated families
+    padding_side: str = "right"
+    dtype: str = "float32"
+    hist_edges: list[float] = field(default_factory=lambda: default_hist_edges().tolist())
+    positions: bool = True  # also keep z per position bucket
+    position_edges: list[int] | None = None  # lower bucket edges; None = 0, 1, 2, 3, 4, 8, 16, ... < max_length
+    doc_sample: int = 256  # documents per label whose mean and max z are kept on disk; 0 = none
+    exemplar_radius: int = DEFAULT_RADIUS  # z kept this many tokens either side of each exemplar; 0 = none
+    stat_threads: int = 0  # intra-op threads of the statistics; 0 = the cores the machine's load leaves free
+
+
+def check_options(options: ProfileOptions) -> None:
+    if options.batch_size < 1:
+        raise NeuronAtlasError(f"batch size must be at least 1 (got {options.batch_size})")
+    if options.top_k < 0:
+        raise NeuronAtlasError(f"top-k must be 0 or more (got {options.top_k})")
+    if options.exemplar_radius < 0:
+        raise NeuronAtlasError(f"exemplar radius must be 0 or more (got {options.exemplar_radius})")
+    if options.padding_side not in ("left", "right"):
+        raise NeuronAtlasError(f"padding side must be left or right (got {options.padding_side!r})")
+    if options.stat_threads < 0:
+        raise NeuronAtlasError(f"threads must be 0 (auto) or more (got {options.stat_threads})")
+    if options.doc_sample < 0:
+        raise NeuronAtlasError(f"doc sample must be 0 (none) or more documents per label (got {options.doc_sample})")
+
+
+def resolve_max_length(config, requested: int | None) -> int:
+    """Tokens per window: ``requested``, checked against the model's positions, or the default."""
+    limit = max_positions(config)
+    if requested is None:
+        return min(limit or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    if requested < 2:
+        raise NeuronAtlasError(f"max length must be at least 2 (got {requested})")
+    if limit is not None and requested > limit:
+        raise NeuronAtlasError(
+            f"max length {requested} is beyond the model's {limit} positions; use --max-length {limit} or less"
+        )
+    return requested
+
+
+def _position_edges(options: ProfileOptions) -> list[int] | None:
+    """The position buckets' lower edges for the resolved max_length (None without positions)."""
+    if not options.positions:
+        return None
+    if options.position_edges is None:
+        return default_position_edges(options.max_length)
+    edges = [int(edge) for edge in options.position_edges]
+    if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[-1] >= options.max_length:
+        raise NeuronAtlasError(
+            f"position edges must start at 0 and increase below max length {options.max_length} (got {edges}); "
+            "leave them out for the default 0, 1, 2, 3, 4, 8, 16, ..."
+        )
+    return edges
+
+
+def documents_per_label(meta: dict, counts: dict) -> dict:
+    """The documents of each label (all of them under the one label of an unlabelled corpus)."""
+    if meta["labels"] == [UNLABELLED] and not counts["documents_per_label"]:
+        return {UNLABELLED: counts["documents"]}
+    return counts["documents_per_label"]
+
+
+def run_metadata(model, tokenizer, neurons: ModelNeurons, corpus: Corpus, counts: dict, options: ProfileOptions) -> dict:
+    """The atlas metadata of a profile, before its counts (see Atlas.recount); resolves the position edges."""
+    if options.max_length is not None:
+        options.position_edges = _position_edges(options)  # resolved like max_length: saved, checked on resume
+    per_label = counts["documents_per_label"]
+    labels = sorted(per_label) if corpus.label_field or corpus.label_from_folder else [UNLABELLED]
+    return {
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "model": {
+            "name_or_path": str(getattr(model, "name_or_path", "") or model.config._name_or_path),
+            "model_type": neurons.model_type,
+            "fingerprint": model_fingerprint(model),
+            "num_layers": neurons.num_layers,
+            "widths": neurons.widths,
+            "gated": neurons.gated,
+        },
+        "tokenizer": {
+            "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+            "vocab_size": len(tokenizer),
+        },
+        "corpus": corpus.describe(),
+        "labels": labels,
+        "documents": counts["documents"],
+        "options": {key: value for key, value in asdict(options).items() if key not in RUN_ONLY},
+    }
+
+
+def check_same_run(saved: dict, current: dict) -> None:
+    """Refuse to resume a checkpoint of another model, corpus or options (``saved``: its metadata)."""
+    for key in ("model", "corpus", "labels"):
+        if saved[key] != current[key]:
+            raise NeuronAtlasError(
+                f"--resume: the interrupted profile used another {key} "
+                f"({_short(saved[key])} vs now {_short(current[key])}); rerun with the same arguments or pass --overwrite"
+            )
+    changed = {k: (saved["options"].get(k), v) for k, v in current["options"].items() if saved["options"].get(k) != v}
+    if changed:
+        listed = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in changed.items())
+        raise NeuronAtlasError(f"--resume: options differ from the interrupted profile ({listed}); rerun with the same options")
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        for key in ("fingerprint", "path"):
+            if key in value:
+                return f"{key} {value[key]}"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) < 80 else text[:77] + "..."

@@ -1,0 +1,270 @@
+"""The streaming run of a profile: one forward pass per batch into the statistics, then the atlas.
+
+Hooks on every block's FFN output projection feed each batch's activations straight into
+:class:`~neuronatlas.stats.SignalStats`, so no activation outlives its batch (shapes: the legend in
+:mod:`neuronatlas.stats`); the z around each token that enters a neuron's exemplars is cut from
+the batch then and carried with it. At the end the windows that hold an exemplar are re-tokenised
+(no model) for the contexts.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from tqdm.auto import tqdm
+
+from ..atlas import POSITION, Atlas, from_state, new_positions, new_signals
+from ..corpus import Batch, Corpus, iter_batches, iter_windows
+from ..docpool import DocPoolWriter
+from ..errors import NeuronAtlasError
+from ..exemplar_windows import window_table
+from ..hooks import capture, forward_batch, pad_token_id, window_positions
+from ..loading import input_device
+from ..models import ModelNeurons
+from ..stats import WindowSource, auto_threads, label_runs, make_uid, split_uid
+from ..tokens import vocab_table
+from .options import ProfileOptions, check_same_run
+from .output import read_checkpoint, write_checkpoint
+from .shards import Shard
+from .worker import StatsWorker
+
+
+class ProfileRun:
+    """The state of one profile: statistics so far and how many windows they cover."""
+
+    def __init__(self, neurons: ModelNeurons, tokenizer, corpus: Corpus, meta: dict, options: ProfileOptions,
+                 docpool_folder: Path | None = None, documents_per_label: dict | None = None, shard: Shard | None = None):
+        self.neurons, self.tokenizer, self.corpus, self.meta, self.options = neurons, tokenizer, corpus, meta, options
+        self.shard = shard  # this rank's block of documents; None: the whole corpus
+        self.device = input_device(neurons.model)  # statistics live with the inputs (a device map spreads the layers)
+        self.signals = new_signals(meta, self.device, windows=True)
+        self.threads = options.stat_threads or auto_threads()  # intra-op threads of the statistics
+        self.background = self.device.type == "cpu"  # statistics on a thread of their own, beside the forward
+        self.worker: StatsWorker | None = None
+        self.labels = meta["labels"]
+        self.tokens_per_label = torch.zeros(len(self.labels), dtype=torch.int64, device=self.device)  # (K,)
+        self.positions = new_positions(meta, self.device)  # None when positions are off
+        if self.positions is not None:
+            edges = meta["options"]["position_edges"]
+            self.position_edges = torch.tensor(edges, dtype=torch.long, device=self.device)  # (P,)
+            self.position_tokens = torch.zeros(len(edges), dtype=torch.int64, device=self.device)  # (P,)
+        self.docpool = None  # needs a folder for its files; then one row per sampled document
+        if options.doc_sample and docpool_folder is not None:
+            per_label = documents_per_label or {label: options.doc_sample for label in self.labels}
+            self.docpool = DocPoolWriter(docpool_folder, neurons.widths, self.labels, options.doc_sample, per_label,
+                                         self.device, sampled_before=shard.sampled_before if shard else None)
+        self.windows_done = shard.batches_from if shard else 0  # the first window of its first batch
+        self.documents_done = shard.first_doc if shard else 0
+        self.base = neurons.model.base_model if hasattr(neurons.model, "base_model") else neurons.model
+        self.pad_id = pad_token_id(tokenizer)  # padded slots are masked: any id gives the same atlas
+
+    # -- checkpoints
+
+    def restore(self, path: Path) -> None:
+        if not path.exists():
+            return
+        progress, state = read_checkpoint(path)
+        check_same_run(progress["meta"], self.meta)
+        if progress.get("shard") != (self.shard.describe() if self.shard else None):
+            raise NeuronAtlasError(
+                f"--resume: {path.name} holds another block of the corpus ({progress.get('shard')}) than this rank's; "
+                "rerun with the same number of processes or pass --overwrite"
+            )
+        restored = from_state(self.meta, state, self.device, windows=True)
+        self.signals, self.tokens_per_label = restored.signals, restored.tokens_per_label
+        if self.positions is not None:
+            self.positions, self.position_tokens = restored.positions, restored.position_tokens
+        if self.docpool is not None:
+            self.docpool.load_state(state)
+            self.docpool.reopen()
+        self.windows_done, self.documents_done = progress["windows_done"], progress["documents_done"]
+
+    def checkpoint(self, path: Path) -> None:
+        state = {"tokens_per_label": self.tokens_per_label.cpu()}
+        for name, stats in self.signals.items():
+            state.update(stats.state(name))
+        if self.positions is not None:
+            state.update(self.positions.state(POSITION))
+            state["position_tokens"] = self.position_tokens.cpu()
+        if self.docpool is not None:
+            self.docpool.flush()  # the rows the checkpoint counts are on disk before it is
+            state.update(self.docpool.state())
+        progress = {"windows_done": self.windows_done, "documents_done": self.documents_done, "meta": self.meta,
+                    "shard": self.shard.describe() if self.shard else None}
+        write_checkpoint(path, state, progress)
+
+    # -- the pass
+
+    def all_windows(self):
+        """The windows this run profiles: the whole corpus, or the rank's block, numbered as in the corpus."""
+        if self.shard is not None:
+            return self.shard.windows_of(self.corpus, self.tokenizer, self.options.max_length)
+        return iter_windows(self.corpus, self.tokenizer, self.options.max_length)
+
+    def windows(self):
+        return (window for window in self.all_windows() if window.seq >= self.windows_done)
+
+    def run(self, checkpoint_path: Path, checkpoint_every: float, quiet: bool) -> None:
+        batches = iter_batches(self.windows(), self.options.batch_size, self.pad_id, self.options.padding_side)
+        first, stop = (self.shard.first_doc, self.shard.stop_doc) if self.shard else (0, self.meta["documents"])
+        bar = tqdm(total=stop - first, initial=self.documents_done - first, unit="doc", disable=quiet,
+                   dynamic_ncols=True, desc="profile" if self.shard is None else f"profile (rank 0 of {self.shard.world})")
+        started, tokens_at_start, last_checkpoint = time.monotonic(), int(self.tokens_per_label.sum()), time.monotonic()
+        if self.docpool is not None and not self.docpool.arrays:
+            self.docpool.create()  # a fresh run (a resumed one reopened its files in restore)
+        with torch.inference_mode(), self.stats_worker():
+            for batch in batches:
+                self.step(batch)
+                done_docs = min(batch.windows[-1].doc + 1, stop)
+                bar.update(done_docs - self.documents_done)
+                self.documents_done = done_docs
+                rate = (int(self.tokens_per_label.sum()) - tokens_at_start) / max(time.monotonic() - started, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+                if time.monotonic() - last_checkpoint >= checkpoint_every:
+                    self.checkpoint(checkpoint_path)
+                    last_checkpoint = time.monotonic()
+        bar.close()
+
+    @contextmanager
+    def stats_worker(self):
+        """The thread the statistics run on during the block (see :mod:`.worker`)."""
+        self.worker = StatsWorker(self.threads, self.device, self.background)
+        try:
+            yield
+        finally:
+            self.worker.close()
+            self.worker = None
+
+    def step(self, batch: Batch) -> None:
+        """One forward pass; the hooks add every real token's activations to the statistics."""
+        if self.worker is None:  # a step on its own (benchmarks): statistics inline
+            self.worker = StatsWorker(self.threads, self.device, background=False)
+        input_ids = batch.input_ids.to(self.device)
+        real = batch.attention_mask.to(self.device).bool()  # (B, T) the tokens the model sees
+        B, T = real.shape
+        own = [self.shard is None or self.shard.owns(w.seq) for w in batch.windows]  # a rank's batch may hold
+        mask = real & torch.tensor(own, device=self.device)[:, None]  # (B, T) ... other blocks' windows: not counted
+        label_of_row = torch.tensor([self._label_index(w.label) for w in batch.windows], device=self.device)
+        seq_of_row = torch.tensor([w.seq for w in batch.windows], device=self.device)
+        positions = window_positions(real)  # (B, T) position within the window, as forward_batch numbers them
+        token_labels = label_of_row[:, None].expand(B, T)[mask]  # (N,)
+        runs = label_runs(token_labels)  # the same for every layer: found once a batch
+        uids = make_uid(seq_of_row[:, None].expand(B, T), positions)[mask]  # (N,) ascending
+        windows = None
+        if self.signals["z"].radius:
+            rows, columns = mask.nonzero(as_tuple=True)  # (N,) in the order z[mask] gives the tokens
+            windows = WindowSource(rows, columns, real, self.signals["z"].radius)
+        if self.positions is not None:
+            token_buckets = torch.bucketize(positions[mask], self.position_edges, right=True) - 1  # (N,)
+            # tokens grouped by bucket: the statistics then see one run of rows per bucket, not one per window
+            by_bucket = token_buckets.argsort(stable=True)
+            sorted_buckets, sorted_uids = token_buckets[by_bucket], uids[by_bucket]
+            bucket_runs = label_runs(sorted_buckets)
+        pooling = self.docpool is not None and self.docpool.begin([w if o else None for w, o in zip(batch.windows, own)])
+
+        def z_stats(layer: int, z: torch.Tensor) -> None:
+            z = z.reshape(B, T, -1).to(self.device)  # (B, T, D); a no-op unless a device map put the layer elsewhere
+            values = z[mask]  # (N, D)
+            if windows is not None:
+                windows.z = z
+            self.signals["z"].update(layer, values, token_labels, uids, runs, windows)
+            if self.positions is not None:
+                self.positions.update(layer, values[by_bucket], sorted_buckets, sorted_uids, bucket_runs)
+            if pooling:
+                self.docpool.add(layer, z, mask)
+
+        def gate_stats(layer: int, g: torch.Tensor) -> None:
+            self.signals["gate"].update(layer, g.reshape(B, T, -1).to(self.device)[mask], token_labels, uids, runs)
+
+        def on_z(layer: int, z: torch.Tensor) -> None:
+            self.worker.submit(lambda: z_stats(layer, z))
+
+        def on_gate(layer: int, g: torch.Tensor) -> None:
+            self.worker.submit(lambda: gate_stats(layer, g))
+
+        with capture(self.neurons, on_z, on_gate if "gate" in self.signals else None):
+            forward_batch(self.base, input_ids, real)
+        self.worker.wait()
+        if windows is not None:
+            windows.z = None  # let the last layer's activations go
+        self.tokens_per_label += torch.bincount(token_labels, minlength=len(self.labels))
+        if self.positions is not None:
+            self.position_tokens += torch.bincount(token_buckets, minlength=len(self.position_tokens))
+        if self.docpool is not None:
+            self.docpool.end()
+        self.windows_done = batch.windows[-1].seq + 1
+
+    def _label_index(self, label: str | None) -> int:
+        return 0 if label is None else self.labels.index(label)
+
+    # -- the end
+
+    def finish(self) -> Atlas:
+        """The atlas of the whole corpus, with the contexts of its exemplars."""
+        atlas = self.collect()
+        atlas.windows = take_windows(atlas)
+        atlas.contexts, atlas.vocab = self.exemplar_contexts(atlas)
+        return atlas
+
+    def collect(self) -> Atlas:
+        """The statistics so far as an atlas (on the CPU), without contexts."""
+        meta = dict(self.meta)
+        meta["windows"] = self.windows_done
+        for stats in self.signals.values():
+            stats.to_("cpu")
+        atlas = Atlas(meta, dict(self.signals), self.tokens_per_label.cpu())
+        atlas.recount()
+        if self.positions is not None:
+            atlas.positions, atlas.position_tokens = self.positions.to_("cpu"), self.position_tokens.cpu()
+        if self.docpool is not None:
+            atlas.docpool = self.docpool.finish()
+        return atlas
+
+    def exemplar_contexts(self, atlas: Atlas) -> tuple[pa.Table, pa.Table]:
+        """Re-tokenise the corpus (no model) to keep the windows that hold an exemplar."""
+        contexts = self.context_rows(atlas)
+        return contexts, self.vocab_of(contexts)
+
+    def context_rows(self, atlas: Atlas) -> pa.Table:
+        """seq, doc, label, start, token_ids of this run's windows that hold one of ``atlas``'s exemplars."""
+        wanted = set()
+        for layer in range(atlas.num_layers):
+            if self.options.top_k:
+                uid = atlas.stat("top_uid", layer)
+                wanted.update(split_uid(uid[uid >= 0])[0].unique().tolist())
+        rows = {"seq": [], "doc": [], "label": [], "start": [], "token_ids": []}
+        for window in self.all_windows():
+            if window.seq in wanted and (self.shard is None or self.shard.owns(window.seq)):
+                rows["seq"].append(window.seq)
+                rows["doc"].append(window.doc)
+                rows["label"].append(window.label)
+                rows["start"].append(window.start)
+                rows["token_ids"].append(list(window.input_ids))
+        return pa.table({
+            "seq": pa.array(rows["seq"], pa.int64()),
+            "doc": pa.array(rows["doc"], pa.int64()),
+            "label": pa.array(rows["label"], pa.string()),
+            "start": pa.array(rows["start"], pa.int64()),
+            "token_ids": pa.array(rows["token_ids"], pa.list_(pa.int32())),
+        })
+
+    def vocab_of(self, contexts: pa.Table) -> pa.Table:
+        """id -> readable text and exact bytes of every token id in ``contexts`` (see :mod:`neuronatlas.tokens`)."""
+        return vocab_table(self.tokenizer, sorted(set(pc.list_flatten(contexts["token_ids"]).to_pylist())))
+
+
+def take_windows(atlas: Atlas) -> pa.Table | None:
+    """The exemplar windows carried by ``atlas``'s z statistics, as a table (None with radius 0)."""
+    stats = atlas.signals["z"]
+    radius = stats.radius
+    windows = stats.drop_windows()
+    if not windows:
+        return None
+    layers = range(atlas.num_layers)
+    return window_table([stats.get("top_values", l) for l in layers], [stats.get("top_uid", l) for l in layers],
+                        [windows[l] for l in layers], radius)
