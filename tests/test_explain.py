@@ -19,13 +19,15 @@ from neuronatlas.explain.exemplars import (
     Exemplar, TokenStrings, contexts_of, discretise, exemplar_rows, random_spans, top_exemplars,
 )
 from neuronatlas.explain.explain import clean_explanation
-from neuronatlas.explain.run import atlas_corpus, explain_neuron, split_exemplars
+from neuronatlas.explain.neuron import explain_neuron, material_of, split_exemplars
+from neuronatlas.explain.run import atlas_corpus
 from neuronatlas.neuronset import Neuron, NeuronSet, model_info
 
 TINY_LLAMA = bundled.model_path("tiny-llama")
 DOCS_PER_LANGUAGE = 4
 TOP_KEYS = {"format", "version", "model", "explainer", "simulator", "neurons"}
-NEURON_KEYS = {"layer", "index", "explanation", "score", "score_top", "score_random", "clusters"}
+NEURON_KEYS = {"layer", "index", "explanation", "score", "score_top", "score_random", "clusters", "scores", "candidates",
+               "threshold", "baseline_from"}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,7 @@ def test_exemplar_activations_match_the_atlas(run):
     assert computed[0].activations.max() == pytest.approx(rows[0]["activation"], rel=1e-4)
     for a, b in zip(read, computed):
         assert (a.seq, a.start) == (b.seq, b.start)
-        np.testing.assert_allclose(a.activations, b.activations, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(a.activations, b.activations, rtol=1e-3, atol=1e-3)  # windows are stored as float16
     spans = sorted((e.seq, e.start, e.start + len(e.tokens)) for e in computed)
     assert all(s1 != s2 or end1 <= start2 for (s1, _, end1), (s2, start2, _) in zip(spans, spans[1:]))
 
@@ -178,18 +180,19 @@ def test_score_equals_a_recomputed_correlation(run):
     layer, index = run["neurons"][1]
     _, tops = exemplars_of(run, layer, index)
     randoms = randoms_of(run)[(layer, index)]
-    options = ExplainOptions(top=6, holdout=3, random=4)
-    record = explain_neuron(layer, index, tops, randoms, run["explainer"], run["explainer"], options)
+    options = ExplainOptions(top=6, holdout=3, random=4, scorers=("simulation",))
+    record = explain_neuron(layer, index, material_of(tops, randoms, options), run["explainer"], run["explainer"], options)
     assert record["explanation"]
     _, held = split_exemplars(tops, 6, 3)
     sim_top = np.concatenate([run["explainer"].simulate(record["explanation"], e.tokens) for e in held])
     sim_random = np.concatenate([run["explainer"].simulate(record["explanation"], e.tokens) for e in randoms])
     real_top = np.concatenate([e.activations for e in held])
     real_random = np.concatenate([e.activations for e in randoms])
-    assert record["score_top"] == pytest.approx(np.corrcoef(sim_top, real_top)[0, 1], abs=1e-9)
-    assert record["score_random"] == pytest.approx(np.corrcoef(sim_random, real_random)[0, 1], abs=1e-9)
+    # The run simulates excerpts in padded batches, here one by one: equal up to float rounding.
+    assert record["score_top"] == pytest.approx(np.corrcoef(sim_top, real_top)[0, 1], abs=1e-5)
+    assert record["score_random"] == pytest.approx(np.corrcoef(sim_random, real_random)[0, 1], abs=1e-5)
     both = np.corrcoef(np.concatenate([sim_top, sim_random]), np.concatenate([real_top, real_random]))[0, 1]
-    assert record["score"] == pytest.approx(both, abs=1e-9)
+    assert record["score"] == pytest.approx(both, abs=1e-5)
     print(f"\nneuron {layer}/{index}: {record['explanation']!r} score {record['score']:+.3f} "
           f"top {record['score_top']:+.3f} random {record['score_random']:+.3f}")
 
@@ -218,7 +221,7 @@ class TableSimulator:
 
 
 def test_perfect_simulator_scores_one_shuffled_scores_zero(run):
-    options = ExplainOptions(top=5, holdout=4, random=4)
+    options = ExplainOptions(top=5, holdout=4, random=4, scorers=("simulation",))
     randoms = randoms_of(run, 4)
     perfect, shuffled = [], []
     rng = np.random.default_rng(0)
@@ -229,8 +232,9 @@ def test_perfect_simulator_scores_one_shuffled_scores_zero(run):
         pooled = rng.permutation(np.concatenate([e.activations for e in excerpts]))
         cuts = np.cumsum([len(e.activations) for e in excerpts])[:-1]
         mixed = {tuple(e.tokens): part for e, part in zip(excerpts, np.split(pooled, cuts))}
-        perfect.append(explain_neuron(layer, index, tops, randoms[(layer, index)], TableSimulator(truth), TableSimulator(truth), options))
-        shuffled.append(explain_neuron(layer, index, tops, randoms[(layer, index)], TableSimulator(mixed), TableSimulator(mixed), options))
+        material = material_of(tops, randoms[(layer, index)], options)
+        perfect.append(explain_neuron(layer, index, material, TableSimulator(truth), TableSimulator(truth), options))
+        shuffled.append(explain_neuron(layer, index, material, TableSimulator(mixed), TableSimulator(mixed), options))
     assert all(r["score"] == pytest.approx(1.0) and r["score_top"] == pytest.approx(1.0) for r in perfect)
     assert abs(np.mean([r["score"] for r in shuffled])) < 0.1
     assert max(abs(r["score"]) for r in shuffled) < 0.35
@@ -320,3 +324,44 @@ def test_explainer_that_is_not_a_causal_lm_is_a_clear_error(run, capsys, tmp_pat
                        "--out", str(out), "--random", "0", "--quiet"],
               f"{encoder} is not a causal language model", "endpoint URL")
     assert [p.name for p in tmp_path.iterdir()] == ["encoder"]  # no output, partial file or folder
+
+
+# ---- a real chat model (SmolLM2-135M-Instruct) as explainer and scorer --------------------------------
+
+
+@pytest.mark.real
+def test_smollm2_explains_and_scores_a_constructed_neuron():
+    """A "neuron" that fires on the word cat, read by a real instruction-tuned model: one explanation
+    of two sampled, detection, fuzzing and simulation on ten contexts. A 135M model is a weak
+    scorer: the scores only have to be well-formed (balanced accuracy in [0, 1])."""
+    from neuronatlas.real_models import real_model_path
+
+    path = real_model_path("smollm2-135m")
+    if path is None:
+        pytest.skip("SmolLM2-135M is not fetched (make real-models)")
+    model = LocalModel(str(path), max_new_tokens=10, batch_size=8, quiet=True)
+    assert model.tokenizer.chat_template  # judged as a chat turn
+
+    def exemplar(text, word, kind, seq):
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        strings = TokenStrings(None, model.tokenizer)
+        tokens = strings(ids)
+        values = np.array([5.0 if word and word in token else 0.0 for token in tokens], np.float32)
+        return Exemplar(ids, tokens, values, seq, 0, kind, strings.pieces(ids))
+
+    cats = ["The cat sat on the mat.", "My cat likes fish.", "A black cat crossed the road.", "Feed the cat now.",
+            "The cat is asleep."]
+    others = ["Прочитайте эту книгу сегодня.", "The train leaves at noon.", "Rain fell all day.", "He paid the bill."]
+    tops = [exemplar(text, "cat", "top", i) for i, text in enumerate(cats)]
+    randoms = [exemplar(text, None, "random", 10 + i) for i, text in enumerate(others)]
+    options = ExplainOptions(top=2, holdout=3, samples=2, temperature=0.8)
+    options.check()
+    record = explain_neuron(0, 0, material_of(tops, randoms, options), model, model, options)
+    assert len(record["candidates"]) == 2 and record["explanation"]
+    assert record["explanation"] in [c["explanation"] for c in record["candidates"]]
+    for name in ("detection", "fuzzing"):
+        result = record["scores"][name]
+        assert result["n_activating"] == 3 and result["n_non_activating"] == 4
+        assert result["score"] is None or 0 <= result["score"] <= 1
+    assert record["scores"]["simulation"]["n_contexts"] == 7
+    print(f"\nSmolLM2: {record['explanation']!r} " + ", ".join(f"{k} {v['score']}" for k, v in record["scores"].items()))

@@ -16,8 +16,8 @@ from conftest import cli_fails
 from neuronatlas.cli import main
 from neuronatlas.errors import NeuronAtlasError
 from neuronatlas.explain import ChatEndpoint
-from neuronatlas.explain.prompts import EXPLAIN_SYSTEM
-from neuronatlas.explain.simulate import parse_simulation
+from neuronatlas.explain.prompts import EXPLAIN_SYSTEM, JUDGE_SYSTEM
+from neuronatlas.explain.simulate import parse_judgements, parse_simulation
 from neuronatlas.neuronset import Neuron, NeuronSet, model_info
 
 PHRASE = "words about cats"
@@ -26,7 +26,9 @@ PHRASE = "words about cats"
 class ChatServer:
     """A chat-completions server in a thread. ``mode`` picks how it answers; ``requests`` keeps what it got.
 
-    ok: explanations are PHRASE, simulations give level 7 to tokens holding "a" and 0 to the others;
+    ok: explanations are PHRASE, simulations give level 7 to tokens holding "a" and 0 to the others,
+    judgements (detection, fuzzing) say 1 for examples holding "a" (fuzzing: inside the marks);
+    judge_prose / judge_short: judgements as prose / one too few;
     fail_after: HTTP 500 from the explanation request after the first ``explain_first`` on.
     GET /v1/models lists ``models`` (HTTP 404 when None); ``gets`` keeps the paths asked for.
     """
@@ -78,7 +80,10 @@ class ChatServer:
             self._send(handler, json.dumps({"choices": []}).encode())
             return
         system, user = body["messages"][0]["content"], body["messages"][1]["content"]
-        content = PHRASE if system == EXPLAIN_SYSTEM else self._simulation(user, mode)
+        if system == JUDGE_SYSTEM:
+            content = self._judgements(user, mode)
+        else:
+            content = PHRASE if system == EXPLAIN_SYSTEM else self._simulation(user, mode)
         self._send(handler, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
 
     @staticmethod
@@ -91,6 +96,17 @@ class ChatServer:
         if mode == "prose":
             return "The neuron fires on cats."
         return "```json\n" + json.dumps({"activations": levels}) + "\n```"
+
+    @staticmethod
+    def _judgements(user: str, mode: str) -> str:
+        examples = re.findall(r"^Example \d+: (.*)$", user, flags=re.MULTILINE)
+        fuzzing = "marked <<like this>>" in user
+        answers = [int("a" in ("".join(re.findall(r"<<(.*?)>>", text)) if fuzzing else text)) for text in examples]
+        if mode == "judge_prose":
+            return "Examples 1 and 3 match."
+        if mode == "judge_short":
+            answers = answers[:-1]
+        return "Here you go: " + json.dumps(answers)
 
     @staticmethod
     def _send(handler, payload: bytes) -> None:
@@ -261,6 +277,43 @@ def test_interrupted_run_resumes(small, server, tmp_path, capsys):
     whole = tmp_path / "whole.json"
     assert main(argv(small, server, whole, "--random", "0")) == 0
     assert resumed == json.loads(whole.read_text())
+
+
+def test_endpoint_judges_five_examples_a_request_and_samples_with_temperature(small, server, tmp_path):
+    out = tmp_path / "expl.json"
+    assert main(argv(small, server, out, "--random", "6", "--samples", "2", "--temperature", "0.9",
+                     "--scorers", "fuzzing,detection")) == 0
+    result = json.loads(out.read_text())
+    judges = [r for r in server.requests if r["body"]["messages"][0]["content"] == JUDGE_SYSTEM]
+    assert judges and all(1 <= r["body"]["messages"][1]["content"].count("\nExample ") <= 5 for r in judges)
+    explains = [r["body"] for r in server.requests if r["body"]["messages"][0]["content"] == EXPLAIN_SYSTEM]
+    assert len(explains) == 2 * 3 and {b["temperature"] for b in explains} == {0.9}
+    seeds = [b["seed"] for b in explains]
+    assert all(seeds[i] != seeds[i + 1] for i in range(0, 6, 2))  # each neuron's two samples differ
+    for record in result["neurons"]:
+        assert len(record["candidates"]) == 2 and set(record["scores"]) == {"fuzzing", "detection"}
+        for name, values in record["scores"].items():
+            assert values["score"] is None or 0 <= values["score"] <= 1
+            assert values["n_activating"] + values["n_non_activating"] == 2 + 6
+            assert "baseline" in values
+        assert record["baseline_from"]["explanation"] == PHRASE
+        assert record["score"] is None  # no simulation asked for
+
+
+@pytest.mark.parametrize("mode, message", [("judge_prose", "without a JSON list"), ("judge_short", "judgements for")])
+def test_bad_judgements_are_clear_errors(small, server, tmp_path, capsys, mode, message):
+    server.mode = mode
+    out = tmp_path / "expl.json"
+    cli_fails(capsys, argv(small, server, out, "--random", "4", "--scorers", "detection"), message)
+    assert_nothing_written(tmp_path, out)
+
+
+def test_parse_judgements_is_strict():
+    assert parse_judgements("```json\n[1, 0, true]\n```", 3, "s") == [True, False, True]
+    for reply, message in [("[1, 2]", "other than 0 and 1"), ("[1]", "1 judgements for 2"), ("yes, no", "without"),
+                           ('["1", "0"]', "other than")]:
+        with pytest.raises(NeuronAtlasError, match=message):
+            parse_judgements(reply, 2, "s")
 
 
 def test_parse_simulation_is_strict():

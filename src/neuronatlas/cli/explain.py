@@ -1,6 +1,7 @@
 """``neuronatlas explain``: automatic explanations of neurons, simulated and scored.
 
-    neuronatlas explain --atlas ATLAS --neurons SET.json --explainer DIR_OR_ENDPOINT --out EXPL.json
+    neuronatlas explain --atlas ATLAS --neurons SET.json --explainer DIR_OR_ENDPOINT --out EXPL.json \
+        [--scorers detection,fuzzing,simulation] [--samples N]
 
 See docs/explain.md.
 """
@@ -27,7 +28,9 @@ def register(commands) -> None:
     parser.add_argument("--context", type=int, default=16, help="tokens either side of an exemplar token (default: 16)")
     parser.add_argument("--clusters", type=int, default=0, metavar="K",
                         help="also group each neuron's exemplars into K clusters and explain each (default: 0 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random exemplars and the clustering (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random exemplars, the clustering, sampled explanations and fuzzing marks (default: 0)")
+    _scoring_args(parser)
     model_arg(parser, required=False, help="the profiled model (default: the path recorded in the atlas)")
     parser.add_argument("--corpus", default=None, help="corpus of the random exemplars (default: the atlas's corpus)")
     load_args(parser)  # of the local models: subject, explainer and simulator
@@ -35,6 +38,20 @@ def register(commands) -> None:
     quiet_arg(parser)
     debug_arg(parser)
     parser.set_defaults(handler=run)
+
+
+def _scoring_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scorers", default="detection,fuzzing,simulation",
+                        help="comma-separated scorers among detection, fuzzing, simulation; the first ranks --samples "
+                             "candidates (default: detection,fuzzing,simulation)")
+    parser.add_argument("--samples", type=int, default=1, metavar="N",
+                        help="explanations sampled per neuron; the best on the held-out contexts is kept (default: 1)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when --samples > 1 (default: 0.7)")
+    parser.add_argument("--active", type=float, default=0.25,
+                        help="a token counts as active at this fraction of the neuron's top shown activation (default: 0.25)")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the baseline (another neuron's explanation scored on each neuron's contexts)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass of a local scorer (default: 8)")
 
 
 def _backend_args(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +86,8 @@ def run(args) -> int:
     if not neurons:
         raise NeuronAtlasError(f"{args.neurons} holds no neurons; nothing to explain")
     options = ExplainOptions(top=args.top, holdout=args.holdout, random=args.random, context=args.context,
-                             clusters=args.clusters, seed=args.seed)
+                             clusters=args.clusters, seed=args.seed, scorers=_names(args.scorers), samples=args.samples,
+                             temperature=args.temperature, active=args.active, baseline=args.baseline)
     options.check()
     explainer, simulator = _backends(args)
     subject = _subject(args, atlas, options)
@@ -82,11 +100,16 @@ def run(args) -> int:
     return 0
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _backends(args):
     from ..explain import open_backend
 
     common = {"api_key_env": args.api_key_env, "timeout": args.timeout, "device": args.device, "dtype": args.dtype,
-              "max_new_tokens": args.max_new_tokens, "trust_remote_code": args.trust_remote_code, "quiet": args.quiet}
+              "max_new_tokens": args.max_new_tokens, "trust_remote_code": args.trust_remote_code, "quiet": args.quiet,
+              "batch_size": args.batch_size}
     explainer = _announced(open_backend(args.explainer, args.explainer_model, **common), "explainer", args.quiet)
     if args.simulator is None or (args.simulator == args.explainer and args.simulator_model in (None, args.explainer_model)):
         return explainer, explainer
@@ -117,10 +140,16 @@ def _subject(args, atlas, options):
 
 
 def _print_summary(result: dict) -> None:
+    """One line per neuron: each scorer's score and, after the slash, its shuffled baseline."""
     def shown(value):
-        return "   n/a" if value is None else f"{value:+.3f}"
+        return "  n/a" if value is None else f"{value:+.2f}"
 
-    print(f"{'neuron':>10} {'score':>6} {'top':>6} {'random':>6}  explanation")
+    names = list(next((r["scores"] for r in result["neurons"] if r.get("scores")), {}))
+    print(f"{'neuron':>10} " + " ".join(f"{name[:11]:>11}" for name in names) + "  explanation")
     for record in result["neurons"]:
+        scores = record.get("scores") or {}
+        cells = [f"{shown(scores.get(n, {}).get('score'))}/{shown(scores.get(n, {}).get('baseline'))}" for n in names]
         name = f"{record['layer']}/{record['index']}"
-        print(f"{name:>10} {shown(record['score'])} {shown(record['score_top'])} {shown(record['score_random'])}  {record['explanation']}")
+        print(f"{name:>10} " + " ".join(f"{c:>11}" for c in cells) + f"  {record['explanation']}")
+    if names:
+        print("(score/baseline: the baseline is another neuron's explanation scored on the same contexts)")

@@ -1,4 +1,5 @@
-"""Automatic neuron explanations (Bills et al. 2023): explain, simulate, score; and multi-concept
+"""Automatic neuron explanations (Bills et al. 2023): explain, simulate, score; delphi's detection and
+fuzzing scores, best-of-N sampling and a shuffled-explanation baseline; and multi-concept
 descriptions by clustering a neuron's exemplars (PRISM). See docs/explain.md.
 
 >>> from neuronatlas.explain import ExplainOptions, explain_neurons, open_backend  # doctest: +SKIP
@@ -10,6 +11,7 @@ from .exemplars import Exemplar, SubjectModel, load_subject
 from .llm import ChatEndpoint, LocalModel, open_backend
 from .run import ExplainOptions, explain_neurons
 from .score import Scores, correlation, score
+from .scorers import balanced_accuracy, context_text, judged
 
-__all__ = ["ChatEndpoint", "Exemplar", "ExplainOptions", "LocalModel", "Scores", "SubjectModel", "correlation",
-           "explain_neurons", "load_subject", "open_backend", "score"]
+__all__ = ["ChatEndpoint", "Exemplar", "ExplainOptions", "LocalModel", "Scores", "SubjectModel", "balanced_accuracy",
+           "context_text", "correlation", "explain_neurons", "judged", "load_subject", "open_backend", "score"]

@@ -26,9 +26,9 @@ from ..atlas import Atlas
 from ..corpus import Corpus, iter_windows
 from ..errors import NeuronAtlasError
 from ..hooks import capture, forward_batch
-from ..loading import load_model, model_fingerprint
+from ..loading import load_model, load_tokenizer, model_fingerprint
 from ..models import locate_neurons
-from ..tokens import token_texts
+from ..tokens import token_bytes, token_texts, vocab_bytes
 
 DEFAULT_CONTEXT = 16  # tokens either side of the exemplar token
 
@@ -43,6 +43,7 @@ class Exemplar:
     seq: int  # the corpus window the span comes from
     start: int  # position of the span's first token within that window
     kind: str  # "top" or "random"
+    pieces: list[bytes] | None = None  # each token's bytes, to show the span as whole characters
 
 
 class SubjectModel:
@@ -85,14 +86,29 @@ def load_subject(atlas: Atlas, model: str | None = None, device: str = "cpu", dt
 
 
 class TokenStrings:
-    """Token id -> string, from the atlas's vocab.parquet, else from the tokenizer."""
+    """Token id -> string (the token alone, readable) and bytes (what it adds to the decoded text),
+    from the atlas's vocab.parquet, else from the tokenizer."""
 
     def __init__(self, vocab: pa.Table | None, tokenizer=None):
-        self.known = {} if vocab is None else dict(zip(vocab["id"].to_pylist(), vocab["token"].to_pylist()))
+        # A vocab table without bytes decoded each token alone (a partial character shows as U+FFFD):
+        # the tokenizer, when given, reads those tokens instead.
+        exact = vocab is not None and "bytes" in vocab.column_names
+        use = vocab is not None and (exact or tokenizer is None)
+        self.known = dict(zip(vocab["id"].to_pylist(), vocab["token"].to_pylist())) if use else {}
+        self.known_bytes = vocab_bytes(vocab) if exact else {}
         self.tokenizer = tokenizer
 
     def __call__(self, ids: list[int]) -> list[str]:
         return [self._one(i) for i in ids]
+
+    def pieces(self, ids: list[int]) -> list[bytes] | None:
+        """Each token's bytes; None when neither the vocab table nor a tokenizer has them all."""
+        missing = [i for i in ids if i not in self.known_bytes]
+        if missing:
+            if self.tokenizer is None:
+                return None
+            self.known_bytes.update(zip(missing, token_bytes(self.tokenizer, missing)))
+        return [self.known_bytes[i] for i in ids]
 
     def _one(self, token_id: int) -> str:
         if token_id not in self.known:
@@ -100,6 +116,17 @@ class TokenStrings:
                 raise NeuronAtlasError(f"token id {token_id} is not in the atlas's vocab.parquet; pass the model")
             self.known[token_id] = token_texts(self.tokenizer, [token_id])[0]
         return self.known[token_id]
+
+
+def atlas_tokenizer(atlas: Atlas, model: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of the atlas's model when its vocab table lacks token bytes (older atlases),
+    else None; None too when the model is not there any more (tokens then read as recorded)."""
+    if atlas.vocab is not None and "bytes" in atlas.vocab.column_names:
+        return None
+    try:
+        return load_tokenizer(model or atlas.meta["model"]["name_or_path"], trust_remote_code)
+    except (OSError, ValueError, NeuronAtlasError):
+        return None
 
 
 def exemplar_rows(atlas_dir: str | Path, neurons: list[tuple[int, int]]) -> dict[tuple[int, int], list[dict]]:
@@ -155,7 +182,8 @@ def top_exemplars(rows: list[dict], layer: int, index: int, contexts: dict[int, 
                 computed[row["seq"]] = subject.activations(ids, {layer: [index]})[layer][:, 0]
             values = computed[row["seq"]][lo:hi]
         hi = lo + len(values)
-        exemplars.append(Exemplar(ids[lo:hi], strings(ids[lo:hi]), np.asarray(values, np.float32), row["seq"], lo, "top"))
+        exemplars.append(Exemplar(ids[lo:hi], strings(ids[lo:hi]), np.asarray(values, np.float32), row["seq"], lo, "top",
+                                  strings.pieces(ids[lo:hi])))
     return exemplars
 
 
@@ -185,7 +213,7 @@ class RandomSpan:
 
     def exemplar(self, layer: int, index: int, strings: TokenStrings) -> Exemplar:
         return Exemplar(self.token_ids, strings(self.token_ids), self.activations[(layer, index)], self.seq,
-                        self.start, "random")
+                        self.start, "random", strings.pieces(self.token_ids))
 
 
 def random_spans(subject: SubjectModel, corpus: Corpus, max_length: int, windows: int, count: int,

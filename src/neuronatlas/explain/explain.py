@@ -20,6 +20,21 @@ def explain(explainer, exemplars: list[Exemplar], scale: float) -> str:
     return text
 
 
+def explain_candidates(explainer, exemplars: list[Exemplar], scale: float, count: int, temperature: float,
+                       seed: int = 0) -> list[str]:
+    """``count`` explanations sampled at ``temperature`` (one call of a backend's ``explain_samples``
+    when it has one); empty replies are dropped, and all of them empty is the error of :func:`explain`."""
+    if count <= 1:
+        return [explain(explainer, exemplars, scale)]
+    excerpts = [(e.tokens, discretise(e.activations, scale)) for e in exemplars]
+    sampler = getattr(explainer, "explain_samples", None)
+    replies = sampler(excerpts, count, temperature, seed) if sampler else [explainer.explain(excerpts) for _ in range(count)]
+    texts = [text for text in map(clean_explanation, replies) if text]
+    if not texts:
+        raise NeuronAtlasError(f"the explainer {explainer.name} wrote {count} empty explanations; use a larger explainer model")
+    return texts
+
+
 def clean_explanation(reply: str) -> str:
     """The first non-empty line, without the echoed cue, quotes or a final full stop."""
     line = next((line.strip() for line in reply.splitlines() if line.strip()), "")

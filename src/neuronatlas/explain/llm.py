@@ -1,7 +1,9 @@
 """Explainer and simulator backends: a local Hugging Face causal LM, or an OpenAI-compatible chat endpoint.
 
-Both offer ``explain(excerpts) -> str`` (the raw reply; :func:`..explain.explain` cleans it) and
-``simulate(explanation, tokens) -> (T,) array`` of activations 0-10, and a ``name`` for the output.
+Both offer ``explain(excerpts) -> str`` (the raw reply; :func:`..explain.explain` cleans it),
+``explain_samples`` (N replies at a temperature), ``simulate(explanation, tokens) -> (T,) array`` of
+activations 0-10 and ``simulate_many`` (several excerpts), ``judge(explanation, texts, task)`` (yes
+or no per text: detection, fuzzing), and a ``name`` for the output.
 Nothing is sent over the network unless a URL is given.
 """
 
@@ -18,22 +20,26 @@ import numpy as np
 import torch
 
 from ..errors import NeuronAtlasError
-from ..hooks import pad_token_id
+from ..hooks import forward_batch, pad_token_id
 from ..loading import load_config, load_tokenizer, max_positions, pretrained_source, resolve_device, resolve_dtype
 from ..models import is_encoder
 from .prompts import (
-    EXPLAIN_SYSTEM, SIMULATE_SYSTEM, SLOT, Excerpt, chat_simulation_prompt, explanation_prompt, show_token,
-    simulation_intro,
+    EXPLAIN_SYSTEM, JUDGE_SYSTEM, SIMULATE_SYSTEM, SLOT, Excerpt, chat_judge_prompt, chat_simulation_prompt,
+    explanation_prompt, judge_prompt, show_token, simulation_intro,
 )
-from .simulate import expected_levels, number_token_ids, parse_simulation
+from .simulate import expected_levels, number_token_ids, parse_judgements, parse_simulation
+
+CHAT_BATCH = 5  # texts per judging request to an endpoint (delphi shows 5 examples per prompt)
 
 
 class LocalModel:
-    """A causal LM on this machine. Explains by greedy generation; simulates all at once (one forward
-    pass per excerpt, or per chunk of it when the prompt is longer than the model's context)."""
+    """A causal LM on this machine. Explains by greedy generation (or samples N in one call);
+    simulates all at once (one prompt per excerpt, or per chunk of it when the prompt is longer than
+    the model's context); judges by the next-token odds of Yes and No. Up to ``batch_size`` prompts
+    share a padded forward pass."""
 
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 24,
-                 trust_remote_code: bool = False, quiet: bool = False):
+                 trust_remote_code: bool = False, quiet: bool = False, batch_size: int = 8):
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -61,7 +67,9 @@ class LocalModel:
         except (ValueError, OSError) as error:
             raise NeuronAtlasError(f"cannot load the tokenizer of {self.name} ({_first_line(error)}); give a folder that holds its tokenizer") from None
         self.context = max_positions(self.model.config)  # None: no known limit
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.batch_size = max_new_tokens, max(1, batch_size)
+        self.pad = pad_token_id(self.tokenizer)
+        self.yes, self.no = answer_token_ids(self.tokenizer)
         self.numbers = number_token_ids(self.tokenizer, "\t")
         self.tab, self.slot_line = self._ids("\t"), self._ids(SLOT + "\n")
 
@@ -71,12 +79,20 @@ class LocalModel:
     # ---- explain
 
     def explain(self, excerpts: list[Excerpt]) -> str:
+        return self.explain_samples(excerpts, 1, 0.0)[0]
+
+    def explain_samples(self, excerpts: list[Excerpt], count: int, temperature: float, seed: int = 0) -> list[str]:
+        """``count`` replies: greedy when ``temperature`` is 0, else sampled, all in one generate call."""
         prompt = self._fitting_prompt(excerpts)
         inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         pad_token_id=pad_token_id(self.tokenizer))
-        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, pad_token_id=self.pad,
+                                         num_return_sequences=count if temperature > 0 else 1, **sampling)
+        replies = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return replies if temperature > 0 else replies * count
 
     def _fitting_prompt(self, excerpts: list[Excerpt]) -> str:
         """The prompt with as many excerpts as fit the context; a lone excerpt too long is cut around its peak."""
@@ -114,9 +130,25 @@ class LocalModel:
     # ---- simulate
 
     def simulate(self, explanation: str, tokens: list[str]) -> np.ndarray:
+        return self.simulate_many(explanation, [tokens])[0]
+
+    def simulate_many(self, explanation: str, excerpts: list[list[str]]) -> list[np.ndarray]:
+        """Each excerpt's (T,) simulated activations; the prompts of several excerpts (or chunks of a
+        long one) share a padded forward pass of up to ``batch_size`` rows."""
         prefix = self.tokenizer(simulation_intro(explanation))["input_ids"]
-        lines = [self._ids(show_token(token)) + self.tab for token in tokens]  # each followed by its slot
-        return np.concatenate([self._simulate_chunk(prefix, chunk) for chunk in self._chunks(prefix, lines)])
+        rows, owners = [], []
+        for number, tokens in enumerate(excerpts):
+            lines = [self._ids(show_token(token)) + self.tab for token in tokens]  # each followed by its slot
+            for chunk in self._chunks(prefix, lines):
+                rows.append(self._slotted(prefix, chunk))
+                owners.append(number)
+        values = []
+        for start in range(0, len(rows), self.batch_size):
+            values += self._run_slots(rows[start:start + self.batch_size])
+        parts: list[list[np.ndarray]] = [[] for _ in excerpts]
+        for owner, value in zip(owners, values):
+            parts[owner].append(value)
+        return [np.concatenate(part) for part in parts]
 
     def _chunks(self, prefix: list[int], lines: list[list[int]]) -> list[list[list[int]]]:
         """Consecutive lines grouped so that prefix + group fits the context."""
@@ -136,15 +168,59 @@ class LocalModel:
             length += size
         return chunks
 
-    def _simulate_chunk(self, prefix: list[int], lines: list[list[int]]) -> np.ndarray:
+    def _slotted(self, prefix: list[int], lines: list[list[int]]) -> tuple[list[int], list[int]]:
+        """(ids, slots): the prompt of one chunk and the positions whose logits predict each level."""
         ids, slots = list(prefix), []
         for line in lines:
             ids += line
             slots.append(len(ids) - 1)  # the tab: its logits predict what fills the slot
             ids += self.slot_line
+        return ids, slots
+
+    def _run_slots(self, rows: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
+        """Expected levels at the slots of several prompts, right-padded into one (B, T) batch."""
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(rows):
+            input_ids[row, :len(ids)], mask[row, :len(ids)] = torch.tensor(ids), 1
         with torch.inference_mode():
-            logits = self.model(torch.tensor([ids], device=self.device)).logits[0, slots]  # (N, V)
-        return expected_levels(logits, self.numbers)
+            logits = forward_batch(self.model, input_ids.to(self.device), mask.to(self.device)).logits  # (B, T, V)
+            return [expected_levels(logits[row, slots], self.numbers) for row, (_, slots) in enumerate(rows)]
+
+    # ---- judge (detection, fuzzing)
+
+    def judge(self, explanation: str, texts: list[str], task: str) -> list[bool]:
+        """Yes or no for each text: whether the next-token probability of Yes exceeds that of No,
+        several prompts (left-padded) per forward pass."""
+        prompts = [self._judge_ids(judge_prompt(explanation, text, task)) for text in texts]
+        answers: list[bool] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start:start + self.batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, ids in enumerate(batch):
+                input_ids[row, width - len(ids):], mask[row, width - len(ids):] = torch.tensor(ids), 1
+            with torch.inference_mode():
+                logits = forward_batch(self.model, input_ids.to(self.device), mask.to(self.device)).logits[:, -1].float()  # (B, V)
+            yes = torch.logsumexp(logits[:, self.yes], dim=-1)
+            no = torch.logsumexp(logits[:, self.no], dim=-1)
+            answers += (yes > no).tolist()
+        return answers
+
+    def _judge_ids(self, prompt: str) -> list[int]:
+        """The prompt as a chat turn when the tokenizer has a chat template, else followed by "Answer:"."""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self._ids(text)
+        else:
+            ids = self.tokenizer(prompt + "\nAnswer:")["input_ids"]
+        if self.context is not None and len(ids) > self.context:
+            raise NeuronAtlasError(f"the scorer {self.name}'s context of {self.context} tokens cannot hold a judging prompt "
+                                   f"of {len(ids)} tokens; use --context smaller or a model with a longer context")
+        return ids
 
 
 class ChatEndpoint:
@@ -182,14 +258,35 @@ class ChatEndpoint:
     def explain(self, excerpts: list[Excerpt]) -> str:
         return self.chat(EXPLAIN_SYSTEM, explanation_prompt(excerpts), max_tokens=60)
 
+    def explain_samples(self, excerpts: list[Excerpt], count: int, temperature: float, seed: int = 0) -> list[str]:
+        """``count`` replies, one request each, at ``temperature`` (0: one request, repeated)."""
+        prompt = explanation_prompt(excerpts)
+        if temperature <= 0:
+            return [self.chat(EXPLAIN_SYSTEM, prompt, max_tokens=60)] * count
+        return [self.chat(EXPLAIN_SYSTEM, prompt, max_tokens=60, temperature=temperature, seed=seed + i) for i in range(count)]
+
+    def simulate_many(self, explanation: str, excerpts: list[list[str]]) -> list[np.ndarray]:
+        return [self.simulate(explanation, tokens) for tokens in excerpts]
+
+    def judge(self, explanation: str, texts: list[str], task: str) -> list[bool]:
+        """Yes or no for each text, ``CHAT_BATCH`` texts a request, each answered by a JSON list of 0/1."""
+        answers: list[bool] = []
+        for start in range(0, len(texts), CHAT_BATCH):
+            batch = texts[start:start + CHAT_BATCH]
+            reply = self.chat(JUDGE_SYSTEM, chat_judge_prompt(explanation, batch, task), max_tokens=4 * len(batch) + 20)
+            answers += parse_judgements(reply, len(batch), self.name)
+        return answers
+
     def simulate(self, explanation: str, tokens: list[str]) -> np.ndarray:
         reply = self.chat(SIMULATE_SYSTEM, chat_simulation_prompt(explanation, tokens), max_tokens=8 * len(tokens) + 50)
         return parse_simulation(reply, len(tokens), self.name)
 
-    def chat(self, system: str, user: str, max_tokens: int) -> str:
+    def chat(self, system: str, user: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> str:
         """The content of the first choice's message."""
-        body = {"model": self.model, "temperature": 0, "max_tokens": max_tokens,
+        body = {"model": self.model, "temperature": temperature, "max_tokens": max_tokens,
                 "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+        if seed is not None:
+            body["seed"] = seed
         data = _reply_json(self._request(self.url, json.dumps(body).encode()), self.url)
         try:
             content = data["choices"][0]["message"]["content"]
@@ -255,16 +352,28 @@ def _reply_json(raw: bytes, url: str) -> dict:
         raise NeuronAtlasError(f"endpoint {url} answered something that is not JSON ({preview!r}); is it an OpenAI-compatible chat endpoint?") from None
 
 
+def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """The first token ids of Yes and of No, as written alone or after a space, in either case."""
+    def first_ids(words: list[str]) -> set[int]:
+        encoded = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in words]
+        return {ids[0] for ids in encoded if ids}
+
+    yes, no = first_ids(["Yes", " Yes", "yes", " yes"]), first_ids(["No", " No", "no", " no"])
+    if not yes or not no or yes & no:
+        raise NeuronAtlasError("the scorer's tokenizer does not write Yes and No as distinct tokens; use another scorer model")
+    return sorted(yes), sorted(no)
+
+
 def is_endpoint(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
 def open_backend(spec: str, model: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 24,
-                 trust_remote_code: bool = False, quiet: bool = False):
+                 trust_remote_code: bool = False, quiet: bool = False, batch_size: int = 8):
     """A ChatEndpoint for an http(s) URL (key from the environment variable ``api_key_env``; without
     ``model``, the first the endpoint lists), else a LocalModel."""
     if is_endpoint(spec):
         return ChatEndpoint(spec, model, os.environ.get(api_key_env) or None, timeout)
     return LocalModel(spec, device=device, dtype=dtype, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
-                      quiet=quiet)
+                      quiet=quiet, batch_size=batch_size)

@@ -57,3 +57,30 @@ def chat_simulation_prompt(explanation: str, tokens: list[str]) -> str:
         f"Reply with JSON only: an object whose \"activations\" list holds exactly {len(tokens)} integers "
         f"from 0 to 10, one per token in order, like {example} for 3 tokens."
     )
+
+
+# ---- detection and fuzzing (delphi's classifier scorers) ----------------------------------------
+
+JUDGE_QUESTIONS = {
+    "detection": "Does the neuron fire on some token of this text?",
+    "fuzzing": "Some tokens of this text are marked <<like this>>. Are the marked tokens the ones the neuron fires on?",
+}
+JUDGE_SYSTEM = "You check explanations of neurons of neural networks. Answer exactly as asked."
+
+
+def judge_prompt(explanation: str, text: str, task: str) -> str:
+    """One text to judge (local model: the answer is the next word, Yes or No)."""
+    return (f"A neuron of a language model has this explanation: the main thing it does is find {explanation}.\n\n"
+            f"Text: {one_line(text)}\n\n{JUDGE_QUESTIONS[task]} Answer Yes or No.")
+
+
+def chat_judge_prompt(explanation: str, texts: list[str], task: str) -> str:
+    """Several texts at once (chat endpoints, as delphi batches them): a JSON list of 0/1 back."""
+    listed = "".join(f"Example {number}: {one_line(text)}\n" for number, text in enumerate(texts, 1))
+    return (f"A neuron of a language model has this explanation: the main thing it does is find {explanation}.\n\n"
+            f"{listed}\nFor each example: {JUDGE_QUESTIONS[task]} Reply with JSON only: a list of exactly "
+            f"{len(texts)} numbers, 1 for yes and 0 for no, in order, like {json.dumps([1, 0, 0][:len(texts)])}.")
+
+
+def one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")

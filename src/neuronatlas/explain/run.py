@@ -5,13 +5,16 @@ Output (read by the viewer)::
     {"format": "neuronatlas.explanations", "version": 1,
      "model": {"name_or_path", "fingerprint"}, "explainer": str, "simulator": str,
      "neurons": [{"layer", "index", "explanation", "score", "score_top", "score_random",
-                  "clusters": [{"explanation", "size", "score"}]}]}
+                  "clusters": [{"explanation", "size", "score"}],
+                  "scores": {scorer: {"score", "baseline", ...}}, "baseline_from", "candidates", "threshold"}]}
 
 Each finished neuron is appended to ``OUT.partial.jsonl`` (made with the first finished neuron: a
 header line, then one line per neuron); the output is written at the end through a temporary file
 and a rename, and the partial file is then removed. A run stopped by an error or an interrupt leaves
 no output, and a partial file only when a neuron was finished, which ``resume=True`` continues.
-Folders are never made: the folder of ``OUT`` must exist.
+Folders are never made: the folder of ``OUT`` must exist. Baselines (another neuron's explanation
+scored on each neuron's contexts) are computed once every neuron is explained, before the output
+is written; a resumed run computes them again.
 """
 
 from __future__ import annotations
@@ -21,19 +24,15 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from ..atlas import Atlas, load_atlas
 from ..corpus import Corpus, read_corpus
 from ..errors import NeuronAtlasError
-from .clusters import cluster_exemplars
 from .exemplars import (
-    DEFAULT_CONTEXT, Exemplar, RandomSpan, SubjectModel, TokenStrings, contexts_of, exemplar_rows, random_spans,
-    top_exemplars,
+    DEFAULT_CONTEXT, RandomSpan, SubjectModel, TokenStrings, atlas_tokenizer, contexts_of, exemplar_rows, random_spans, top_exemplars,
 )
-from .explain import explain
-from .score import Pair, pooled, score
+from .neuron import SCORERS, add_baselines, explain_neuron, material_of
 
 FORMAT, VERSION = "neuronatlas.explanations", 1
 
@@ -45,8 +44,13 @@ class ExplainOptions:
     random: int = 10  # random exemplars for scoring, shared by all neurons
     context: int = DEFAULT_CONTEXT  # tokens either side of an exemplar token
     clusters: int = 0  # k-means groups of the shown exemplars, each explained (0 = none)
-    seed: int = 0  # random exemplars and k-means
+    seed: int = 0  # random exemplars, k-means, sampled explanations, fuzzing marks
     stored: bool = True  # read per-token activations from the atlas when it records them
+    scorers: tuple[str, ...] = SCORERS  # the first ranks best-of-N candidates
+    samples: int = 1  # explanations sampled per neuron (best of N)
+    temperature: float = 0.7  # of sampled explanations (when samples > 1)
+    active: float = 0.25  # a token is active at this fraction of the neuron's largest shown activation
+    baseline: bool = True  # score another neuron's explanation on each neuron's contexts
 
     def check(self) -> None:
         for name in ("top", "holdout", "random", "context", "clusters"):
@@ -54,54 +58,16 @@ class ExplainOptions:
                 raise NeuronAtlasError(f"--{name} must be 0 or more (got {getattr(self, name)})")
         if self.top < 1:
             raise NeuronAtlasError(f"--top must be at least 1: the explainer needs an exemplar (got {self.top})")
-
-
-def split_exemplars(exemplars: list[Exemplar], top: int, holdout: int) -> tuple[list[Exemplar], list[Exemplar]]:
-    """(shown, held out): ``holdout`` exemplars evenly spaced over the ranks (always leaving one to
-    show), then the best ``top`` of the rest."""
-    holdout = min(holdout, len(exemplars) - 1)
-    held = set(np.rint(np.linspace(0, len(exemplars) - 1, holdout)).astype(int).tolist()) if holdout > 0 else set()
-    shown = [e for i, e in enumerate(exemplars) if i not in held][:top]
-    return shown, [exemplars[i] for i in sorted(held)]
-
-
-def simulate_pairs(simulator, explanation: str, exemplars: list[Exemplar]) -> list[Pair]:
-    return [(simulator.simulate(explanation, e.tokens), e.activations) for e in exemplars]
-
-
-def explain_neuron(layer: int, index: int, tops: list[Exemplar], randoms: list[Exemplar], explainer, simulator,
-                   options: ExplainOptions) -> dict:
-    """One neuron's record of the output."""
-    record = {"layer": layer, "index": index, "explanation": "", "score": None, "score_top": None,
-              "score_random": None, "clusters": []}
-    if not tops:  # never recorded as active: nothing to explain
-        return record
-    shown, held = split_exemplars(tops, options.top, options.holdout)
-    scale = max(float(e.activations.max()) for e in shown)
-    record["explanation"] = explain(explainer, shown, scale)
-    random_pairs = simulate_pairs(simulator, record["explanation"], randoms)
-    scores = score(simulate_pairs(simulator, record["explanation"], held), random_pairs)
-    record.update(score=scores.all, score_top=scores.top, score_random=scores.random)
-    if options.clusters:
-        record["clusters"] = describe_clusters(shown, held, randoms, scale, explainer, simulator, options)
-    return record
-
-
-def describe_clusters(shown: list[Exemplar], held: list[Exemplar], randoms: list[Exemplar], scale: float,
-                      explainer, simulator, options: ExplainOptions) -> list[dict]:
-    """Each k-means group of the shown exemplars explained; scored on the held-out exemplars nearest
-    its centre pooled with the random ones (null when none is nearest)."""
-    groups = cluster_exemplars(shown, options.clusters, options.seed)
-    if groups is None:
-        return []
-    nearest = groups.assign(held)
-    described = []
-    for cluster, members in enumerate(groups.members):
-        explanation = explain(explainer, [shown[i] for i in members], scale)
-        own = [e for e, c in zip(held, nearest) if c == cluster]
-        value = pooled(simulate_pairs(simulator, explanation, own + randoms)) if own else None
-        described.append({"explanation": explanation, "size": len(members), "score": value})
-    return described
+        self.scorers = tuple(self.scorers)
+        unknown = [s for s in self.scorers if s not in SCORERS]
+        if not self.scorers or unknown or len(set(self.scorers)) < len(self.scorers):
+            raise NeuronAtlasError(f"--scorers takes distinct names among {', '.join(SCORERS)} (got {','.join(self.scorers) or 'none'})")
+        if self.samples < 1:
+            raise NeuronAtlasError(f"--samples must be at least 1 (got {self.samples})")
+        if self.temperature < 0 or (self.samples > 1 and self.temperature == 0):
+            raise NeuronAtlasError(f"--temperature must be above 0 to sample several explanations (got {self.temperature})")
+        if not 0 < self.active <= 1:
+            raise NeuronAtlasError(f"--active must be in (0, 1] (got {self.active})")
 
 
 # ---- the whole set ----------------------------------------------------------------------------
@@ -133,18 +99,22 @@ def explain_neurons(atlas_dir: str | Path, neurons: list[tuple[int, int]], expla
     header = {"format": FORMAT, "version": VERSION,
               "model": {k: atlas.meta["model"][k] for k in ("name_or_path", "fingerprint")},
               "explainer": explainer.name, "simulator": simulator.name}
-    partial = PartialOutput(Path(out), dict(header, options=asdict(options), neurons=[list(n) for n in neurons]), resume)
+    described = json.loads(json.dumps(dict(header, options=asdict(options), neurons=[list(n) for n in neurons])))  # as read back
+    partial = PartialOutput(Path(out), described, resume)
     rows = exemplar_rows(atlas_dir, neurons)
     contexts = contexts_of(atlas)
-    strings = TokenStrings(atlas.vocab, subject.tokenizer if subject is not None else None)
-    spans = _random_spans(atlas, subject, corpus, neurons, options) if len(partial.done) < len(neurons) else []
+    strings = TokenStrings(atlas.vocab, subject.tokenizer if subject is not None else atlas_tokenizer(atlas))
+    spans = _random_spans(atlas, subject, corpus, neurons, options)
+    materials = []
     for layer, index in tqdm(neurons, desc="explain", unit="neuron", disable=quiet):
-        if (layer, index) in partial.done:
-            continue
         tops = top_exemplars(rows[(layer, index)], layer, index, contexts, strings, options.context, subject, options.stored)
-        randoms = [span.exemplar(layer, index, strings) for span in spans]
-        partial.add(explain_neuron(layer, index, tops, randoms, explainer, simulator, options))
-    return partial.finish(header, neurons)
+        materials.append(material_of(tops, [span.exemplar(layer, index, strings) for span in spans], options))
+        if (layer, index) not in partial.done:
+            partial.add(explain_neuron(layer, index, materials[-1], explainer, simulator, options))
+    records = [partial.done[n] for n in neurons]
+    if options.baseline:
+        add_baselines(records, materials, simulator, options)
+    return partial.finish(header, records)
 
 
 def _random_spans(atlas: Atlas, subject, corpus, neurons, options: ExplainOptions) -> list[RandomSpan]:
@@ -207,8 +177,8 @@ class PartialOutput:
             os.fsync(handle.fileno())
         self.done[(record["layer"], record["index"])] = record
 
-    def finish(self, header: dict, neurons: list[tuple[int, int]]) -> dict:
-        result = dict(header, neurons=[self.done[n] for n in neurons])
+    def finish(self, header: dict, records: list[dict]) -> dict:
+        result = dict(header, neurons=records)
         temporary = self.out.with_name(self.out.name + ".writing")
         try:
             temporary.write_text(json.dumps(result, indent=1) + "\n")

@@ -62,6 +62,23 @@ def parse_simulation(reply: str, count: int, who: str) -> np.ndarray:
     return np.asarray(values, np.float64)
 
 
+def parse_judgements(reply: str, count: int, who: str) -> list[bool]:
+    """The ``count`` yes/no answers of a chat reply: a JSON list of 0/1 (or true/false), the first
+    ``[...]`` in the reply as delphi reads it (a ```json fence or text around it is allowed)."""
+    match = re.search(r"\[.*?\]", reply, re.S)
+    try:
+        values = json.loads(match.group(0)) if match else None
+    except json.JSONDecodeError:
+        values = None
+    if not isinstance(values, list):
+        raise NeuronAtlasError(f"the scorer {who} answered without a JSON list of 0/1 ({_preview(reply)}); use a model that follows the JSON instruction")
+    if len(values) != count:
+        raise NeuronAtlasError(f"the scorer {who} answered {len(values)} judgements for {count} examples; use a stronger scorer model")
+    if not all(v in (0, 1) for v in values):  # True/False compare equal to 1/0
+        raise NeuronAtlasError(f"the scorer {who} answered judgements other than 0 and 1 ({_preview(reply)})")
+    return [bool(v) for v in values]
+
+
 def _preview(text: str, limit: int = 60) -> str:
     flat = " ".join(text.split())
     return repr(flat if len(flat) <= limit else flat[:limit] + "...")
