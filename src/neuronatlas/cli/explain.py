@@ -12,7 +12,8 @@ import argparse
 import sys
 
 from ..errors import NeuronAtlasError
-from .args import debug_arg, load_args, model_arg, out_arg, quiet_arg
+from .args import debug_arg, load_args, model_arg, nonnegative_float, out_arg, positive_float, quiet_arg
+from .common import preflight_output
 
 
 def register(commands) -> None:
@@ -46,7 +47,7 @@ def _scoring_args(parser: argparse.ArgumentParser) -> None:
                              "candidates (default: detection,fuzzing,simulation)")
     parser.add_argument("--samples", type=int, default=1, metavar="N",
                         help="explanations sampled per neuron; the best on the held-out contexts is kept (default: 1)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when --samples > 1 (default: 0.7)")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature when --samples > 1 (default: 0.7)")
     parser.add_argument("--active", type=float, default=0.25,
                         help="a token counts as active at this fraction of the neuron's top shown activation (default: 0.25)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
@@ -64,7 +65,7 @@ def _backend_args(parser: argparse.ArgumentParser) -> None:
                         help="model name sent to a simulator endpoint (default: --explainer-model, else the first it lists)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the endpoints' API key (default: OPENAI_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an endpoint's answer (default: 60)")
+    parser.add_argument("--timeout", type=positive_float, default=60.0, help="seconds to wait for an endpoint's answer (default: 60)")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens a local explainer may write (default: 24)")
 
 
@@ -76,6 +77,7 @@ def run(args) -> int:
 
     if args.max_neurons is not None and args.max_neurons < 1:
         raise NeuronAtlasError(f"--max-neurons must be at least 1 (got {args.max_neurons})")
+    preflight_output(args.out, "file", overwrite=None, what="explanations JSON")
     check_out(args.out, args.resume)
     atlas = load_atlas(args.atlas)
     if not atlas.meta["options"].get("top_k"):
