@@ -435,14 +435,14 @@ def check_set_file(path, method):
 def test_cli_find_end_to_end(killed_llama, killed_atlas, tmp_path, capsys):
     atlas_dir = tmp_path / "atlas"
     killed_atlas.save(atlas_dir)
-    assert main(["find", "lape", "--atlas", str(atlas_dir), "--out", str(tmp_path / "lape.json"), "--top-rate", "0.1"]) == 0
+    assert main(["find", "lape", "--atlas", str(atlas_dir), "--out", str(tmp_path / "lape.json"), "--top-rate", "0.1", "--no-null"]) == 0
     out = capsys.readouterr().out
     assert "per label" in out and "per layer" in out
     lape = check_set_file(tmp_path / "lape.json", "lape")
     assert len(lape.per_layer()) and lape.params["top_rate"] == 0.1 and lape.params["signal"] == "gate"
     assert sum(len(v) for v in lape.per_layer().values()) == round(0.1 * sum(killed_atlas.widths))
     assert lape.model["fingerprint"] == killed_atlas.meta["model"]["fingerprint"]
-    assert main(["find", "lape", "--atlas", str(atlas_dir), "--out", str(tmp_path / "z.json"), "--signal", "z",
+    assert main(["find", "lape", "--atlas", str(atlas_dir), "--out", str(tmp_path / "z.json"), "--signal", "z", "--no-null",
                  "--percentile", "0.9", "--no-filter"]) == 0
     assert load_neuron_set(tmp_path / "z.json").params["filter"] is False
     assert main(["find", "dead", "--atlas", str(atlas_dir), "--out", str(tmp_path / "dead.json")]) == 0

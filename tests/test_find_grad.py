@@ -189,7 +189,8 @@ def test_cli_writes_each_method(tiny_llama, tmp_path, corpus_path, capsys):
     }
     for method, extra in runs.items():
         out = tmp_path / f"{method}.json"
-        assert main(["find", method, "--model", model, "--out", str(out), "--quiet", *extra]) == 0, method
+        no_null = ["--no-null"] if method in ("attribution", "cett") else []
+        assert main(["find", method, "--model", model, "--out", str(out), "--quiet", *extra, *no_null]) == 0, method
         found = load_neuron_set(out)
         assert found.method == method and found.model["widths"] == locate_neurons(load_model(model, device="cpu")[0]).widths
     printed = capsys.readouterr().out

@@ -346,7 +346,7 @@ def test_cli_probe_writes_set_report_and_plot(tiny_llama, corpus_path, tmp_path,
     out, report, plot = tmp_path / "probe.json", tmp_path / "report.json", tmp_path / "curves.png"
     argv = ["find", "probe", "--model", str(tiny_llama), "--corpus", str(corpus_path), "--label-field", "lang",
             "--max-length", "24", "--ks", "1,2", "--top-k", "2", "--out", str(out), "--report", str(report),
-            "--plot", str(plot)]
+            "--plot", str(plot), "--no-null"]
     assert main(argv) == 0
     found = load_neuron_set(out)
     assert found.method == "probe" and found.labels == ["de", "en", "ru"] and len(found) == 6
@@ -365,7 +365,7 @@ def test_cli_entropy_frequency_universal(tiny_gpt2, corpus_path, tmp_path, capsy
     assert "projection_slope" in next(iter(load_neuron_set(tmp_path / "frequency.json").params["details"].values()))
     assert main(["find", "universal", "--model", str(tiny_gpt2), "--other", str(tiny_gpt2), "--corpus",
                  str(corpus_path), "--max-length", "24", "--max-tokens", "500", "--out", str(tmp_path / "u.json"),
-                 "--report", str(tmp_path / "u-report.json")]) == 0
+                 "--report", str(tmp_path / "u-report.json"), "--no-null"]) == 0
     same = load_neuron_set(tmp_path / "u.json")
     assert all(same.params["details"][f"{n.layer}:{n.index}"]["match"] == f"{n.layer}:{n.index}" for n in same.neurons)
     capsys.readouterr()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,8 @@ from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
 from .gradients import as_sequences, at_least_float32, flat_scores, track_neurons
+from .nulls import NullOptions, check_support, null_block, pooled_p, q_values, shuffled_labels
+from .nulls import best as nulls_best
 
 TARGETS = ("logprob", "prob")
 POOLS = ("max", "mean", "sum")
@@ -57,9 +60,10 @@ def _pool(product: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
 
 def corpus_attributions(model, tokenizer, corpus: Corpus, target: str = "logprob", pool: str = "max",
                         max_docs_per_label: int | None = None, max_length: int = 128, batch_size: int = 8,
-                        quiet: bool = True) -> tuple[dict, dict]:
+                        quiet: bool = True, documents: dict | None = None) -> tuple[dict, dict]:
     """({label: (N,) mean pooled attribution over its windows}, {label: windows}); an unlabelled
-    corpus gives the single label None."""
+    corpus gives the single label None. ``documents``, when given, is filled with {doc: [label,
+    windows, (N,) float32 sum of its windows' pooled attributions]} (for the permutation null)."""
     neurons = locate_neurons(model)
     device = next(model.parameters()).device
     windows = _windows(corpus, tokenizer, max_docs_per_label, max_length)
@@ -78,12 +82,62 @@ def corpus_attributions(model, tokenizer, corpus: Corpus, target: str = "logprob
                       .double().sum(0).cpu() for layer in grads}
             flat = flat_scores(pooled, neurons.widths)
             sums[label] = sums.get(label, 0) + flat
+            if documents is not None:
+                _add_documents(documents, batch.windows, label, length, mask, record.activations, grads, pool,
+                               neurons.widths)
             counts[label] = counts.get(label, 0) + len(batch.windows)
             if progress is not None:
                 progress.update(len(batch.windows))
     if progress is not None:
         progress.close()
     return {label: sums[label] / counts[label] for label in sums}, counts
+
+
+def _add_documents(documents: dict, windows, label, length, mask, activations, grads, pool, widths) -> None:
+    """Add each window's pooled attribution (N,) to its document's sum."""
+    rows = torch.cat([_pool(as_sequences(activations[layer] * grads[layer], length), mask, pool).float().cpu()
+                      if layer in grads else torch.zeros((len(windows), width))
+                      for layer, width in enumerate(widths)], 1)  # (B, N)
+    for window, row in zip(windows, rows):
+        entry = documents.setdefault(window.doc, [label, 0, torch.zeros(row.shape[0])])
+        entry[1] += 1
+        entry[2] += row
+
+
+def label_differences(sums: torch.Tensor, windows: torch.Tensor, doc_labels: list, labels: list,
+                      reference: torch.Tensor | None, clamp: bool) -> dict:
+    """{label: (N,) mean attribution over its documents' windows minus the control}; sums (D, N),
+    windows (D,) per document. The same numbers as :func:`find_attribution`'s scores."""
+    present = sorted(set(doc_labels), key=str)
+    one_hot = torch.tensor([[x == label for x in doc_labels] for label in present], dtype=torch.float64)  # (K, D)
+    means = (one_hot @ sums.double()) / (one_hot @ windows.double())[:, None]
+    scores = dict(zip(present, means))
+    controls = _control_scores(scores, reference, clamp)
+    return {label: scores[label] - controls[label] for label in labels}
+
+
+def attribution_null(documents: dict, labels: list, reference, clamp: bool, options: NullOptions) -> dict:
+    """{"q": {label: (N,) q}, "block"}: the label-minus-control scores again with the documents'
+    labels shuffled (control corpus fixed); pooled standardised p, BH q over all pairs."""
+    docs = sorted(documents)
+    doc_labels = [documents[d][0] for d in docs]
+    counts = {label: doc_labels.count(label) for label in sorted(set(doc_labels), key=str)}
+    check_support(counts, options.min_docs)
+    sums = torch.stack([documents[d][2] for d in docs])  # (D, N) float32
+    windows = torch.tensor([documents[d][1] for d in docs])
+    real = label_differences(sums, windows, doc_labels, labels, reference, clamp)
+    generator = np.random.default_rng(options.seed)
+    permutations = options.count(10)
+    null = [label_differences(sums, windows, shuffled_labels(doc_labels, None, generator), labels, reference, clamp)
+            for _ in range(permutations)]
+    p, per_label = {}, {}
+    for label in labels:
+        stack = torch.stack([entry[label] for entry in null])  # (P, N)
+        p[label] = pooled_p(real[label], stack)
+        per_label[label] = {"best": nulls_best(real[label]), "null_best": nulls_best(stack.flatten()), "chance": 0.0}
+    block = null_block("attribution", "the documents' labels (attributions computed once, re-averaged per shuffle)",
+                       permutations, options, per_label)
+    return {"q": q_values(p), "block": block}
 
 
 def _windows(corpus: Corpus, tokenizer, max_docs: int | None, max_length: int) -> dict:
@@ -157,7 +211,7 @@ def find_attribution(model, tokenizer, corpus: str | Path | Corpus, *, label_fie
                      labels: list[str] | None = None, top_rate: float = 0.01, target: str = "logprob",
                      pool: str = "max", clamp_control: bool = True, exclude: NeuronSet | None = None,
                      max_docs_per_label: int | None = None, max_length: int = 128, batch_size: int = 8,
-                     quiet: bool = True) -> NeuronSet:
+                     quiet: bool = True, null: NullOptions | None = None) -> NeuronSet:
     """Per-label neurons by activation x gradient on the label's text minus a control; see the module docstring.
 
     >>> found = find_attribution(model, tokenizer, "train.jsonl", label_field="lang", top_rate=0.02)  # doctest: +SKIP
@@ -180,7 +234,8 @@ def find_attribution(model, tokenizer, corpus: str | Path | Corpus, *, label_fie
         control_corpus = control if isinstance(control, Corpus) else read_corpus(control, text_field=text_field)
     options = dict(target=target, pool=pool, max_docs_per_label=max_docs_per_label, max_length=max_length,
                    batch_size=batch_size, quiet=quiet)
-    scores, windows = corpus_attributions(model, tokenizer, corpus, **options)
+    documents = {} if null is not None else None
+    scores, windows = corpus_attributions(model, tokenizer, corpus, documents=documents, **options)
     scores.pop(None, None)  # unlabelled documents of a labelled corpus
     empty = [label for label in present if label not in scores]
     if empty:
@@ -191,21 +246,29 @@ def find_attribution(model, tokenizer, corpus: str | Path | Corpus, *, label_fie
         control_scores, _ = corpus_attributions(model, tokenizer, control_corpus, **options)
         reference = torch.stack(list(control_scores.values())).mean(0)
     controls = _control_scores(scores, reference, clamp_control)
+    tested = None
+    if null is not None:
+        labelled = {doc: entry for doc, entry in documents.items() if entry[0] is not None}
+        tested = attribution_null(labelled, chosen, reference, clamp_control, null)
     keep = max(int(round(top_rate * sum(widths))), 1)
     locate = layer_of(widths)
     found = []
     for label in chosen:
         score = (scores[label] - controls[label]).masked_fill(blocked, float("-inf"))
+        if tested is not None:  # only neurons the null supports compete for the top rate
+            score = score.masked_fill(tested["q"][label] >= null.fdr, float("-inf"))
         top = torch.argsort(score, descending=True, stable=True)[:keep]
         top = top[score[top] > 0]
         layer_ids, indices = locate(top)
-        found += [Neuron(int(l), int(i), float(score[k]), label) for l, i, k in zip(layer_ids, indices, top)]
+        q = [None] * len(top) if tested is None else tested["q"][label][top].tolist()
+        found += [Neuron(int(l), int(i), float(score[k]), label, qk) for l, i, k, qk in zip(layer_ids, indices, top, q)]
     found.sort(key=lambda n: (n.layer, n.index, n.label))
     params = {"target": target, "pool": pool, "top_rate": top_rate, "clamp_control": clamp_control,
               "control": str(getattr(control, "path", control)) if control is not None else "other labels",
               "labels": chosen, "windows": {str(k): v for k, v in windows.items()}, "max_length": max_length,
               "excluded": int(blocked.sum()), "score": "label attribution minus control (higher = more the label's)"}
-    return NeuronSet("attribution", model_block(model), found, params)
+    return NeuronSet("attribution", model_block(model), found, params, "z",
+                     None if tested is None else tested["block"], list(chosen))
 
 
 def _progress(total: int):

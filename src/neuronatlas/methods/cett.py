@@ -28,6 +28,7 @@ from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
 from .gradients import read_jsonl
+from .nulls import NullOptions, check_support, null_block
 
 POOLS = ("mean", "max")
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -132,9 +133,23 @@ def fit_l1(x: np.ndarray, y: np.ndarray, c: float | None, c_grid, test_size: flo
             "chance": float(max(y_test.mean(), 1 - y_test.mean()))}
 
 
+def cett_null(x: np.ndarray, y: np.ndarray, fit: dict, test_size: float, seed: int, options: NullOptions) -> dict:
+    """The classifier refit (at the real fit's C) on shuffled labels: p of the real held-out AUROC."""
+    generator = np.random.default_rng(options.seed)
+    permutations = options.count()
+    null = [fit_l1(x, generator.permutation(y), fit["C"], (), test_size, seed)["test_auroc"] for _ in range(permutations)]
+    p = (1 + sum(value >= fit["test_auroc"] for value in null)) / (1 + permutations)
+    per_label = {"classifier": {"best": fit["test_auroc"], "null_best": max(null), "chance": 0.5}}
+    block = null_block("cett", "the examples' labels (the L1 classifier refit at the same C; its held-out AUROC)",
+                       permutations, options, per_label, test="permutation p of the held-out AUROC (one test)")
+    block["p"] = p
+    return block
+
+
 def find_cett(model, tokenizer, records: list[dict], positive: str, *, label_field: str = "label",
               negative: str | None = None, pool: str = "mean", c: float | None = None, c_grid=C_GRID,
-              test_size: float = 0.3, seed: int = 0, max_length: int = 128) -> NeuronSet:
+              test_size: float = 0.3, seed: int = 0, max_length: int = 128,
+              null: NullOptions | None = None) -> NeuronSet:
     """Neurons whose CETT predicts the positive label, by L1 logistic regression; see the module docstring.
 
     >>> found = find_cett(model, tokenizer, read_examples("answers.jsonl"), positive="hallucinated")  # doctest: +SKIP
@@ -149,15 +164,21 @@ def find_cett(model, tokenizer, records: list[dict], positive: str, *, label_fie
     for number, record in enumerate(records, 1):
         _check_example(record, label_field, f"example {number}")
     kept, y = _binary(records, label_field, positive, negative)
+    if null is not None:
+        check_support({positive: int(y.sum()), negative or "other labels": int((1 - y).sum())}, null.min_docs, "examples")
     x = cett_features(model, tokenizer, kept, pool, max_length)
     fit = fit_l1(x, y, c, c_grid, test_size, seed)
+    block = cett_null(x, y, fit, test_size, seed, null) if null is not None else None
     weights = fit.pop("weights")
     chosen = torch.from_numpy(np.flatnonzero(weights > 0))
+    if block is not None and block["p"] >= null.fdr:
+        chosen = chosen[:0]  # the classifier does no better than on shuffled labels: no neuron is a finding
     layers, indices = layer_of(locate_neurons(model).widths)(chosen)
-    found = [Neuron(int(l), int(i), float(weights[k]), positive) for l, i, k in zip(layers, indices, chosen.tolist())]
+    q = None if block is None else block["p"]
+    found = [Neuron(int(l), int(i), float(weights[k]), positive, q) for l, i, k in zip(layers, indices, chosen.tolist())]
     params = {"positive": positive, "negative": negative or "all other labels", "label_field": label_field,
               "pool": pool, "test_size": test_size, "seed": seed, "max_length": max_length,
               "nonzero_weights": int((weights != 0).sum()), "negative_weights": int((weights < 0).sum()), **fit,
               "score": "L1 logistic weight of the standardised CETT feature",
               "intervention": "scale: Intervention(set, 'scale', value=alpha) scales W_out[:, H] by alpha"}
-    return NeuronSet("cett", model_block(model), found, params)
+    return NeuronSet("cett", model_block(model), found, params, "z", block, [positive])

@@ -39,4 +39,4 @@ def find_dead(atlas, max_rate: float = 0.0, signal: str = "z") -> NeuronSet:
         "tokens": int(atlas.tokens_per_label.sum()), "per_layer": per_layer,
         "score": "overall activation rate (active tokens / tokens)",
     }
-    return NeuronSet("dead", model_info(atlas.meta), neurons, params)
+    return NeuronSet("dead", model_info(atlas.meta), neurons, params, signal)

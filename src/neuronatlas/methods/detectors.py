@@ -28,6 +28,12 @@ logit in W_U · w_out, as the share of the vocabulary with a lower logit ("trigg
 the neuron pushes down the token that makes it fire (Voita et al.'s removal mechanism).
 
 Per-neuron extras (triggers, coverage, VR, suppression) are in ``params["details"]["layer:index"]``.
+
+The null (``null=``): the exemplars' tokens shuffled across all exemplars of the layer (seeded), the
+coverage by the top ``max_triggers`` tokens recomputed; a candidate is kept when its coverage's
+pooled standardised p gives q < fdr (Benjamini-Hochberg over every neuron with enough exemplars).
+It asks: are the neuron's top exemplars concentrated on fewer tokens than random exemplars of the
+layer would be (frequent tokens cover many exemplars by chance)?
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ import torch
 from ..errors import NeuronAtlasError
 from ..hooks import capture, forward_batch, pad_token_id
 from ..neuronset import Neuron, NeuronSet, model_info
+from .nulls import NullOptions, null_block, pooled_p, q_values
+from .nulls import best as nulls_best
 from ..stats import split_uid
 from ..tokens import token_texts
 
@@ -104,12 +112,59 @@ def trigger_candidates(atlas, ngram: int = 1, max_triggers: int = 3, coverage: f
     return found
 
 
+def top_coverage(keys: np.ndarray, positive: np.ndarray, filled: np.ndarray, max_triggers: int) -> np.ndarray:
+    """(D,) share of each row's exemplars covered by its ``max_triggers`` most common positive keys.
+
+    keys (D, k) int64, positive (D, k) bool (counted), filled (D,) exemplars per row.
+    """
+    marked = np.where(positive, keys, -1)
+    ordered = np.sort(marked, axis=1)  # (D, k): equal keys side by side, -1 (not counted) first
+    starts = np.ones_like(ordered, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = np.cumsum(starts, axis=1) - 1  # (D, k) run index within the row
+    counts = np.zeros(ordered.shape, np.int64)
+    rows = np.repeat(np.arange(len(ordered)), ordered.shape[1])
+    np.add.at(counts, (rows, group.ravel()), (ordered >= 0).ravel().astype(np.int64))
+    top = -np.sort(-counts, axis=1)[:, :max_triggers].sum(1)
+    return top / np.maximum(filled, 1)
+
+
+def coverage_null(atlas, ngram: int, max_triggers: int, min_exemplars: int, layers, options: NullOptions) -> dict:
+    """{"q": {(layer, index): q}, "block"}: each neuron's trigger coverage against the coverage of
+    exemplars whose tokens are shuffled across all exemplars of its layer (seeded)."""
+    threshold = float(atlas.meta["options"].get("threshold", 0.0))
+    generator = np.random.default_rng(options.seed)
+    permutations = options.count()
+    reals, nulls, where = [], [], []
+    for layer, table in exemplar_triggers(atlas, ngram, layers).items():
+        keys, values = table["keys"], table["values"]
+        filled = np.isfinite(values).sum(1)
+        positive = (values > threshold) & (keys >= 0)
+        eligible = filled >= min_exemplars
+        reals.append(top_coverage(keys, positive, filled, max_triggers)[eligible])
+        flat = keys[positive]
+        layer_null = []
+        for _ in range(permutations):
+            shuffled = keys.copy()
+            shuffled[positive] = generator.permutation(flat)
+            layer_null.append(top_coverage(shuffled, positive, filled, max_triggers)[eligible])
+        nulls.append(np.stack(layer_null) if layer_null else np.zeros((0, int(eligible.sum()))))
+        where += [(layer, int(i)) for i in np.flatnonzero(eligible)]
+    real = torch.from_numpy(np.concatenate(reals)).double()
+    null = torch.from_numpy(np.concatenate(nulls, axis=1)).double()
+    q = q_values({"all": pooled_p(real, null)})["all"]
+    per_label = {"all": {"best": nulls_best(real), "null_best": nulls_best(null.flatten()), "chance": None}}
+    block = null_block("tokens", "the trigger tokens among all exemplars of each layer (coverage by the top "
+                       f"{max_triggers} tokens)", permutations, options, per_label)
+    return {"q": dict(zip(where, q.tolist())), "block": block}
+
+
 def find_token_detectors(atlas, model=None, tokenizer=None, corpus=None, max_triggers: int = 3,
                          coverage: float = 0.9, min_variance_explained: float = 0.5, ngram: int = 1,
                          max_tokens: int = 20_000, batch_size: int = 8, suppress_quantile: float = 0.05,
                          min_exemplars: int = 5, text_field: str = "text", label_field: str | None = None,
                          layers: list[int] | None = None, max_elements: int = 1 << 25,
-                         feature: str = "token") -> NeuronSet:
+                         feature: str = "token", null: NullOptions | None = None) -> NeuronSet:
     """Token (``ngram=1``) or bigram (``ngram=2``) detectors; see the module docstring.
 
     ``model``/``tokenizer``: the atlas's model, loaded (e.g. by :func:`neuronatlas.loading.load_model`);
@@ -132,6 +187,9 @@ def find_token_detectors(atlas, model=None, tokenizer=None, corpus=None, max_tri
 
         model_block_for(model, atlas.meta)  # refuses a model other than the atlas's
     candidates = trigger_candidates(atlas, ngram, max_triggers, coverage, min_exemplars, layers)
+    tested = coverage_null(atlas, ngram, max_triggers, min_exemplars, layers, null) if null is not None else None
+    if tested is not None:
+        candidates = {key: found for key, found in candidates.items() if tested["q"][key] < null.fdr}
     measured = {}
     if corpus is not None and candidates:
         triggers = {neuron: [key for key, _ in found["triggers"]] for neuron, found in candidates.items()}
@@ -157,7 +215,7 @@ def find_token_detectors(atlas, model=None, tokenizer=None, corpus=None, max_tri
                 continue
         if suppression:
             info.update(suppression[(layer, index)])
-        neurons.append(Neuron(layer, index, float(score), None))
+        neurons.append(Neuron(layer, index, float(score), None, None if tested is None else tested["q"][(layer, index)]))
         details[f"{layer}:{index}"] = info
     neurons.sort(key=lambda n: (-n.score, n.layer, n.index))
     params = {
@@ -171,7 +229,8 @@ def find_token_detectors(atlas, model=None, tokenizer=None, corpus=None, max_tri
                   if feature == "token" else "variance of z explained by whether the token is a trigger"),
         "details": details,
     }
-    return NeuronSet("token-detectors" if ngram == 1 else "bigram-detectors", model_info(atlas.meta), neurons, params)
+    return NeuronSet("token-detectors" if ngram == 1 else "bigram-detectors", model_info(atlas.meta), neurons, params,
+                     "z", None if tested is None else tested["block"])
 
 
 def _check_arguments(max_triggers, coverage, min_vr, max_tokens, suppress_quantile, min_exemplars) -> None:

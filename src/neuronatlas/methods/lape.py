@@ -12,6 +12,14 @@
    above tau goes to its argmax label (the first on ties).
 
 score = H: lower means more specific to its label(s).
+
+The null (``null=``, on by default in the CLI): the atlas keeps only per-label token counts, and its
+document sample keeps each document's mean and max of z, not per-document activation
+probabilities, so LAPE itself cannot be re-run on shuffled documents. Instead every (neuron, label)
+pair is tested on the document sample: the AUROC of the document mean of z for the label against
+the rest, real sample labels against ``permutations`` shuffles of them (pooled standardised p,
+Benjamini-Hochberg q over all pairs). A kept neuron keeps only the labels with q < fdr; a neuron with
+none left is dropped. The test reads z even when LAPE selected on the gate.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from ..errors import NeuronAtlasError
 from ..neuronset import Neuron, NeuronSet, model_info
 from . import layer_of, resolve_signal
+from .nulls import NullOptions, best, check_support, null_block, q_values
 
 TIE_DECIMALS = 12
 
@@ -92,7 +101,7 @@ def check_labelled(atlas, method: str) -> None:
 
 
 def find_lape(atlas, top_rate: float = 0.01, percentile: float = 0.95, signal: str | None = None,
-              filter: bool = True) -> NeuronSet:
+              filter: bool = True, null: NullOptions | None = None) -> NeuronSet:
     """Label-specific neurons of an atlas by LAPE; see the module docstring for the definition.
 
     >>> lape = find_lape(load_atlas("atlas"), top_rate=0.01)  # doctest: +SKIP
@@ -107,15 +116,37 @@ def find_lape(atlas, top_rate: float = 0.01, percentile: float = 0.95, signal: s
     selection = lape_select(p, top_rate, percentile, filter)
     layers, indices = layer_of(atlas.widths)(selection.kept)
     labels = atlas.labels
+    tested = lape_null(atlas, labels, null) if null is not None else None
     neurons = []
     for column in torch.argsort(selection.kept).tolist():  # (layer, index) order
         layer, index = int(layers[column]), int(indices[column])
-        score = float(selection.entropy[selection.kept[column]])
+        flat = int(selection.kept[column])
+        score = float(selection.entropy[flat])
         for k in selection.assigned[:, column].nonzero().flatten().tolist():
-            neurons.append(Neuron(layer, index, score, labels[k]))
+            q = None if tested is None else float(tested["q"][labels[k]][flat])
+            if q is None or q < null.fdr:
+                neurons.append(Neuron(layer, index, score, labels[k], q))
     params = {
         "top_rate": top_rate, "percentile": percentile, "signal": signal, "filter": filter,
         "tau": selection.tau, "kept": int(selection.kept.numel()), "total_neurons": int(p.shape[1]),
         "excluded": selection.excluded, "labels": labels, "score": "entropy over labels (lower = more specific)",
     }
-    return NeuronSet("lape", model_info(atlas.meta), neurons, params)
+    return NeuronSet("lape", model_info(atlas.meta), neurons, params, signal,
+                     None if tested is None else tested["block"], list(labels))
+
+
+def lape_null(atlas, labels: list[str], options: NullOptions) -> dict:
+    """{"q": {label: (N,) q}, "block": the set's null}: see the module docstring."""
+    from .selectivity import docpool_null, sample_counts
+
+    if atlas.docpool is None or len(atlas.docpool) == 0:
+        raise NeuronAtlasError("LAPE's permutation null needs the atlas's document sample (profile with --doc-sample N, "
+                               "the default keeps 256 per label); pass --no-null to skip it")
+    counts = sample_counts(atlas)
+    check_support({label: counts.get(label, 0) for label in labels}, options.min_docs, "documents in the atlas's sample")
+    result = docpool_null(atlas, labels, "auroc", "mean", options)
+    per_label = {label: {"best": best(result["real"][label]), "null_best": result["null_best"][label], "chance": 0.5}
+                 for label in labels}
+    block = null_block("lape", "the document labels of the atlas's document sample (each kept neuron-label pair "
+                       "tested by the AUROC of the document mean of z)", result["permutations"], options, per_label)
+    return {"q": q_values(result["p"]), "block": block}

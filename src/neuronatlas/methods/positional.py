@@ -11,6 +11,13 @@ same mean. Buckets are coarse (0, 1, 2, 3, 4-7, 8-15, ...), so a neuron that tra
 position still shows a VR below 1, and one whose mean moves with position only partly (Voita et
 al.'s "range" neurons) shows up when its within-bucket spread is small.
 
+The null (``null=``): the atlas keeps only per-bucket sums, so positions cannot be re-shuffled; VR is
+tested analytically instead, with the one-way ANOVA F = [VR / (P − 1)] / [(1 − VR) / (N − P)] over
+P filled buckets and N tokens (p from F(P − 1, N − P), Benjamini-Hochberg q over all neurons): what a
+shuffle of the positions gives when tokens are independent. Tokens of one window are not, so the
+p-values are optimistic; VR ≥ ``min_variance_explained`` stays the effect-size cut. Chance VR of a
+shuffle: (P − 1) / (N − 1).
+
 Position 0 of a window is ``<s>`` for Llama-like tokenizers: a neuron that only reacts to that token
 looks positional. ``min_position=1`` leaves out the buckets starting below 1 to rule that out.
 """
@@ -21,6 +28,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..neuronset import Neuron, NeuronSet, model_info
+from .nulls import NullOptions, null_block, q_values
 
 
 def position_variance_reduction(atlas, layer: int, min_position: int = 0) -> dict[str, torch.Tensor]:
@@ -52,7 +60,7 @@ def position_variance_reduction(atlas, layer: int, min_position: int = 0) -> dic
 
 
 def find_positional(atlas, min_variance_explained: float = 0.5, min_position: int = 0,
-                    layers: list[int] | None = None) -> NeuronSet:
+                    layers: list[int] | None = None, null: NullOptions | None = None) -> NeuronSet:
     """Neurons whose activation variance is explained by the position bucket: VR ≥ ``min_variance_explained``.
 
     score = VR; ``params["details"]["layer:index"]`` gives the bucket of the highest mean activation
@@ -66,18 +74,24 @@ def find_positional(atlas, min_variance_explained: float = 0.5, min_position: in
         )
     names = atlas.position_buckets()
     chosen_layers = range(atlas.num_layers) if layers is None else layers
-    neurons, details = [], {}
     for layer in chosen_layers:
         if not 0 <= layer < atlas.num_layers:
             raise NeuronAtlasError(f"layer {layer} is out of range: the atlas has {atlas.num_layers} layers")
-        result = position_variance_reduction(atlas, layer, min_position)
+    results = {layer: position_variance_reduction(atlas, layer, min_position) for layer in chosen_layers}
+    tested = positional_null(atlas, results, min_position, null) if null is not None else None
+    neurons, details = [], {}
+    for layer, result in results.items():
         vr = result["vr"]
-        hits = (vr >= min_variance_explained).nonzero().flatten()
+        passes = vr >= min_variance_explained
+        if tested is not None:
+            passes &= tested["q"][layer] < null.fdr
+        hits = passes.nonzero().flatten()
         hits = hits[vr[hits].argsort(descending=True, stable=True)]
         for index in hits.tolist():
             column = result["means"][:, index]
             peak = int(result["peak_bucket"][index])
-            neurons.append(Neuron(layer, index, float(vr[index]), None))
+            q = None if tested is None else float(tested["q"][layer][index])
+            neurons.append(Neuron(layer, index, float(vr[index]), None, q))
             details[f"{layer}:{index}"] = {
                 "peak_bucket": names[peak], "peak_mean": float(atlas.position_stat("sum", layer)[peak, index]
                                                                 / max(int(atlas.position_tokens[peak]), 1)),
@@ -90,4 +104,28 @@ def find_positional(atlas, min_variance_explained: float = 0.5, min_position: in
         "score": "variance of z explained by the position bucket (1 - within-bucket / total variance)",
         "details": details,
     }
-    return NeuronSet("positional", model_info(atlas.meta), neurons, params)
+    return NeuronSet("positional", model_info(atlas.meta), neurons, params, "z",
+                     None if tested is None else tested["block"])
+
+
+def positional_null(atlas, results: dict, min_position: int, options: NullOptions) -> dict:
+    """{"q": {layer: (D,) q}, "block"}: the analytic F-test of VR (see the module docstring)."""
+    from scipy.stats import f as f_distribution
+
+    keep = torch.tensor([edge >= min_position for edge in atlas.position_edges])
+    counts = atlas.position_tokens.double()[keep]
+    buckets, tokens = int((counts > 0).sum()), float(counts.sum())
+    if buckets < 2 or tokens <= buckets:
+        raise NeuronAtlasError(f"the position null needs at least two filled buckets and more tokens than buckets "
+                               f"(got {buckets} buckets, {tokens:.0f} tokens); pass --no-null")
+    p = {}
+    for layer, result in results.items():
+        vr = result["vr"].clamp(0, 1 - 1e-15)
+        statistic = (vr / (buckets - 1)) / ((1 - vr) / (tokens - buckets))
+        p[layer] = torch.from_numpy(f_distribution.sf(statistic.numpy(), buckets - 1, tokens - buckets)).double()
+    chance = (buckets - 1) / (tokens - 1)
+    real = max(float(result["vr"].max()) for result in results.values()) if results else None
+    block = null_block("positional", "nothing: an analytic F-test of VR by position bucket (tokens taken as "
+                       "independent)", 0, options, {"all": {"best": real, "null_best": None, "chance": chance}},
+                       test="one-way ANOVA F-test of VR, Benjamini-Hochberg q")
+    return {"q": q_values(p), "block": block}

@@ -32,6 +32,8 @@ import torch
 from ..errors import NeuronAtlasError
 from ..hooks import capture_activations, forward_batch, pad_token_id
 from ..neuronset import Neuron, NeuronSet, model_info
+from .nulls import NullOptions, check_support, label_null, null_block, q_values
+from .nulls import best as nulls_best
 
 RANKINGS = ("mean_diff", "f_stat", "l1")
 UNITS = ("doc", "token")
@@ -264,17 +266,20 @@ def binary_target(labels: list[str], positive: str, negative: str | None) -> tup
 
 def sparse_probe(data: ProbeData, model: dict, labels: list[str] | None = None, against: str | None = None,
                  ranking: str = "mean_diff", ks: list[int] | None = None, top_k: int = 8, per_layer: bool = False,
-                 test_size: float = 0.3, seed: int = 0, l1_c: float = 0.1, probe_c: float = 1.0) -> NeuronSet:
+                 test_size: float = 0.3, seed: int = 0, l1_c: float = 0.1, probe_c: float = 1.0,
+                 null: NullOptions | None = None) -> NeuronSet:
     """Probe every layer for each label in ``labels`` (default: all; one against the rest or ``against``).
 
     Returns the neuron set (see the module docstring); ``params["report"]`` holds, per label, every
-    layer's curve [{k, f1, auroc, mcc}] and the best layer.
+    layer's curve [{k, f1, auroc, mcc}] and the best layer. With ``null``, a kept neuron must also pass
+    :func:`probe_null` (q < fdr); the top k of a layer are taken among those.
     """
     ks = sorted(set(DEFAULT_KS if ks is None else ks))
     _check(ranking, ks, top_k, test_size, l1_c, probe_c)
     chosen = sorted(set(data.labels)) if labels is None else list(labels)
     if against is None and len(set(data.labels)) < 2:
         raise NeuronAtlasError(f"probing needs samples of at least two labels; these have only {sorted(set(data.labels))}")
+    tested = probe_null(data, chosen, against, null) if null is not None else None
     neurons, report = [], {}
     for label in chosen:
         rows, y = binary_target(data.labels, label, against)
@@ -288,16 +293,43 @@ def sparse_probe(data: ProbeData, model: dict, labels: list[str] | None = None, 
                         "top": [int(i) for i in result["order"][: min(16, len(result["order"]))]]}
                        for layer, result in enumerate(layers)],
         }
+        offsets = np.cumsum([0] + [matrix.shape[1] for matrix in data.layers])
         for layer in range(len(layers)) if per_layer else [best]:
             result = layers[layer]
-            for index in result["order"][:top_k]:
-                neurons.append(Neuron(layer, int(index), float(result["scores"][index]), label))
+            q = None if tested is None else tested["q"][label][offsets[layer] : offsets[layer + 1]]
+            order = [i for i in result["order"] if q is None or q[i] < null.fdr][:top_k]
+            neurons += [Neuron(layer, int(i), float(result["scores"][i]), label, None if q is None else float(q[i]))
+                        for i in order]
     neurons.sort(key=lambda n: (n.label, n.layer, n.index))
     params = {"ranking": ranking, "ks": ks, "top_k": top_k, "per_layer": per_layer, "against": against,
               "test_size": test_size, "seed": seed, "l1_c": l1_c, "probe_c": probe_c, "source": data.source,
               "samples": len(data.labels), "report": report,
               "score": f"{ranking} ranking score on the training split"}
-    return NeuronSet("probe", model, neurons, params)
+    return NeuronSet("probe", model, neurons, params, "z", None if tested is None else tested["block"], chosen)
+
+
+def probe_null(data: ProbeData, chosen: list[str], against: str | None, options: NullOptions) -> dict:
+    """{"q": {label: (N,) q}, "block"}: each neuron's two-sided AUROC for the label (against the rest or
+    ``against``) over the samples, real labels against document-level shuffles (rows of a document
+    keep one label). The probes' own F1 is not re-fit on shuffles: the null tests the neurons."""
+    documents = {}
+    for label, group in zip(data.labels, data.groups.tolist()):
+        documents.setdefault(label, set()).add(group)
+    wanted = chosen + ([against] if against is not None else [])
+    check_support({label: len(documents.get(label, ())) for label in wanted}, options.min_docs)
+    result = {"real": {}, "p": {}, "null_best": {}, "permutations": options.count()}
+    for label in chosen:
+        rows, _ = binary_target(data.labels, label, against)
+        labels = [x for x, keep in zip(data.labels, rows.tolist()) if keep]
+        one = label_null(lambda: (torch.from_numpy(m[rows]) for m in data.layers), labels, data.groups[rows], [label],
+                         "auroc", options, two_sided=True)
+        for key in ("real", "p", "null_best"):
+            result[key][label] = one[key][label]
+    per_label = {label: {"best": nulls_best(result["real"][label]), "null_best": result["null_best"][label],
+                         "chance": 0.5} for label in chosen}
+    block = null_block("probe", "the samples' labels, a document at a time (each neuron tested by its AUROC "
+                       "for the label, either direction)", result["permutations"], options, per_label)
+    return {"q": q_values(result["p"]), "block": block}
 
 
 def _best_layer(layers: list[dict], top_k: int) -> int:
@@ -324,7 +356,8 @@ def _check(ranking, ks, top_k, test_size, l1_c, probe_c) -> None:
 
 def find_probe(atlas, label: str | None = None, against: str | None = None, pool: str = "mean",
                ranking: str = "mean_diff", ks: list[int] | None = None, top_k: int = 8, per_layer: bool = False,
-               test_size: float = 0.3, seed: int = 0, l1_c: float = 0.1, probe_c: float = 1.0) -> NeuronSet:
+               test_size: float = 0.3, seed: int = 0, l1_c: float = 0.1, probe_c: float = 1.0,
+               null: NullOptions | None = None) -> NeuronSet:
     """Sparse probing on an atlas's document sample (every label when ``label`` is None); see :func:`sparse_probe`.
 
     >>> found = find_probe(load_atlas("atlas"), label="ru", ks=[1, 2, 4])  # doctest: +SKIP
@@ -333,7 +366,7 @@ def find_probe(atlas, label: str | None = None, against: str | None = None, pool
     """
     return sparse_probe(from_atlas(atlas, pool), model_info(atlas.meta), None if label is None else [label], against,
                         ranking=ranking, ks=ks, top_k=top_k, per_layer=per_layer, test_size=test_size, seed=seed,
-                        l1_c=l1_c, probe_c=probe_c)
+                        l1_c=l1_c, probe_c=probe_c, null=null)
 
 
 def plot_curves(found: NeuronSet, path) -> None:

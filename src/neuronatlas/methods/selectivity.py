@@ -23,11 +23,12 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..neuronset import Neuron, NeuronSet, model_info
+from .nulls import NullOptions, best, check_support, label_null, null_block, q_values
+from .ranking import Ranking, column_scores, ranked_auroc, ranked_average_precision
 
 METRICS = ("ap", "auroc", "prob_diff")
 POOLS = ("mean", "max")
 DEFAULT_TOP_K = 50
-_CHUNK_ELEMENTS = 1 << 24  # scores sorted at once (docs x neurons)
 
 
 def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,7 @@ def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> torch.Ten
     sklearn's definition: sort by score, descending; at each distinct score the precision of all
     documents scoring at least that much, weighted by the recall it adds.
     """
-    return _average_precision(_Ranking(scores), positive)
+    return ranked_average_precision(Ranking(scores), positive)
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -44,53 +45,25 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
 
     Mann-Whitney: (sum of the positives' ranks − P(P+1)/2) / (P·N), tied scores taking their mean rank.
     """
-    return _auroc(_Ranking(scores), positive)
-
-
-class _Ranking:
-    """Each column of scores (R, C) sorted once, descending, with the tie groups: shared by all labels."""
-
-    def __init__(self, scores: torch.Tensor):
-        rows = scores.shape[0]
-        sorted_scores, self.order = scores.sort(dim=0, descending=True, stable=True)  # (R, C)
-        index = torch.arange(rows)[:, None].expand_as(sorted_scores)
-        same_as_next = sorted_scores[:-1] == sorted_scores[1:]  # (R - 1, C)
-        starts = torch.ones_like(sorted_scores, dtype=torch.bool)
-        starts[1:] = ~same_as_next
-        ends = torch.ones_like(sorted_scores, dtype=torch.bool)
-        ends[:-1] = ~same_as_next
-        self.group_start = torch.where(starts, index, torch.zeros_like(index)).cummax(0).values
-        self.group_end = torch.where(ends, index, torch.full_like(index, rows)).flip(0).cummin(0).values.flip(0)
-        self.rows, self.columns = rows, scores.shape[1]
-
-    def hits(self, positive: torch.Tensor) -> torch.Tensor:
-        return positive.to(torch.float64)[self.order]  # (R, C) 1 where the document at that rank is positive
-
-
-def _average_precision(ranking: _Ranking, positive: torch.Tensor) -> torch.Tensor:
-    total = int(positive.sum())
-    if total == 0:
-        return torch.full((ranking.columns,), float("nan"), dtype=torch.float64)
-    hits = ranking.hits(positive)
-    precision = hits.cumsum(0) / torch.arange(1, ranking.rows + 1, dtype=torch.float64)[:, None]
-    precision_at_end = precision.gather(0, ranking.group_end)  # a tie group shares the precision at its last row
-    return (hits * precision_at_end).sum(0) / total
-
-
-def _auroc(ranking: _Ranking, positive: torch.Tensor) -> torch.Tensor:
-    n_pos = int(positive.sum())
-    n_neg = ranking.rows - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return torch.full((ranking.columns,), float("nan"), dtype=torch.float64)
-    # descending rows gs..ge hold ascending ranks R - ge .. R - gs (1-based): their mean for the tie group
-    mean_rank = ranking.rows - (ranking.group_start + ranking.group_end).double() / 2
-    rank_sum = (ranking.hits(positive) * mean_rank).sum(0)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return ranked_auroc(Ranking(scores), positive)
 
 
 def selectivity_scores(atlas, label: str, metric: str = "ap", pool: str = "mean", signal: str = "z") -> list[torch.Tensor]:
     """Per layer, (D,) float64 scores of every neuron for ``label`` against the other labels."""
     return label_scores(atlas, [label], metric, pool, signal)[label]
+
+
+def sample_labels(atlas) -> list[str]:
+    """The label of each document of the atlas's sample that has tokens (the rows scored)."""
+    documents = atlas.docpool
+    return [x for x, tokens in zip(documents.labels, documents.tokens.tolist()) if tokens > 0]
+
+
+def docpool_layers(atlas, pool: str = "mean"):
+    """Per layer, (R, D) float32 pooled z of the sampled documents with tokens."""
+    documents = atlas.docpool
+    rows = torch.from_numpy(documents.tokens > 0)
+    return (torch.from_numpy(documents.matrix(pool, layer))[rows] for layer in range(atlas.num_layers))
 
 
 def label_scores(atlas, labels: list[str], metric: str = "ap", pool: str = "mean",
@@ -100,9 +73,7 @@ def label_scores(atlas, labels: list[str], metric: str = "ap", pool: str = "mean
         _check(atlas, metric, pool, label)
     if metric == "prob_diff":
         return {label: _prob_diff(atlas, label, signal) for label in labels}
-    documents = atlas.docpool
-    rows = torch.from_numpy(documents.tokens > 0)
-    kept_labels = [x for x, keep in zip(documents.labels, rows.tolist()) if keep]
+    kept_labels = sample_labels(atlas)
     positives = {}
     for label in labels:
         positive = torch.tensor([x == label for x in kept_labels], dtype=torch.bool)
@@ -113,19 +84,21 @@ def label_scores(atlas, labels: list[str], metric: str = "ap", pool: str = "mean
                 f"{metric} needs documents of the label and of others"
             )
         positives[label] = positive
-    score_fn = _average_precision if metric == "ap" else _auroc
-    out = {label: [] for label in labels}
-    for layer in range(atlas.num_layers):
-        matrix = torch.from_numpy(documents.matrix(pool, layer))[rows]  # (R, D) float32
-        chunk = max(1, _CHUNK_ELEMENTS // max(len(matrix), 1))
-        parts = {label: [] for label in labels}
-        for start in range(0, matrix.shape[1], chunk):
-            ranking = _Ranking(matrix[:, start : start + chunk])
-            for label in labels:
-                parts[label].append(score_fn(ranking, positives[label]))
-        for label in labels:
-            out[label].append(torch.cat(parts[label]))
-    return out
+    flat = column_scores(docpool_layers(atlas, pool), positives, metric)
+    return {label: list(flat[label].split(atlas.widths)) for label in labels}
+
+
+def docpool_null(atlas, labels: list[str], metric: str, pool: str, options: NullOptions) -> dict:
+    """:func:`neuronatlas.methods.nulls.label_null` on the atlas's document sample (one row per document)."""
+    return label_null(lambda: docpool_layers(atlas, pool), sample_labels(atlas), None, labels, metric, options)
+
+
+def sample_counts(atlas) -> dict[str, int]:
+    """{label: sampled documents with tokens}."""
+    counts: dict[str, int] = {}
+    for label in sample_labels(atlas):
+        counts[label] = counts.get(label, 0) + 1
+    return counts
 
 
 def _prob_diff(atlas, label: str, signal: str) -> list[torch.Tensor]:
@@ -162,12 +135,15 @@ def _check(atlas, metric: str, pool: str, label: str | None) -> None:
 
 
 def find_selective(atlas, label: str | None = None, metric: str = "ap", pool: str = "mean",
-                   top_k: int | None = None, threshold: float | None = None, signal: str = "z") -> NeuronSet:
+                   top_k: int | None = None, threshold: float | None = None, signal: str = "z",
+                   null: NullOptions | None = None) -> NeuronSet:
     """The neurons most selective for each label (or just ``label``), one against the rest.
 
     Keeps per label the ``top_k`` highest scores (default 50 when no ``threshold`` is given), or every
     neuron scoring at least ``threshold``, or with both the top_k among those. ``signal`` applies to
     prob_diff only (the document sample holds z). A neuron may appear under several labels.
+    With ``null`` (the CLI's default) only neurons with q < ``null.fdr`` are candidates: see
+    :func:`selectivity_null`.
     """
     _check(atlas, metric, pool, label)
     if top_k is not None and top_k < 1:
@@ -180,28 +156,14 @@ def find_selective(atlas, label: str | None = None, metric: str = "ap", pool: st
     if metric != "prob_diff":
         sampled = set(atlas.docpool.labels)
         labels = [name for name in labels if name in sampled or label is not None]
+    tested = selectivity_null(atlas, labels, metric, pool, null) if null is not None else None
     neurons, stats = [], {}
     scores = label_scores(atlas, labels, metric, pool, signal)
     for name in labels:
-        per_layer = scores[name]
-        flat = torch.cat(per_layer)
-        layer_of = torch.cat([torch.full((len(s),), i) for i, s in enumerate(per_layer)])
-        index_of = torch.cat([torch.arange(len(s)) for s in per_layer])
-        valid = ~flat.isnan()
-        if threshold is not None:
-            valid &= flat >= threshold
-        candidates = valid.nonzero().flatten()
-        order = candidates[flat[candidates].argsort(descending=True, stable=True)]
-        if top_k is not None:
-            order = order[:top_k]
-        neurons += [Neuron(int(layer_of[i]), int(index_of[i]), float(flat[i]), name) for i in order.tolist()]
-        finite = flat[~flat.isnan()]
-        stats[name] = {"max": float(finite.max()) if len(finite) else None,
-                       "median": float(finite.median()) if len(finite) else None}
-        if metric != "prob_diff":
-            sample = atlas.docpool.labels
-            stats[name]["documents"] = sum(1 for x, t in zip(sample, atlas.docpool.tokens) if x == name and t > 0)
-            stats[name]["chance"] = stats[name]["documents"] / int((atlas.docpool.tokens > 0).sum())
+        flat = torch.cat(scores[name])
+        q = tested["q"][name] if tested is not None else None
+        neurons += _kept(atlas.widths, flat, name, threshold, top_k, q, null)
+        stats[name] = _label_stats(atlas, flat, name, metric)
     params = {
         "metric": metric, "pool": pool if metric != "prob_diff" else None, "label": label, "top_k": top_k,
         "threshold": threshold, "signal": signal if metric == "prob_diff" else "z",
@@ -211,4 +173,56 @@ def find_selective(atlas, label: str | None = None, metric: str = "ap", pool: st
                   "auroc": "AUROC of the pooled document response for the label vs the rest",
                   "prob_diff": "P(active | label) - P(active | other labels), token level"}[metric],
     }
-    return NeuronSet(f"selectivity-{metric}", model_info(atlas.meta), neurons, params)
+    return NeuronSet(f"selectivity-{metric}", model_info(atlas.meta), neurons, params, params["signal"],
+                     tested["block"] if tested is not None else None, list(labels))
+
+
+def _kept(widths: list[int], flat: torch.Tensor, name: str, threshold, top_k, q, null) -> list[Neuron]:
+    """One label's kept neurons: valid, above the threshold, q below the FDR, the top k by score."""
+    layer_of = torch.cat([torch.full((width,), i) for i, width in enumerate(widths)])
+    index_of = torch.cat([torch.arange(width) for width in widths])
+    valid = ~flat.isnan()
+    if threshold is not None:
+        valid &= flat >= threshold
+    if q is not None:
+        valid &= q < null.fdr
+    candidates = valid.nonzero().flatten()
+    order = candidates[flat[candidates].argsort(descending=True, stable=True)]
+    if top_k is not None:
+        order = order[:top_k]
+    return [Neuron(int(layer_of[i]), int(index_of[i]), float(flat[i]), name,
+                   None if q is None else float(q[i])) for i in order.tolist()]
+
+
+def _label_stats(atlas, flat: torch.Tensor, name: str, metric: str) -> dict:
+    finite = flat[~flat.isnan()]
+    stats = {"max": float(finite.max()) if len(finite) else None,
+             "median": float(finite.median()) if len(finite) else None}
+    if metric != "prob_diff":
+        stats["documents"] = sample_counts(atlas).get(name, 0)
+        stats["chance"] = stats["documents"] / int((atlas.docpool.tokens > 0).sum())
+    return stats
+
+
+def selectivity_null(atlas, labels: list[str], metric: str, pool: str, options: NullOptions) -> dict:
+    """{"q": {label: (N,) BH q}, "block": the set's null}: the metric again on shuffled sample labels.
+
+    AP and AUROC shuffle the labels of the atlas's document sample. prob_diff is token level and the
+    atlas keeps only per-label token sums, so its neurons are tested at document level instead: the
+    AUROC of the document mean of z, real sample labels against shuffled ones.
+    """
+    if atlas.docpool is None or len(atlas.docpool) == 0:
+        raise NeuronAtlasError("the permutation null needs the atlas's document sample (profile with --doc-sample N); "
+                               "pass --no-null to skip it")
+    counts = sample_counts(atlas)
+    check_support({name: counts.get(name, 0) for name in labels}, options.min_docs, "documents in the atlas's sample")
+    test_metric, test_pool = (metric, pool) if metric != "prob_diff" else ("auroc", "mean")
+    result = docpool_null(atlas, labels, test_metric, test_pool, options)
+    total = sum(counts.values())
+    per_label = {name: {"best": best(result["real"][name]), "null_best": result["null_best"][name],
+                        "chance": counts[name] / total if test_metric == "ap" else 0.5} for name in labels}
+    shuffles = "the document labels of the atlas's document sample"
+    if metric == "prob_diff":
+        shuffles += " (tested by the AUROC of each document's mean z)"
+    block = null_block(f"selectivity-{test_metric}", shuffles, result["permutations"], options, per_label)
+    return {"q": q_values(result["p"]), "block": block}

@@ -33,7 +33,10 @@ from ..hooks import capture_activations, forward_batch, pad_token_id
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block_for
+from .nulls import NullOptions, null_block, pooled_p, q_values
+from .nulls import best as nulls_best
 
+ROTATIONS = 10  # default rotations of the null: each is a pass over the (N_A, N_B) correlations
 STATISTICS = ("w_in_norm", "w_out_norm", "in_out_cos", "vocab_skew", "vocab_kurtosis", "activation_frequency")
 
 
@@ -121,9 +124,12 @@ def _best(corr: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(torch.isinf(values), torch.full_like(values, float("nan")), values), index
 
 
-def universality(stats: PairCorrelation, threshold: float = 0.5, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def universality(stats: PairCorrelation, threshold: float = 0.5, seed: int = 0,
+                 null: NullOptions | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """{"a": {...}, "b": {...}}, each with (N,) "best", "match" (flat index in the other model),
-    "baseline", "excess" and bool "universal"."""
+    "baseline", "excess" and bool "universal". With ``null``: also (N,) "q", the best correlation
+    against ``null.count(10)`` more random rotations (pooled standardised p, BH q), and "null_best";
+    "universal" then also needs q < fdr."""
     generator = torch.Generator().manual_seed(seed)
     corr = stats.correlation()
     out = {}
@@ -133,6 +139,12 @@ def universality(stats: PairCorrelation, threshold: float = 0.5, seed: int = 0) 
         excess = best - baseline
         out[side] = {"best": best, "match": match, "baseline": baseline, "excess": excess,
                      "universal": torch.nan_to_num(excess, nan=-1.0) > threshold}
+        if null is not None:
+            rotated = torch.stack([_best(stats.rotated_correlation(other, generator), dim)[0]
+                                   for _ in range(null.count(ROTATIONS))])  # (P, N)
+            q = q_values({side: pooled_p(best.nan_to_num(float("-inf")), rotated.nan_to_num(float("-inf")))})[side]
+            out[side].update(q=q, null_best=nulls_best(rotated.flatten()))
+            out[side]["universal"] &= q < null.fdr
     return out
 
 
@@ -233,7 +245,7 @@ def _summary(values: torch.Tensor) -> dict:
 
 def find_universal(model_a, model_b, tokenizer, corpus, threshold: float = 0.5, seed: int = 0,
                    max_tokens: int = 20_000, max_length: int = 128, batch_size: int = 8,
-                   atlas_meta: dict | None = None) -> NeuronSet:
+                   atlas_meta: dict | None = None, null: NullOptions | None = None) -> NeuronSet:
     """Model A's universal neurons against model B; score = excess correlation over the rotation baseline.
 
     ``params`` holds the share of universal neurons (overall and per layer, for both models) and
@@ -243,7 +255,7 @@ def find_universal(model_a, model_b, tokenizer, corpus, threshold: float = 0.5, 
     if not 0 < threshold < 2:
         raise NeuronAtlasError(f"threshold must be in (0, 2) (got {threshold}); the paper's is 0.5")
     stats = correlate_models(model_a, model_b, tokenizer, corpus, max_tokens, max_length, batch_size)
-    result = universality(stats, threshold, seed)
+    result = universality(stats, threshold, seed, null)
     widths = {side: stats.widths[side] for side in ("a", "b")}
     locate = {side: layer_of(widths[side]) for side in ("a", "b")}
     statistics = weight_statistics(model_a)
@@ -254,7 +266,8 @@ def find_universal(model_a, model_b, tokenizer, corpus, threshold: float = 0.5, 
     match_layers, match_indices = locate["b"](mine["match"][chosen])
     neurons, details = [], {}
     for n, flat in enumerate(chosen.tolist()):
-        neurons.append(Neuron(int(layers[n]), int(indices[n]), float(mine["excess"][flat])))
+        q = float(mine["q"][flat]) if "q" in mine else None
+        neurons.append(Neuron(int(layers[n]), int(indices[n]), float(mine["excess"][flat]), None, q))
         details[f"{int(layers[n])}:{int(indices[n])}"] = {
             "match": f"{int(match_layers[n])}:{int(match_indices[n])}", "correlation": float(mine["best"][flat]),
             "baseline": float(mine["baseline"][flat])}
@@ -269,7 +282,12 @@ def find_universal(model_a, model_b, tokenizer, corpus, threshold: float = 0.5, 
         "score": "best correlation in the other model minus the same after a random rotation",
         "details": details,
     }
-    return NeuronSet("universal", model_block_for(model_a, atlas_meta), neurons, params)
+    block = None
+    if null is not None:
+        per_label = {"all": {"best": nulls_best(mine["best"]), "null_best": mine["null_best"], "chance": None}}
+        block = null_block("universal", "model B's neurons, by random per-layer rotations (the tokens are not "
+                           "re-run)", null.count(ROTATIONS), null, per_label)
+    return NeuronSet("universal", model_block_for(model_a, atlas_meta), neurons, params, "z", block)
 
 
 def _shares(side: dict, widths: list[int]) -> dict:

@@ -12,7 +12,7 @@ import argparse
 
 from ..args import debug_arg
 from . import activation, confidence, detectors, gradients, probe, universal, weights
-from .base import FindMethod
+from .base import FindMethod, null_args
 
 # The order of `find --help`.
 FAMILIES = (activation, detectors, weights, gradients, probe, universal, confidence)
@@ -38,6 +38,8 @@ def add_methods(subparsers) -> None:
         parser = subparsers.add_parser(method.name, help=f"{method.help} [{', '.join(method.needs)}]",
                                        description=method.help[:1].upper() + method.help[1:] + ".")
         method.add_options(parser)
+        if method.permutations is not None:
+            null_args(parser, method.permutations)
         debug_arg(parser)
         parser.set_defaults(handler=method.run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..args import out_arg
 from ..common import check_out
-from .base import FindMethod, save
+from .base import FindMethod, check_label_field, label_field_arg, null_options, save
 
 
 def _lape_options(parser) -> None:
@@ -16,6 +16,7 @@ def _lape_options(parser) -> None:
     parser.add_argument("--signal", default=None, help="gate or z (default: gate when the atlas has it, else z)")
     parser.add_argument("--no-filter", action="store_true",
                         help="keep neurons with no label above tau (they go to their argmax label)")
+    label_field_arg(parser)
 
 
 def _run_lape(args) -> int:
@@ -23,8 +24,10 @@ def _run_lape(args) -> int:
     from ...methods.lape import find_lape
 
     check_out(args.out)
-    found = find_lape(load_atlas(args.atlas), top_rate=args.top_rate, percentile=args.percentile, signal=args.signal,
-                      filter=not args.no_filter)
+    atlas = load_atlas(args.atlas)
+    check_label_field(atlas, args.label_field)
+    found = find_lape(atlas, top_rate=args.top_rate, percentile=args.percentile, signal=args.signal,
+                      filter=not args.no_filter, null=null_options(args))
     save(found, args, f"signal {found.params['signal']}, tau {found.params['tau']:.4g}")
     return 0
 
@@ -49,7 +52,7 @@ def _run_dead(args) -> int:
 
 METHODS = (
     FindMethod("lape", "label (language) specific neurons by activation probability entropy", ("atlas",),
-               _lape_options, _run_lape),
+               _lape_options, _run_lape, permutations=20),
     FindMethod("dead", "neurons never (or rarely) active over the profiled corpus", ("atlas",),
                _dead_options, _run_dead),
 )

@@ -4,8 +4,8 @@ an optional mean-ablation check on a corpus."""
 from __future__ import annotations
 
 from ..args import corpus_args, layers_arg, load_args, model_arg, out_arg, parse_layers, window_args
-from ..common import check_out, load_model_from, read_windowed_corpus, write_set
-from .base import FindMethod
+from ..common import check_out, load_model_from, read_windowed_corpus
+from .base import FindMethod, write_found
 
 
 def _shared_options(parser, corpus_required: bool) -> None:
@@ -50,7 +50,7 @@ def _run_entropy(args) -> int:
     found.params["model"] = args.model
     if corpus is not None and args.check_docs:
         _check(found, model, tokenizer, corpus, args, direction=None)
-    write_set(found, args.out, f"{found.params['candidates']:,} candidates, null dims {found.params['null_dims']}")
+    write_found(found, args.out, f"{found.params['candidates']:,} candidates, null dims {found.params['null_dims']}")
     return 0
 
 
@@ -75,7 +75,7 @@ def _run_frequency(args) -> int:
     found.params["model"] = args.model
     if args.check_docs:
         _check(found, model, tokenizer, corpus, args, direction)
-    write_set(found, args.out, f"{found.params['candidates']:,} candidates")
+    write_found(found, args.out, f"{found.params['candidates']:,} candidates")
     return 0
 
 

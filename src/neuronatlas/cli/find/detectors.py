@@ -6,7 +6,7 @@ from __future__ import annotations
 from ...errors import NeuronAtlasError
 from ..args import corpus_args, load_args, model_arg, out_arg
 from ..common import check_out, load_model_from, read_corpus_from
-from .base import FindMethod, save
+from .base import FindMethod, check_label_field, label_field_arg, null_options, save
 
 
 def _selectivity_options(parser) -> None:
@@ -21,6 +21,7 @@ def _selectivity_options(parser) -> None:
                         help="a document's response: mean or max of z over its tokens (default: mean)")
     parser.add_argument("--top-k", type=int, default=None, help="neurons kept per label (default: 50 without --threshold)")
     parser.add_argument("--threshold", type=float, default=None, help="keep neurons scoring at least this")
+    label_field_arg(parser)
 
 
 def _run_selectivity(args) -> int:
@@ -28,8 +29,10 @@ def _run_selectivity(args) -> int:
     from ...methods.selectivity import find_selective
 
     check_out(args.out)
-    found = find_selective(load_atlas(args.atlas), label=args.label, metric=args.metric, pool=args.pool,
-                           top_k=args.top_k, threshold=args.threshold)
+    atlas = load_atlas(args.atlas)
+    check_label_field(atlas, args.label_field)
+    found = find_selective(atlas, label=args.label, metric=args.metric, pool=args.pool,
+                           top_k=args.top_k, threshold=args.threshold, null=null_options(args))
     best = ", ".join(f"{label} {stats['max']:.3f}" for label, stats in found.params["per_label"].items()
                      if stats["max"] is not None)
     save(found, args, f"metric {args.metric}" + (f" of the {args.pool}" if args.metric != "prob_diff" else "")
@@ -70,7 +73,7 @@ def _run_tokens(args) -> int:
     found = find_token_detectors(atlas, model, tokenizer, corpus, max_triggers=args.max_triggers,
                                  coverage=args.coverage, min_variance_explained=args.min_vr, ngram=args.ngram,
                                  max_tokens=args.max_tokens, suppress_quantile=args.suppress_quantile,
-                                 feature=args.feature)
+                                 feature=args.feature, null=null_options(args))
     extra = f"{found.params['candidates']:,} candidates from exemplars"
     if corpus is not None:
         extra += f", VR ({args.feature}) >= {args.min_vr:g} on {found.params['tokens_measured']:,} tokens"
@@ -95,16 +98,17 @@ def _run_positional(args) -> int:
     from ...methods.positional import find_positional
 
     check_out(args.out)
-    found = find_positional(load_atlas(args.atlas), min_variance_explained=args.min_vr, min_position=args.min_position)
+    found = find_positional(load_atlas(args.atlas), min_variance_explained=args.min_vr, min_position=args.min_position,
+                            null=null_options(args))
     save(found, args, f"VR by position bucket >= {args.min_vr:g}")
     return 0
 
 
 METHODS = (
     FindMethod("selectivity", "neurons whose response tells one label from the rest (average precision, AUROC)",
-               ("atlas",), _selectivity_options, _run_selectivity),
+               ("atlas",), _selectivity_options, _run_selectivity, permutations=20),
     FindMethod("tokens", "token / bigram detectors: a few trigger tokens explain the neuron",
-               ("atlas", "model and corpus optional"), _tokens_options, _run_tokens),
+               ("atlas", "model and corpus optional"), _tokens_options, _run_tokens, permutations=20),
     FindMethod("positional", "neurons whose activation the position in the window explains", ("atlas",),
-               _positional_options, _run_positional),
+               _positional_options, _run_positional, permutations=0),
 )

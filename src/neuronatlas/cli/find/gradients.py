@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..args import corpus_args, layers_arg, model_args, out_arg, parse_layers, quiet_arg, window_args
 from ..common import check_out, load_model_from, read_corpus_from
-from .base import FindMethod, save
+from .base import FindMethod, null_options, save
 
 
 def _model_options(parser) -> None:
@@ -43,7 +43,8 @@ def _run_attribution(args) -> int:
     found = find_attribution(model, tokenizer, corpus, control=args.control, labels=labels, top_rate=args.top_rate,
                              target=args.target, pool=args.pool, clamp_control=not args.no_clamp_control,
                              exclude=exclude, max_docs_per_label=args.max_docs_per_label,
-                             max_length=args.max_length, batch_size=args.batch_size, quiet=args.quiet)
+                             max_length=args.max_length, batch_size=args.batch_size, quiet=args.quiet,
+                             null=null_options(args))
     save(found, args, f"target {args.target}, pool {args.pool}, control {found.params['control']}", source="model")
     return 0
 
@@ -122,7 +123,7 @@ def _cett_options(parser) -> None:
     parser.add_argument("--pool", default="mean", choices=["mean", "max"], help="pool CETT over answer tokens (default: mean)")
     parser.add_argument("--C", dest="c", type=float, default=None, help="inverse L1 strength (default: grid search)")
     parser.add_argument("--test-size", type=float, default=0.3, help="held-out share (default: 0.3)")
-    parser.add_argument("--seed", type=int, default=0, help="split and solver seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="split, solver and label-shuffle seed (default: 0)")
     window_args(parser, batch_size=False)
 
 
@@ -133,7 +134,8 @@ def _run_cett(args) -> int:
     records = read_examples(args.data, args.label_field)
     model, tokenizer = load_model_from(args)
     found = find_cett(model, tokenizer, records, args.positive, label_field=args.label_field, negative=args.negative,
-                      pool=args.pool, c=args.c, test_size=args.test_size, seed=args.seed, max_length=args.max_length)
+                      pool=args.pool, c=args.c, test_size=args.test_size, seed=args.seed, max_length=args.max_length,
+                      null=null_options(args))
     p = found.params
     save(found, args, f"held-out accuracy {p['test_accuracy']:.3f} (chance {p['chance']:.3f}), AUROC "
                       f"{p['test_auroc']:.3f}, C {p['C']:g}; scale them with intervene --op scale", source="model")
@@ -142,11 +144,11 @@ def _run_cett(args) -> int:
 
 METHODS = (
     FindMethod("attribution", "per-label neurons by activation x gradient of the text's next tokens",
-               ("model", "labelled corpus"), _attribution_options, _run_attribution),
+               ("model", "labelled corpus"), _attribution_options, _run_attribution, permutations=10),
     FindMethod("ig", "knowledge neurons of facts by integrated gradients (Dai et al.)", ("model", "facts"),
                _ig_options, _run_ig),
     FindMethod("atp", "neurons that matter for clean vs corrupted prompts, by attribution patching",
                ("model", "prompt pairs"), _atp_options, _run_atp),
     FindMethod("cett", "neurons whose share of the FFN output predicts a binary label (H-Neurons)",
-               ("model", "labelled answers"), _cett_options, _run_cett),
+               ("model", "labelled answers"), _cett_options, _run_cett, permutations=20),
 )

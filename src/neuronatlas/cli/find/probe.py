@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ...errors import NeuronAtlasError
 from ..args import corpus_args, int_list, load_args, model_arg, out_arg, window_args
-from ..common import check_out, load_model_from, read_windowed_corpus, write_json, write_set
-from .base import FindMethod
+from ..common import check_out, load_model_from, read_windowed_corpus, write_json
+from .base import FindMethod, null_options, write_found
 
 
 def _options(parser) -> None:
@@ -27,7 +27,7 @@ def _options(parser) -> None:
     parser.add_argument("--max-per-label", type=int, default=200, help="with --model: samples per label (default: 200)")
     parser.add_argument("--tokens-per-window", type=int, default=8, help="with --unit token: tokens per window (default: 8)")
     parser.add_argument("--test-size", type=float, default=0.3, help="held-out share of the documents (default: 0.3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and token sampling (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, token sampling and the null's label shuffles (default: 0)")
     parser.add_argument("--l1-c", type=float, default=0.1, help="C of the L1 ranking (default: 0.1)")
     parser.add_argument("--probe-c", type=float, default=1.0, help="C of the logistic probes (default: 1.0)")
     parser.add_argument("--report", default=None, help="write every layer's F1/AUROC/MCC against k to this JSON")
@@ -69,7 +69,7 @@ def _run(args) -> int:
     data, block = _samples(args)
     found = sparse_probe(data, block, None if args.label is None else [args.label], args.against, ranking=args.ranking,
                          ks=ks, top_k=args.top_k, per_layer=args.per_layer, test_size=args.test_size, seed=args.seed,
-                         l1_c=args.l1_c, probe_c=args.probe_c)
+                         l1_c=args.l1_c, probe_c=args.probe_c, null=null_options(args))
     source = "atlas" if args.atlas else "model"
     found.params[source] = str(getattr(args, source))  # before the report, which copies the params
     report = found.params["report"]
@@ -84,11 +84,11 @@ def _run(args) -> int:
     if args.plot:
         plot_curves(found, args.plot)
         print(f"plot written to {args.plot}")
-    write_set(found, args.out, f"ranking {args.ranking}, best layer per label by mean F1 over k <= {args.top_k}")
+    write_found(found, args.out, f"ranking {args.ranking}, best layer per label by mean F1 over k <= {args.top_k}")
     return 0
 
 
 METHODS = (
     FindMethod("probe", "sparse probing: F1/AUROC of logistic probes on the top k neurons per layer",
-               ("atlas, or model and labelled corpus",), _options, _run),
+               ("atlas, or model and labelled corpus",), _options, _run, permutations=20),
 )

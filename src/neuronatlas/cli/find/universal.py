@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ...errors import NeuronAtlasError
 from ..args import corpus_args, load_args, model_arg, out_arg, window_args
-from ..common import check_out, load_model_from, read_windowed_corpus, write_json, write_set
-from .base import FindMethod
+from ..common import check_out, load_model_from, read_windowed_corpus, write_json
+from .base import FindMethod, null_options, write_found
 
 
 def _options(parser) -> None:
@@ -34,13 +34,14 @@ def _run(args) -> int:
         raise NeuronAtlasError(f"--model {args.model} and --other {args.other} have different tokenizers; "
                                "universal neurons need both models to read the same tokens")
     found = find_universal(model_a, model_b, tokenizer, corpus, threshold=args.threshold, seed=args.seed,
-                           max_tokens=args.max_tokens, max_length=args.max_length, batch_size=args.batch_size)
+                           max_tokens=args.max_tokens, max_length=args.max_length, batch_size=args.batch_size,
+                           null=null_options(args))
     found.params["model"], found.params["other_model"] = args.model, args.other
     _print_statistics(found.params)
     if args.report:
         write_json(args.report, {"method": "universal", "params": found.params}, indent=1)
         print(f"report written to {args.report}")
-    write_set(found, args.out, f"excess correlation > {args.threshold:g} over {found.params['tokens']:,} tokens")
+    write_found(found, args.out, f"excess correlation > {args.threshold:g} over {found.params['tokens']:,} tokens")
     return 0
 
 
@@ -62,5 +63,5 @@ def _number(value) -> str:
 
 METHODS = (
     FindMethod("universal", "neurons whose activations another model (e.g. another seed) shares",
-               ("two models", "corpus"), _options, _run),
+               ("two models", "corpus"), _options, _run, permutations=10),
 )
