@@ -52,12 +52,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 from .docpool import DocPool, load_docpool
 from .errors import NeuronAtlasError
-from .files import CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, META_FILE, STAGING_SUFFIX, STATS_FILE, VOCAB_FILE
+from .files import (CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, META_FILE, STAGING_SUFFIX, STATS_FILE, VOCAB_FILE,
+                    save_tensors)
 from .stats import SignalStats, split_uid
 
 FORMAT_VERSION = 1
@@ -219,7 +220,7 @@ class Atlas:
         staging = path.with_name(path.name + STAGING_SUFFIX)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_file(self.tensors(), str(staging / STATS_FILE))
+        save_tensors(self.tensors(), staging / STATS_FILE)
         table = self.exemplar_table()
         floats = [name for name in ("activation", "window_activations") if name in table.column_names]
         pq.write_table(table, staging / EXEMPLARS_FILE, row_group_size=EXEMPLAR_ROW_GROUP, compression="zstd",
@@ -235,7 +236,8 @@ class Atlas:
         if self.docpool is None:  # do not leave another atlas's document sample behind
             for name in DOCPOOL_FILES:
                 (path / name).unlink(missing_ok=True)
-        for item in staging.iterdir():
+        # atlas.json last: a folder that has it holds a whole atlas, even if a kill stops this loop
+        for item in sorted(staging.iterdir(), key=lambda item: item.name == META_FILE):
             os.replace(item, path / item.name)
         staging.rmdir()
         if self.docpool is not None:
@@ -314,6 +316,7 @@ def load_atlas(path: str | Path) -> Atlas:
             f"{path} was written in atlas format {version}, newer than this neuronatlas "
             f"{__version__} reads (format {FORMAT_VERSION}); upgrade neuronatlas"
         )
+    check_exemplars_file(path, meta)
     try:
         atlas = from_state(meta, load_file(str(path / STATS_FILE)))
         if (path / CONTEXTS_FILE).exists():
@@ -325,6 +328,26 @@ def load_atlas(path: str | Path) -> Atlas:
         raise _incomplete(path, error) from None
     atlas.path = path
     return atlas
+
+
+def check_exemplars_file(path: Path, meta: dict) -> None:
+    """Refuse an atlas whose exemplars.parquet is damaged (its footer unreadable) or gone while top_k > 0."""
+    file = Path(path) / EXEMPLARS_FILE
+    if not file.exists():
+        if (meta.get("options") or {}).get("top_k", 0) > 0:
+            raise NeuronAtlasError(f"{file} is missing (the atlas keeps exemplars); profile the atlas again "
+                                   "with `neuronatlas profile`")
+        return
+    try:
+        pq.read_metadata(file)
+    except (OSError, pa.ArrowException) as error:
+        raise damaged_parquet(file, error) from None
+
+
+def damaged_parquet(file: Path, error: BaseException) -> NeuronAtlasError:
+    """The one-line error of a parquet file of an atlas that cannot be read."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return NeuronAtlasError(f"{file} is damaged ({reason[:120]}); profile the atlas again with `neuronatlas profile`")
 
 
 def _incomplete(path: Path, error: BaseException) -> NeuronAtlasError:

@@ -87,13 +87,13 @@ class DocPool:
         })
 
     def write(self, folder: Path) -> None:
-        """Write the three files into ``folder``: moved when temporary single files, else copied in chunks."""
+        """Write the three files into ``folder``: hard-linked when temporary single files, else copied in chunks."""
         folder = Path(folder)
         for pool, name in _FILE_OF_POOL.items():
             arrays = [part[pool] for part in self.parts]
             source = _file_of(arrays[0]) if len(arrays) == 1 else None
             if self.temporary and source is not None and len(arrays[0]) == len(self):
-                os.replace(source, folder / name)
+                _link_or_copy(source, folder / name)  # linked, not moved: the scratch stays whole until the atlas is
             else:
                 _concatenate_to(arrays, len(self), sum(self.widths), folder / name)
         pq.write_table(self.table(), folder / DOCPOOL_TABLE_FILE)
@@ -137,6 +137,15 @@ def merge_docpools(first: DocPool | None, second: DocPool | None, doc_offset: in
 
 def _open_parts(folder: Path) -> dict[str, np.ndarray]:
     return {pool: np.load(folder / name, mmap_mode="r") for pool, name in _FILE_OF_POOL.items()}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A second name for ``source`` (free); a copy where the filesystem has no hard links or spans devices."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _file_of(array: np.ndarray) -> Path | None:

@@ -6,6 +6,9 @@ document sample). The profiler's scratch files are removed when the atlas is com
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # ---- the atlas ---------------------------------------------------------------------------------
 
 META_FILE = "atlas.json"
@@ -26,9 +29,33 @@ CHECKPOINT_GLOB = "checkpoint*.safetensors"
 DOCPOOL_PARTIAL_DIR = "docpool.partial"  # the document sample's memmaps while profiling
 PARTIAL_SUFFIX = ".partial"  # a checkpoint being written, renamed when complete
 STAGING_SUFFIX = ".writing"  # the folder an atlas is written into before it replaces the old one
+LOCK_FILE = ".neuronatlas.lock"  # "PID host" of the profile writing the folder (see profile/guard.py)
 
 
 def checkpoint_name(rank: int, world: int) -> str:
     """The checkpoint file of one rank of a job of ``world`` processes (``checkpoint.safetensors`` alone)."""
     return CHECKPOINT_FILE if world == 1 else f"checkpoint.rank{rank}-of-{world}.safetensors"
 
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, then the mode every other file gets (0666 less the umask): save_file
+    writes 0600, which colleagues on a shared filesystem cannot read."""
+    from safetensors.torch import save_file  # torch: only for the verbs that write tensors
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process umask; read from /proc where it can be, since os.umask can only read it by changing it
+    (for an instant, in which another thread could create a file with the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"neuronatlas: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("neuronatlas: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # profile's carries where its checkpoint is and 130 or 143
+        print(f"neuronatlas: {interrupt}" if str(interrupt) else "neuronatlas: interrupted", file=sys.stderr)
+        return getattr(interrupt, "exit_status", 130)
     except BrokenPipeError:
         return _stdout_closed()
 

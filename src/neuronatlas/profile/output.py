@@ -9,34 +9,42 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..atlas import is_atlas
 from ..errors import NeuronAtlasError
-from ..files import ATLAS_FILES, CHECKPOINT_GLOB, DOCPOOL_PARTIAL_DIR, PARTIAL_SUFFIX, STAGING_SUFFIX, checkpoint_name
+from ..files import (ATLAS_FILES, CHECKPOINT_GLOB, DOCPOOL_PARTIAL_DIR, LOCK_FILE, PARTIAL_SUFFIX, STAGING_SUFFIX,
+                     checkpoint_name, save_tensors)
 
 
 def checkpoint_files(out: Path) -> list[Path]:
     return sorted(out.glob(CHECKPOINT_GLOB)) if out.is_dir() else []
 
 
-def start_output(out: Path, overwrite: bool, resume: bool, world: int) -> bool:
-    """Check ``out`` for a job of ``world`` processes; True when --resume finds the atlas complete."""
+def start_output(out: Path, overwrite: bool, resume: bool, world: int, stale_lock: bool = False,
+                 check_only: bool = False) -> bool:
+    """Check ``out`` for a job of ``world`` processes, and with ``overwrite`` clear it; True when --resume
+    finds the atlas complete. ``check_only``: refuse what would be refused but change nothing (before
+    the lock is taken). ``stale_lock``: a dead run's lock was taken over (it may have died before any file)."""
     if resume and is_atlas(out) and not checkpoint_files(out):
         return True
-    _prepare_output(out, overwrite, resume, world)
+    if check_only:
+        if overwrite:  # anything goes but a file
+            if out.exists() and not out.is_dir():
+                raise NeuronAtlasError(f"output {out} exists and is not a folder; choose another --out")
+            return False
+        stale_lock = (out / LOCK_FILE).exists()
+    _prepare_output(out, overwrite, resume, world, stale_lock, quiet=check_only)
     return False
 
 
-def _prepare_output(out: Path, overwrite: bool, resume: bool, world: int) -> None:
+def _prepare_output(out: Path, overwrite: bool, resume: bool, world: int, stale_lock: bool, quiet: bool) -> None:
     """Refuse to clobber an atlas or an interrupted run unless told to."""
-    if not out.exists():
-        return
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise NeuronAtlasError(f"output {out} exists and is not a folder; choose another --out")
     checkpoints = checkpoint_files(out)
     if overwrite:
@@ -53,10 +61,17 @@ def _prepare_output(out: Path, overwrite: bool, resume: bool, world: int) -> Non
         raise NeuronAtlasError(f"{out} holds an interrupted profile; pass --resume to continue it or --overwrite to restart")
     if checkpoints:
         _check_same_world(checkpoints, world)
+        return
     # A run killed before its first checkpoint leaves only scratch files: it starts again from scratch.
-    scratch = [item for item in out.iterdir() if item.name == DOCPOOL_PARTIAL_DIR or item.name.endswith(".safetensors" + PARTIAL_SUFFIX)]
-    if not checkpoints and len(scratch) < len(list(out.iterdir())):
+    items = [item for item in out.iterdir() if item.name != LOCK_FILE] if out.is_dir() else []
+    scratch = [item for item in items if item.name == DOCPOOL_PARTIAL_DIR or item.name.endswith(PARTIAL_SUFFIX)]
+    if len(scratch) < len(items):
         raise NeuronAtlasError(f"output folder {out} is not empty and holds no atlas; choose another --out")
+    if resume and not scratch and not stale_lock:
+        raise NeuronAtlasError(f"--resume: no checkpoint in {out}, nothing to resume; leave out --resume to start a profile")
+    if resume and not quiet:
+        print(f"neuronatlas: --resume: no checkpoint in {out} (the run was stopped before its first one); "
+              "starting from the beginning", file=sys.stderr)
 
 
 def _check_same_world(checkpoints: list[Path], world: int) -> None:
@@ -76,7 +91,7 @@ def _check_same_world(checkpoints: list[Path], world: int) -> None:
 def write_checkpoint(path: Path, state: dict[str, torch.Tensor], progress: dict) -> None:
     """Save ``state`` (CPU tensors) with ``progress`` (JSON) atomically at ``path``."""
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    save_file(state, str(partial), metadata={"progress": json.dumps(progress)})
+    save_tensors(state, partial, metadata={"progress": json.dumps(progress)})
     partial.replace(path)  # atomic: a kill leaves the old checkpoint or the new one
 
 

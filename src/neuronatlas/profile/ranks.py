@@ -26,6 +26,7 @@ from ..files import DOCPOOL_PARTIAL_DIR, checkpoint_name
 from ..models import locate_neurons
 from ..stats import SignalStats
 from .loader import ModelLoader
+from .guard import OutputLock
 from .options import ProfileOptions, resolve_max_length, run_metadata
 from .output import remove_scratch, start_output
 from .run import ProfileRun, take_windows
@@ -42,10 +43,19 @@ def profile_on_ranks(launch: Launch, loader: ModelLoader, corpus: Corpus, out: P
             "processes on this one; use --nproc_per_node 1 with --device-map"
         )
     group = Group.join(launch, loader.comm_device(), timeout)
+    lock = OutputLock(out)  # rank 0's, for the whole job: the other ranks write only after its checks
+
+    def prepare() -> bool:
+        lock.check()
+        if start_output(out, overwrite, resume, launch.world, check_only=True):
+            return True
+        lock.acquire()
+        return start_output(out, overwrite, resume, launch.world, stale_lock=lock.took_over)
+
     try:
         group.check_same({"options": asdict(options), "model": loader.name, "corpus": corpus.describe(), "out": str(out),
                           "resume": resume, "overwrite": overwrite, "version": __version__}, "command line")
-        complete = group.on_rank0(lambda: start_output(out, overwrite, resume, launch.world), "preparing the output")
+        complete = group.on_rank0(prepare, "preparing the output")
         if complete:
             return load_atlas(out) if group.rank == 0 else None
         counts = corpus.validate()
@@ -74,6 +84,7 @@ def profile_on_ranks(launch: Launch, loader: ModelLoader, corpus: Corpus, out: P
             remove_scratch(out)
         return atlas
     finally:
+        lock.release()
         group.leave()
 
 

@@ -9,6 +9,7 @@ the batch then and carried with it. At the end the windows that hold an exemplar
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,8 @@ from .options import ProfileOptions, check_same_run
 from .output import read_checkpoint, write_checkpoint
 from .shards import Shard
 from .worker import StatsWorker
+
+WRITING_DELAY_VARIABLE = "NEURONATLAS_TEST_WRITING_DELAY"  # seconds of pause after the pass (the interrupt tests)
 
 
 class ProfileRun:
@@ -59,15 +62,17 @@ class ProfileRun:
             self.docpool = DocPoolWriter(docpool_folder, neurons.widths, self.labels, options.doc_sample, per_label,
                                          self.device, sampled_before=shard.sampled_before if shard else None)
         self.windows_done = shard.batches_from if shard else 0  # the first window of its first batch
+        self.finished = False  # every batch counted: a resume goes straight to writing the atlas
         self.documents_done = shard.first_doc if shard else 0
         self.base = neurons.model.base_model if hasattr(neurons.model, "base_model") else neurons.model
         self.pad_id = pad_token_id(tokenizer)  # padded slots are masked: any id gives the same atlas
 
     # -- checkpoints
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path) -> bool:
+        """Continue from the checkpoint at ``path``; False when there is none."""
         if not path.exists():
-            return
+            return False
         progress, state = read_checkpoint(path)
         check_same_run(progress["meta"], self.meta)
         if progress.get("shard") != (self.shard.describe() if self.shard else None):
@@ -83,6 +88,8 @@ class ProfileRun:
             self.docpool.load_state(state)
             self.docpool.reopen()
         self.windows_done, self.documents_done = progress["windows_done"], progress["documents_done"]
+        self.finished = bool(progress.get("finished", False))
+        return True
 
     def checkpoint(self, path: Path) -> None:
         state = {"tokens_per_label": self.tokens_per_label.cpu()}
@@ -95,7 +102,7 @@ class ProfileRun:
             self.docpool.flush()  # the rows the checkpoint counts are on disk before it is
             state.update(self.docpool.state())
         progress = {"windows_done": self.windows_done, "documents_done": self.documents_done, "meta": self.meta,
-                    "shard": self.shard.describe() if self.shard else None}
+                    "shard": self.shard.describe() if self.shard else None, "finished": self.finished}
         write_checkpoint(path, state, progress)
 
     # -- the pass
@@ -109,7 +116,12 @@ class ProfileRun:
     def windows(self):
         return (window for window in self.all_windows() if window.seq >= self.windows_done)
 
-    def run(self, checkpoint_path: Path, checkpoint_every: float, quiet: bool) -> None:
+    def progress(self) -> str:
+        """Where the run stands, in words: "document 8,123 of 10,000"."""
+        return f"document {self.documents_done:,} of {self.meta['documents']:,}"
+
+    def run(self, checkpoint_path: Path, checkpoint_every: float, quiet: bool, stopping=lambda: False) -> None:
+        """The forward passes from ``windows_done`` on; returns early, between batches, once ``stopping()``."""
         batches = iter_batches(self.windows(), self.options.batch_size, self.pad_id, self.options.padding_side)
         first, stop = (self.shard.first_doc, self.shard.stop_doc) if self.shard else (0, self.meta["documents"])
         bar = tqdm(total=stop - first, initial=self.documents_done - first, unit="doc", disable=quiet,
@@ -119,6 +131,8 @@ class ProfileRun:
             self.docpool.create()  # a fresh run (a resumed one reopened its files in restore)
         with torch.inference_mode(), self.stats_worker():
             for batch in batches:
+                if stopping():  # every counted batch is whole in the statistics (step waits for the worker)
+                    break
                 self.step(batch)
                 done_docs = min(batch.windows[-1].doc + 1, stop)
                 bar.update(done_docs - self.documents_done)
@@ -204,12 +218,33 @@ class ProfileRun:
 
     # -- the end
 
-    def finish(self) -> Atlas:
-        """The atlas of the whole corpus, with the contexts of its exemplars."""
-        atlas = self.collect()
-        atlas.windows = take_windows(atlas)
-        atlas.contexts, atlas.vocab = self.exemplar_contexts(atlas)
-        return atlas
+    def finish(self, out: Path | None = None, quiet: bool = True, stopping=lambda: False) -> Atlas | None:
+        """The atlas of the whole corpus, with the contexts of its exemplars, saved in ``out`` if given;
+        None when ``stopping()`` between its steps (nothing written: the checkpoint of the finished pass
+        stays). Once saving has begun it ends: the atlas is then complete."""
+        steps = tqdm(total=4, unit="step", disable=quiet, dynamic_ncols=True, desc="collecting the statistics")
+        try:
+            atlas = self.collect()
+            steps.update()
+            time.sleep(float(os.environ.get(WRITING_DELAY_VARIABLE, 0)))  # tests: time to signal this phase
+            if stopping():
+                return None
+            atlas.windows = take_windows(atlas)
+            steps.set_description("re-reading the exemplars' contexts", refresh=False)
+            steps.update()
+            if stopping():
+                return None
+            atlas.contexts, atlas.vocab = self.exemplar_contexts(atlas)
+            steps.set_description("writing the atlas", refresh=False)
+            steps.update()
+            if stopping():
+                return None
+            if out is not None:
+                atlas.save(out)
+            steps.update()
+            return atlas
+        finally:
+            steps.close()
 
     def collect(self) -> Atlas:
         """The statistics so far as an atlas (on the CPU), without contexts."""
