@@ -55,8 +55,6 @@ B = "bench --model {model} --device cpu --plan {plan} --runs 1 --new-tokens 2"
 R = "report {atlas} --quiet -o {new}"
 N = "export neuronpedia {atlas} --out {new}"
 L = "find lape --atlas {atlas} --no-null --out {newjson}"
-DAMAGED_PARQUET = ("a damaged exemplars.parquet is a pyarrow traceback (viewer/data.py AtlasData): catch "
-                   "pa.ArrowException, one line naming the file and the fix (profile again)")
 NO_OVERWRITE = "find/evaluate/steer/explain outputs: an existing file is replaced silently; add --overwrite and preflight_output"
 
 CASES = [
@@ -111,8 +109,7 @@ CASES = [
     Case("profile-out-not-empty", P.replace("{new}", "{folder}"), ("full", "not empty")),
     Case("profile-out-holds-an-atlas", P.replace("{new}", "{atlas}"), ("already holds an atlas", "--overwrite")),
     Case("profile-out-read-only", P.replace("{new}", "{readonly}/atlas"), ("permission denied",), needs_non_root=True),
-    Case("profile-resume-without-checkpoint", P + " --resume", ("--resume", "no checkpoint"),
-         xfail="profile --resume into an empty --out starts from zero silently; profile/ should say no checkpoint was found"),
+    Case("profile-resume-without-checkpoint", P + " --resume", ("--resume", "no checkpoint")),
     # --- info ----------------------------------------------------------------------------------------
     Case("info-not-an-atlas", "info {folder}", ("not an atlas",)),
     Case("info-missing", "info {missing}", ("missing",)),
@@ -153,7 +150,7 @@ CASES = [
     Case("find-lape-signal", L + " --signal up", ("'up'", "gate or z")),
     Case("find-lape-out-is-a-folder", L.replace("{newjson}", "{folder}"), ("is a folder",)),
     Case("find-lape-out-under-a-file", L.replace("{newjson}", "{file}/set.json"), ("is a file",)),
-    Case("find-lape-out-exists", L.replace("{newjson}", "{file}"), ("--overwrite",), xfail=NO_OVERWRITE),
+    Case("find-lape-out-exists", L.replace("{newjson}", "{file}"), ("--overwrite",)),
     Case("find-lape-fdr-nan", "find lape --atlas {atlas} --fdr nan --out {newjson}", ("fdr", "nan", "(0, 1]")),
     Case("find-lape-fdr-2", "find lape --atlas {atlas} --fdr 2 --out {newjson}", ("fdr", "2.0", "(0, 1]")),
     Case("find-lape-permutations-negative", "find lape --atlas {atlas} --permutations -3 --out {newjson}",
@@ -176,7 +173,7 @@ CASES = [
          ("min variance explained", "nan")),
     Case("find-vocab-kind", "find vocab --model {model} --device cpu --kind both --out {newjson}", ("both",)),
     Case("find-vocab-kurtosis-nan", "find vocab --model {model} --device cpu --kurtosis nan --out {newjson}",
-         ("--kurtosis", "nan"), xfail="find vocab --kurtosis: type=finite_float (cli/find/weights.py)"),
+         ("--kurtosis", "nan")),
     Case("find-vocab-missing-model", "find vocab --model {missing} --device cpu --out {newjson}", ("missing",)),
     Case("find-weights-class", "find weights --model {model} --device cpu --class bogus --out {newjson}", ("bogus",)),
     Case("find-weights-threshold-nan", "find weights --model {model} --device cpu --class depletion --threshold nan "
@@ -259,7 +256,7 @@ CASES = [
     Case("serve-sets-not-json", "serve {atlas} --sets {notjson}", ("bad.json",)),
     Case("serve-port-beyond", "serve {atlas} --port 70000", ("70000",)),
     Case("serve-max-tokens-0", "serve {atlas} --max-tokens 0", ("--max-tokens", "0")),
-    Case("serve-truncated-exemplars", "serve {atlas_truncated_exemplars}", ("exemplars.parquet",), xfail=DAMAGED_PARQUET),
+    Case("serve-truncated-exemplars", "serve {atlas_truncated_exemplars}", ("exemplars.parquet",)),
     # --- report --------------------------------------------------------------------------------------
     Case("report-not-an-atlas", R.replace("{atlas}", "{folder}"), ("not an atlas",)),
     Case("report-out-is-a-file", R.replace("{new}", "{file}"), ("exists.json",)),
@@ -267,13 +264,9 @@ CASES = [
     Case("report-max-pages-0", R + " --max-pages 0", ("--max-pages", "0")),
     Case("report-sets-missing", R + " --sets {missing}", ("missing",)),
     Case("report-neurons-not-json", R + " --neurons {notjson}", ("bad.json",)),
-    Case("report-truncated-exemplars", R.replace("{atlas}", "{atlas_truncated_exemplars}"), ("exemplars.parquet",),
-         xfail=DAMAGED_PARQUET),
-    Case("report-deleted-exemplars", R.replace("{atlas}", "{atlas_no_exemplars}"), ("exemplars.parquet",),
-         xfail="a deleted exemplars.parquet of an atlas with top_k > 0 reads as 'keeps no exemplars' (viewer/data.py): "
-               "refuse it, naming the file"),
-    Case("info-truncated-exemplars", "info {atlas_truncated_exemplars}", ("exemplars.parquet",),
-         xfail="load_atlas does not check exemplars.parquet (atlas.py): pq.read_metadata it, one line naming the file"),
+    Case("report-truncated-exemplars", R.replace("{atlas}", "{atlas_truncated_exemplars}"), ("exemplars.parquet",)),
+    Case("report-deleted-exemplars", R.replace("{atlas}", "{atlas_no_exemplars}"), ("exemplars.parquet",)),
+    Case("info-truncated-exemplars", "info {atlas_truncated_exemplars}", ("exemplars.parquet",)),
     # --- sparsify ------------------------------------------------------------------------------------
     Case("sparsify-sparsity-1.5", Z + " --sparsity 1.5", ("--sparsity", "1.5", "[0, 1)")),
     Case("sparsify-sparsity-nan", Z + " --sparsity nan", ("--sparsity", "nan", "[0, 1)")),

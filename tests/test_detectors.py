@@ -69,7 +69,7 @@ def test_planted_token_detector_is_found_with_vr_near_one(planted, corpus_path):
     assert top.score > 0.999999
     assert all(n.score < 0.999 for n in found.neurons[1:])  # the random neurons explain less
     info = found.params["details"][f"{LAYER}:{NEURON}"]
-    assert info["triggers"][0]["ids"] == [trigger] and info["triggers"][0]["text"] == [TRIGGER]
+    assert info["triggers"][0]["ids"] == [trigger] and [t.strip() for t in info["triggers"][0]["text"]] == [TRIGGER]  # the token's own leading space is kept
     assert info["coverage"] == 1.0 and info["mean_elsewhere"] == 0.0 and info["mean_on_triggers"] > 0
     assert info["suppresses_trigger"] is True and info["trigger_logit_quantile"][0] == 0.0
     assert info["vr_triggers"] > 0.999999  # "is the token cat" explains it as well as the token does

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..args import debug_arg
+from ..args import debug_arg, overwrite_arg
+from ..common import preflight_output
 from . import activation, confidence, detectors, gradients, probe, universal, weights
 from .base import FindMethod, null_args
 
@@ -40,8 +41,19 @@ def add_methods(subparsers) -> None:
         method.add_options(parser)
         if method.permutations is not None:
             null_args(parser, method.permutations)
+        overwrite_arg(parser, "replace the neuron set already at --out")
         debug_arg(parser)
-        parser.set_defaults(handler=method.run)
+        parser.set_defaults(handler=_preflighted(method.run))
+
+
+def _preflighted(run):
+    """``run`` after refusing an --out that exists (unless --overwrite), before any model or atlas loads."""
+
+    def checked(args: argparse.Namespace) -> int:
+        preflight_output(args.out, "file", overwrite=args.overwrite, what="neuron set JSON")
+        return run(args)
+
+    return checked
 
 
 def _no_method(parser: argparse.ArgumentParser) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import NeuronAtlasError
-from ..args import model_args, out_arg
+from ..args import finite_float, model_args, out_arg
 from ..common import atlas_meta, check_out, load_model_from
 from .base import FindMethod, save
 
@@ -15,7 +15,7 @@ def _vocab_options(parser) -> None:
     parser.add_argument("--atlas", default=None, help=ATLAS_HELP)
     out_arg(parser)
     parser.add_argument("--kind", default="prediction", help="prediction (skew > 0) or suppression (skew < 0)")
-    parser.add_argument("--kurtosis", type=float, default=10.0, help="vocabulary kurtosis above this (default: 10)")
+    parser.add_argument("--kurtosis", type=finite_float, default=10.0, help="vocabulary kurtosis above this (default: 10)")
 
 
 def _run_vocab(args) -> int:
