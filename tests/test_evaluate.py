@@ -82,6 +82,32 @@ def test_result_shape_reports_and_determinism(llama, corpus_path, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("op,value,signal", [("zero", None, "z"), ("scale", 0.5, "gate")])
+def test_conditions_in_one_forward_match_one_at_a_time(llama, corpus_path, op, value, signal):
+    """Several conditions per forward (the batch repeated, each copy under its own ablation) = one per forward."""
+    model, tokenizer = llama
+    kwargs = dict(label_field="lang", controls=3, max_length=24, seed=3, batch_size=3, op=op, value=value, signal=signal)
+    one = evaluate(model, tokenizer, hand_set(model), corpus_path, conditions_per_forward=1, **kwargs)
+    for per_forward in (4, None):
+        many = evaluate(model, tokenizer, hand_set(model), corpus_path, conditions_per_forward=per_forward, **kwargs)
+        for key in ("baseline", "tokens", "documents", "specific"):
+            assert many[key] == one[key], key
+        for row in one["set_labels"]:
+            assert many["nll"][row] == pytest.approx(one["nll"][row], rel=1e-5, abs=1e-6)
+            assert many["control"][row]["values"] == pytest.approx(one["control"][row]["values"], rel=1e-4, abs=1e-6)
+    assert one["params"]["signal"] == signal
+
+
+def test_evaluate_uses_the_signal_the_set_was_selected_on(llama, corpus_path):
+    model, tokenizer = llama
+    selected = hand_set(model)
+    selected.signal = "gate"  # what find_lape records on gated models
+    kwargs = dict(label_field="lang", controls=0, max_length=24, max_docs_per_label=3)
+    assert evaluate(model, tokenizer, selected, corpus_path, **kwargs)["params"]["signal"] == "gate"
+    assert evaluate(model, tokenizer, selected, corpus_path, signal="z", **kwargs)["params"]["signal"] == "z"
+    assert evaluate(model, tokenizer, hand_set(model), corpus_path, **kwargs)["params"]["signal"] == "z"
+
+
 def test_ablating_everything_changes_every_label(llama, corpus_path):
     model, tokenizer = llama
     everything = NeuronSet("all", {}, [Neuron(l, i, 0.0, "en") for l in range(2) for i in range(37)])
@@ -205,7 +231,7 @@ def random_atlas(tiny_llama, corpus_path, tmp_path_factory):
 
 def steer_args(model, atlas, sets, corpus, *extra):
     return ["steer", "--model", str(model), "--atlas", str(atlas), "--sets", str(sets), "--from", "en", "--to", "de",
-            "--corpus", str(corpus), "--device", "cpu", "--prompts", "4", "--max-new-tokens", "5", *extra]
+            "--corpus", str(corpus), "--device", "cpu", "--prompts", "4", "--calibration", "2", "--max-new-tokens", "5", *extra]
 
 
 def test_steer_cli_runs_and_writes_json(capsys, llama, tiny_llama, random_atlas, corpus_path, tmp_path):
@@ -216,7 +242,7 @@ def test_steer_cli_runs_and_writes_json(capsys, llama, tiny_llama, random_atlas,
     assert "flip share" in printed and "steered:" in printed
     result = json.loads(out.read_text())
     assert len(result["examples"]) == 4 and 0 <= result["flip_share"] <= 1
-    assert result["params"]["signal"] == "gate" and result["params"]["strength"] == 3.0
+    assert result["params"]["signal"] == "z" and result["params"]["strength"] == 3.0  # the set's signal
     assert any(e["plain"] != e["steered"] for e in result["examples"])
 
 
@@ -224,7 +250,8 @@ def test_cli_defaults_match_the_library():
     from neuronatlas import steer
     from neuronatlas.cli import steer as cli_steer
 
-    for name in ("DEFAULT_DEACTIVATE", "DEFAULT_STRENGTH", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_PROMPT_WORDS"):
+    for name in ("DEFAULT_DEACTIVATE", "DEFAULT_STRENGTH", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_PROMPT_WORDS",
+                 "DEFAULT_CALIBRATION"):
         assert getattr(cli_steer, name) == getattr(steer, name), name
 
 
@@ -247,23 +274,45 @@ def test_steer_cli_bad_input(capsys, llama, tiny_llama, random_atlas, corpus_pat
     fails(capsys, argv + ["--deactivate", "off"], "--deactivate")
 
 
+def test_strength_search_on_calibration_prompts_reported_apart(llama, random_atlas, corpus_path):
+    """strength 'auto' tries the grid on the calibration prompts only; the result is measured on the others."""
+    from neuronatlas.atlas import load_atlas
+    from neuronatlas.steer import prompts_from_corpus, steer
+
+    model, tokenizer = llama
+    calibration = prompts_from_corpus(corpus_path, "en", count=3)
+    prompts = prompts_from_corpus(corpus_path, "en", count=4, skip=3)
+    assert not set(calibration) & set(prompts)
+    result = steer(model, tokenizer, load_atlas(random_atlas), hand_set(model), "en", "de", prompts, max_new_tokens=5,
+                   calibration_prompts=calibration, grid=(2.0, 1.0), target_flip=1.0)
+    search = result["strength_search"]
+    assert search["prompts"] == 3 and search["grid"] == [1.0, 2.0]
+    assert [t["strength"] for t in search["trials"]] == [1.0, 2.0][:len(search["trials"])]
+    assert result["params"]["strength"] == search["chosen"] in (1.0, 2.0)
+    assert result["params"]["strength_chosen_by"] == "search on calibration prompts"
+    assert result["prompts"] == 4 and [e["prompt"] for e in result["examples"]] == prompts
+    assert result["perplexity"]["plain"] > 1 and "steered_perplexity" in result["examples"][0]
+    assert result["params"]["language_identifier"]["name"] == "py3langid"
+    with pytest.raises(NeuronAtlasError, match="calibration prompts"):
+        steer(model, tokenizer, load_atlas(random_atlas), hand_set(model), "en", "de", prompts)
+
+
 # ---- the language identifier --------------------------------------------------------------------
 
 
-def test_langid_save_load_and_errors(tmp_path, corpus_path):
-    from neuronatlas.langid import LangId, train_langid
+def test_language_identifier_is_py3langid():
+    from neuronatlas.langid import LanguageIdentifier, language_identifier
 
-    langid = train_langid(read_corpus(corpus_path, label_field="lang"))
-    assert langid.predict(["der hund lief zum haus", "кот сидел на коврике", "the cat sat on a mat"]) == ["de", "ru", "en"]
-    path = langid.save(tmp_path / "langid.npz")
-    again = LangId.load(path)
-    texts = ["die katze sass", "собака бежала", "birds sang in trees"]
-    assert again.predict(texts) == langid.predict(texts)
-    assert (again.log_scores(texts) == langid.log_scores(texts)).all()
-    with pytest.raises(NeuronAtlasError, match="at least two"):
-        train_langid([("one text", "en")])
-    with pytest.raises(NeuronAtlasError, match="not found"):
-        LangId.load(tmp_path / "nope.npz")
+    identifier = language_identifier()
+    texts = ["der Hund lief schnell zum Haus und die Katze schlief", "кот сидел на коврике и смотрел в окно",
+             "the cat sat on a mat and looked out of the window", "el perro corrió a la casa y el gato durmió"]
+    assert identifier.predict(texts) == ["de", "ru", "en", "es"]
+    assert identifier.name == "py3langid" and len(identifier.labels) > 90 and "fr" in identifier.labels
+    assert set(LanguageIdentifier(["en", "de"]).labels) == {"en", "de"}
+    with pytest.raises(NeuronAtlasError, match="cannot judge"):
+        identifier.check(["en", "german"])
+    with pytest.raises(NeuronAtlasError, match="knows no language"):
+        LanguageIdentifier(["xx"])
 
 
 # ---- acceptance on the bundled tiny-llama ----------------------------------------------------------
@@ -276,6 +325,7 @@ from pathlib import Path  # noqa: E402
 
 TINY_LLAMA = Path(os.environ.get("NEURONATLAS_TEST_TINY_LLAMA", str(bundled.ROOT / "models" / "tiny-llama")))
 TRAIN_DOCS, HELDOUT_DOCS, MAX_LENGTH = 60, 10, 128
+REAL_DOCS, REAL_BEATS = 6, 5  # SmolLM2: training documents per language profiled; languages that must beat random
 STEER_PAIR = ("de", "en")
 needs_bundled = pytest.mark.skipif(not (TINY_LLAMA / "config.json").exists(),
                                    reason=f"the bundled tiny-llama is not there yet ({TINY_LLAMA})")
@@ -317,30 +367,26 @@ def test_lape_neurons_are_language_specific(bundled_run):
     assert plain["mean_diagonal"] < result["mean_diagonal"]
 
 
-@pytest.fixture(scope="module")
-def bundled_langid(bundled_run):
-    from neuronatlas.langid import train_langid
+def test_langid_heldout_accuracy():
+    from neuronatlas.langid import language_identifier
 
-    return train_langid(bundled.first_per_label(bundled.CORPUS_TRAIN, bundled_run["root"] / "langid-train.jsonl", 200))
-
-
-@needs_bundled
-def test_langid_heldout_accuracy(bundled_langid):
     docs = list(read_corpus(bundled.CORPUS_HELDOUT, label_field="lang"))
-    accuracy = bundled_langid.accuracy([d.text for d in docs], [d.label for d in docs])
+    predicted = language_identifier().predict([" ".join(d.text.split()[:12]) for d in docs])  # continuation-sized
+    accuracy = sum(p == d.label for p, d in zip(predicted, docs)) / len(docs)
     print(f"\nlanguage identifier: held-out accuracy {accuracy:.4f} on {len(docs)} documents")
     assert accuracy > 0.95
 
 
 @needs_bundled
-def test_steering_flips_the_language(bundled_run, bundled_langid):
+def test_steering_flips_the_language(bundled_run):
     from neuronatlas.steer import format_steering, prompts_from_corpus, steer
 
     run = bundled_run
     source, target = STEER_PAIR
-    prompts = prompts_from_corpus(bundled.CORPUS_HELDOUT, source, count=10)
+    calibration = prompts_from_corpus(bundled.CORPUS_HELDOUT, source, count=10)
+    prompts = prompts_from_corpus(bundled.CORPUS_HELDOUT, source, count=10, skip=10)
     result = steer(run["model"], run["tokenizer"], run["atlas"], run["lape"], source, target, prompts,
-                   langid=bundled_langid)
+                   calibration_prompts=calibration)
     print("\n" + format_steering(result))
     assert result["baseline_target_share"] < 0.5  # the plain model keeps writing the source language
     assert result["flip_share"] >= 0.5, format_steering(result)
@@ -356,3 +402,32 @@ def test_steer_cli_on_the_bundled_model(capsys, bundled_run, tmp_path):
     assert main(argv) == 0
     assert "flip share" in capsys.readouterr().out
     assert json.loads(out.read_text())["flip_share"] >= 0.5
+
+
+# ---- LAPE at the paper's 1% on a real model (SmolLM2-135M, 30 x 1536 neurons) -------------------------
+
+
+@pytest.mark.real
+def test_lape_one_percent_on_smollm2_beats_random_sets(tmp_path):
+    """A small profile still gives every language neurons at 1%, and ablating them hurts the
+    language's own text more than ablating random sets of the same per-layer sizes (benchmarks/lape_real.py
+    and docs/prove.md have the full-size run)."""
+    from neuronatlas.methods import find_lape
+    from neuronatlas.profile import ProfileOptions, profile
+    from neuronatlas.real_models import real_model_path
+
+    path = real_model_path("smollm2-135m")
+    if path is None:
+        pytest.skip("real model smollm2-135m is not in the cache: run `make real-models`")
+    model, tokenizer = load_model(str(path), device="cpu", quiet=True)
+    train = bundled.first_per_label(bundled.CORPUS_TRAIN, tmp_path / "train.jsonl", REAL_DOCS)
+    atlas = profile(model, train, tmp_path / "atlas", tokenizer=tokenizer, label_field="lang", quiet=True,
+                    options=ProfileOptions(max_length=64, top_k=0, positions=False, doc_sample=0, exemplar_radius=0,
+                                           batch_size=16))
+    lape = find_lape(atlas, top_rate=0.01)
+    assert all(len(lape.for_label(label)) for label in atlas.labels), {l: len(lape.for_label(l)) for l in atlas.labels}
+    result = evaluate(model, tokenizer, lape, bundled.CORPUS_HELDOUT, controls=2, label_field="lang",
+                      max_docs_per_label=3, max_length=64)
+    print("\n" + format_matrix(result))
+    beats = [label for label in result["set_labels"] if result["delta"][label][label] > result["control"][label]["mean"]]
+    assert len(beats) >= REAL_BEATS, format_matrix(result)

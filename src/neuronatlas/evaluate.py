@@ -16,7 +16,11 @@ control interval (more than random neurons of the same per-layer sizes).
     >>> print(to_markdown(result)); plot_heatmap(result, "eval.png")                       # doctest: +SKIP
 
 Batches are built once (per label, sorted by length, right padded) and reused for every
-condition; only real tokens are counted.
+condition; only real tokens are counted. The conditions (clean model, ablations, controls) share
+forwards: a batch is repeated once per condition, each copy under its own ablation, so the clean
+pass and several ablations cost one forward (same numbers as one condition at a time, to float
+rounding). The set's ablation is on the signal it was selected on (``neuron_set.signal``) unless
+``signal`` says otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
@@ -32,8 +37,8 @@ import torch.nn.functional as F
 
 from .corpus import Batch, Corpus, iter_batches, iter_windows, read_corpus
 from .errors import NeuronAtlasError
-from .intervene import Intervention, intervene
-from .hooks import forward_batch, pad_token_id
+from .hooks import forward_batch, hook_sites, pad_token_id
+from .intervene import SIGNALS, Intervention, check_interventions
 from .loading import max_positions, model_fingerprint
 from .models import check_causal, locate_neurons
 from .neuronset import NeuronSet
@@ -41,6 +46,7 @@ from .neuronset import NeuronSet
 FORMAT_VERSION = 1
 EVAL_OPS = ("zero", "mean", "constant", "scale")
 DEFAULT_MAX_LENGTH = 256
+AUTO_TOKENS_PER_FORWARD = 8192  # conditions stacked per forward: up to this many tokens (logits: tokens x vocab)
 INTERVAL = "t95: mean ± t(0.975, n-1)·sd/sqrt(n) over the control sets"
 
 # Student t quantiles t(0.975, df) for df = 1..30; beyond, a Cornish-Fisher expansion.
@@ -71,11 +77,12 @@ def evaluate(
     *,
     atlas=None,
     value: float | None = None,
-    signal: str = "z",
+    signal: str | None = None,
     text_field: str = "text",
     label_field: str | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
+    conditions_per_forward: int | None = None,
     check_fingerprint: bool = True,
     quiet: bool = True,
 ) -> dict:
@@ -83,12 +90,17 @@ def evaluate(
 
     ``corpus``: a :class:`~neuronatlas.corpus.Corpus` with labels, or a path read with
     ``text_field`` / ``label_field``. ``op``: ``zero`` (default), ``mean`` (needs ``atlas``),
-    ``constant`` or ``scale`` (need ``value``). Returns the EVAL.json dict (see the module docstring).
+    ``constant`` or ``scale`` (need ``value``). ``signal``: ``z`` or ``gate``; default: the signal the
+    set was selected on (``neuron_set.signal``), else ``z``. ``conditions_per_forward``: how many
+    conditions share one forward (the batch repeated per condition); default: as many as keep a
+    forward under 8,192 tokens. Returns the EVAL.json dict (see the module docstring).
     """
     started = time.monotonic()
     check_causal(model.config, "evaluate", needs="next-token NLL")
     neurons = locate_neurons(model)
-    _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, batch_size, max_docs_per_label)
+    signal = signal or getattr(neuron_set, "signal", None) or "z"
+    _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, batch_size, max_docs_per_label,
+                     conditions_per_forward)
     fingerprint = model_fingerprint(model)
     if check_fingerprint:
         neuron_set.check_model(fingerprint, neurons.widths)
@@ -98,7 +110,8 @@ def evaluate(
     labels, set_labels = sorted(batches), neuron_set.labels
     sets = _label_sets(neuron_set, labels, corpus)
     ablation = partial(Intervention, op=op, value=value, signal=signal)
-    baseline, nll, control = _measure(model, neurons, batches, sets, ablation, atlas, controls, seed, quiet)
+    baseline, nll, control = _measure(model, neurons, batches, sets, ablation, atlas, controls, seed,
+                                      conditions_per_forward, quiet)
     delta = {row: {col: nll[row][col] - baseline[col] for col in labels} for row in set_labels}
     return {
         "format_version": FORMAT_VERSION,
@@ -124,6 +137,7 @@ def evaluate(
         "params": {
             "op": op, "value": value, "signal": signal, "controls": controls, "seed": seed,
             "max_docs_per_label": max_docs_per_label, "batch_size": batch_size, "max_length": max_length,
+            "conditions_per_forward": conditions_per_forward or "auto",
             "interval": INTERVAL if controls else None,
             "control_sets": "same neurons per layer as the label's set, drawn uniformly among the layer's other neurons",
         },
@@ -131,31 +145,89 @@ def evaluate(
     }
 
 
-def _measure(model, neurons, batches, sets, ablation, atlas, controls: int, seed: int, quiet: bool):
-    """(baseline NLL per text label, NLL per ablated label and text label, control summary per ablated label)."""
+def _measure(model, neurons, batches, sets, ablation, atlas, controls: int, seed: int, per_forward, quiet: bool):
+    """(baseline NLL per text label, NLL per ablated label and text label, control summary per ablated label).
+
+    Every condition (the clean model, each label's ablation, each control) is compiled first; then
+    each batch of text runs once for a group of conditions: the batch is repeated once per condition
+    in one forward, block m of the rows under condition m's ablation (exact: rows do not interact).
+    """
     labels = sorted(batches)
-    progress = _Progress(1 + len(sets) + len(sets) * controls, quiet)
-    device = next(model.parameters()).device
-    baseline = _nll(model, batches, labels, device)
-    progress.step("baseline")
-    nll: dict[str, dict[str, float]] = {}
-    for label, table in sets.items():
-        with intervene(neurons, [ablation(table)], atlas=atlas, allow_empty=False):
-            nll[label] = _nll(model, batches, labels, device)
-        progress.step(f"ablate {label}")
     generator = torch.Generator().manual_seed(seed)
-    control: dict[str, dict] = {}
-    for label, table in sets.items():
-        increases = []
-        for _ in range(controls):
-            random_set = random_like(table, neurons.widths, generator)
-            with intervene(neurons, [ablation(random_set)], atlas=atlas, allow_empty=False):
-                increases.append(_nll(model, batches, [label], device)[label] - baseline[label])
-            progress.step(f"control {label}")
-        if controls:
-            control[label] = summarize(increases)
+    conditions = [("baseline", None, labels)] + [(label, table, labels) for label, table in sets.items()]
+    for label, table in sets.items():  # drawn in this order: the same sets as one condition at a time
+        conditions += [(label, random_like(table, neurons.widths, generator), [label]) for _ in range(controls)]
+    plans = [{} if table is None else check_interventions(neurons, [ablation(table)], atlas, allow_empty=False)
+             for _, table, _ in conditions]
+    totals = [dict.fromkeys(texts, 0.0) for _, _, texts in conditions]
+    device = next(model.parameters()).device
+    progress = _Progress(sum(len(batches[label]) * sum(label in c[2] for c in conditions) for label in labels), quiet)
+    for label in labels:
+        chosen = [i for i, (_, _, texts) in enumerate(conditions) if label in texts]
+        for batch in batches[label]:
+            group = per_forward or max(1, AUTO_TOKENS_PER_FORWARD // batch.input_ids.numel())
+            for start in range(0, len(chosen), group):
+                block = chosen[start:start + group]
+                sums = _block_nll(model, neurons, batch, [plans[i] for i in block], device)
+                for i, total in zip(block, sums):
+                    totals[i][label] += total
+                progress.step(label, len(block))
     progress.close()
+    count = {label: sum(int((b.attention_mask[:, 1:] * b.attention_mask[:, :-1]).sum()) for b in batches[label])
+             for label in labels}
+    mean = [{label: total / max(count[label], 1) for label, total in row.items()} for row in totals]
+    baseline = mean[0]
+    nll = {label: mean[1 + k] for k, label in enumerate(sets)}
+    control = {}
+    for k, label in enumerate(sets):
+        first = 1 + len(sets) + k * controls
+        if controls:
+            control[label] = summarize([row[label] - baseline[label] for row in mean[first:first + controls]])
     return baseline, nll, control
+
+
+@torch.inference_mode()
+def _block_nll(model, neurons, batch: Batch, plans: list[dict], device) -> list[float]:
+    """Summed next-token NLL (nats) of ``batch``'s real tokens under each plan, in one forward.
+
+    The (B, T) batch is repeated len(plans) times: rows [m*B, (m+1)*B) run under plans[m]."""
+    copies = len(plans)
+    ids = batch.input_ids.to(device).repeat(copies, 1)  # (copies*B, T)
+    mask = batch.attention_mask.to(device).repeat(copies, 1)
+    hooks = {signal: sorted({layer for plan in plans for layer, kind in plan if kind == signal}) for signal in SIGNALS}
+    with ExitStack() as stack:
+        if hooks["z"]:
+            stack.enter_context(hook_sites(neurons, before_down=_row_blocks(plans, "z"), layers=hooks["z"]))
+        if hooks["gate"]:
+            stack.enter_context(hook_sites(neurons, after_act=_row_blocks(plans, "gate"), layers=hooks["gate"]))
+        logits = forward_batch(model, ids, mask).logits  # (copies*B, T, V)
+    rows = batch.input_ids.shape[0]
+    real = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool().to(device)  # (B, T-1)
+    targets = ids[:rows, 1:]
+    sums = []
+    for m in range(copies):  # one block at a time: a float copy of all logits could be large
+        block = logits[m * rows:(m + 1) * rows, :-1].float()
+        losses = F.cross_entropy(block.reshape(-1, block.shape[-1]), targets.reshape(-1), reduction="none")
+        sums.append(float(losses[real.reshape(-1)].double().sum()))
+    return sums
+
+
+def _row_blocks(plans: list[dict], signal: str):
+    """A site function applying plans[m]'s edits of ``signal`` to the m-th of len(plans) equal row blocks.
+
+    Works on (N, T, D) and on flattened (N*T, D) activations alike: the blocks are contiguous in both."""
+    def edit(layer: int, x: torch.Tensor):
+        size = x.shape[0] // len(plans)
+        out = None
+        for m, plan in enumerate(plans):
+            for step in plan.get((layer, signal), ()):
+                out = x.clone() if out is None else out
+                index, vector = step.on(x.device, x.dtype)
+                rows = out[m * size:(m + 1) * size]  # a view: writing it writes out
+                rows[..., index] = _combined(step.kind, rows[..., index], vector)
+        return out
+
+    return edit
 
 
 def _verdicts(delta: dict, control: dict, set_labels: list[str], labels: list[str]) -> dict:
@@ -203,7 +275,7 @@ def _label_sets(neuron_set: NeuronSet, labels: list[str], corpus: Corpus) -> dic
     return sets
 
 
-def _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, batch_size, max_docs) -> None:
+def _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, batch_size, max_docs, per_forward) -> None:
     if not isinstance(neuron_set, NeuronSet):
         raise NeuronAtlasError(f"evaluate needs a NeuronSet, not {type(neuron_set).__name__}")
     if not len(neuron_set):
@@ -225,6 +297,8 @@ def _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, ba
         raise NeuronAtlasError(f"controls must be 0 (none) or at least 2 for an interval, not {controls}")
     if batch_size < 1:
         raise NeuronAtlasError(f"batch size must be at least 1, not {batch_size}")
+    if per_forward is not None and per_forward < 1:
+        raise NeuronAtlasError(f"conditions per forward must be at least 1, not {per_forward}")
     if max_docs is not None and max_docs < 1:
         raise NeuronAtlasError(f"max docs per label must be at least 1, not {max_docs}")
 
@@ -266,23 +340,11 @@ def _label_batches(corpus: Corpus, tokenizer, max_docs: int | None, max_length: 
     return batches, documents, tokens
 
 
-@torch.inference_mode()
-def _nll(model, batches: dict[str, list[Batch]], labels: list[str], device) -> dict[str, float]:
-    """Mean next-token NLL (nats) over the real tokens of each label's batches."""
-    out = {}
-    for label in labels:
-        total, count = 0.0, 0
-        for batch in batches[label]:
-            ids = batch.input_ids.to(device)
-            mask = batch.attention_mask.to(device)
-            logits = forward_batch(model, ids, mask).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            real = (mask[:, 1:] * mask[:, :-1]).bool()
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-            total += float(losses[real.reshape(-1)].double().sum())
-            count += int(real.sum())
-        out[label] = total / max(count, 1)
-    return out
+def _combined(kind: str, columns: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """What an intervention's compiled step (kind set / mul / add, per-neuron vector) makes of ``columns``."""
+    if kind == "set":
+        return vector.expand_as(columns)
+    return columns * vector if kind == "mul" else columns + vector
 
 
 def random_like(table: dict[int, torch.Tensor], widths: list[int], generator: torch.Generator) -> dict[int, torch.Tensor]:
@@ -313,12 +375,12 @@ class _Progress:
         if not quiet:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="cond", desc="evaluate", dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit="batch", desc="evaluate", dynamic_ncols=True)
 
-    def step(self, what: str) -> None:
+    def step(self, what: str, count: int = 1) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(what, refresh=False)
-            self.bar.update(1)
+            self.bar.update(count)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -332,7 +394,9 @@ def format_matrix(result: dict) -> str:
     """The delta matrix as plain text, with controls and verdicts (what the CLI prints)."""
     labels, rows = result["labels"], result["set_labels"]
     width = max(7, *(len(label) for label in labels))
-    lines = ["increase in mean token NLL (nats) when the row's neurons are ablated, on the column's text"]
+    params = result["params"]
+    lines = [f"increase in mean token NLL (nats) when the row's neurons are ablated (op {params['op']}, "
+             f"signal {params['signal']}), on the column's text"]
     header = f"{'set':<{width}} " + " ".join(f"{label:>{width}}" for label in labels)
     header += f" {'control (95% CI)':>26} {'verdict':>12}"
     lines.append(header)

@@ -4,50 +4,71 @@ During greedy ``generate()`` from source-language prompts, at every position:
 
 * **deactivate** the source language's neurons: set them to ``deactivate_value`` (a constant);
 * **activate** the target language's neurons: ``mode="add"`` adds ``strength`` x the target's mean
-  activation from the atlas (a += lambda * mean_target; default lambda = 7, tuned on the bundled
-  tiny-llama, where the paper's lambda = 1 is far too weak), ``mode="replace"`` sets them to it
+  activation from the atlas (a += lambda * mean_target), ``mode="replace"`` sets them to it
   (a = mean_target), ``mode="diff"`` adds ``strength`` x (mean_target - mean of the other labels).
 
-By default this acts on the gate signal ``g = act(gate(x))`` of gated families (what LAPE and the
-paper use for Llama) and on ``z`` otherwise. A language identifier trained on a labelled corpus
-(:mod:`neuronatlas.langid`, not the steered model) judges the language of each continuation; the
-result reports the share of steered continuations in the target language (the *flip share*)
-next to the same share without steering. Continuations with fewer than 4 distinct letters
-(empty or degenerate output such as "dddddddd") get no language and never count as flipped.
+The strength is not tuned by hand per model: ``strength="auto"`` (the default) searches a grid
+(:data:`STRENGTH_GRID`) on *calibration* prompts, distinct from the prompts the result reports,
+and keeps the smallest strength whose calibration flip share reaches ``target_flip`` while the
+steered text stays fluent (its median perplexity under the unsteered model at most
+``FLUENCY_FACTOR`` x that of the unsteered continuations); if none does, the fluent strength with
+the highest flip share (see :func:`search_strength`). The chosen strength is then reported on the
+held-out prompts, with the perplexity of the steered and the plain continuations next to the flip share.
 
-    >>> result = steer(model, tokenizer, atlas, lape, "en", "de", prompts, langid=langid)  # doctest: +SKIP
-    >>> result["flip_share"]                                                               # doctest: +SKIP
+It acts on the signal the neuron set was selected on (``neuron_set.signal``; LAPE: the gate
+signal ``g = act(gate(x))`` of gated families), else gate where the model has one, else ``z``.
+A maintained language identifier (:mod:`neuronatlas.langid`: py3langid, not the steered model)
+judges the language of each continuation; the result reports the share of steered continuations
+in the target language (the *flip share*) next to the same share without steering.
+Continuations with fewer than 4 distinct letters (empty or degenerate output such as "dddddddd")
+get no language and never count as flipped.
+
+    >>> calibration = prompts_from_corpus("heldout.jsonl", "de", count=10)            # doctest: +SKIP
+    >>> prompts = prompts_from_corpus("heldout.jsonl", "de", count=20, skip=10)       # doctest: +SKIP
+    >>> result = steer(model, tokenizer, atlas, lape, "de", "en", prompts, calibration_prompts=calibration)  # doctest: +SKIP
+    >>> result["flip_share"], result["perplexity"]["steered"]                       # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .corpus import Corpus, read_corpus
 from .errors import NeuronAtlasError
-from .hooks import pad_token_id
+from .hooks import forward_batch, pad_token_id
 from .intervene import Intervention, intervene
+from .langid import language_identifier
 from .loading import model_fingerprint
 from .models import check_causal, locate_neurons
 from .neuronset import NeuronSet
 
 MODES = ("add", "replace", "diff")
-# Defaults tuned on the bundled tiny-llama with a LAPE set at top_rate 0.05 (docs/prove.md has the
-# sweep): the paper's lambda = 1 flips almost nothing on a 4-layer model, lambda = 7 with the source
-# neurons set to -2.5 (one of the paper's tried values) flipped every one of the 20 language pairs in
-# at least half of the prompts. Greedy decoding with repetition penalty 1.1 as in the paper.
+# The paper's deactivation value -2.5 (one of those it tried); greedy decoding with repetition
+# penalty 1.1 as in the paper. The strength comes from a search on calibration prompts (below).
 DEFAULT_DEACTIVATE = -2.5
-DEFAULT_STRENGTH = 7.0
+DEFAULT_STRENGTH = "auto"
+STRENGTH_GRID = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0)  # lambda of mode add/diff, tried smallest first
+DEFAULT_TARGET_FLIP = 0.8  # the calibration flip share a strength must reach
+FLUENCY_FACTOR = 4.0  # steered median perplexity at most this x the plain continuations'
+DEFAULT_CALIBRATION = 10  # calibration prompts (the CLI takes them before the reported ones)
 DEFAULT_MAX_NEW_TOKENS = 20
 DEFAULT_PROMPT_WORDS = 4
 REPETITION_PENALTY = 1.1
 
 
-def default_signal(model_neurons, atlas) -> str:
+def default_signal(model_neurons, atlas, neuron_set=None) -> str:
+    """The signal the set was selected on, else gate where the model and the atlas have it, else z."""
+    recorded = getattr(neuron_set, "signal", None)
+    if recorded:
+        return recorded
     return "gate" if model_neurons.gated and "gate" in atlas.signals else "z"
 
 
@@ -72,29 +93,17 @@ def prompts_from_corpus(corpus: str | Path | Corpus, label: str, count: int = 10
             prompts.append(text)
         if len(prompts) == count:
             break
+    if not prompts and seen:
+        raise NeuronAtlasError(f"corpus {corpus.path} has only {seen} documents of label {label!r}, all taken by the "
+                               f"{skip} before the prompts (the calibration prompts); use fewer or a larger corpus")
     if not prompts:
         known = ", ".join(sorted(str(x) for x in labels if x is not None)) or "none"
         raise NeuronAtlasError(f"no documents of label {label!r} in corpus {corpus.path} (its labels: {known})")
     return prompts
 
 
-def langid_for_atlas(atlas):
-    """Train a language identifier on the labelled corpus the atlas was profiled on."""
-    from .langid import train_langid
-
-    info = atlas.meta.get("corpus", {})
-    path = info.get("path")
-    if not path or not Path(path).exists() or not info.get("label_field"):
-        raise NeuronAtlasError(
-            f"cannot train a language identifier: the atlas's corpus {path!r} is missing or unlabelled; "
-            "pass langid=train_langid(corpus) (CLI: --langid FILE.npz or --langid-corpus FILE.jsonl)"
-        )
-    return train_langid(read_corpus(path, text_field=info.get("text_field", "text"),
-                                    label_field=info["label_field"], format=info.get("format")))
-
-
 def steering_interventions(neuron_set: NeuronSet, source: str, target: str, mode: str = "add",
-                           deactivate_value: float | None = DEFAULT_DEACTIVATE, strength: float = DEFAULT_STRENGTH,
+                           deactivate_value: float | None = DEFAULT_DEACTIVATE, strength: float = 1.0,
                            signal: str = "gate") -> list[Intervention]:
     """The Language Arithmetics interventions: deactivate ``source``, then activate ``target``."""
     if mode not in MODES:
@@ -149,10 +158,13 @@ def steer(
     prompts: Sequence[str],
     mode: str = "add",
     deactivate_value: float | None = DEFAULT_DEACTIVATE,
-    strength: float = DEFAULT_STRENGTH,
+    strength: float | str = DEFAULT_STRENGTH,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     signal: str | None = None,
     *,
+    calibration_prompts: Sequence[str] | None = None,
+    target_flip: float = DEFAULT_TARGET_FLIP,
+    grid: Sequence[float] = STRENGTH_GRID,
     langid=None,
     batch_size: int = 16,
     repetition_penalty: float = REPETITION_PENALTY,
@@ -160,42 +172,162 @@ def steer(
 ) -> dict:
     """Generate from ``prompts`` with and without steering ``source`` -> ``target``; judge the languages.
 
-    Returns a dict with ``flip_share`` (share of steered continuations the language identifier puts
-    in ``target``), ``baseline_target_share`` (the same without steering), the source shares, the
-    per-prompt ``examples`` and the parameters.
+    ``strength``: a number, or ``"auto"``: searched on ``calibration_prompts`` (see
+    :func:`search_strength`; keep them apart from ``prompts``). Returns a dict with ``flip_share``
+    (share of steered continuations the language identifier puts in ``target``),
+    ``baseline_target_share`` (the same without steering), the source shares, ``perplexity`` (median
+    perplexity of the steered and plain continuations under the unsteered model), the per-prompt
+    ``examples``, the ``strength_search`` (None for a given strength) and the parameters.
     """
     started = time.monotonic()
     check_causal(model.config, "steer", needs="text generation")
     neurons = locate_neurons(model)
-    if not prompts:
-        raise NeuronAtlasError("no prompts to steer from; give at least one")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    signal = signal or default_signal(neurons, atlas)
+    prompts = _prompt_list(prompts, "prompts")
+    signal = signal or default_signal(neurons, atlas, neuron_set)
     if max_new_tokens < 1:
         raise NeuronAtlasError(f"max new tokens must be at least 1 (got {max_new_tokens})")
     for label, role in ((source, "source"), (target, "target")):
         if label not in atlas.labels:
             raise NeuronAtlasError(f"unknown {role} label {label!r}; the atlas has labels: {', '.join(atlas.labels)}")
-    items = steering_interventions(neuron_set, source, target, mode, deactivate_value, strength, signal)
+    auto = strength == "auto"
+    items = steering_interventions(neuron_set, source, target, mode, deactivate_value, 1.0 if auto else strength, signal)
+    if auto and mode != "replace":
+        calibration_prompts = _prompt_list(calibration_prompts, "calibration prompts (needed by strength 'auto')")
     if check_fingerprint:
         _check_fingerprints(model, neurons, neuron_set, atlas)
-    langid = _check_langid(langid, atlas, source, target)
-    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, repetition_penalty=repetition_penalty)
+    langid = langid or language_identifier()
+    langid.check((source, target))
     with intervene(neurons, items, atlas=atlas, allow_empty=False):  # validated before the plain run
         pass
-    plain = generate(model, tokenizer, prompts, **kwargs)
-    with intervene(neurons, items, atlas=atlas, allow_empty=False):
-        steered = generate(model, tokenizer, prompts, **kwargs)
+    run = Steering(model, tokenizer, neurons, atlas, neuron_set, source, target, mode, deactivate_value, signal,
+                   dict(max_new_tokens=max_new_tokens, batch_size=batch_size, repetition_penalty=repetition_penalty))
+    search = None
+    if auto and mode != "replace":
+        strength, search = search_strength(run, calibration_prompts, langid, grid, target_flip)
+    plain, steered = run.continuations(prompts), run.continuations(prompts, None if mode == "replace" else strength)
     result = _judge(langid, source, target, prompts, plain, steered)
+    result["perplexity"] = _fluency(run, result["examples"], search)
+    result["strength_search"] = search
     result["params"] = {
-        "mode": mode, "deactivate_value": deactivate_value, "strength": strength, "signal": signal,
+        "mode": mode, "deactivate_value": deactivate_value, "strength": None if mode == "replace" else strength,
+        "strength_chosen_by": "search on calibration prompts" if search else "given", "signal": signal,
         "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty, "decoding": "greedy",
-        "positions": "all",
+        "positions": "all", "language_identifier": langid.describe(),
         "neurons": {source: len(neuron_set.for_label(source)), target: len(neuron_set.for_label(target))},
     }
     result["seconds"] = round(time.monotonic() - started, 2)
     return result
+
+
+def _prompt_list(prompts, what: str) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise NeuronAtlasError(f"no {what} to steer from; give at least one")
+    return list(prompts)
+
+
+@dataclass
+class Steering:
+    """Everything one steering run needs to generate with a given strength."""
+
+    model: object
+    tokenizer: object
+    neurons: object
+    atlas: object
+    neuron_set: NeuronSet
+    source: str
+    target: str
+    mode: str
+    deactivate_value: float | None
+    signal: str
+    generation: dict
+
+    def continuations(self, prompts: Sequence[str], strength: float | None | bool = False) -> list[str]:
+        """Greedy continuations: plain (``strength`` False), else steered with ``strength`` (None for mode replace)."""
+        if strength is False:
+            return generate(self.model, self.tokenizer, prompts, **self.generation)
+        items = steering_interventions(self.neuron_set, self.source, self.target, self.mode, self.deactivate_value,
+                                       1.0 if strength is None else strength, self.signal)
+        with intervene(self.neurons, items, atlas=self.atlas, allow_empty=False):
+            return generate(self.model, self.tokenizer, prompts, **self.generation)
+
+    def perplexity(self, texts: Sequence[str]) -> list[float | None]:
+        return perplexities(self.model, self.tokenizer, texts, self.generation["batch_size"])
+
+
+def search_strength(run: Steering, prompts: Sequence[str], langid, grid: Sequence[float] = STRENGTH_GRID,
+                    target_flip: float = DEFAULT_TARGET_FLIP) -> tuple[float, dict]:
+    """The smallest strength of ``grid`` that flips ``target_flip`` of the calibration ``prompts`` fluently.
+
+    Fluent: the median perplexity of the steered continuations (each alone, under the unsteered
+    model) is at most ``FLUENCY_FACTOR`` x the plain continuations' median. Strengths are tried
+    smallest first and the search stops at the first that qualifies; if none does, the fluent
+    strength with the highest flip share is kept (else the smallest), with ``reached`` False.
+    """
+    if not grid or any(float(value) <= 0 for value in grid):
+        raise NeuronAtlasError(f"the strength grid must be positive numbers, not {list(grid)}")
+    if not 0 < target_flip <= 1:
+        raise NeuronAtlasError(f"the target flip share must be in (0, 1], not {target_flip}")
+    plain_ppl = _median(run.perplexity(run.continuations(prompts)))
+    bound = None if plain_ppl is None else FLUENCY_FACTOR * plain_ppl
+    trials = []
+    for strength in sorted(float(value) for value in grid):
+        steered = run.continuations(prompts, strength)
+        flip = sum(lang == run.target for lang in _languages(langid, steered)) / len(prompts)
+        ppl = _median(run.perplexity(steered))
+        fluent = ppl is not None and (bound is None or ppl <= bound)
+        trials.append({"strength": strength, "flip_share": flip, "perplexity": ppl, "fluent": fluent})
+        if fluent and flip >= target_flip:
+            break
+    fluent = [trial for trial in trials if trial["fluent"]]
+    chosen = max(fluent, key=lambda t: (t["flip_share"], -t["strength"])) if fluent else trials[0]
+    return chosen["strength"], {
+        "prompts": len(prompts), "grid": sorted(float(value) for value in grid), "target_flip": target_flip,
+        "plain_perplexity": plain_ppl, "max_perplexity": bound, "fluency_factor": FLUENCY_FACTOR,
+        "trials": trials, "chosen": chosen["strength"], "reached": chosen["fluent"] and chosen["flip_share"] >= target_flip,
+        "calibration_flip_share": chosen["flip_share"],
+    }
+
+
+@torch.inference_mode()
+def perplexities(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> list[float | None]:
+    """The perplexity of each text alone under ``model`` (None for a text of fewer than two tokens)."""
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    out: list[float | None] = []
+    for start in range(0, len(texts), batch_size):
+        rows = [tokenizer(text)["input_ids"] for text in texts[start:start + batch_size]]
+        width = max(max(len(row) for row in rows), 2)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.long), 1
+        logits = forward_batch(model, ids.to(device), mask.to(device)).logits[:, :-1].float()  # (B, T-1, V)
+        losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none")  # (B, T-1)
+        real = (mask[:, 1:] * mask[:, :-1]).to(device)
+        for loss, keep in zip(losses, real):
+            count = int(keep.sum())
+            out.append(math.exp(float((loss * keep).sum()) / count) if count else None)
+    return out
+
+
+def _median(values) -> float | None:
+    kept = sorted(v for v in values if v is not None)
+    return statistics.median(kept) if kept else None
+
+
+def _fluency(run: Steering, examples: list[dict], search: dict | None) -> dict:
+    """The median perplexity of the plain and steered continuations; each example gets its own."""
+    for kind in ("plain", "steered"):
+        for example, ppl in zip(examples, run.perplexity([e[kind] for e in examples])):
+            example[f"{kind}_perplexity"] = ppl
+    return {
+        "plain": _median(e["plain_perplexity"] for e in examples),
+        "steered": _median(e["steered_perplexity"] for e in examples),
+        "max": search["max_perplexity"] if search else None,
+        "measure": "median over continuations of exp(mean token NLL) of the continuation alone, under the unsteered model",
+    }
 
 
 def _check_fingerprints(model, neurons, neuron_set: NeuronSet, atlas) -> None:
@@ -208,19 +340,6 @@ def _check_fingerprints(model, neurons, neuron_set: NeuronSet, atlas) -> None:
             f"the atlas was made for another model ({atlas.meta['model'].get('name_or_path')}, fingerprint "
             f"{atlas_print} vs {fingerprint}); profile this model to get its atlas"
         )
-
-
-def _check_langid(langid, atlas, source: str, target: str):
-    """The given language identifier (else one trained on the atlas's corpus), knowing both labels."""
-    if langid is None:
-        langid = langid_for_atlas(atlas)
-    missing = [label for label in (source, target) if label not in langid.labels]
-    if missing:
-        raise NeuronAtlasError(
-            f"the language identifier knows no {', '.join(map(repr, missing))} (it knows {', '.join(langid.labels)}); "
-            "train it on a corpus with those labels"
-        )
-    return langid
 
 
 def _judge(langid, source: str, target: str, prompts, plain: list[str], steered: list[str]) -> dict:
@@ -282,22 +401,36 @@ def _counts(langs: list[str | None]) -> dict[str, int]:
 
 
 def format_steering(result: dict, examples: int = 3) -> str:
-    """A few examples and the flip share, as the CLI prints them."""
+    """A few examples, the strength search, the flip share and the fluency, as the CLI prints them."""
     src, tgt = result["source"], result["target"]
     p = result["params"]
-    lines = [f"steering {src} -> {tgt} (mode {p['mode']}, strength {p['strength']}, deactivate {p['deactivate_value']}, "
-             f"signal {p['signal']}, {p['max_new_tokens']} new tokens, {result['prompts']} prompts)"]
+    lines = [f"steering {src} -> {tgt} (mode {p['mode']}, strength {p['strength']} ({p['strength_chosen_by']}), "
+             f"deactivate {p['deactivate_value']}, signal {p['signal']}, {p['max_new_tokens']} new tokens, "
+             f"{result['prompts']} prompts; languages judged by {p['language_identifier']['name']})"]
+    search = result.get("strength_search")
+    if search:
+        tried = ", ".join(f"{t['strength']:g}: {t['flip_share']:.0%} ppl {_ppl(t['perplexity'])}" for t in search["trials"])
+        lines.append(f"strength search on {search['prompts']} calibration prompts (target flip {search['target_flip']:.0%}, "
+                     f"perplexity <= {_ppl(search['max_perplexity'])}): {tried} -> {search['chosen']:g}"
+                     + ("" if search["reached"] else " (target not reached)"))
     for example in result["examples"][:examples]:
         lines.append(f"  prompt : {example['prompt']!r}")
         lines.append(f"  plain  : [{example['plain_lang']}] {example['plain']!r}")
         lines.append(f"  steered: [{example['steered_lang']}] {example['steered']!r}")
+    fluency = result["perplexity"]
     lines.append(
         f"flip share: {result['flip_share']:.0%} of steered continuations in {tgt} "
         f"(without steering: {result['baseline_target_share']:.0%}); in {src}: "
-        f"{result['source_share_steered']:.0%} steered vs {result['source_share_plain']:.0%} plain"
+        f"{result['source_share_steered']:.0%} steered vs {result['source_share_plain']:.0%} plain; "
+        f"median perplexity {_ppl(fluency['steered'])} steered vs {_ppl(fluency['plain'])} plain"
     )
     lines.append("steered languages: " + ", ".join(f"{k} {v}" for k, v in result["steered_languages"].items()))
     return "\n".join(lines)
 
 
-__all__ = ["steer", "steering_interventions", "prompts_from_corpus", "generate", "format_steering", "langid_for_atlas"]
+def _ppl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+__all__ = ["steer", "steering_interventions", "prompts_from_corpus", "generate", "format_steering", "search_strength",
+           "perplexities", "Steering", "STRENGTH_GRID"]

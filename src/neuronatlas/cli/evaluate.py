@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import NeuronAtlasError
-from .args import corpus_args, debug_arg, model_args, out_arg, quiet_arg, window_args
-from .common import load_model_from, read_corpus_from, write_json
+from .args import corpus_args, debug_arg, finite_float, model_args, out_arg, overwrite_arg, quiet_arg, window_args
+from .common import load_model_from, preflight_output, read_corpus_from, write_json
 
 
 def register(commands) -> None:
@@ -24,12 +24,14 @@ def register(commands) -> None:
     parser.add_argument("--sets", required=True, help="a neuron set JSON with labels (e.g. from find lape)")
     corpus_args(parser, help="held-out text with labels (.jsonl/.csv/.parquet/...)", formats=True)
     out_arg(parser, "where to write EVAL.json")
+    overwrite_arg(parser, "replace EVAL.json (and the --markdown / --heatmap files) if they exist")
     parser.add_argument("--controls", type=int, default=5, help="random control sets per label (default: 5; 0 = none)")
     parser.add_argument("--op", default="zero", choices=["zero", "mean", "constant", "scale"],
                         help="how to ablate (default: zero)")
-    parser.add_argument("--value", type=float, default=None, help="the value of --op constant / scale")
+    parser.add_argument("--value", type=finite_float, default=None, help="the value of --op constant / scale")
     parser.add_argument("--atlas", default=None, help="the model's atlas (needed by --op mean)")
-    parser.add_argument("--signal", default="z", choices=["z", "gate"], help="the signal to ablate (default: z)")
+    parser.add_argument("--signal", default=None, choices=["z", "gate"],
+                        help="the signal to ablate (default: the one the set was selected on, else z)")
     parser.add_argument("--max-docs-per-label", type=int, default=None, help="use at most N documents per label")
     window_args(parser, max_length=None, default_text="min(model positions, 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random control sets (default: 0)")
@@ -44,6 +46,9 @@ def run(args) -> int:
     from ..distributed import refuse_distributed
 
     refuse_distributed("evaluate")
+    preflight_output(args.out, "file", overwrite=args.overwrite, what="evaluation JSON")
+    preflight_output(args.markdown, "file", overwrite=args.overwrite, what="markdown table", flag="--markdown")
+    preflight_output(args.heatmap, "file", overwrite=args.overwrite, what="heatmap PNG", flag="--heatmap")
     from ..evaluate import evaluate, format_matrix, plot_heatmap, to_markdown
     from ..loading import load_config, model_fingerprint
     from ..models import check_causal, locate_neurons

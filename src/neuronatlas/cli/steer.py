@@ -1,19 +1,26 @@
 """``neuronatlas steer``: steer generation from one language to another with language neurons.
 
     neuronatlas steer --model DIR --atlas ATLAS --sets SET.json --from A --to B --corpus FILE.jsonl \\
-        [--prompts N] [--mode add|replace] [--strength 1.0] [--max-new-tokens 20] [--json OUT]
+        [--prompts N] [--calibration 10] [--mode add|replace|diff] [--strength auto|LAMBDA] [--max-new-tokens 20] [--json OUT]
+
+The first --calibration documents of the source language give the calibration prompts of the
+strength search (``--strength auto``); the next --prompts documents give the reported prompts.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
+
 from ..errors import NeuronAtlasError
 from .args import corpus_args, debug_arg, model_args, quiet_arg
-from .common import load_model_from, read_corpus_from, write_json
+from .common import load_model_from, preflight_output, read_corpus_from, write_json
 
 # The defaults of neuronatlas.steer, repeated here so that building the parser imports no torch
 # (a test checks they agree).
 DEFAULT_DEACTIVATE = -2.5
-DEFAULT_STRENGTH = 7.0
+DEFAULT_STRENGTH = "auto"
+DEFAULT_CALIBRATION = 10
 DEFAULT_MAX_NEW_TOKENS = 20
 DEFAULT_PROMPT_WORDS = 4
 
@@ -35,16 +42,18 @@ def register(commands) -> None:
     parser.add_argument("--prompt-words", type=int, default=DEFAULT_PROMPT_WORDS,
                         help=f"words of each document used as its prompt (default: {DEFAULT_PROMPT_WORDS})")
     parser.add_argument("--mode", default="add", choices=["add", "replace", "diff"], help="how to activate the target (default: add)")
-    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
-                        help=f"lambda of mode add/diff: a += lambda * mean_target (default: {DEFAULT_STRENGTH})")
+    parser.add_argument("--strength", type=_strength, default=DEFAULT_STRENGTH,
+                        help="lambda of mode add/diff (a += lambda * mean_target), or 'auto': the smallest of a grid "
+                             "that flips 80%% of the calibration prompts with fluent text (default: auto)")
+    parser.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION,
+                        help=f"calibration prompts of --strength auto, taken before the reported ones "
+                             f"(default: {DEFAULT_CALIBRATION})")
     parser.add_argument("--deactivate", default=str(DEFAULT_DEACTIVATE),
                         help=f"constant the source neurons are set to, or 'none' (default: {DEFAULT_DEACTIVATE})")
-    parser.add_argument("--signal", default=None, choices=["z", "gate"], help="default: gate for gated families, else z")
+    parser.add_argument("--signal", default=None, choices=["z", "gate"],
+                        help="default: the one the set was selected on, else gate for gated families, else z")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--examples", type=int, default=3, help="examples to print (default: 3)")
-    parser.add_argument("--langid", default=None, help="a saved language identifier (.npz); default: train one")
-    parser.add_argument("--langid-corpus", default=None,
-                        help="labelled corpus to train the language identifier on (default: the atlas's corpus)")
     parser.add_argument("--json", default=None, help="write the full result (all continuations) as JSON to OUT")
     quiet_arg(parser, "print only the result lines")
     debug_arg(parser)
@@ -60,13 +69,24 @@ def _deactivate_value(text: str) -> float | None:
         raise NeuronAtlasError(f"--deactivate must be a number or 'none', not {text!r}") from None
 
 
+def _strength(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        strength = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', not {text!r}") from None
+    if not math.isfinite(strength):
+        raise argparse.ArgumentTypeError(f"must be a finite number or 'auto', not {text}")
+    return strength
+
+
 def run(args) -> int:
     from ..atlas import load_atlas
-    from ..corpus import read_corpus
-    from ..langid import LangId, train_langid
     from ..neuronset import load_neuron_set
-    from ..steer import format_steering, langid_for_atlas, prompts_from_corpus, steer
+    from ..steer import format_steering, prompts_from_corpus, steer, steering_interventions
 
+    preflight_output(args.json, "file", overwrite=True, what="steering JSON", flag="--json")
     deactivate = _deactivate_value(args.deactivate)
     neuron_set = load_neuron_set(args.sets)
     atlas = load_atlas(args.atlas)
@@ -76,20 +96,21 @@ def run(args) -> int:
                 f"unknown label {label!r} for {flag}; the neuron set has labels: {', '.join(neuron_set.labels) or 'none'}"
             )
         atlas.label_index(label)
+    steering_interventions(neuron_set, args.source, args.target, args.mode, deactivate)  # checks before the prompts
     label_field = args.label_field or atlas.meta.get("corpus", {}).get("label_field") or "lang"
     corpus = read_corpus_from(args, label_field=label_field)
-    prompts = prompts_from_corpus(corpus, args.source, args.prompts, args.prompt_words)
-    if args.langid:
-        langid = LangId.load(args.langid)
-    elif args.langid_corpus:
-        langid = train_langid(read_corpus(args.langid_corpus, text_field=args.text_field, label_field=label_field))
-    else:
-        langid = langid_for_atlas(atlas)
+    calibration = None
+    if args.strength == "auto" and args.mode != "replace":
+        if args.calibration < 1:
+            raise NeuronAtlasError(f"--strength auto needs at least 1 calibration prompt (--calibration), not {args.calibration}")
+        calibration = prompts_from_corpus(corpus, args.source, args.calibration, args.prompt_words)
+    skip = len(calibration) if calibration else 0
+    prompts = prompts_from_corpus(corpus, args.source, args.prompts, args.prompt_words, skip=skip)
     model, tokenizer = load_model_from(args)
     result = steer(
         model, tokenizer, atlas, neuron_set, args.source, args.target, prompts, mode=args.mode,
         deactivate_value=deactivate, strength=args.strength, max_new_tokens=args.max_new_tokens,
-        signal=args.signal, langid=langid,
+        signal=args.signal, calibration_prompts=calibration,
     )
     result["params"]["prompt_words"] = args.prompt_words
     print(format_steering(result, examples=0 if args.quiet else args.examples))
