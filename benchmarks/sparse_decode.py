@@ -1,6 +1,12 @@
-"""End-to-end batch-1 greedy decode of a randomly initialised Llama, dense vs each sparse plan.
+"""End-to-end greedy decode of a randomly initialised Llama (or a real model), dense vs each sparse plan.
 
     python benchmarks/sparse_decode.py [--layers 8] [--threads 2] [--runs 3] [--methods hot,coreinfer,teal,wina,moe]
+    python benchmarks/sparse_decode.py --model SmolLM2.gguf --methods teal,coreinfer --scope all [--batches 4,16]
+
+With ``--model`` the plans are calibrated on the bundled training corpus (TEAL/WINA with
+``--scope`` and uniform allocation: speed depends on the bytes skipped, not on how they are
+shared) and measured by ``neuronatlas.sparse.bench.bench``: threads fitted to the free cores
+unless ``--threads`` is given, per-run range, batched decode, CoreInfer's compaction time.
 
 The model (hidden 2048, FFN 5632, vocabulary 8192 tied: about 430M parameters, FFN ~65% of the
 weight bytes) is built from a config with seeded random weights: no download. Speed does not depend
@@ -19,10 +25,10 @@ import json
 import torch
 
 from neuronatlas.sparse import SparsifyOptions, sparsify
-from neuronatlas.sparse.bench import decode_speed
+from neuronatlas.sparse.speed import decode_speed
 from neuronatlas.sparse.calibrate import CalibrationSample
 from neuronatlas.sparse.plan import SparsePlan, model_info
-from neuronatlas.sparse.sparsify import _threshold_tables
+from neuronatlas.sparse.teal import threshold_tables
 from neuronatlas.sparse.wrap import SparseModel
 from neuronatlas.models import locate_neurons
 
@@ -62,16 +68,40 @@ def plans(model, methods: list[str], sparsity: float, moe_sparsity: float):
             scores = {f"score.{i}": torch.rand(w) for i, w in enumerate(neurons.widths)}
             yield SparsePlan("hot", sparsity, info, {"seed": 0}, scores)
         elif method in ("teal", "wina"):
-            yield SparsePlan(method, sparsity, info, {}, _threshold_tables(neurons, None, sample, method == "wina"))
+            yield SparsePlan(method, sparsity, info, {}, threshold_tables(neurons, None, sample, method == "wina"))
         else:
             yield sparsify(method, model, None, moe_sparsity if method == "moe" else sparsity,
                            options=SparsifyOptions(experts=16))
 
 
+def real_model(args) -> None:
+    """Each plan of a real model through ``bench`` (speed only), one JSON line each."""
+    from neuronatlas import bundled
+    from neuronatlas.loading import load_model
+    from neuronatlas.sparse.bench import bench
+    from neuronatlas.sparse.speed import speed_lines
+
+    model, tokenizer = load_model(args.model, device="cpu", dtype=args.dtype, quiet=True)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    for method in args.methods.split(","):
+        options = SparsifyOptions(calib_tokens=1024, scope=args.scope)
+        corpus = bundled.CORPUS_TRAIN if method in ("teal", "wina") else None
+        plan = sparsify(method, model, tokenizer, args.sparsity, corpus=corpus, options=options)
+        result = bench(model, tokenizer, plan, bundled.CORPUS_HELDOUT, runs=args.runs, new_tokens=args.new_tokens,
+                       prompt_tokens=args.prompt_tokens, max_windows=1, threads=args.threads, batches=batches)
+        result.pop("ppl_dense", None), result.pop("ppl_sparse", None), result.pop("ppl_ratio", None)
+        print("\n".join(speed_lines(result)), flush=True)
+        print(json.dumps({"scope": args.scope, "dtype": args.dtype} | {k: rounded(v) for k, v in result.items()}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a real model (folder or .gguf) instead of the random Llama")
+    parser.add_argument("--dtype", default="float32", help="with --model: float32 or bfloat16")
+    parser.add_argument("--scope", default="all", help="with --model: TEAL/WINA scope, mlp or all")
+    parser.add_argument("--batches", default=None, help="with --model: also these batch sizes, e.g. 4,16")
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="default: 2 (random model), the free cores (--model)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -79,6 +109,9 @@ def main() -> None:
     parser.add_argument("--moe-sparsity", type=float, default=0.75, help="share of experts skipped (0.75: 4 of 16 run)")
     parser.add_argument("--methods", default="hot,coreinfer,teal,wina,moe")
     args = parser.parse_args()
+    if args.model:
+        return real_model(args)
+    args.threads = args.threads or 2
     torch.set_num_threads(args.threads)
     model = random_llama(args.layers)
     prompt = torch.randint(model.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(2))

@@ -133,7 +133,7 @@ def test_coreinfer_decode_equals_masked_dense(llama):
 
 def test_paired_decode_gives_the_tokens_of_each_side_alone(llama):
     """Dense and CoreInfer steps taking turns (bench) do not disturb each other's KV cache or core set."""
-    from neuronatlas.sparse.bench import paired_decode
+    from neuronatlas.sparse.speed import paired_decode
 
     model, tokenizer = llama
     plan = make_plan("coreinfer", model, tokenizer, 0.5)
@@ -181,21 +181,21 @@ def test_sparse_input_kernel_equals_masked_matmul():
 
 
 @pytest.mark.parametrize("method", ["teal", "wina"])
-def test_gate_and_up_come_from_one_bag_call_and_equal_their_masked_products(llama, corpus_path, method):
-    from neuronatlas.models import locate_neurons
+def test_gate_and_up_come_from_one_group_and_equal_their_masked_products(llama, corpus_path, method):
+    from neuronatlas.sparse.attention import sparse_layers
     from neuronatlas.sparse.teal import threshold_runtime
 
     model, tokenizer = llama
     plan = make_plan(method, model, tokenizer, 0.5, corpus=corpus_path)
-    runtime = threshold_runtime(plan, locate_neurons(model).layers[0], weighted=method == "wina")
-    pair = runtime.pair
-    assert pair.shared_mask == (method == "teal")  # TEAL thresholds x once for both
-    x = torch.randn(1, 1, pair.rows)
+    runtime = threshold_runtime(plan, sparse_layers(model)[0], weighted=method == "wina")
+    group = runtime.groups["gate"]
+    assert group is runtime.groups["up"] and group.shared_mask == (method == "teal")  # TEAL: one mask, one table
+    x = torch.randn(1, 1, group.members["gate"].weight_t.shape[0])
     gate = runtime.forward("gate", x, None)
-    assert set(pair.waiting) == {"up"}
+    assert set(group.waiting) == {"up"}
     up = runtime.forward("up", x, None)
-    assert not pair.waiting  # the second call took the kept output
-    for out, projection in ((gate, pair.gate), (up, pair.up)):
+    assert not group.waiting  # the second call took the kept output
+    for out, projection in ((gate, group.members["gate"]), (up, group.members["up"])):
         expected = masked_input_matmul(x, projection.weight_t, projection.mask(x))
         assert torch.allclose(out, expected, atol=1e-5)
         assert not torch.allclose(out, x @ projection.weight_t, atol=1e-3)  # channels were dropped

@@ -24,6 +24,7 @@ def register(commands) -> None:
     window_args(parser, max_length=128, batch_size=False, least_length=4)
     parser.add_argument("--controls", action="store_true", help="also the perplexity of the random control plan")
     parser.add_argument("--sweep", default=None, help="also perplexity (plan and random) at these sparsities, e.g. 0.25,0.5,0.75")
+    parser.add_argument("--batches", default=None, help="also decode speed at these batch sizes, e.g. 4,16")
     parser.set_defaults(handler=run)
 
 
@@ -34,6 +35,7 @@ def run(args) -> int:
     if (args.controls or args.sweep) and args.corpus is None:
         raise NeuronAtlasError("--controls and --sweep measure perplexity: pass --corpus HELDOUT.jsonl")
     sweep = _sweep(args.sweep)
+    batches = _batches(args.batches)
     preflight_output(args.json, "file", overwrite=args.overwrite, what="bench JSON", flag="--json")
     plan = load_plan(args.plan)
     model, tokenizer = load_speed_model(args)
@@ -41,7 +43,8 @@ def run(args) -> int:
         raise NeuronAtlasError(f"{args.model} has no tokenizer to read --corpus with; drop --corpus or add a tokenizer")
     result = bench(model, tokenizer, plan, args.corpus, text_field=args.text_field, runs=args.runs,
                    new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, max_windows=args.max_windows,
-                   max_length=args.max_length, controls=args.controls, sweep=sweep)
+                   max_length=args.max_length, controls=args.controls, sweep=sweep, threads=args.threads,
+                   batches=batches)
     _print_bench(result)
     if args.json:
         write_json(args.json, result)
@@ -59,14 +62,27 @@ def _sweep(text: str | None) -> list[float] | None:
         raise NeuronAtlasError(f"--sweep {text!r} is not a list of sparsities; write e.g. 0.25,0.5,0.75") from None
 
 
+def _batches(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise NeuronAtlasError(f"--batches {text!r} is not a list of batch sizes; write e.g. 4,16")
+    return sizes
+
+
 def _print_bench(result: dict) -> None:
+    from ..sparse.speed import speed_lines
+
     for warning in result.get("warnings", []):
         print(f"neuronatlas: warning: {warning}; rerun on an idle machine, or pin --threads below the free cores",
               file=sys.stderr)
-    print(f"{result['method']} at sparsity {result['sparsity']:g}, {result['threads']} threads, "
-          f"median of {result['runs']} runs of {result['new_tokens']} tokens")
-    print(f"decode: dense {result['dense_tokens_per_s']:.1f} tok/s, sparse {result['sparse_tokens_per_s']:.1f} tok/s, "
-          f"speedup {result['speedup']:.2f}x")
+    print(f"{result['method']} at sparsity {result['sparsity']:g}, median of {result['runs']} runs of "
+          f"{result['new_tokens']} tokens")
+    print("\n".join(line for line in speed_lines(result) if not line.startswith("warning:")))
     print(f"prefill ({result['prompt_tokens']} tokens): dense {1e3 * result['dense_prefill_s']:.1f} ms, "
           f"sparse {1e3 * result['sparse_prefill_s']:.1f} ms")
     if "ppl_dense" in result:

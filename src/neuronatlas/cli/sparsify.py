@@ -26,6 +26,14 @@ def register(commands) -> None:
     overwrite_arg(parser, "replace a plan already in --out")
     group = parser.add_argument_group("method options")
     group.add_argument("--calib-tokens", type=positive_int, default=4096, help="calibration tokens read from --corpus")
+    group.add_argument("--scope", default="mlp", choices=["mlp", "all"],
+                       help="teal/wina: threshold the inputs of the FFN, or of every linear layer (default: mlp)")
+    group.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"],
+                       help="teal/wina: the same sparsity for every input, or TEAL's greedy per-block allocation")
+    group.add_argument("--greedy-step", type=float_in(0.0, 1.0, low_open=True, high_open=True), default=0.05,
+                       help="teal/wina greedy: sparsity added to one input per step (default: 0.05)")
+    group.add_argument("--greedy-tokens", type=positive_int, default=512,
+                       help="teal/wina greedy: calibration tokens whose block outputs measure the error (default: 512)")
     group.add_argument("--hot-score", default="rms", choices=["rms", "rate"], help="hot: rank by rms of z or activation rate")
     group.add_argument("--hot-signal", default="z", choices=["z", "gate"], help="hot: signal of the atlas to rank")
     group.add_argument("--alpha", type=float_in(0.0, 1.0, low_open=True), default=0.2, help="coreinfer: top share of positive activations per token")
@@ -105,7 +113,8 @@ def run(args) -> int:
     options = SparsifyOptions(calib_tokens=args.calib_tokens, hot_score=args.hot_score, hot_signal=args.hot_signal,
                               alpha=args.alpha, core_score=args.core_score, layers=layers,
                               clusters=args.clusters, cluster_layer=args.cluster_layer, experts=args.experts,
-                              split=args.split, router=args.router, seed=args.seed)
+                              split=args.split, router=args.router, seed=args.seed, scope=args.scope,
+                              allocation=args.allocation, greedy_step=args.greedy_step, greedy_tokens=args.greedy_tokens)
     plan = sparsify(args.method, model, tokenizer, args.sparsity, atlas=atlas, corpus=args.corpus,
                     text_field=args.text_field, options=options, name_or_path=args.model)
     if args.ppl_within is not None:

@@ -5,11 +5,15 @@
     >>> with apply_plan(model, plan):                                         # doctest: +SKIP
     ...     model.generate(**inputs, max_new_tokens=32)
 
-Methods: ``teal``, ``wina``, ``coreinfer``, ``hot``, ``moe``; see docs/sparse.md.
+Methods (:data:`METHOD_NAMES`): ``teal``, ``wina``, ``coreinfer``, ``hot``, ``moe``, one module
+each, listed in :mod:`.registry`; to add one see :mod:`.method` and docs/sparse.md.
 """
 
-from .plan import METHODS, SparsePlan, load_plan
+from .method import SparseMethod
+from .plan import SparsePlan, check_sparsity, load_plan
+from .registry import METHOD_NAMES, METHODS
 from .sparsify import SparsifyOptions, sparsify
 from .wrap import SparseModel, apply_plan
 
-__all__ = ["METHODS", "SparseModel", "SparsePlan", "SparsifyOptions", "apply_plan", "load_plan", "sparsify"]
+__all__ = ["METHODS", "METHOD_NAMES", "SparseMethod", "SparseModel", "SparsePlan", "SparsifyOptions", "apply_plan",
+           "check_sparsity", "load_plan", "sparsify"]

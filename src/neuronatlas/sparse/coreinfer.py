@@ -18,10 +18,15 @@ Plan tensors (variant only): ``centroids.<cluster_layer>`` (C, d_ff), ``cluster_
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from ..errors import NeuronAtlasError
+from .calibrate import CalibrationSample
 from .ffn import layer_weights, tokens_of
 from .hot import CompactFFN, kept_count
+from .method import SparseMethod, picked
 
 DEFAULT_ALPHA = 0.2
 SCORES = ("signed", "abs")
@@ -57,6 +62,7 @@ class CoreInferRuntime:
         self.prompt = -1  # the prompt keep belongs to
         self.compact: CompactFFN | None = None  # its buffers are reused from prompt to prompt
         self.compacted = -1  # the prompt compact holds the core set of
+        self.compaction_s = 0.0  # seconds the last prompt's compaction took
 
     def forward(self, role, x, original):
         if self.phase.prefill:
@@ -87,11 +93,13 @@ class CoreInferRuntime:
         self.keep = torch.stack(sets)
 
     def _compact(self, keep: torch.Tensor) -> None:
+        started = time.perf_counter()
         if self.compact is None:
             self.compact = CompactFFN(self.weights, keep)
         else:
             self.compact.refill(keep)
         self.compacted = self.prompt
+        self.compaction_s = time.perf_counter() - started  # this prompt's gathering, reported by bench
 
     def _frequency(self, z: torch.Tensor, row: int) -> torch.Tensor:
         if self.plan.control == "random":
@@ -123,3 +131,53 @@ def runtime(plan, layer, phase):
     if plan.sparsity == 0 or (layers is not None and layer.index not in layers):
         return None
     return CoreInferRuntime(plan, layer, phase)
+
+
+# ---- calibration --------------------------------------------------------------------------------
+
+
+def cluster_tables(neurons, sample: CalibrationSample, options, cluster_layer: int) -> dict[str, torch.Tensor]:
+    """k-means over the calibration windows' core frequencies at ``cluster_layer``; per-cluster frequencies per layer."""
+    from sklearn.cluster import KMeans
+
+    if not 0 <= cluster_layer < neurons.num_layers:
+        raise NeuronAtlasError(f"cluster layer {cluster_layer} is outside the model's layers 0..{neurons.num_layers - 1}")
+    windows = [(a, b) for a, b in sample.windows if b - a > 1]
+    if len(windows) < options.clusters:
+        raise NeuronAtlasError(f"{options.clusters} clusters need at least as many calibration windows (got {len(windows)})")
+    frequency = {layer: torch.stack([core_frequency(sample.z[layer][a:b], options.alpha, options.core_score)
+                                     for a, b in windows]) for layer in range(neurons.num_layers)}  # (W, d_ff)
+    kmeans = KMeans(options.clusters, n_init=4, random_state=options.seed).fit(frequency[cluster_layer].numpy())
+    labels = torch.from_numpy(kmeans.labels_).long()
+    tensors = {f"centroids.{cluster_layer}": torch.from_numpy(kmeans.cluster_centers_).float()}
+    for layer, table in frequency.items():
+        tensors[f"cluster_score.{layer}"] = torch.stack([table[labels == c].mean(0) for c in range(options.clusters)])
+    return tensors
+
+
+def build(neurons, options, atlas, sample, plan) -> dict[str, torch.Tensor]:
+    if not options.clusters:
+        return {}
+    return cluster_tables(neurons, sample, options, plan.options["cluster_layer"])
+
+
+def check(options, atlas, corpus) -> None:
+    if options.clusters and corpus is None:
+        raise NeuronAtlasError("coreinfer --clusters (similarity-guided) clusters a calibration corpus: pass --corpus FILE")
+
+
+def uses_corpus(options) -> bool:
+    return bool(options.clusters)
+
+
+def record(options, num_layers: int) -> dict:
+    """Plan options: the core-set choice, and the cluster layer (middle by default) of the clustered variant."""
+    chosen = picked(options, ("alpha", "core_score", "layers", "clusters", "seed"))
+    chosen["score"] = chosen.pop("core_score")
+    if options.clusters:
+        chosen["cluster_layer"] = num_layers // 2 if options.cluster_layer is None else options.cluster_layer
+    return chosen
+
+
+METHOD = SparseMethod("coreinfer", build, runtime, check=check, uses_corpus=uses_corpus, record=record,
+                      needs_decoding="picks core neurons at prefill and reuses them while decoding")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import NeuronAtlasError
 from .ffn import FFNWeights, layer_weights
+from .method import SparseMethod
 
 SCORES = ("rate", "rms")
 
@@ -98,7 +99,18 @@ def runtime(plan, layer, phase):
     return HotRuntime(CompactFFN(layer_weights(layer), keep.to(layer.down.weight.device)))
 
 
-def make_hot_tensors(atlas, score: str, signal: str) -> dict[str, torch.Tensor]:
-    if signal not in atlas.signals:
-        raise NeuronAtlasError(f"this atlas has no {signal!r} signal (it has: {', '.join(atlas.signals)}); use --hot-signal z")
-    return hot_scores(atlas, score, signal)
+def build(neurons, options, atlas, sample, plan) -> dict[str, torch.Tensor]:
+    if atlas.widths != neurons.widths:
+        raise NeuronAtlasError(f"atlas widths {atlas.widths} differ from the model's {neurons.widths}; profile this model")
+    if options.hot_signal not in atlas.signals:
+        raise NeuronAtlasError(f"this atlas has no {options.hot_signal!r} signal (it has: {', '.join(atlas.signals)}); "
+                               "use --hot-signal z")
+    return hot_scores(atlas, options.hot_score, options.hot_signal)
+
+
+def check(options, atlas, corpus) -> None:
+    if atlas is None:
+        raise NeuronAtlasError("hot needs an atlas (its activation frequencies): pass --atlas ATLAS from `neuronatlas profile`")
+
+
+METHOD = SparseMethod("hot", build, runtime, options=("hot_score", "hot_signal", "seed"), check=check)

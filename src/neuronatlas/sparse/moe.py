@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..errors import NeuronAtlasError
 from .ffn import FFNWeights, layer_weights, tokens_of
 from .kernels import expert_runs
+from .method import SparseMethod
 
 SPLITS = ("weights", "coactivation")
 ROUTERS = ("centroid", "mlp")
@@ -107,6 +108,7 @@ def train_mlp_router(x: torch.Tensor, z: torch.Tensor, order: torch.Tensor, boun
                      centroids: torch.Tensor, top: int, steps: int = 200, seed: int = 0) -> dict[str, torch.Tensor]:
     """MoEfication's router d -> E (tanh) -> E, trained to predict each token's top-``top`` experts."""
     torch.manual_seed(seed)
+    x, z = x.clone(), z.clone()  # the calibration pass made them in inference mode: autograd cannot save those
     experts = centroids.shape[0]
     mass = torch.stack([z[:, order[bounds[e]:bounds[e + 1]]].abs().sum(1) for e in range(experts)], 1)  # (N, E)
     target = torch.zeros_like(mass).scatter_(1, mass.topk(top, dim=1).indices, 1.0)
@@ -199,3 +201,41 @@ def runtime(plan, layer, phase):
     if plan.sparsity == 0 and plan.control is None:
         return None
     return ExpertFFN(plan, layer)
+
+
+def build(neurons, options, atlas, sample, plan) -> dict[str, torch.Tensor]:
+    """Experts (and router) of every layer, from the weights or the sample's z (N, d_ff) and x (N, d_model)."""
+    tensors = {}
+    for layer in neurons.layers:
+        weights = layer_weights(layer)
+        if options.experts > weights.width:
+            raise NeuronAtlasError(f"{options.experts} experts for layer {layer.index} of {weights.width} neurons: "
+                                   f"use --experts {weights.width} or fewer")
+        if options.split == "coactivation":
+            features = coactivation_features(sample.z[layer.index], options.active)
+        else:
+            features = weight_features(weights).cpu()
+        parts = layer_experts(weights, options.experts, features, options.seed)
+        if options.router == "mlp":
+            top = experts_used(options.experts, plan.sparsity)
+            parts |= train_mlp_router(sample.x[layer.index], sample.z[layer.index], parts["order"], parts["bounds"],
+                                      parts["centroids"].cpu(), top, options.router_steps, options.seed)
+        tensors |= {f"{name}.{layer.index}": value.cpu() for name, value in parts.items()}
+    return tensors
+
+
+def uses_corpus(options) -> bool:
+    return options.split == "coactivation" or options.router == "mlp"
+
+
+def check(options, atlas, corpus) -> None:
+    if options.split not in SPLITS:
+        raise NeuronAtlasError(f"unknown expert split {options.split!r}; use one of {', '.join(SPLITS)}")
+    if options.router not in ROUTERS:
+        raise NeuronAtlasError(f"unknown router {options.router!r}; use one of {', '.join(ROUTERS)}")
+    if uses_corpus(options) and corpus is None:
+        raise NeuronAtlasError(f"moe --split {options.split} --router {options.router} learns from activations: pass --corpus FILE")
+
+
+METHOD = SparseMethod("moe", build, runtime, options=("experts", "split", "router", "active", "seed"),
+                      check=check, uses_corpus=uses_corpus)

@@ -18,23 +18,24 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..errors import NeuronAtlasError
+from ..files import save_tensors
 from ..loading import model_fingerprint
 from ..models import locate_neurons
+from .registry import METHOD_NAMES
 
 FORMAT_VERSION = 1
 META_FILE = "plan.json"
 TENSORS_FILE = "tensors.safetensors"
-METHODS = ("teal", "wina", "coreinfer", "hot", "moe")
 CONTROLS = (None, "random")  # "random": the same plan with random choices, the baseline to beat
 
 
 @dataclass
 class SparsePlan:
-    method: str  # one of METHODS
+    method: str  # one of METHOD_NAMES
     sparsity: float  # share of FFN work skipped, in [0, 1)
     model: dict  # name_or_path, model_type, fingerprint, widths
     options: dict = field(default_factory=dict)  # the method's options (JSON)
@@ -79,7 +80,7 @@ class SparsePlan:
         meta = {"format_version": FORMAT_VERSION, "neuronatlas_version": __version__, "method": self.method,
                 "sparsity": self.sparsity, "model": self.model, "options": self.options,
                 "calibration": self.calibration, "control": self.control}
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path / TENSORS_FILE))
+        save_tensors({k: v.contiguous() for k, v in self.tensors.items()}, path / TENSORS_FILE)
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return path
 
@@ -119,8 +120,8 @@ def load_plan(path: str | Path) -> SparsePlan:
 
 def _check_fields(plan: SparsePlan) -> None:
     """Raise ValueError/TypeError on fields a hand-edited or truncated plan.json could get wrong."""
-    if plan.method not in METHODS:
-        raise ValueError(f"method {plan.method!r} is none of {', '.join(METHODS)}")
+    if plan.method not in METHOD_NAMES:
+        raise ValueError(f"method {plan.method!r} is none of {', '.join(METHOD_NAMES)}")
     if isinstance(plan.sparsity, bool) or not isinstance(plan.sparsity, (int, float)) or not 0 <= plan.sparsity < 1:
         raise ValueError(f"sparsity {plan.sparsity!r} is not a number in [0, 1)")
     if plan.control not in CONTROLS:

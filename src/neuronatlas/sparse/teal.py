@@ -1,133 +1,57 @@
-"""TEAL: per-token magnitude thresholds on the inputs of the FFN projections.
+"""TEAL: per-token magnitude thresholds on the inputs of a block's linear layers.
 
-For each layer and projection (``up``, ``gate``: their input is the FFN input x; ``down``: its
-input is z), an input channel is kept on a token when its score exceeds the layer's threshold; the
-projection then reads only the kept rows of its transposed weight (see :mod:`.kernels`); in gated
-MLPs gate and up share one table and one ``embedding_bag`` per decode token (:class:`GateUpPair`).
-TEAL's score is ``|x_i|``; WINA's is ``|x_i| * ||W[:, i]||_2`` (:mod:`.wina`).
+For each layer and projection an input channel is kept on a token when its score exceeds the
+projection's threshold (kernels and groups in :mod:`.thresholds`). TEAL's score is ``|x_i|``;
+WINA's is ``|x_i| * ||W[:, i]||_2`` (:mod:`.wina`). ``scope="mlp"`` thresholds the FFN's inputs
+(up/gate read x, down reads z); ``scope="all"`` also the attention's (q/k/v read one input, o its
+own; :mod:`.attention`). ``allocation`` shares the plan's sparsity among these inputs: ``uniform``
+(every input at s) or TEAL's ``greedy`` per-block allocation (:mod:`.allocation`).
 
-The plan stores, per layer and projection, the score's quantile table ``quantiles.<role>.<layer>``
-((Q,) at probabilities ``linspace(0, 1, Q)``), calibrated on a corpus (a calibration pass over
-the inputs) or, for ``down``, from the atlas's per-neuron histograms of z (then up and gate stay
-dense). The threshold at sparsity s is the table interpolated at s: every projection of every
-layer drops the same share s of its input channels.
+Plan tensors: ``quantiles.<role>.<layer>`` ((Q,) quantiles of the role's input score at
+probabilities ``linspace(0, 1, Q)``), calibrated on a corpus or, for ``down`` alone, from the
+atlas's per-neuron histograms of z; with greedy allocation ``allocation.<layer>`` (S, G), the
+greedy path over the scope's input groups. The threshold of a role at sparsity s is its table
+interpolated at its group's sparsity.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
-from .ffn import FFNWeights, layer_weights, tokens_of
-from .kernels import masked_input_matmul, sparse_input_matvec, weighted_row_sums
+from ..errors import NeuronAtlasError
+from .allocation import ALLOCATIONS, GROUP_OF, SCOPES, at_target, greedy_path, group_sizes, uniform
+from .attention import SparseLayer, check_attention, projection_weight, sparse_layers
+from .calibrate import CalibrationSample, atlas_score_quantiles
+from .ffn import layer_roles, layer_weights
+from .method import SparseMethod, always
+from .thresholds import ThresholdRuntime, build_group, threshold_at
 
 QUANTILE_POINTS = 1001
-
-
-def threshold_at(quantiles: torch.Tensor, sparsity: float) -> float:
-    """The score below which a share ``sparsity`` of the calibration inputs fall."""
-    if sparsity <= 0:
-        return float("-inf")
-    position = sparsity * (quantiles.numel() - 1)
-    low = int(position)
-    high = min(low + 1, quantiles.numel() - 1)
-    fraction = position - low
-    return float(quantiles[low] * (1 - fraction) + quantiles[high] * fraction)
+MAX_QUANTILE_SAMPLE = 2_000_000  # scores sorted per table; a random subsample beyond this
+OPTIONS = ("scope", "allocation", "greedy_step", "greedy_tokens", "greedy_top")
 
 
 def quantile_table(scores: torch.Tensor) -> torch.Tensor:
     """(QUANTILE_POINTS,) quantiles of a 1-D sample of scores."""
     ordered = scores.reshape(-1).float().sort().values
     positions = torch.linspace(0, ordered.numel() - 1, QUANTILE_POINTS)
-    low = positions.floor().long()
-    high = positions.ceil().long()
+    low, high = positions.floor().long(), positions.ceil().long()
     fraction = positions - low
     return ordered[low] * (1 - fraction) + ordered[high] * fraction
 
 
-class SparseInputProjection:
-    """One projection whose input channels are dropped per token when their score is below a threshold."""
-
-    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-                 scale: torch.Tensor | None, random_sparsity: float | None):
-        self.weight_t = weight_t  # (in, out) contiguous: row i = input channel i
-        self.bias = bias
-        self.threshold = threshold
-        self.scale = scale  # (in,) WINA's column norms, None for TEAL
-        self.random_sparsity = random_sparsity  # the random control drops this share of channels
-
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        if self.random_sparsity is not None:
-            return torch.rand_like(x) >= self.random_sparsity
-        score = x.abs() if self.scale is None else x.abs() * self.scale
-        return score > self.threshold
-
-    def same_mask_as(self, other: SparseInputProjection) -> bool:
-        """Whether both always keep the same channels of the same input (TEAL's gate and up)."""
-        return (self.random_sparsity is None and other.random_sparsity is None and self.scale is None
-                and other.scale is None and self.threshold == other.threshold)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask(x)
-        if tokens_of(x) == 1:  # decode: read only the kept rows
-            out = sparse_input_matvec(x.reshape(-1), self.weight_t, mask.reshape(-1)).reshape(*x.shape[:-1], -1)
-        else:
-            out = masked_input_matmul(x, self.weight_t, mask)
-        return self.with_bias(out)
-
-    def with_bias(self, out: torch.Tensor) -> torch.Tensor:
-        return out if self.bias is None else out + self.bias
-
-
-class GateUpPair:
-    """Gate and up of a gated MLP on one decode token, computed together by one ``embedding_bag``.
-
-    Both read the same x: the first of the two calls thresholds x once (once per projection for
-    WINA and the random control, whose masks differ) and computes both outputs from one table
-    ``[W_gateᵀ; W_upᵀ]`` (2 d_model, d_ff); the second call returns the output kept for it.
-    """
-
-    def __init__(self, gate: SparseInputProjection, up: SparseInputProjection, table: torch.Tensor):
-        self.gate, self.up, self.table = gate, up, table
-        self.shared_mask = gate.same_mask_as(up)
-        self.rows = gate.weight_t.shape[0]  # d_model: up's rows follow gate's in the table
-        self.x: torch.Tensor | None = None  # the input whose other output is waiting
-        self.waiting: dict[str, torch.Tensor] = {}
-
-    def forward(self, role: str, x: torch.Tensor) -> torch.Tensor:
-        if x is self.x and role in self.waiting:
-            out = self.waiting.pop(role)
-            self.x = None
-            return out
-        flat = x.reshape(-1)  # (d_model,)
-        kept_gate = self.gate.mask(flat).nonzero().squeeze(1)
-        kept_up = kept_gate if self.shared_mask else self.up.mask(flat).nonzero().squeeze(1)
-        values = flat[kept_gate]
-        gate, up = weighted_row_sums(self.table, [kept_gate, kept_up + self.rows],
-                                     [values, values if self.shared_mask else flat[kept_up]])
-        outputs = {"gate": self.gate.with_bias(gate.view(*x.shape[:-1], -1)),
-                   "up": self.up.with_bias(up.view(*x.shape[:-1], -1))}
-        self.x, self.waiting = x, {name: out for name, out in outputs.items() if name != role}
-        return outputs[role]
-
-
-class ThresholdRuntime:
-    def __init__(self, projections: dict[str, SparseInputProjection], pair: GateUpPair | None):
-        self.projections = projections
-        self.pair = pair
-
-    def forward(self, role, x, original):
-        projection = self.projections.get(role)
-        if projection is None:
-            return original(x)
-        if self.pair is not None and role != "down" and tokens_of(x) == 1:
-            return self.pair.forward(role, x)
-        return projection.forward(x)
-
-
-def role_weights(weights: FFNWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+def role_weights(layer: SparseLayer, scope: str = "all") -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{role: ((out, in) weight, bias)} of the projections in ``scope`` (FFN roles, then attention's)."""
+    weights = layer_weights(layer)
     roles = {"up": (weights.up, weights.up_bias), "down": (weights.down, weights.down_bias)}
     if weights.gate is not None:
         roles["gate"] = (weights.gate, weights.gate_bias)
+    if scope == "all":
+        for role, module in getattr(layer, "attention", {}).items():
+            bias = getattr(module, "bias", None)
+            roles[role] = (projection_weight(module).detach(), None if bias is None else bias.detach())
     return roles
 
 
@@ -136,30 +60,162 @@ def column_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().norm(dim=0)
 
 
-def threshold_runtime(plan, layer, weighted: bool):
+def layer_groups(roles) -> tuple[str, ...]:
+    """The input groups the roles read, in allocation order."""
+    present = {GROUP_OF[role] for role in roles}
+    return tuple(group for group in SCOPES["all"] if group in present)
+
+
+def group_sparsities(plan, layer: int, roles: dict) -> dict[str, float]:
+    """{group: sparsity} of one layer at the plan's sparsity (uniform, or along the greedy path)."""
+    groups = layer_groups(roles)
+    sizes = group_sizes({role: weight for role, (weight, _) in roles.items()}, groups)
+    values = at_target(plan.tensor("allocation", layer), sizes, plan.sparsity) if plan.has("allocation", layer) \
+        else uniform(sizes, plan.sparsity)
+    return {group: float(value) for group, value in zip(groups, values)}
+
+
+def threshold_runtime(plan, layer, weighted: bool, phase=None):
     if plan.sparsity == 0:
         return None
-    weights = layer_weights(layer)
-    roles = {role: weight_bias for role, weight_bias in role_weights(weights).items()
+    roles = {role: weight_bias for role, weight_bias in role_weights(layer).items()
              if plan.has(f"quantiles.{role}", layer.index)}
     if not roles:  # no input was calibrated (e.g. x from an atlas alone): the layer stays dense
         return None
-    paired = "gate" in roles and "up" in roles
-    table = torch.cat([roles["gate"][0].T, roles["up"][0].T]).contiguous() if paired else None  # (2 d_model, d_ff)
-    projections = {}
-    for role, (weight, bias) in roles.items():
-        threshold = threshold_at(plan.tensor(f"quantiles.{role}", layer.index), plan.sparsity)
-        scale = column_norms(weight).to(weight.dtype) if weighted else None
-        random = plan.sparsity if plan.control == "random" else None
-        if paired and role in ("gate", "up"):  # views of the shared table: no second copy
-            rows = weight.shape[1]
-            weight_t = table[:rows] if role == "gate" else table[rows:]
-        else:
-            weight_t = weight.T.contiguous()
-        projections[role] = SparseInputProjection(weight_t, bias, threshold, scale, random)
-    pair = GateUpPair(projections["gate"], projections["up"], table) if paired else None
-    return ThresholdRuntime(projections, pair)
+    sparsity = group_sparsities(plan, layer.index, roles)
+    counts = phase.kernel_calls if phase is not None else Counter()
+    modules = layer_roles(layer) | getattr(layer, "attention", {})
+    groups = {}
+    for group in sparsity:
+        members = {role: roles[role] for role in roles if GROUP_OF[role] == group}
+        thresholds = {role: threshold_at(plan.tensor(f"quantiles.{role}", layer.index), sparsity[group]) for role in members}
+        scales = {role: column_norms(w).to(w.dtype) if weighted else None for role, (w, _) in members.items()}
+        random = {role: sparsity[group] if plan.control == "random" else None for role in members}
+        built = build_group(members, thresholds, scales, random, counts)
+        groups |= {role: built for role in members}
+    return ThresholdRuntime(groups, {role: modules[role] for role in roles})
+
+
+# ---- calibration --------------------------------------------------------------------------------
+
+
+def threshold_tables(layers: list[SparseLayer], atlas, sample: CalibrationSample | None, weighted: bool,
+                     scope: str = "mlp") -> dict[str, torch.Tensor]:
+    """{"quantiles.<role>.<layer>": (QUANTILE_POINTS,)} of each projection's input score (WINA's if ``weighted``).
+
+    From the calibration sample's inputs (N, in) when there is one, else from the atlas's
+    histograms of z (``down`` only: the other projections stay dense).
+    """
+    tensors = {}
+    generator = torch.Generator().manual_seed(0)
+    for layer in layers:
+        for role, (weight, _) in role_weights(layer, scope).items():
+            scale = column_norms(weight).cpu() if weighted else None
+            key = f"quantiles.{role}.{layer.index}"
+            if sample is not None:
+                values = sample.inputs(GROUP_OF[role], layer.index).abs()
+                scores = (values * scale if weighted else values).reshape(-1)
+                if scores.numel() > MAX_QUANTILE_SAMPLE:
+                    scores = scores[torch.randint(scores.numel(), (MAX_QUANTILE_SAMPLE,), generator=generator)]
+                tensors[key] = quantile_table(scores)
+            elif role == "down":
+                tensors[key] = atlas_score_quantiles(atlas, layer.index, scale, QUANTILE_POINTS)
+    return tensors
+
+
+@torch.inference_mode()
+def replay_error(layer: SparseLayer, calls, masks: dict) -> float:
+    """Mean squared error of the block's output over the recorded calls, with ``masks``
+    (role -> fn(x) -> keep mask) applied to the projections' inputs."""
+    modules = layer_roles(layer) | layer.attention
+    handles = [modules[role].register_forward_pre_hook(lambda _, args, keep=keep: (args[0] * keep(args[0]), *args[1:]))
+               for role, keep in masks.items()]
+    total, count = 0.0, 0
+    try:
+        for call in calls:
+            out = layer.block(*call.args, **call.kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            difference = (hidden - call.output)[call.real]  # (real tokens, d_model)
+            total += float(difference.float().pow(2).sum())
+            count += difference.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total / max(count, 1)
+
+
+def greedy_tables(layers: list[SparseLayer], sample: CalibrationSample, quantiles: dict, weighted: bool,
+                  options) -> dict[str, torch.Tensor]:
+    """{"allocation.<layer>": (S, G)} TEAL's greedy path of every layer, on the sample's recorded block calls."""
+    tensors = {}
+    for layer in layers:
+        roles = {role: wb for role, wb in role_weights(layer, options.scope).items()
+                 if f"quantiles.{role}.{layer.index}" in quantiles}
+        groups = layer_groups(roles)
+        scales = {role: column_norms(w).to(w.dtype) if weighted else None for role, (w, _) in roles.items()}
+
+        def error(state: torch.Tensor, roles=roles, groups=groups, scales=scales, index=layer.index, layer=layer) -> float:
+            masks = {}
+            for role in roles:
+                threshold = threshold_at(quantiles[f"quantiles.{role}.{index}"], float(state[groups.index(GROUP_OF[role])]))
+                masks[role] = _keep(threshold, scales[role])
+            return replay_error(layer, sample.blocks[index], masks)
+
+        sizes = group_sizes({role: weight for role, (weight, _) in roles.items()}, groups)
+        tensors[f"allocation.{layer.index}"] = greedy_path(error, sizes, options.greedy_step, options.greedy_top)
+    return tensors
+
+
+def _keep(threshold: float, scale: torch.Tensor | None):
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        score = x.abs() if scale is None else x.abs() * scale
+        return (score > threshold).to(x.dtype)
+
+    return keep
+
+
+def build_tables(neurons, options, atlas, sample, weighted: bool) -> dict[str, torch.Tensor]:
+    """Quantile tables of the scope's projections, and the greedy paths when asked for."""
+    layers = sparse_layers(neurons.model)
+    if options.scope == "all":
+        check_attention(layers, neurons.model_type)
+    tensors = threshold_tables(layers, atlas, sample, weighted, options.scope)
+    if options.allocation == "greedy":
+        tensors |= greedy_tables(layers, sample, tensors, weighted, options)
+    return tensors
+
+
+def check_options(method: str, options, atlas, corpus) -> None:
+    if options.scope not in SCOPES:
+        raise NeuronAtlasError(f"unknown scope {options.scope!r}; use one of {', '.join(SCOPES)}")
+    if options.allocation not in ALLOCATIONS:
+        raise NeuronAtlasError(f"unknown allocation {options.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+    if not 0 < options.greedy_step <= 0.5 or not 0 < options.greedy_top < 1:
+        raise NeuronAtlasError(f"greedy_step must be in (0, 0.5] and greedy_top in (0, 1), not {options.greedy_step} "
+                               f"and {options.greedy_top}")
+    if atlas is None and corpus is None:
+        raise NeuronAtlasError(f"{method} calibrates its thresholds from an atlas or a corpus: pass --atlas ATLAS or --corpus FILE")
+    if corpus is None and (options.scope == "all" or options.allocation == "greedy"):
+        raise NeuronAtlasError(f"{method} --scope {options.scope} --allocation {options.allocation} calibrates on "
+                               "activations: pass --corpus FILE (an atlas only has the FFN's z)")
+
+
+def calibration(options) -> dict:
+    """What the calibration pass records for these options: attention inputs, block calls for greedy."""
+    return {"attention": options.scope == "all",
+            "block_tokens": options.greedy_tokens if options.allocation == "greedy" else 0}
+
+
+def build(neurons, options, atlas, sample, plan) -> dict[str, torch.Tensor]:
+    return build_tables(neurons, options, atlas, sample, weighted=False)
+
+
+def check(options, atlas, corpus) -> None:
+    check_options("teal", options, atlas, corpus)
 
 
 def runtime(plan, layer, phase):
-    return threshold_runtime(plan, layer, weighted=False)
+    return threshold_runtime(plan, layer, weighted=False, phase=phase)
+
+
+METHOD = SparseMethod("teal", build, runtime, options=OPTIONS, check=check, uses_corpus=always, calibration=calibration)

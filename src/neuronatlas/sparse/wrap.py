@@ -4,7 +4,8 @@
     >>> with sparse:                                        # projections swapped in, KV cache as usual
     ...     model.generate(**inputs, max_new_tokens=32)     # doctest: +SKIP
 
-Each FFN projection module of each layer is replaced by a :class:`~.ffn.Projection` whose
+Each FFN projection module of each layer (and each attention projection a runtime names in its
+``roles``: TEAL/WINA with ``scope="all"``) is replaced by a :class:`~.ffn.Projection` whose
 layer *runtime* (one per method) computes it; leaving the ``with`` block (or ``detach()``) puts
 the family's modules back, so dense and sparse runs alternate in one process at no cost.
 
@@ -16,18 +17,18 @@ prompt (perplexity of a continuation after a prefill).
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import import_module
 
 from torch import nn
 
 from ..errors import NeuronAtlasError
 from ..models import locate_neurons
+from .attention import sparse_layers
 from .ffn import ModuleSwap, Projection, layer_roles
-from .plan import METHODS, SparsePlan
-
-ENCODER_TYPES = ("bert", "roberta")
+from .plan import SparsePlan
+from .registry import check_support
 
 
 @dataclass
@@ -39,21 +40,11 @@ class Phase:
     continuing: bool = False  # multi-token calls continue the last prompt (no new prompt)
     prompt: int = 0  # counts prompts: runtimes rebuild per-prompt state when it changes
     clusters: list[int] = field(default_factory=list)  # CoreInfer's similarity-guided cluster per sequence
+    kernel_calls: Counter = field(default_factory=Counter)  # TEAL/WINA decode calls: "rows" read, or "dense" fallback
 
     @property
     def prefill(self) -> bool:
         return self.tokens > 1 and not self.continuing
-
-
-def check_support(method: str, model_type: str) -> None:
-    """Refuse method/family pairs that cannot work."""
-    if method not in METHODS:
-        raise NeuronAtlasError(f"unknown sparse method {method!r}; use one of {', '.join(METHODS)}")
-    if method == "coreinfer" and model_type in ENCODER_TYPES:
-        raise NeuronAtlasError(
-            f"coreinfer picks core neurons at prefill and reuses them while decoding; {model_type} is an "
-            "encoder with no decoding: use teal, wina, hot or moe for it"
-        )
 
 
 class SparseModel:
@@ -61,20 +52,21 @@ class SparseModel:
 
     def __init__(self, model: nn.Module, plan: SparsePlan):
         neurons = locate_neurons(model)
-        check_support(plan.method, neurons.model_type)
+        method = check_support(plan.method, model.config)
         if plan.widths != neurons.widths:
             raise NeuronAtlasError(
                 f"plan widths {plan.widths} do not match the model's FFN widths {neurons.widths}; "
                 "run `neuronatlas sparsify` for this model"
             )
         self.model, self.plan, self.phase = model, plan, Phase()
-        method = import_module(f"{__package__}.{plan.method}")
-        self.runtimes = [method.runtime(plan, layer, self.phase) for layer in neurons.layers]
+        layers = sparse_layers(model)
+        self.runtimes = [method.runtime(plan, layer, self.phase) for layer in layers]
         replacements = {}
-        for layer, runtime in zip(neurons.layers, self.runtimes):
+        for layer, runtime in zip(layers, self.runtimes):
             if runtime is None:  # this layer stays dense
                 continue
-            for role, module in layer_roles(layer).items():
+            # the FFN's projections, or those the runtime names (TEAL/WINA: attention's too)
+            for role, module in getattr(runtime, "roles", layer_roles(layer)).items():
                 replacements[module] = Projection(runtime, role, module)
         self._swap = ModuleSwap(model, replacements)
         self._hook = None

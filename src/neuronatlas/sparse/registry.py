@@ -1,0 +1,31 @@
+"""The sparse methods by name: the one list to extend when adding a method (see :mod:`.method`)."""
+
+from __future__ import annotations
+
+from ..errors import NeuronAtlasError
+from ..models import is_encoder
+from . import coreinfer, hot, moe, teal, wina
+from .method import SparseMethod
+
+MODULES = (teal, wina, coreinfer, hot, moe)  # the CLI lists the methods in this order
+
+METHODS: dict[str, SparseMethod] = {module.METHOD.name: module.METHOD for module in MODULES}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def method_named(name: str) -> SparseMethod:
+    if name not in METHODS:
+        raise NeuronAtlasError(f"unknown sparse method {name!r}; use one of {', '.join(METHOD_NAMES)}")
+    return METHODS[name]
+
+
+def check_support(name: str, config) -> SparseMethod:
+    """The method called ``name``, refusing method/family pairs that cannot work (``config``: the model's)."""
+    method = method_named(name)
+    if method.needs_decoding and is_encoder(config):
+        others = [other for other, candidate in METHODS.items() if not candidate.needs_decoding]
+        raise NeuronAtlasError(
+            f"{name} {method.needs_decoding}; {config.model_type} is an encoder with no decoding: "
+            f"use {', '.join(others[:-1])} or {others[-1]} for it"
+        )
+    return method

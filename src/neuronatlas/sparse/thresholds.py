@@ -1,0 +1,148 @@
+"""Per-token thresholds on projection inputs at inference (TEAL, WINA): masks and their kernels.
+
+An input channel i is kept on a token when its score (``|x_i|``, or WINA's ``|x_i| * ||W[:, i]||``)
+is above the projection's threshold. Projections that read one input form an :class:`InputGroup`
+(q, k, v; gate and up; down alone; o alone). On a decode step (at most ``MAX_BAG_TOKENS`` tokens,
+one per sequence) the group computes all its outputs at its first call and hands the others out
+at theirs: when every member keeps the same channels (TEAL) from one table ``[W_1ᵀ | W_2ᵀ ...]``
+(in, sum of outs) whose kept rows are read in place (:func:`.kernels.weighted_row_sums`), else
+one such call per member. With B sequences the rows read are the sum of each token's kept rows;
+when that exceeds the dense weight's rows (batch 4 at 50%: twice as many) the group falls back to
+the dense product of the masked input, which reads every row once (counted in
+``Phase.kernel_calls``). Calls of more tokens (prefill) always take that masked dense product.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from .ffn import tokens_of
+from .kernels import masked_input_matmul, weighted_row_sums
+
+MAX_BAG_TOKENS = 16  # calls of more tokens (prefill) use the masked dense product
+
+
+def threshold_at(quantiles: torch.Tensor, sparsity: float) -> float:
+    """The score below which a share ``sparsity`` of the calibration inputs fall."""
+    if sparsity <= 0:
+        return float("-inf")
+    position = min(float(sparsity), 1.0) * (quantiles.numel() - 1)
+    low = int(position)
+    high = min(low + 1, quantiles.numel() - 1)
+    fraction = position - low
+    return float(quantiles[low] * (1 - fraction) + quantiles[high] * fraction)
+
+
+class SparseInputProjection:
+    """One projection whose input channels are dropped per token when their score is below a threshold."""
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                 scale: torch.Tensor | None, random_sparsity: float | None):
+        self.weight_t = weight_t  # (in, out): row i = input channel i (a column slice of a group table)
+        self.bias = bias
+        self.threshold = threshold
+        self.scale = scale  # (in,) WINA's column norms, None for TEAL
+        self.random_sparsity = random_sparsity  # the random control drops this share of channels
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        if self.random_sparsity is not None:
+            return torch.rand_like(x, dtype=torch.float32) >= self.random_sparsity
+        score = x.abs() if self.scale is None else x.abs() * self.scale
+        return score > self.threshold
+
+    def same_mask_as(self, other: SparseInputProjection) -> bool:
+        """Whether both always keep the same channels of the same input (TEAL's q/k/v, gate/up)."""
+        return (self.random_sparsity is None and other.random_sparsity is None and self.scale is None
+                and other.scale is None and self.threshold == other.threshold)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Many tokens: the dense product of the masked input, x (..., in) -> (..., out)."""
+        return self.with_bias(masked_input_matmul(x, self.weight_t, self.mask(x) if mask is None else mask))
+
+    def with_bias(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.bias is None else out + self.bias
+
+
+class InputGroup:
+    """Projections reading one input; on decode steps all are computed at the first member's call."""
+
+    def __init__(self, members: dict[str, SparseInputProjection], table: torch.Tensor | None, counts: Counter):
+        self.members = members  # role -> projection, in table column order
+        self.table = table  # (in, sum of outs) when the members share their mask, else None
+        self.widths = [member.weight_t.shape[1] for member in members.values()]
+        self.counts = counts  # "rows" / "dense" decode calls, shared by the model's runtimes
+        self.x: torch.Tensor | None = None  # the input whose other outputs are waiting
+        self.waiting: dict[str, torch.Tensor] = {}
+
+    @property
+    def shared_mask(self) -> bool:
+        return self.table is not None
+
+    def forward(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        if x is self.x and role in self.waiting:
+            out = self.waiting.pop(role)
+            if not self.waiting:
+                self.x = None
+            return out
+        if tokens_of(x) > MAX_BAG_TOKENS:
+            return self.members[role].forward(x)
+        outputs = self._decode(x.reshape(-1, x.shape[-1]))  # role -> (B, out)
+        outputs = {name: out.view(*x.shape[:-1], -1) for name, out in outputs.items()}
+        self.x, self.waiting = x, {name: out for name, out in outputs.items() if name != role}
+        return outputs[role]
+
+    def _decode(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every member's output for the tokens flat (B, in)."""
+        rows = flat.shape[1]
+        if self.shared_mask:
+            mask = next(iter(self.members.values())).mask(flat)  # (B, in)
+            if int(mask.sum()) <= rows:
+                self.counts["rows"] += 1
+                kept = [m.nonzero().squeeze(1) for m in mask]
+                out = weighted_row_sums(self.table, kept, [t[k] for t, k in zip(flat, kept)])  # (B, sum of outs)
+                parts = out.split(self.widths, dim=1)
+                return {role: member.with_bias(part) for (role, member), part in zip(self.members.items(), parts)}
+            self.counts["dense"] += 1
+            return {role: member.forward(flat, mask) for role, member in self.members.items()}
+        outputs = {}
+        for role, member in self.members.items():
+            mask = member.mask(flat)
+            if int(mask.sum()) <= rows:
+                self.counts["rows"] += 1
+                kept = [m.nonzero().squeeze(1) for m in mask]
+                outputs[role] = member.with_bias(weighted_row_sums(member.weight_t, kept, [t[k] for t, k in zip(flat, kept)]))
+            else:
+                self.counts["dense"] += 1
+                outputs[role] = member.forward(flat, mask)
+        return outputs
+
+
+class ThresholdRuntime:
+    """One layer: each sparsified role's group; other roles run their original module."""
+
+    def __init__(self, groups: dict[str, InputGroup], roles: dict):
+        self.groups = groups  # role -> its group
+        self.roles = roles  # role -> module to swap (FFN and attention projections this runtime computes)
+
+    def forward(self, role, x, original):
+        group = self.groups.get(role)
+        return original(x) if group is None else group.forward(role, x)
+
+
+def build_group(weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], thresholds: dict[str, float],
+                scales: dict[str, torch.Tensor | None], random: dict[str, float | None], counts: Counter) -> InputGroup:
+    """An :class:`InputGroup` of ``weights`` (role -> ((out, in) weight, bias)) reading one input."""
+    roles = list(weights)
+    shared = all(scales[r] is None and random[r] is None and thresholds[r] == thresholds[roles[0]] for r in roles)
+    if shared:  # one table; the members' weights are column slices of it (no second copy)
+        table = torch.cat([weights[r][0] for r in roles]).T.contiguous()
+        bounds = [0]
+        for role in roles:
+            bounds.append(bounds[-1] + weights[role][0].shape[0])
+        slices = {r: table[:, a:b] for r, a, b in zip(roles, bounds[:-1], bounds[1:])}
+    else:
+        table, slices = None, {r: weights[r][0].T.contiguous() for r in roles}
+    members = {r: SparseInputProjection(slices[r], weights[r][1], thresholds[r], scales[r], random[r]) for r in roles}
+    return InputGroup(members, table, counts)
