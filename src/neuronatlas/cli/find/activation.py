@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..args import out_arg
-from ..common import check_out
 from .base import FindMethod, check_label_field, label_field_arg, null_options, save
 
 
@@ -23,7 +22,6 @@ def _run_lape(args) -> int:
     from ...atlas import load_atlas
     from ...methods.lape import find_lape
 
-    check_out(args.out)
     atlas = load_atlas(args.atlas)
     check_label_field(atlas, args.label_field)
     found = find_lape(atlas, top_rate=args.top_rate, percentile=args.percentile, signal=args.signal,
@@ -44,7 +42,6 @@ def _run_dead(args) -> int:
     from ...atlas import load_atlas
     from ...methods.dead import find_dead
 
-    check_out(args.out)
     found = find_dead(load_atlas(args.atlas), max_rate=args.max_rate, signal=args.signal)
     save(found, args, f"rate <= {args.max_rate:g} on signal {found.params['signal']}")
     return 0

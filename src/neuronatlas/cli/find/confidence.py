@@ -4,7 +4,7 @@ an optional mean-ablation check on a corpus."""
 from __future__ import annotations
 
 from ..args import corpus_args, layers_arg, load_args, model_arg, out_arg, parse_layers, window_args
-from ..common import check_out, load_model_from, read_windowed_corpus
+from ..common import load_model_from, read_windowed_corpus
 from .base import FindMethod, write_found
 
 
@@ -41,7 +41,6 @@ def _entropy_options(parser) -> None:
 def _run_entropy(args) -> int:
     from ...methods.confidence import find_entropy
 
-    check_out(args.out)
     parse_layers(args.layers)  # fail before loading the model
     corpus = read_windowed_corpus(args) if args.corpus is not None else None
     model, tokenizer = load_model_from(args)
@@ -66,7 +65,6 @@ def _run_frequency(args) -> int:
     from ...methods.confidence import find_frequency, unigram_direction
     from ...methods.vocab import unembedding
 
-    check_out(args.out)
     parse_layers(args.layers)  # fail before loading the model
     corpus = read_windowed_corpus(args)
     model, tokenizer = load_model_from(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ...errors import NeuronAtlasError
 from ..args import corpus_args, load_args, model_arg, out_arg
-from ..common import check_out, load_model_from, read_corpus_from
+from ..common import load_model_from, read_corpus_from
 from .base import FindMethod, check_label_field, label_field_arg, null_options, save
 
 
@@ -28,7 +28,6 @@ def _run_selectivity(args) -> int:
     from ...atlas import load_atlas
     from ...methods.selectivity import find_selective
 
-    check_out(args.out)
     atlas = load_atlas(args.atlas)
     check_label_field(atlas, args.label_field)
     found = find_selective(atlas, label=args.label, metric=args.metric, pool=args.pool,
@@ -64,7 +63,6 @@ def _run_tokens(args) -> int:
     from ...atlas import load_atlas
     from ...methods.detectors import find_token_detectors
 
-    check_out(args.out)
     if args.corpus is not None and args.model is None:
         raise NeuronAtlasError("--corpus needs --model: variance explained is measured by running the model")
     atlas = load_atlas(args.atlas)
@@ -97,7 +95,6 @@ def _run_positional(args) -> int:
     from ...atlas import load_atlas
     from ...methods.positional import find_positional
 
-    check_out(args.out)
     found = find_positional(load_atlas(args.atlas), min_variance_explained=args.min_vr, min_position=args.min_position,
                             null=null_options(args))
     save(found, args, f"VR by position bucket >= {args.min_vr:g}")

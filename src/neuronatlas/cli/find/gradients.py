@@ -4,7 +4,7 @@ neurons. Each loads a model and writes a neuron set."""
 from __future__ import annotations
 
 from ..args import corpus_args, layers_arg, model_args, out_arg, parse_layers, quiet_arg, window_args
-from ..common import check_out, load_model_from, read_corpus_from
+from ..common import load_model_from, read_corpus_from
 from .base import FindMethod, null_options, save
 
 
@@ -35,7 +35,6 @@ def _run_attribution(args) -> int:
     from ...methods.attribution import find_attribution
     from ...neuronset import load_neuron_set
 
-    check_out(args.out)
     corpus = read_corpus_from(args)
     exclude = load_neuron_set(args.exclude) if args.exclude else None
     labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
@@ -67,7 +66,6 @@ def _ig_options(parser) -> None:
 def _run_ig(args) -> int:
     from ...methods.ig import find_knowledge_neurons, group_facts, knowledge_check, read_facts
 
-    check_out(args.out)
     layers = parse_layers(args.layers)
     facts = read_facts(args.facts)
     group_facts(facts, args.min_paraphrases)  # fail before loading the model
@@ -101,7 +99,6 @@ def _atp_options(parser) -> None:
 def _run_atp(args) -> int:
     from ...methods.atp import find_atp, read_pairs
 
-    check_out(args.out)
     pairs = read_pairs(args.pairs)
     model, tokenizer = load_model_from(args)
     found = find_atp(model, tokenizer, pairs, metric=args.metric, top_k=args.top_k, graddrop=args.graddrop,
@@ -130,7 +127,6 @@ def _cett_options(parser) -> None:
 def _run_cett(args) -> int:
     from ...methods.cett import find_cett, read_examples
 
-    check_out(args.out)
     records = read_examples(args.data, args.label_field)
     model, tokenizer = load_model_from(args)
     found = find_cett(model, tokenizer, records, args.positive, label_field=args.label_field, negative=args.negative,

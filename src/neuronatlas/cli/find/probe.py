@@ -62,7 +62,6 @@ def _samples(args):
 def _run(args) -> int:
     from ...methods.probe import plot_curves, sparse_probe
 
-    check_out(args.out)
     check_out(args.report, "--report", "report JSON")
     check_out(args.plot, "--plot", "PNG")
     ks = int_list(args.ks, "--ks")

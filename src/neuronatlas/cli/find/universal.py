@@ -25,7 +25,6 @@ def _options(parser) -> None:
 def _run(args) -> int:
     from ...methods.universal import find_universal
 
-    check_out(args.out)
     check_out(args.report, "--report", "report JSON")
     corpus = read_windowed_corpus(args)
     model_a, tokenizer = load_model_from(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...errors import NeuronAtlasError
 from ..args import finite_float, model_args, out_arg
-from ..common import atlas_meta, check_out, load_model_from
+from ..common import atlas_meta, load_model_from
 from .base import FindMethod, save
 
 ATLAS_HELP = "name the set after this atlas's model (must be --model)"
@@ -21,7 +21,6 @@ def _vocab_options(parser) -> None:
 def _run_vocab(args) -> int:
     from ...methods.vocab import KINDS, find_vocab
 
-    check_out(args.out)
     if args.kind not in KINDS:
         raise NeuronAtlasError(f"unknown kind {args.kind!r}; use prediction or suppression")
     meta = atlas_meta(args.atlas)
@@ -47,7 +46,6 @@ def _run_weights(args) -> int:
     if args.out is not None and args.cls is None:
         raise NeuronAtlasError("--out needs --class: name the weight class to write (e.g. --class depletion)")
     cls = class_name(args.cls) if args.cls is not None else None
-    check_out(args.out)
     meta = atlas_meta(args.atlas)
     model, _ = load_model_from(args)
     classes = weight_classes(model, args.threshold)
