@@ -211,7 +211,7 @@ def test_set_json_records_null_q_signal_and_zero_labels(atlases, tmp_path, capsy
     assert load_neuron_set(tmp_path / "old.json").signal == "z"
     real = atlases["llama", "real"]
     real.save(tmp_path / "real")
-    assert main(["find", "lape", "--atlas", str(tmp_path / "real"), "--out", str(out), "--top-rate", "0.05"]) == 0
+    assert main(["find", "lape", "--atlas", str(tmp_path / "real"), "--out", str(out), "--top-rate", "0.05", "--overwrite"]) == 0
     data = json.loads(out.read_text())
     assert data["signal"] == "gate" and data["params"]["top_rate"] == 0.05
     assert all("q" in n for n in data["neurons"]) and data["unique_neurons"] <= data["count"]

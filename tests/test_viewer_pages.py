@@ -5,11 +5,13 @@ from __future__ import annotations
 import html
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
+
 import pytest
 from viewer_files import (  # noqa: F401 (fixtures)
     TINY_LLAMA, bare_client, client, cyrillic_neurons, files, heatmap_counts, readable_copy, viewer, viewer_lape,
@@ -127,9 +129,7 @@ def test_atlas_without_activation_windows(files, tmp_path):
     from neuronatlas.viewer.app import create_app
 
     old = tmp_path / "old-atlas"
-    old.mkdir()
-    for item in files["atlas"].iterdir():
-        (old / item.name).write_bytes(item.read_bytes())
+    shutil.copytree(files["atlas"], old)  # with any samples/ cache another test made
     table = pq.read_table(old / "exemplars.parquet")
     pq.write_table(table.drop_columns(["window_start", "window_activations"]), old / "exemplars.parquet")
     viewer = open_viewer(old)
