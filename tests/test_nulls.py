@@ -216,6 +216,6 @@ def test_set_json_records_null_q_signal_and_zero_labels(atlases, tmp_path, capsy
     assert data["signal"] == "gate" and data["params"]["top_rate"] == 0.05
     assert all("q" in n for n in data["neurons"]) and data["unique_neurons"] <= data["count"]
     cli_fails(capsys, ["find", "selectivity", "--atlas", str(tmp_path / "atlas"), "--label-field", "topic",
-                       "--out", str(out)], "--label-field topic", "(lang)")
-    cli_fails(capsys, ["find", "lape", "--atlas", str(tmp_path / "atlas"), "--out", str(out), "--min-docs", "31"],
+                       "--out", str(out), "--overwrite"], "--label-field topic", "(lang)")
+    cli_fails(capsys, ["find", "lape", "--atlas", str(tmp_path / "atlas"), "--out", str(out), "--min-docs", "31", "--overwrite"],
               "label 'de' has 30 documents", "--min-docs 31")
