@@ -52,8 +52,12 @@ def run_demo(model: str = "tiny-llama", out: str | Path = "neuronatlas-demo", qu
 
     if STEER_FROM in neuron_set.labels and STEER_TO in neuron_set.labels:
         _say(f"4. steer {STEER_FROM} -> {STEER_TO} while generating from {STEER_FROM} prompts")
-        prompts = prompts_from_corpus(bundled.CORPUS_HELDOUT, STEER_FROM, count=10, label_field=bundled.LABEL_FIELD)
-        steering = steer(model_obj, tokenizer, atlas, neuron_set, STEER_FROM, STEER_TO, prompts)
+        # the strength is searched on 10 calibration prompts; the 10 after them are the ones reported
+        calibration = prompts_from_corpus(bundled.CORPUS_HELDOUT, STEER_FROM, count=10, label_field=bundled.LABEL_FIELD)
+        prompts = prompts_from_corpus(bundled.CORPUS_HELDOUT, STEER_FROM, count=10, label_field=bundled.LABEL_FIELD,
+                                      skip=len(calibration))
+        steering = steer(model_obj, tokenizer, atlas, neuron_set, STEER_FROM, STEER_TO, prompts,
+                         calibration_prompts=calibration)
         print(format_steering(steering, examples=1))
     print(f"\nwritten to {out}: corpus.jsonl, atlas/, lape.json, eval.json, eval.md, eval.png")
 
