@@ -28,6 +28,9 @@ CHECKPOINT_FILE = "checkpoint.safetensors"  # one process; under torchrun see ch
 CHECKPOINT_GLOB = "checkpoint*.safetensors"
 DOCPOOL_PARTIAL_DIR = "docpool.partial"  # the document sample's memmaps while profiling
 PARTIAL_SUFFIX = ".partial"  # a checkpoint being written, renamed when complete
+# what a process killed while writing a checkpoint leaves: our partial file, and safetensors' own
+# temporary file (it writes ".tmpXXXXXX" beside the target, then renames it)
+SCRATCH_GLOBS = ("checkpoint*" + PARTIAL_SUFFIX, ".tmp*")
 STAGING_SUFFIX = ".writing"  # the folder an atlas is written into before it replaces the old one
 LOCK_FILE = ".neuronatlas.lock"  # "PID host" of the profile writing the folder (see profile/guard.py)
 

@@ -17,8 +17,8 @@ from safetensors import safe_open
 
 from ..atlas import is_atlas
 from ..errors import NeuronAtlasError
-from ..files import (ATLAS_FILES, CHECKPOINT_GLOB, DOCPOOL_PARTIAL_DIR, LOCK_FILE, PARTIAL_SUFFIX, STAGING_SUFFIX,
-                     checkpoint_name, save_tensors)
+from ..files import (ATLAS_FILES, CHECKPOINT_GLOB, DOCPOOL_PARTIAL_DIR, LOCK_FILE, PARTIAL_SUFFIX, SCRATCH_GLOBS,
+                     STAGING_SUFFIX, checkpoint_name, save_tensors)
 
 
 def checkpoint_files(out: Path) -> list[Path]:
@@ -105,6 +105,6 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def remove_scratch(out: Path) -> None:
     """Delete the checkpoints and the document sample's scratch files once the atlas is written."""
-    for path in checkpoint_files(out):
+    for path in checkpoint_files(out) + [path for glob in SCRATCH_GLOBS for path in out.glob(glob)]:
         path.unlink(missing_ok=True)
     shutil.rmtree(out / DOCPOOL_PARTIAL_DIR, ignore_errors=True)
