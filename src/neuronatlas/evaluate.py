@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .corpus import Batch, Corpus, iter_batches, iter_windows, read_corpus
 from .errors import NeuronAtlasError
 from .hooks import forward_batch, hook_sites, pad_token_id
-from .intervene import SIGNALS, Intervention, check_interventions
+from .intervene import SIGNALS, Intervention, check_interventions, combine
 from .loading import max_positions, model_fingerprint
 from .models import check_causal, locate_neurons
 from .neuronset import NeuronSet
@@ -224,7 +224,7 @@ def _row_blocks(plans: list[dict], signal: str):
                 out = x.clone() if out is None else out
                 index, vector = step.on(x.device, x.dtype)
                 rows = out[m * size:(m + 1) * size]  # a view: writing it writes out
-                rows[..., index] = _combined(step.kind, rows[..., index], vector)
+                rows[..., index] = combine(step.kind, rows[..., index], vector)
         return out
 
     return edit
@@ -338,13 +338,6 @@ def _label_batches(corpus: Corpus, tokenizer, max_docs: int | None, max_length: 
         tokens[label] = sum(len(w.input_ids) - 1 for w in windows)
     documents = {label: taken[label] for label in sorted(per_label)}
     return batches, documents, tokens
-
-
-def _combined(kind: str, columns: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """What an intervention's compiled step (kind set / mul / add, per-neuron vector) makes of ``columns``."""
-    if kind == "set":
-        return vector.expand_as(columns)
-    return columns * vector if kind == "mul" else columns + vector
 
 
 def random_like(table: dict[int, torch.Tensor], widths: list[int], generator: torch.Generator) -> dict[int, torch.Tensor]:

@@ -234,7 +234,7 @@ def _apply(x: torch.Tensor, edits: list[_Edit], shape: tuple[int, int] | None) -
             view = out.view(shape[0], shape[1], out.shape[-1])
         if edit.positions == "all":
             columns = view[..., index]
-            view[..., index] = _combine(edit.kind, columns, vector)
+            view[..., index] = combine(edit.kind, columns, vector)
             continue
         length = view.shape[-2]
         if edit.positions == "last":
@@ -245,12 +245,13 @@ def _apply(x: torch.Tensor, edits: list[_Edit], shape: tuple[int, int] | None) -
             continue
         rows = torch.tensor(selected, device=view.device)
         block = view[..., rows, :]  # (..., P, D) copy
-        block[..., index] = _combine(edit.kind, block[..., index], vector)
+        block[..., index] = combine(edit.kind, block[..., index], vector)
         view[..., rows, :] = block
     return out
 
 
-def _combine(kind: str, columns: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+def combine(kind: str, columns: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """What a compiled edit (kind set / mul / add, a per-neuron ``vector``) makes of ``columns`` (..., n)."""
     if kind == "set":
         return vector.expand_as(columns)
     if kind == "mul":
