@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import cli_fails, make_gpt2, make_tokenizer
+from decode_steps import prefill_then_steps
 
 from neuronatlas.cli import main
 from neuronatlas.errors import NeuronAtlasError
@@ -50,18 +51,6 @@ def all_plans(llama, llama_atlas, corpus_path, sparsity):
             "coreinfer": make_plan("coreinfer", model, tokenizer, sparsity),
             "hot": make_plan("hot", model, tokenizer, sparsity, atlas=llama_atlas[0]),
             "moe": make_plan("moe", model, tokenizer, sparsity, experts=4)}
-
-
-@torch.inference_mode()
-def prefill_then_steps(model, ids, split):
-    """Logits of ids[:, split:] fed one token at a time after prefilling ids[:, :split]."""
-    out = model(input_ids=ids[:, :split], use_cache=True)
-    logits, past = [out.logits[:, -1]], out.past_key_values
-    for position in range(split, ids.shape[1] - 1):
-        out = model(input_ids=ids[:, position : position + 1], past_key_values=past, use_cache=True)
-        logits.append(out.logits[:, -1])
-        past = out.past_key_values
-    return torch.stack(logits, 1)
 
 
 def test_sparsity_zero_gives_dense_logits(llama, llama_atlas, corpus_path):

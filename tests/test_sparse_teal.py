@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_gpt2
+from decode_steps import prefill_then_steps
 
 from neuronatlas.loading import load_model
 from neuronatlas.sparse import SparsifyOptions, apply_plan, sparsify
@@ -21,18 +22,6 @@ def llama(tiny_llama):
 
 def teal_plan(model, tokenizer, corpus, sparsity=0.5, method="teal", **options):
     return sparsify(method, model, tokenizer, sparsity, corpus=corpus, options=SparsifyOptions(**(GREEDY | options)))
-
-
-@torch.inference_mode()
-def prefill_then_steps(model, ids, split):
-    """Logits (B, steps, V) of ids[:, split:] fed one token at a time after prefilling ids[:, :split]."""
-    out = model(input_ids=ids[:, :split], use_cache=True)
-    logits, past = [out.logits[:, -1]], out.past_key_values
-    for position in range(split, ids.shape[1] - 1):
-        out = model(input_ids=ids[:, position : position + 1], past_key_values=past, use_cache=True)
-        logits.append(out.logits[:, -1])
-        past = out.past_key_values
-    return torch.stack(logits, 1)
 
 
 def test_greedy_reaches_the_target_and_spares_the_costly_input():
