@@ -169,6 +169,9 @@ CASES = [
     Case("find-tokens-coverage-2", "find tokens --atlas {atlas} --no-null --coverage 2 --out {newjson}",
          ("coverage", "2.0", "(0, 1]")),
     Case("find-tokens-ngram", "find tokens --atlas {atlas} --ngram 3 --out {newjson}", ("--ngram", "3")),
+    Case("find-tokens-other-model",  # advises the model the atlas was made with, not dropping a required flag
+         "find tokens --atlas {atlas_other_model} --model {model} --device cpu --corpus {corpus} --no-null --out {newjson}",
+         ("another model", "--model")),
     Case("find-positional-min-vr-nan", "find positional --atlas {atlas} --no-null --min-vr nan --out {newjson}",
          ("min variance explained", "nan")),
     Case("find-vocab-kind", "find vocab --model {model} --device cpu --kind both --out {newjson}", ("both",)),

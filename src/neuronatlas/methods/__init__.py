@@ -52,7 +52,7 @@ def model_block_for(model, atlas_meta: dict | None) -> dict:
         raise NeuronAtlasError(
             f"the atlas was made for another model ({info['name_or_path']}, fingerprint {info['fingerprint']}) "
             f"than {block['name_or_path'] or 'the model given'} (fingerprint {block['fingerprint']}); "
-            "pass the atlas of this model or leave --atlas out"
+            f"pass the model the atlas was made with (--model {info['name_or_path']}) or the atlas of this model"
         )
     return info
 
