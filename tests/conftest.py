@@ -69,8 +69,13 @@ def write_corpus(path, documents: int = 30, seed: int = 0, max_words: int = 90) 
         lang = list(WORDS)[index % len(WORDS)]
         length = rng.randint(3, max_words)
         rows.append({"text": " ".join(rng.choice(WORDS[lang]) for _ in range(length)), "lang": lang})
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    write_jsonl(path, rows)
     return rows
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    """One JSON object per line, UTF-8, non-ASCII kept as is."""
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
 def cli_fails(capsys, argv: list[str], *expected: str) -> str:

@@ -3,7 +3,6 @@ merge, and the profile flags that turn them off; checked against a brute-force r
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from neuronatlas.profile import ProfileRun, profile
 from neuronatlas.stats import SignalStats
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import write_jsonl  # noqa: E402
 from test_cli_errors import StopsAfter  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
 from detect_fixtures import CAP, atlas, doc_pools, options, reference, run_profile  # noqa: E402,F401  (fixtures, helpers)
 
 
@@ -130,7 +128,7 @@ def test_halves_merge_positions_and_concatenate_doc_samples(tiny_llama, corpus_r
     halves = []
     for name, part in (("first", rows[:13]), ("second", rows[13:])):
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+        write_jsonl(path, part)
         halves.append(run_profile(tiny_llama, path, tmp_path / name, doc_sample=256))
     merged = merge_atlases(*halves)
     assert torch.equal(merged.position_tokens, atlas.position_tokens)

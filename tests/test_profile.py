@@ -22,6 +22,8 @@ from neuronatlas.models import locate_neurons
 from neuronatlas.profile import ProfileOptions, profile
 from neuronatlas.stats import default_hist_edges
 
+from conftest import write_jsonl
+
 MAX_LENGTH = 24
 
 
@@ -125,7 +127,7 @@ def test_halves_merge_into_the_whole(tiny_llama, corpus_rows_and_path, atlas, tm
     halves = []
     for name, part in (("first", rows[:13]), ("second", rows[13:])):
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+        write_jsonl(path, part)
         halves.append(run_profile(tiny_llama, path, tmp_path / name, batch_size=4))
     merged = merge_atlases(*halves)
     assert merged.labels == atlas.labels

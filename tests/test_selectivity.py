@@ -16,6 +16,7 @@ from neuronatlas.errors import NeuronAtlasError
 from neuronatlas.profile import ProfileOptions, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import write_jsonl  # noqa: E402
 from detect_fixtures import atlas  # noqa: E402,F401  (a fixture)
 
 
@@ -111,7 +112,7 @@ def test_bundled_tiny_llama_has_language_selective_neurons(tmp_path):
             per_label[row["lang"]] = per_label.get(row["lang"], 0) + 1
             chosen.append(row)
     corpus = tmp_path / "heldout-sample.jsonl"
-    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    write_jsonl(corpus, chosen)
     atlas = profile(str(model_dir), corpus, tmp_path / "atlas", label_field="lang", device="cpu", quiet=True,
                     options=ProfileOptions(max_length=64, batch_size=16, top_k=0, gate=False))
     found = find_selective(atlas, metric="ap", top_k=1)
