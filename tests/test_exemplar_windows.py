@@ -80,6 +80,28 @@ def test_windows_equal_a_recomputation_on_the_window_alone(atlas, model_and_toke
     assert checked == 8
 
 
+def test_bottom_windows_equal_a_recomputation_and_are_the_most_negative_first(atlas, model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    neurons = locate_neurons(model)
+    contexts = dict(zip(atlas.contexts["seq"].to_pylist(), atlas.contexts["token_ids"].to_pylist()))
+    checked = 0
+    for layer, neuron in ((0, 3), (atlas.num_layers - 1, 7)):
+        examples = neuron_exemplars(atlas, layer, neuron, end="bottom")
+        values = [example["activation"] for example in examples]
+        assert values == sorted(values) and all(value < 0 for value in values)
+        for example in examples:
+            ids = torch.tensor([contexts[example["seq"]]])
+            seen = {}
+            with torch.inference_mode(), capture(neurons, lambda l, z: seen.setdefault(l, z[0, :, neuron].clone())):
+                model(input_ids=ids)
+            lo = example["pos"] - example["focus"]
+            expected = seen[layer][lo:lo + len(example["activations"])]
+            assert torch.allclose(torch.tensor(example["activations"]), expected, rtol=1e-3, atol=1e-4)
+            assert min(example["activations"]) == pytest.approx(example["activation"], abs=1e-4)
+            checked += 1
+    assert checked >= 4
+
+
 def test_merge_and_resave_keep_the_windows(model_and_tokenizer, corpora, tmp_path, atlas):
     first = _profile(model_and_tokenizer, corpora[0], tmp_path / "a")
     second = _profile(model_and_tokenizer, corpora[1], tmp_path / "b")
@@ -95,10 +117,12 @@ def test_merge_and_resave_keep_the_windows(model_and_tokenizer, corpora, tmp_pat
     assert len(same) > 0.9 * len(rows)  # batching differs, so near-ties may pick other exemplars
     for merged_values, whole_values in same:
         assert merged_values == pytest.approx(whole_values, rel=2e-3, abs=1e-4)  # float16 windows
+    bottom = pq.read_table(tmp_path / "merged" / "bottom_exemplars.parquet").to_pylist()
+    assert bottom and all(row["window_activations"] for row in bottom)
 
 def test_radius_zero_records_no_windows(model_and_tokenizer, corpora, tmp_path):
     _profile(model_and_tokenizer, corpora[0], tmp_path / "plain", radius=0)
-    names = pq.read_schema(tmp_path / "plain" / "exemplars.parquet").names
-    assert "window_activations" not in names
+    for name in ("exemplars.parquet", "bottom_exemplars.parquet"):
+        assert "window_activations" not in pq.read_schema(tmp_path / "plain" / name).names
     example = neuron_exemplars(load_atlas(tmp_path / "plain"), 0, 0)[0]
     assert example["activations"] == [pytest.approx(example["activation"])] and len(example["tokens"]) == 1

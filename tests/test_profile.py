@@ -10,6 +10,7 @@ import sys
 import time
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -110,6 +111,20 @@ def test_top_exemplars_are_the_largest_activations(atlas, reference):
             torch.testing.assert_close(torch.tensor([e["activation"] for e in got]), column[order])
 
 
+def test_bottom_exemplars_are_the_most_negative_activations(atlas, reference):
+    _, layers = reference
+    for layer, ref in layers.items():
+        for neuron in range(0, atlas.widths[layer], 5):
+            column = ref["values"][:, neuron]
+            order = sorted(range(len(column)), key=lambda i: (float(column[i]), int(ref["uids"][i])))[:10]
+            got = atlas.exemplars(layer, neuron, end="bottom")
+            assert [(e["seq"] << 24) + e["pos"] for e in got] == [int(ref["uids"][i]) for i in order]
+            torch.testing.assert_close(torch.tensor([e["activation"] for e in got]), column[order])
+    saved = pq.read_table(atlas.path / "bottom_exemplars.parquet").to_pylist()
+    assert saved and all(row["activation"] < 0 for row in saved)  # SiLU goes below zero; only that is saved
+    assert set(atlas.contexts["seq"].to_pylist()) >= {row["seq"] for row in saved}
+
+
 def test_padding_side_and_batch_size_do_not_change_statistics(tiny_llama, corpus_path, atlas, tmp_path):
     for batch_size, side in ((1, "right"), (7, "left")):
         other = run_profile(tiny_llama, corpus_path, tmp_path / f"{side}{batch_size}", batch_size=batch_size, padding_side=side)
@@ -138,6 +153,7 @@ def test_halves_merge_into_the_whole(tiny_llama, corpus_rows_and_path, atlas, tm
             assert torch.equal(merged.stat("active", layer, signal_name), atlas.stat("active", layer, signal_name))
         assert torch.equal(merged.stat("hist", layer), atlas.stat("hist", layer))
         assert torch.equal(merged.stat("top_uid", layer), atlas.stat("top_uid", layer))
+        assert torch.equal(merged.stat("bottom_uid", layer), atlas.stat("bottom_uid", layer))
         torch.testing.assert_close(merged.stat("sum", layer), atlas.stat("sum", layer))
         assert torch.equal(merged.stat("max", layer), atlas.stat("max", layer))
     merged.save(tmp_path / "merged")

@@ -193,23 +193,29 @@ def copy_atlas(files: dict, folder) -> Path:
 
 def test_bottom_exemplars_show_when_recorded(files, tmp_path):
     from fastapi.testclient import TestClient
+    from safetensors.torch import load_file, save_file
 
     from neuronatlas.viewer import open_viewer
     from neuronatlas.viewer.app import create_app
 
-    client = TestClient(create_app(open_viewer(files["atlas"]).data, None))
-    assert 'id="bottom-none"' in client.get("/neuron/2/5").text
-    assert client.get("/api/neuron/2/5").json()["bottom_exemplars"] is None
-    atlas = copy_atlas(files, tmp_path / "atlas")
-    table = pq.read_table(atlas / "exemplars.parquet")
-    negated = table.set_column(table.schema.get_field_index("activation"), "activation",
-                               pa.compute.negate(table["activation"]))
-    pq.write_table(negated, atlas / "bottom_exemplars.parquet")
-    client = TestClient(create_app(open_viewer(atlas).data, None))
-    body = client.get("/api/neuron/2/5").json()
-    assert [i["activation"] for i in body["bottom_exemplars"]] == [-i["activation"] for i in body["exemplars"]]
+    client = TestClient(create_app(open_viewer(files["atlas"]).data, None))  # profiled with the default bottom-k
+    bottom = client.get("/api/neuron/2/5").json()["bottom_exemplars"]
+    values = [item["activation"] for item in bottom]
+    assert bottom and values == sorted(values) and all(value < 0 for value in values)
+    assert all(item["text"] and len(item["tokens"]) == len(item["activations"]) for item in bottom)
     page = client.get("/neuron/2/5").text
     assert 'id="bottom-exemplars"' in page and 'id="bottom-none"' not in page
+
+    atlas = copy_atlas(files, tmp_path / "atlas")  # as profiled with --bottom-k 0
+    (atlas / "bottom_exemplars.parquet").unlink()
+    tensors = {key: value for key, value in load_file(atlas / "stats.safetensors").items() if ".bottom_" not in key}
+    save_file(tensors, atlas / "stats.safetensors")
+    meta = json.loads((atlas / "atlas.json").read_text())
+    meta["options"]["bottom_k"] = 0
+    (atlas / "atlas.json").write_text(json.dumps(meta))
+    client = TestClient(create_app(open_viewer(atlas).data, None))
+    assert 'id="bottom-none"' in client.get("/neuron/2/5").text
+    assert client.get("/api/neuron/2/5").json()["bottom_exemplars"] is None
 
 
 def test_label_chart_uses_the_signal_of_the_neurons_set(files, tmp_path):

@@ -10,6 +10,8 @@ An atlas is a directory::
                          and window_activations: the neuron's z at positions window_start,
                          window_start + 1, ... of window seq, up to R tokens either side of pos
                          (float16 precision, the value at pos exact; zstd, byte-stream-split floats)
+    bottom_exemplars.parquet  (unless profiled with --bottom-k 0) the same for the bottom-k exemplars
+                         of z, rank 0 the most negative; only those below zero (a ReLU neuron has none)
     contexts.parquet     the token ids of every window an exemplar points to: seq, doc, label,
                          start, token_ids
     vocab.parquet        token id -> the string it decodes to, to show contexts without the model
@@ -57,8 +59,8 @@ from safetensors.torch import load_file
 from . import __version__
 from .docpool import DocPool, load_docpool
 from .errors import NeuronAtlasError
-from .files import (CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, META_FILE, STAGING_SUFFIX, STATS_FILE, VOCAB_FILE,
-                    save_tensors)
+from .files import (BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, META_FILE, STAGING_SUFFIX,
+                    STATS_FILE, VOCAB_FILE, save_tensors)
 from .stats import SignalStats, split_uid
 
 FORMAT_VERSION = 1
@@ -67,6 +69,7 @@ SIGNALS = ("z", "gate")
 WINDOW_KEYS = ("layer", "neuron", "seq", "pos")
 WINDOW_COLUMNS = ("window_start", "window_activations")
 POSITION = "position"  # prefix of the position statistics in stats.safetensors
+EXEMPLAR_FILES = {"top": EXEMPLARS_FILE, "bottom": BOTTOM_EXEMPLARS_FILE}  # each exemplar list's table
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Atlas:
     tokens_per_label: torch.Tensor  # (K,) int64
     contexts: pa.Table | None = None  # seq, doc, label, start, token_ids
     windows: pa.Table | None = None  # layer, neuron, seq, pos, window_start, window_activations
+    bottom_windows: pa.Table | None = None  # the same for the bottom exemplars
     path: Path | None = None  # the folder it was loaded from (windows are read from it on demand)
     vocab: pa.Table | None = None  # id, token
     positions: SignalStats | None = None  # z per position bucket: "labels" are the buckets
@@ -181,10 +185,21 @@ class Atlas:
             ]
         return summary
 
-    def exemplars(self, layer: int, neuron: int) -> list[dict]:
-        """Top-k exemplars of one neuron, best first: activation, seq, pos."""
-        values = self.stat("top_values", layer)[neuron]
-        seq, pos = split_uid(self.stat("top_uid", layer)[neuron])
+    def exemplar_seqs(self) -> set[int]:
+        """The windows (seq) that hold a saved exemplar of z: any top one, a bottom one below zero."""
+        wanted = set()
+        stats = self.signals["z"]
+        for layer, end in stats.exemplar_lists():
+            uid = stats.get(f"{end}_uid", layer)
+            saved = (uid >= 0) & (stats.get("bottom_values", layer) < 0) if end == "bottom" else uid >= 0
+            wanted.update(split_uid(uid[saved])[0].unique().tolist())
+        return wanted
+
+    def exemplars(self, layer: int, neuron: int, end: str = "top") -> list[dict]:
+        """One neuron's exemplars of the list ``end``, best first (bottom: most negative first; every
+        one kept, also those not below zero): activation, seq, pos."""
+        values = self.stat(f"{end}_values", layer)[neuron]
+        seq, pos = split_uid(self.stat(f"{end}_uid", layer)[neuron])
         return [
             {"activation": float(v), "seq": int(s), "pos": int(p)}
             for v, s, p in zip(values, seq, pos) if s >= 0
@@ -205,7 +220,7 @@ class Atlas:
                 field = key.split(".")[1]
                 if field in ("hist", "active") and (not tensor.numel() or int(tensor.max()) < 2**31):
                     tensor = tensor.int()  # read back as int64 (SignalStats.load_state)
-                if field != "top_window":  # exemplar windows live in exemplars.parquet
+                if not field.endswith("_window"):  # exemplar windows live in the exemplar tables
                     out[key] = tensor
             if stats.hist_edges is not None:
                 out["hist_edges"] = stats.hist_edges.cpu()
@@ -221,10 +236,9 @@ class Atlas:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_tensors(self.tensors(), staging / STATS_FILE)
-        table = self.exemplar_table()
-        floats = [name for name in ("activation", "window_activations") if name in table.column_names]
-        pq.write_table(table, staging / EXEMPLARS_FILE, row_group_size=EXEMPLAR_ROW_GROUP, compression="zstd",
-                       use_byte_stream_split=floats)  # float16-precise values: their zero low bytes compress away
+        for end, name in EXEMPLAR_FILES.items():
+            if end == "top" or self.has_stat("bottom_values"):
+                write_exemplars(self.exemplar_table(end), staging / name)
         if self.contexts is not None:
             pq.write_table(self.contexts, staging / CONTEXTS_FILE)
         if self.vocab is not None:
@@ -236,44 +250,51 @@ class Atlas:
         if self.docpool is None:  # do not leave another atlas's document sample behind
             for name in DOCPOOL_FILES:
                 (path / name).unlink(missing_ok=True)
+        if not self.has_stat("bottom_values"):  # nor its bottom exemplars
+            (path / BOTTOM_EXEMPLARS_FILE).unlink(missing_ok=True)
         # atlas.json last: a folder that has it holds a whole atlas, even if a kill stops this loop
         for item in sorted(staging.iterdir(), key=lambda item: item.name == META_FILE):
             os.replace(item, path / item.name)
         staging.rmdir()
         if self.docpool is not None:
             self.docpool.reopen(path)
+        self.path = path  # what is not in memory (the exemplar windows) is read from here from now on
         return path
 
-    def exemplar_table(self) -> pa.Table:
+    def exemplar_table(self, end: str = "top") -> pa.Table:
+        """One row per exemplar of the list ``end`` ("top", or "bottom": only values below zero), by
+        layer, neuron and rank, with its document, label and window where known."""
         columns = {"layer": [], "neuron": [], "rank": [], "activation": [], "seq": [], "pos": []}
-        if self.has_stat("top_values"):
+        if self.has_stat(f"{end}_values"):
             for layer in range(self.num_layers):
-                seq, pos = split_uid(self.stat("top_uid", layer).cpu())
-                filled = seq >= 0
+                seq, pos = split_uid(self.stat(f"{end}_uid", layer).cpu())
+                values = self.stat(f"{end}_values", layer).cpu()
+                filled = (seq >= 0) & (values < 0) if end == "bottom" else seq >= 0
                 neuron, rank = filled.nonzero(as_tuple=True)
                 columns["layer"].append(torch.full((len(neuron),), layer, dtype=torch.int32))
                 columns["neuron"].append(neuron.int())
                 columns["rank"].append(rank.short())
-                columns["activation"].append(self.stat("top_values", layer).cpu()[filled])
+                columns["activation"].append(values[filled])
                 columns["seq"].append(seq[filled])
                 columns["pos"].append(pos[filled].int())
         types = {"layer": pa.int32(), "neuron": pa.int32(), "rank": pa.int16(), "activation": pa.float32(),
                  "seq": pa.int64(), "pos": pa.int32()}
         table = pa.table({name: pa.array(torch.cat(columns[name]).numpy() if columns[name] else [], kind)
                           for name, kind in types.items()})
-        return self._with_windows(self._with_documents(table))
+        return self._with_windows(self._with_documents(table), end)
 
-    def window_table(self) -> pa.Table | None:
+    def window_table(self, end: str = "top") -> pa.Table | None:
         """Every exemplar's activation window (see exemplar_windows.py), or None when not recorded."""
-        if self.windows is None and self.path is not None and (self.path / EXEMPLARS_FILE).exists():
-            file = self.path / EXEMPLARS_FILE
+        attribute = "windows" if end == "top" else "bottom_windows"
+        file = None if self.path is None else self.path / EXEMPLAR_FILES[end]
+        if getattr(self, attribute) is None and file is not None and file.exists():
             if "window_start" in pq.read_schema(file).names:
-                self.windows = pq.read_table(file, columns=list(WINDOW_KEYS) + list(WINDOW_COLUMNS))
-        return self.windows
+                setattr(self, attribute, pq.read_table(file, columns=list(WINDOW_KEYS) + list(WINDOW_COLUMNS)))
+        return getattr(self, attribute)
 
-    def _with_windows(self, table: pa.Table) -> pa.Table:
+    def _with_windows(self, table: pa.Table, end: str) -> pa.Table:
         """Add window_start and window_activations to the exemplar rows that have them."""
-        windows = self.window_table()
+        windows = self.window_table(end)
         if windows is None or table.num_rows == 0:
             return table
         keyed = windows.select(list(WINDOW_KEYS)).append_column("window_row", pa.array(range(windows.num_rows), pa.int64()))
@@ -330,6 +351,12 @@ def load_atlas(path: str | Path) -> Atlas:
     return atlas
 
 
+def write_exemplars(table: pa.Table, file: Path) -> None:
+    floats = [name for name in ("activation", "window_activations") if name in table.column_names]
+    pq.write_table(table, file, row_group_size=EXEMPLAR_ROW_GROUP, compression="zstd",
+                   use_byte_stream_split=floats)  # float16-precise values: their zero low bytes compress away
+
+
 def check_exemplars_file(path: Path, meta: dict) -> None:
     """Refuse an atlas whose exemplars.parquet is damaged (its footer unreadable) or gone while top_k > 0."""
     file = Path(path) / EXEMPLARS_FILE
@@ -362,7 +389,8 @@ def new_signals(meta: dict, device: torch.device | str = "cpu", windows: bool = 
     widths, labels = meta["model"]["widths"], meta["labels"]
     edges = torch.tensor(options["hist_edges"], dtype=torch.float32)
     radius = options.get("exemplar_radius", 0) if windows else 0
-    signals = {"z": SignalStats(widths, len(labels), options["threshold"], edges, options["top_k"], device, radius)}
+    signals = {"z": SignalStats(widths, len(labels), options["threshold"], edges, options["top_k"], device, radius,
+                                options.get("bottom_k", 0))}
     if meta["model"]["gated"] and options.get("gate", True):
         signals["gate"] = SignalStats(widths, len(labels), options["threshold"], None, 0, device)
     return signals

@@ -17,7 +17,7 @@ import torch
 from .atlas import Atlas, new_signals, position_edges_of
 from .docpool import merge_docpools
 from .errors import NeuronAtlasError
-from .stats import SignalStats, split_uid, uid_offset
+from .stats import SignalStats, uid_offset
 
 
 def merge_atlases(first: Atlas, second: Atlas) -> Atlas:
@@ -43,7 +43,8 @@ def merge_atlases(first: Atlas, second: Atlas) -> Atlas:
     meta["corpus"] = {"path": " + ".join(part["path"] for part in parts), "parts": parts}
     merged.contexts = _merge_contexts(first, second, merged)
     merged.vocab = first.vocab
-    merged.windows = _merge_windows(first, second)
+    merged.windows = _merge_windows(first, second, "top")
+    merged.bottom_windows = _merge_windows(first, second, "bottom")
     merge_positions(first, second, merged)
     merged.docpool = merge_docpools(first.docpool, second.docpool, first.meta["documents"])
     meta["options"]["doc_sample"] = meta["options"].get("doc_sample", 0) if merged.docpool is not None else 0
@@ -56,9 +57,9 @@ def check_mergeable(first: Atlas, second: Atlas) -> None:
             f"cannot merge atlases of different models: {first.meta['model']['name_or_path']} and "
             f"{second.meta['model']['name_or_path']}"
         )
-    keys = ("threshold", "top_k", "hist_edges")
-    a = {k: first.meta["options"][k] for k in keys}
-    b = {k: second.meta["options"][k] for k in keys}
+    keys = ("threshold", "top_k", "bottom_k", "hist_edges")
+    a = {k: first.meta["options"].get(k, 0) for k in keys}
+    b = {k: second.meta["options"].get(k, 0) for k in keys}
     if a != b:
         raise NeuronAtlasError(f"cannot merge atlases profiled with different options: {a} vs {b}")
 
@@ -107,9 +108,10 @@ def merge_positions(first: Atlas, second: Atlas, merged: Atlas) -> None:
         merged.positions.merge_(part.positions.with_rows(torch.arange(buckets), len(long_edges)))
 
 
-def _merge_windows(first: Atlas, second: Atlas) -> pa.Table | None:
-    """Both atlases' exemplar windows, second's renumbered after first's windows (None if either lacks them)."""
-    windows = [first.window_table(), second.window_table()]
+def _merge_windows(first: Atlas, second: Atlas, end: str) -> pa.Table | None:
+    """Both atlases' exemplar windows of one list, second's renumbered after first's windows (None if
+    either lacks them)."""
+    windows = [first.window_table(end), second.window_table(end)]
     if any(table is None for table in windows):
         return None
     index = windows[1].schema.get_field_index("seq")
@@ -129,8 +131,5 @@ def _merge_contexts(first: Atlas, second: Atlas, merged: Atlas) -> pa.Table | No
         pc.add(second.contexts["doc"], first.meta["documents"]),
     )
     contexts = pa.concat_tables([first.contexts, shifted])
-    wanted = set()
-    for layer in range(merged.num_layers):
-        uid = merged.stat("top_uid", layer)
-        wanted.update(split_uid(uid[uid >= 0])[0].unique().tolist())
+    wanted = merged.exemplar_seqs()
     return contexts.filter(pc.is_in(contexts["seq"], pa.array(sorted(wanted), pa.int64())))

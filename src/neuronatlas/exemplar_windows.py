@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .files import EXEMPLARS_FILE
+from .files import BOTTOM_EXEMPLARS_FILE, EXEMPLARS_FILE
 from .stats import split_uid
 
 DEFAULT_RADIUS = 16
@@ -54,13 +54,14 @@ def window_table(top_values: list[torch.Tensor], top_uid: list[torch.Tensor], to
     return pa.table(table)
 
 
-def neuron_exemplars(atlas, layer: int, neuron: int) -> list[dict]:
-    """One neuron's exemplars, best first, each with the tokens around it and their activations.
+def neuron_exemplars(atlas, layer: int, neuron: int, end: str = "top") -> list[dict]:
+    """One neuron's exemplars, best first, each with the tokens around it and their activations;
+    ``end="bottom"``: its most negative exemplars (those below zero), most negative first.
 
     Each dict: activation, seq, pos, doc, label, token_ids, tokens (strings), activations (z per
     token, None where not recorded) and focus (the exemplar token's index in ``tokens``).
     """
-    table = _exemplar_rows(atlas, layer, neuron)
+    table = _exemplar_rows(atlas, layer, neuron, end)
     contexts = {} if atlas.contexts is None else dict(zip(atlas.contexts["seq"].to_pylist(), atlas.contexts["token_ids"].to_pylist()))
     strings = {} if atlas.vocab is None else dict(zip(atlas.vocab["id"].to_pylist(), atlas.vocab["token"].to_pylist()))
     out = []
@@ -79,12 +80,15 @@ def neuron_exemplars(atlas, layer: int, neuron: int) -> list[dict]:
     return out
 
 
-def _exemplar_rows(atlas, layer: int, neuron: int) -> pa.Table:
+def _exemplar_rows(atlas, layer: int, neuron: int, end: str) -> pa.Table:
     """The exemplar rows of one neuron: read with a filter from a saved atlas, else built in memory."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if atlas.path is not None and (atlas.path / EXEMPLARS_FILE).exists():
-        return pq.read_table(atlas.path / EXEMPLARS_FILE, filters=[("layer", "=", layer), ("neuron", "=", neuron)])
-    table = atlas.exemplar_table()
+    file = None if atlas.path is None else atlas.path / (EXEMPLARS_FILE if end == "top" else BOTTOM_EXEMPLARS_FILE)
+    if file is not None and file.exists():
+        return pq.read_table(file, filters=[("layer", "=", layer), ("neuron", "=", neuron)])
+    if end == "bottom" and not atlas.has_stat("bottom_values"):
+        return pa.table({"rank": pa.array([], pa.int16())})
+    table = atlas.exemplar_table(end)
     return table.filter(pc.and_(pc.equal(table["layer"], layer), pc.equal(table["neuron"], neuron)))

@@ -2,15 +2,18 @@
 
 One :class:`SignalStats` holds, for one signal (``z`` or the gate ``g``) and every layer, per
 label: times active, sum, sum of squares, min and max; and optionally, over all labels, a
-histogram on fixed bin edges and the top-k exemplars. Memory is O(layers x neurons x (labels +
-bins + k)), whatever the corpus length. Sums are kept in float64, counts in int64.
+histogram on fixed bin edges, the top-k exemplars and the bottom-k ones (the most negative).
+Memory is O(layers x neurons x (labels + bins + k)), whatever the corpus length. Sums are kept in
+float64, counts in int64.
 
-Exemplars are ordered by (activation desc, uid asc) where ``uid = seq << 24 | pos`` locates a
-token (window ``seq``, position ``pos``; :func:`make_uid` and :func:`split_uid`): ties are broken
-the same way whatever the batching, so merged and sharded runs keep the very same exemplars.
+Top exemplars are ordered by (activation desc, uid asc), bottom ones by (activation asc, uid asc),
+where ``uid = seq << 24 | pos`` locates a token (window ``seq``, position ``pos``; :func:`make_uid`
+and :func:`split_uid`): ties are broken the same way whatever the batching, so merged and sharded
+runs keep the very same exemplars. The bottom list is the top list of -z: one code ranks both
+(:meth:`SignalStats.ranked` gives a list with its values as ranked).
 
 With a window ``radius`` R, each exemplar also carries the neuron's z at the 2R + 1 tokens around
-it (``top_window``, (D, k, 2R + 1) float16, NaN outside its window), cut from the batch while it
+it (``top_window`` / ``bottom_window``, (D, k, 2R + 1) float16, NaN outside its window), cut from the batch while it
 is in memory (:class:`WindowSource`) and moved with its exemplar by every merge.
 
 Each field says how two partial statistics combine (:data:`REDUCTIONS`): counts and sums add,
@@ -65,7 +68,10 @@ def uid_offset(windows: int) -> int:
 # How each field of two partial statistics combines: "sum" adds, "min"/"max" reduce element-wise,
 # "top_k" merges the two exemplar lists of every neuron (merge_topk). Keys are "<field>.<layer>".
 REDUCTIONS = {"active": "sum", "sum": "sum", "sumsq": "sum", "min": "min", "max": "max", "hist": "sum",
-              "top_values": "top_k", "top_uid": "top_k", "top_window": "top_k"}
+              "top_values": "top_k", "top_uid": "top_k", "top_window": "top_k",
+              "bottom_values": "top_k", "bottom_uid": "top_k", "bottom_window": "top_k"}
+ENDS = ("top", "bottom")  # the two exemplar lists: most positive first, most negative first
+SIGN = {"top": 1.0, "bottom": -1.0}  # a list ranks sign * value, highest first
 Runs = list[tuple[int, int, int]]  # (label, start, stop) of each run of equal consecutive labels
 
 
@@ -93,8 +99,9 @@ class WindowSource:
 class SignalStats:
     """Statistics of one signal over ``widths[l]`` neurons per layer and ``num_labels`` labels.
 
-    Per layer: active, sum, sumsq, min, max (K, D) one row per label; hist (D, bins) and
-    top_values / top_uid (D, k) over all labels, when kept. Read them with :meth:`get`.
+    Per layer: active, sum, sumsq, min, max (K, D) one row per label; hist (D, bins),
+    top_values / top_uid (D, k) and bottom_values / bottom_uid (D, bottom_k) over all labels,
+    when kept. Read them with :meth:`get`.
     """
 
     FIELDS = ("active", "sum", "sumsq", "min", "max")  # the per-label fields: (K, D)
@@ -108,12 +115,14 @@ class SignalStats:
         top_k: int = 0,
         device: torch.device | str = "cpu",
         radius: int = 0,
+        bottom_k: int = 0,
     ):
         self.widths = list(widths)
-        self.radius = int(radius) if top_k else 0  # exemplar windows of 2 * radius + 1 tokens; 0 = none
+        self.radius = int(radius) if top_k or bottom_k else 0  # exemplar windows of 2 * radius + 1 tokens; 0 = none
         self.num_labels = num_labels
         self.threshold = float(threshold)
         self.top_k = int(top_k)
+        self.bottom_k = int(bottom_k)
         self.hist_edges = None if hist_edges is None else hist_edges.to(device, torch.float32)
         self._bucket_table: torch.Tensor | None = None  # built on first use, see _bucketize
         self.tensors: dict[str, torch.Tensor] = {}
@@ -127,12 +136,21 @@ class SignalStats:
             if self.hist_edges is not None:
                 bins = len(self.hist_edges) + 1
                 self.tensors[f"hist.{layer}"] = torch.zeros((width, bins), dtype=torch.int64, device=device)
-            if self.top_k:
-                self.tensors[f"top_values.{layer}"] = torch.full((width, self.top_k), float("-inf"), device=device)
-                self.tensors[f"top_uid.{layer}"] = torch.full((width, self.top_k), -1, dtype=torch.int64, device=device)
-            if self.radius:
-                self.tensors[f"top_window.{layer}"] = torch.full((width, self.top_k, 2 * self.radius + 1), float("nan"),
-                                                                 dtype=torch.float16, device=device)
+            for end in self.ends():
+                k = self.kept(end)
+                self.tensors[f"{end}_values.{layer}"] = torch.full((width, k), -SIGN[end] * float("inf"), device=device)
+                self.tensors[f"{end}_uid.{layer}"] = torch.full((width, k), -1, dtype=torch.int64, device=device)
+                if self.radius:
+                    self.tensors[f"{end}_window.{layer}"] = torch.full((width, k, 2 * self.radius + 1), float("nan"),
+                                                                       dtype=torch.float16, device=device)
+
+    def ends(self) -> tuple[str, ...]:
+        """The exemplar lists kept: "top" with a top_k, "bottom" with a bottom_k."""
+        return tuple(end for end in ENDS if self.kept(end))
+
+    def kept(self, end: str) -> int:
+        """How many exemplars the list ``end`` ("top" or "bottom") keeps per neuron."""
+        return self.top_k if end == "top" else self.bottom_k
 
     # ---- updating ---------------------------------------------------------------------------
     #
@@ -154,8 +172,8 @@ class SignalStats:
         self._update_moments(layer, values, labels, runs)
         if self.hist_edges is not None:
             self._update_hist(layer, values)
-        if self.top_k:
-            self._update_top(layer, values, uids, windows)
+        for end in self.ends():  # the bottom list ranks -z: one negated copy of the batch
+            self._update_top(layer, end, values if end == "top" else values.neg(), uids, windows)
 
     def _update_moments(self, layer: int, values: torch.Tensor, labels: torch.Tensor, runs: Runs | None) -> None:
         t = self.tensors
@@ -206,22 +224,26 @@ class SignalStats:
             index.index_copy_(0, unsure, exact)
         return index.view(values.shape)
 
-    def _update_top(self, layer: int, values: torch.Tensor, uids: torch.Tensor, windows: WindowSource | None) -> None:
-        kept = self.top(layer)  # values, uid (D, k) [, window (D, k, W)]
+    def _update_top(self, layer: int, end: str, values: torch.Tensor, uids: torch.Tensor,
+                    windows: WindowSource | None) -> None:
+        """Merge a batch into one exemplar list; ``values`` (N, D) as that list ranks them (bottom: -z)."""
+        kept = self.ranked(layer, end)  # values, uid (D, k) [, window (D, k, W)]
+        k = self.kept(end)
         if not (kept[1][:, -1] < 0).any():  # every list is full: only tokens above its k-th can enter
             floor = _entry_floor(kept[0][:, -1], kept[1][:, -1], uids.min())
-            merged = self._merge_candidates(kept, values, uids, floor, windows)
+            merged = self._merge_candidates(kept, values, uids, floor, windows, k)
             if merged is not None:
-                self.set_top_(layer, *merged)
+                self.set_ranked_(layer, end, *merged)
                 return
-        top_values, top_rows = batch_topk(values, self.top_k)  # (k', D) each
+        top_values, top_rows = batch_topk(values, k)  # (k', D) each
         neurons = torch.arange(values.shape[1], device=values.device)
-        self.set_top_(layer, *self._merge_new(kept, top_values.T, uids[top_rows].T, top_rows.T, neurons, windows))
+        self.set_ranked_(layer, end, *self._merge_new(kept, top_values.T, uids[top_rows].T, top_rows.T, neurons,
+                                                      windows, k))
 
-    def _merge_new(self, kept, new_values, new_uid, new_rows, neurons, windows):
+    def _merge_new(self, kept, new_values, new_uid, new_rows, neurons, windows, k):
         """Merge a batch's candidates values, uid, rows (D', k') of ``neurons`` (D',) into their lists
         ``kept`` (D', k); windows are cut only for the candidates that enter (few after warm-up)."""
-        values, uid, index = merge_index(kept[0], kept[1], new_values, new_uid, self.top_k)
+        values, uid, index = merge_index(kept[0], kept[1], new_values, new_uid, k)
         if not self.radius:
             return [values, uid]
         before = kept[0].shape[1]
@@ -238,9 +260,9 @@ class SignalStats:
             return torch.full((len(rows), 2 * self.radius + 1), float("nan"), dtype=torch.float16, device=rows.device)
         return windows.gather(rows, neurons)
 
-    def _merge_candidates(self, kept, values, uids, floor, windows):
+    def _merge_candidates(self, kept, values, uids, floor, windows, k):
         """Merge each neuron's tokens at or above its floor into its list; None if too many for that."""
-        width, k = values.shape[1], self.top_k
+        width = values.shape[1]
         rows, neurons = (~(values < floor)).nonzero().unbind(1)  # by row; nan counts, as in topk
         if len(rows) > _MAX_CANDIDATES * k * width:  # early in a run: the dense top-k is cheaper
             return None
@@ -262,7 +284,7 @@ class SignalStats:
         new_values[slot[neurons], rank] = found
         new_uid[slot[neurons], rank] = uids[rows]
         new_rows[slot[neurons], rank] = rows
-        merged = self._merge_new([part[touched] for part in kept], new_values, new_uid, new_rows, touched, windows)
+        merged = self._merge_new([part[touched] for part in kept], new_values, new_uid, new_rows, touched, windows, k)
         return [whole.index_put((touched,), part) for whole, part in zip(kept, merged)]
 
     # ---- reading --------------------------------------------------------------------------------
@@ -272,7 +294,8 @@ class SignalStats:
         return self.tensors[f"{name}.{layer}"]
 
     def has(self, name: str) -> bool:
-        """Whether this field is kept (``hist`` needs hist edges, ``top_values`` / ``top_uid`` a top_k)."""
+        """Whether this field is kept (``hist`` needs hist edges, ``top_values`` / ``top_uid`` a top_k,
+        ``bottom_values`` / ``bottom_uid`` a bottom_k)."""
         return f"{name}.0" in self.tensors
 
     # ---- merging and state --------------------------------------------------------------------
@@ -284,41 +307,51 @@ class SignalStats:
             if reduction != "top_k":
                 yield key, tensor, reduction
 
-    def top_layers(self) -> range:
-        """The layers whose exemplar lists merge by rank (none without a top_k)."""
-        return range(len(self.widths)) if self.top_k else range(0)
+    def exemplar_lists(self) -> Iterator[tuple[int, str]]:
+        """(layer, end) of every exemplar list, which merges by rank (none without a top_k or bottom_k)."""
+        for layer in range(len(self.widths)):
+            for end in self.ends():
+                yield layer, end
 
-    def top(self, layer: int) -> list[torch.Tensor]:
-        """Layer's exemplar lists: values, uid (D, k) [and window (D, k, W) with a radius]."""
-        names = ("top_values", "top_uid", "top_window") if self.radius else ("top_values", "top_uid")
-        return [self.tensors[f"{name}.{layer}"] for name in names]
+    def ranked(self, layer: int, end: str = "top") -> list[torch.Tensor]:
+        """One exemplar list of a layer as it is ranked: values (bottom: negated), uid (D, k) [and
+        window (D, k, W) with a radius], best first by (value desc, uid asc)."""
+        values = self.tensors[f"{end}_values.{layer}"]
+        listed = [values if end == "top" else values.neg(), self.tensors[f"{end}_uid.{layer}"]]
+        return listed + ([self.tensors[f"{end}_window.{layer}"]] if self.radius else [])
 
-    def set_top_(self, layer: int, values: torch.Tensor, uid: torch.Tensor, window: torch.Tensor | None = None) -> None:
-        """Replace layer's exemplar lists: values, uid (D, k) ranked by (value desc, uid asc) [, window (D, k, W)]."""
-        self.tensors[f"top_values.{layer}"], self.tensors[f"top_uid.{layer}"] = values, uid
+    def set_ranked_(self, layer: int, end: str, values: torch.Tensor, uid: torch.Tensor,
+                    window: torch.Tensor | None = None) -> None:
+        """Replace one exemplar list with ranked values (bottom: negated), uid (D, k) [, window (D, k, W)]."""
+        self.tensors[f"{end}_values.{layer}"] = values if end == "top" else values.neg()
+        self.tensors[f"{end}_uid.{layer}"] = uid
         if self.radius:
-            self.tensors[f"top_window.{layer}"] = window
+            self.tensors[f"{end}_window.{layer}"] = window
 
-    def merge_top_(self, layer: int, *candidates: torch.Tensor) -> None:
-        """Merge candidate exemplars values, uid (D, k') [, window (D, k', W)] into layer's lists, keeping the top_k."""
-        mine = self.top(layer)
-        self.set_top_(layer, *merge_topk(mine, [part.to(mine[0].device) for part in candidates], self.top_k))
+    def merge_ranked_(self, layer: int, end: str, *candidates: torch.Tensor) -> None:
+        """Merge ranked candidates values, uid (D, k') [, window (D, k', W)] into one list, keeping its k."""
+        mine = self.ranked(layer, end)
+        merged = merge_topk(mine, [part.to(mine[0].device) for part in candidates], self.kept(end))
+        self.set_ranked_(layer, end, *merged)
 
     def merge_(self, other: SignalStats, uid_offset: int = 0) -> SignalStats:
         """Add ``other`` into self (same widths and labels); other's uids are shifted by uid_offset."""
         for key, mine, reduction in self.reduced():
             combine(mine, other.tensors[key].to(mine.device), reduction)
-        for layer in self.top_layers():
-            values, other_uid, *window = other.top(layer)
+        for layer, end in self.exemplar_lists():
+            if not other.kept(end):  # other kept no such list (an atlas made before bottom exemplars)
+                continue
+            values, other_uid, *window = other.ranked(layer, end)
             other_uid = torch.where(other_uid >= 0, other_uid + uid_offset, other_uid)
             if self.radius and not window:  # other keeps no windows: its exemplars come without
                 window = [torch.full((*values.shape, 2 * self.radius + 1), float("nan"), dtype=torch.float16)]
-            self.merge_top_(layer, values, other_uid, *window[: 1 if self.radius else 0])
+            self.merge_ranked_(layer, end, values, other_uid, *window[: 1 if self.radius else 0])
         return self
 
-    def drop_windows(self) -> dict[int, torch.Tensor]:
-        """Take the exemplar windows out (they are saved in the exemplar table): layer -> (D, k, W)."""
-        taken = {layer: self.tensors.pop(f"top_window.{layer}") for layer in self.top_layers()} if self.radius else {}
+    def drop_windows(self) -> dict[str, list[torch.Tensor]]:
+        """Take the exemplar windows out (they are saved in the exemplar tables): end -> per layer (D, k, W)."""
+        taken = {end: [self.tensors.pop(f"{end}_window.{layer}") for layer in range(len(self.widths))]
+                 for end in self.ends()} if self.radius else {}
         self.radius = 0
         return taken
 
@@ -326,7 +359,8 @@ class SignalStats:
         """A copy with ``num_labels`` label rows, this one's label ``i`` at row ``rows[i]`` and the
         other rows empty (to align the labels, or position buckets, of two atlases before a merge)."""
         device = self.get("active", 0).device if self.widths else "cpu"
-        spread = SignalStats(self.widths, num_labels, self.threshold, self.hist_edges, self.top_k, device, self.radius)
+        spread = SignalStats(self.widths, num_labels, self.threshold, self.hist_edges, self.top_k, device, self.radius,
+                             self.bottom_k)
         for key, tensor in self.tensors.items():
             if key.split(".")[0] in self.FIELDS:
                 spread.tensors[key][rows.to(device)] = tensor

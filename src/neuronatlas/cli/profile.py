@@ -30,6 +30,9 @@ def _profile_options(parser: argparse.ArgumentParser) -> None:
     window_args(parser, max_length=None, default_text="min(model positions, 512)")
     parser.add_argument("--threshold", type=finite_float, default=0.0, help="active means activation > threshold (default: 0)")
     parser.add_argument("--top-k", type=nonnegative_int, default=20, help="exemplars kept per neuron (default: 20)")
+    parser.add_argument("--bottom-k", type=nonnegative_int, default=10,
+                        help="most negative exemplars of z kept per neuron, for signals that go below zero "
+                             "(SiLU, GELU); only those below zero are saved (default: 10; 0 = none)")
     parser.add_argument("--no-gate", action="store_true", help="skip the gate signal of gated families")
     parser.add_argument("--padding-side", default="right", choices=["left", "right"])
     parser.add_argument("--doc-sample", type=nonnegative_int, default=256, metavar="N",
@@ -55,7 +58,7 @@ def _options(args):
 
     return ProfileOptions(
         batch_size=args.batch_size, max_length=args.max_length, threshold=args.threshold, top_k=args.top_k,
-        gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
+        bottom_k=args.bottom_k, gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
         doc_sample=args.doc_sample, positions=not args.no_positions, exemplar_radius=args.exemplar_radius,
         stat_threads=args.threads,
     )

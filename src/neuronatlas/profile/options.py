@@ -28,6 +28,7 @@ class ProfileOptions:
     max_length: int | None = None  # tokens per window; None = min(model positions, 512)
     threshold: float = 0.0  # a neuron is active on a token when its activation > threshold
     top_k: int = 20  # exemplars kept per neuron
+    bottom_k: int = 10  # most negative exemplars of z kept per neuron (those below zero are saved); 0 = none
     gate: bool = True  # also count the gate signal act(gate(x)) of gated families
     padding_side: str = "right"
     dtype: str = "float32"
@@ -44,6 +45,8 @@ def check_options(options: ProfileOptions) -> None:
         raise NeuronAtlasError(f"batch size must be at least 1 (got {options.batch_size})")
     if options.top_k < 0:
         raise NeuronAtlasError(f"top-k must be 0 or more (got {options.top_k})")
+    if options.bottom_k < 0:
+        raise NeuronAtlasError(f"bottom-k must be 0 or more (got {options.bottom_k})")
     if options.exemplar_radius < 0:
         raise NeuronAtlasError(f"exemplar radius must be 0 or more (got {options.exemplar_radius})")
     if options.padding_side not in ("left", "right"):

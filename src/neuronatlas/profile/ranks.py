@@ -104,7 +104,8 @@ def _merged(group: Group, run: ProfileRun, out: Path) -> Atlas:
     contexts = gather_tables(group, run.context_rows(atlas), "exemplar contexts", everywhere=True)
     windows = take_windows(atlas) if group.rank == 0 else atlas.signals["z"].drop_windows()
     if group.rank == 0:
-        atlas.contexts, atlas.vocab, atlas.windows = contexts, run.vocab_of(contexts), windows
+        atlas.contexts, atlas.vocab = contexts, run.vocab_of(contexts)
+        atlas.windows, atlas.bottom_windows = windows
     return atlas
 
 
@@ -112,15 +113,15 @@ def merge_across_ranks(group: Group, stats: SignalStats) -> None:
     """All-reduce one SignalStats in place: sums and counts add, min/max reduce, exemplars re-rank."""
     for _key, tensor, reduction in stats.reduced():
         group.reduce_(tensor, reduction)
-    for layer in stats.top_layers():
-        values, uids, *windows = stats.top(layer)  # (D, k) [, window (D, k, W) float16]
+    for layer, end in stats.exemplar_lists():
+        values, uids, *windows = stats.ranked(layer, end)  # (D, k) [, window (D, k, W) float16]
         gathered = [group.all_gather(values), group.all_gather(uids)]  # each world x (D, k)
         if windows:  # gathered as float32: not every backend moves float16
             gathered.append([part.half() for part in group.all_gather(windows[0].float())])
         parts = list(zip(*gathered))  # per rank: values, uid [, window]
-        stats.set_top_(layer, *parts[0])
+        stats.set_ranked_(layer, end, *parts[0])
         for other in parts[1:]:
-            stats.merge_top_(layer, *other)
+            stats.merge_ranked_(layer, end, *other)
 
 
 def gather_docpool(group: Group, pool: DocPool, folder: Path) -> DocPool | None:

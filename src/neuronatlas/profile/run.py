@@ -27,7 +27,7 @@ from ..exemplar_windows import window_table
 from ..hooks import capture, forward_batch, pad_token_id, window_positions
 from ..loading import input_device
 from ..models import ModelNeurons
-from ..stats import WindowSource, auto_threads, label_runs, make_uid, split_uid
+from ..stats import WindowSource, auto_threads, label_runs, make_uid
 from ..tokens import vocab_table
 from .options import ProfileOptions, check_same_run
 from .output import read_checkpoint, write_checkpoint
@@ -229,7 +229,7 @@ class ProfileRun:
             time.sleep(float(os.environ.get(WRITING_DELAY_VARIABLE, 0)))  # tests: time to signal this phase
             if stopping():
                 return None
-            atlas.windows = take_windows(atlas)
+            atlas.windows, atlas.bottom_windows = take_windows(atlas)
             steps.set_description("re-reading the exemplars' contexts", refresh=False)
             steps.update()
             if stopping():
@@ -267,11 +267,7 @@ class ProfileRun:
 
     def context_rows(self, atlas: Atlas) -> pa.Table:
         """seq, doc, label, start, token_ids of this run's windows that hold one of ``atlas``'s exemplars."""
-        wanted = set()
-        for layer in range(atlas.num_layers):
-            if self.options.top_k:
-                uid = atlas.stat("top_uid", layer)
-                wanted.update(split_uid(uid[uid >= 0])[0].unique().tolist())
+        wanted = atlas.exemplar_seqs()
         rows = {"seq": [], "doc": [], "label": [], "start": [], "token_ids": []}
         for window in self.all_windows():
             if window.seq in wanted and (self.shard is None or self.shard.owns(window.seq)):
@@ -293,13 +289,15 @@ class ProfileRun:
         return vocab_table(self.tokenizer, sorted(set(pc.list_flatten(contexts["token_ids"]).to_pylist())))
 
 
-def take_windows(atlas: Atlas) -> pa.Table | None:
-    """The exemplar windows carried by ``atlas``'s z statistics, as a table (None with radius 0)."""
+def take_windows(atlas: Atlas) -> tuple[pa.Table | None, pa.Table | None]:
+    """The exemplar windows carried by ``atlas``'s z statistics, as tables: top, bottom (None where
+    not recorded)."""
     stats = atlas.signals["z"]
     radius = stats.radius
     windows = stats.drop_windows()
-    if not windows:
-        return None
     layers = range(atlas.num_layers)
-    return window_table([stats.get("top_values", l) for l in layers], [stats.get("top_uid", l) for l in layers],
-                        [windows[l] for l in layers], radius)
+    tables = {end: window_table([stats.get(f"{end}_values", l) for l in layers],
+                                [stats.get(f"{end}_uid", l) for l in layers], per_layer, radius)
+              for end, per_layer in windows.items()}
+    return tables.get("top"), tables.get("bottom")
+

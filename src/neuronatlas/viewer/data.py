@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 
 from ..atlas import Atlas, is_atlas, load_atlas
 from ..errors import NeuronAtlasError
+from ..files import BOTTOM_EXEMPLARS_FILE, EXEMPLARS_FILE
 from ..methods.lape import find_lape
 from ..neuronset import NeuronSet, load_neuron_set
 from ..stats import split_uid
 from ..tokens import decode_bytes, piece_text, vocab_bytes
 
-BOTTOM_EXEMPLARS_FILE = "bottom_exemplars.parquet"
 EXEMPLAR_RADIUS = 16  # tokens shown either side of an exemplar when the atlas has no activation windows
 EXPLANATIONS_FORMAT = "neuronatlas.explanations"
 VIEWER_LAPE = "LAPE (computed by the viewer)"  # the name of the set the viewer finds itself
@@ -69,7 +69,7 @@ class AtlasData:
         self.widths = self.atlas.widths
         self.labels = self.atlas.labels
         self.summary = self.atlas.summary()
-        self._exemplars_file = path / "exemplars.parquet"
+        self._exemplars_file = path / EXEMPLARS_FILE
         self._bottom_file = path / BOTTOM_EXEMPLARS_FILE
         self.has_exemplars = self._exemplars_file.exists()
         columns = pq.read_schema(self._exemplars_file).names if self.has_exemplars else []
@@ -205,7 +205,7 @@ class AtlasData:
         values = self.atlas.stat("bottom_values", layer)[index].tolist()
         seq, pos = split_uid(self.atlas.stat("bottom_uid", layer)[index])
         rows = [(rank, v, s, p) + self._document(s) for rank, (v, s, p) in enumerate(zip(values, seq.tolist(), pos.tolist()))
-                if s >= 0]
+                if s >= 0 and v < 0]  # as the profile saves them: only below zero
         return [self._exemplar(row) for row in rows]
 
     def _document(self, seq: int) -> tuple[int | None, str | None]:
