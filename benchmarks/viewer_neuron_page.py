@@ -81,6 +81,8 @@ def exemplar_layer(layer: int, width: int, top_k: int, windows: int, window_leng
     activation = -np.sort(-rng.uniform(1, 20, (width, top_k)), 1).astype(np.float32).reshape(-1)
     values[offsets[:-1] + (pos - start)] = activation  # the exemplar token's own value
     seq = rng.integers(0, windows, rows)
+    scale = (np.maximum.reduceat(np.abs(values), offsets[:-1]) / 127).astype(np.float32)  # as exemplar_windows stores them
+    codes = np.rint(values / np.repeat(scale, lengths)).clip(-127, 127).astype(np.int8)
     return pa.table({
         "layer": pa.array(np.full(rows, layer, np.int32)),
         "neuron": pa.array(np.repeat(np.arange(width, dtype=np.int32), top_k)),
@@ -91,7 +93,8 @@ def exemplar_layer(layer: int, width: int, top_k: int, windows: int, window_leng
         "doc": pa.array(seq.astype(np.int64)),
         "label": pa.array([f"lang{s % 5}" for s in seq.tolist()], pa.string()),
         "window_start": pa.array(start),
-        "window_activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+        "window_scale": pa.array(scale),
+        "window_codes": pa.ListArray.from_arrays(pa.array(offsets), pa.array(codes, pa.int8())),
     })
 
 

@@ -110,3 +110,15 @@ def corpus_rows_and_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def corpus_path(corpus_rows_and_path):
     return corpus_rows_and_path[1]
+
+
+def window_close(shown, expected, largest: float | None = None) -> bool:
+    """Whether recorded window activations ``shown`` match ``expected`` z within the 8-bit µ-law code's
+    error: 2.2% of each value plus 2.2% of 1/255 of the window's largest |z| (``largest``, by default
+    that of ``expected``; see exemplar_windows.py)."""
+    import torch
+
+    shown, expected = torch.as_tensor(shown, dtype=torch.float32), torch.as_tensor(expected, dtype=torch.float32)
+    if largest is None:
+        largest = float(expected.abs().max()) if len(expected) else 0.0
+    return torch.allclose(shown, expected, rtol=0.023, atol=0.023 * largest / 255 + 1e-4)

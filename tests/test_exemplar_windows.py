@@ -9,11 +9,13 @@ import torch
 from neuronatlas import bundled
 from neuronatlas.atlas import load_atlas
 from neuronatlas.atlas_merge import merge_atlases
-from neuronatlas.exemplar_windows import neuron_exemplars
+from neuronatlas.exemplar_windows import has_windows, neuron_exemplars, with_window_values
 from neuronatlas.hooks import capture
 from neuronatlas.loading import load_model
 from neuronatlas.models import locate_neurons
 from neuronatlas.profile import ProfileOptions, profile
+
+from conftest import window_close
 
 RADIUS = 5
 
@@ -51,12 +53,13 @@ def atlas(model_and_tokenizer, corpora, tmp_path_factory):
 
 
 def test_the_exemplar_token_holds_the_exemplar_activation(atlas):
-    table = pq.read_table(atlas.path / "exemplars.parquet").to_pylist()
+    table = with_window_values(pq.read_table(atlas.path / "exemplars.parquet")).to_pylist()
     assert table and all(len(row["window_activations"]) <= 2 * RADIUS + 1 for row in table)
     for row in table:
         at = row["pos"] - row["window_start"]
         assert 0 <= at < len(row["window_activations"])
-        assert row["window_activations"][at] == pytest.approx(row["activation"], abs=1e-4)
+        assert max(abs(value) for value in row["window_activations"]) <= row["window_scale"] * (1 + 1e-6)
+        assert window_close([row["window_activations"][at]], [row["activation"]], row["window_scale"])  # 8-bit µ-law
 
 
 def test_windows_equal_a_recomputation_on_the_window_alone(atlas, model_and_tokenizer):
@@ -72,8 +75,7 @@ def test_windows_equal_a_recomputation_on_the_window_alone(atlas, model_and_toke
                 model(input_ids=ids)
             lo = example["pos"] - example["focus"]
             expected = seen[layer][lo:lo + len(example["activations"])]
-            # kept in float16 (the exemplar's own value exact): float16's relative precision
-            assert torch.allclose(torch.tensor(example["activations"]), expected, rtol=1e-3, atol=1e-4)
+            assert window_close(example["activations"], expected)  # 8-bit µ-law (the exemplar's own value exact)
             assert len(example["tokens"]) == len(example["activations"])
             assert max(example["activations"]) == pytest.approx(example["activation"], abs=1e-4)
             checked += 1
@@ -96,7 +98,7 @@ def test_bottom_windows_equal_a_recomputation_and_are_the_most_negative_first(at
                 model(input_ids=ids)
             lo = example["pos"] - example["focus"]
             expected = seen[layer][lo:lo + len(example["activations"])]
-            assert torch.allclose(torch.tensor(example["activations"]), expected, rtol=1e-3, atol=1e-4)
+            assert window_close(example["activations"], expected)
             assert min(example["activations"]) == pytest.approx(example["activation"], abs=1e-4)
             checked += 1
     assert checked >= 4
@@ -109,20 +111,43 @@ def test_merge_and_resave_keep_the_windows(model_and_tokenizer, corpora, tmp_pat
     merged.save(tmp_path / "merged")
     assert first.windows is not None and second.windows is not None
     whole = {(r["layer"], r["neuron"], r["seq"], r["pos"]): r["window_activations"]
-             for r in pq.read_table(atlas.path / "exemplars.parquet").to_pylist()}
-    rows = pq.read_table(tmp_path / "merged" / "exemplars.parquet").to_pylist()
+             for r in with_window_values(pq.read_table(atlas.path / "exemplars.parquet")).to_pylist()}
+    rows = with_window_values(pq.read_table(tmp_path / "merged" / "exemplars.parquet")).to_pylist()
     assert all(row["window_activations"] for row in rows)  # second's windows renumbered, none lost
     same = [(row["window_activations"], whole[key]) for row in rows
             if (key := (row["layer"], row["neuron"], row["seq"], row["pos"])) in whole]
     assert len(same) > 0.9 * len(rows)  # batching differs, so near-ties may pick other exemplars
     for merged_values, whole_values in same:
-        assert merged_values == pytest.approx(whole_values, rel=2e-3, abs=1e-4)  # float16 windows
+        assert window_close(merged_values, whole_values)
     bottom = pq.read_table(tmp_path / "merged" / "bottom_exemplars.parquet").to_pylist()
-    assert bottom and all(row["window_activations"] for row in bottom)
+    assert bottom and all(row["window_codes"] for row in bottom)
 
 def test_radius_zero_records_no_windows(model_and_tokenizer, corpora, tmp_path):
     _profile(model_and_tokenizer, corpora[0], tmp_path / "plain", radius=0)
     for name in ("exemplars.parquet", "bottom_exemplars.parquet"):
-        assert "window_activations" not in pq.read_schema(tmp_path / "plain" / name).names
+        assert not has_windows(pq.read_schema(tmp_path / "plain" / name).names)
     example = neuron_exemplars(load_atlas(tmp_path / "plain"), 0, 0)[0]
     assert example["activations"] == [pytest.approx(example["activation"])] and len(example["tokens"]) == 1
+
+
+def test_eight_bit_windows_decode_alike_in_arrow_and_duckdb(tmp_path):
+    import duckdb
+    import numpy as np
+    import pyarrow as pa
+
+    from neuronatlas.exemplar_windows import encode_windows, window_sql
+
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(0, 3, (50, 7)).astype(np.float32)
+    matrix[3] = 0.0  # a window of zeros: scale 0, codes 0
+    valid = rng.random((50, 7)) > 0.2
+    codes, scale = encode_windows(np.where(valid, matrix, np.nan), valid)
+    offsets = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int32)
+    table = pa.table({"window_start": pa.array(np.zeros(50, np.int32)), "window_scale": pa.array(scale),
+                      "window_codes": pa.ListArray.from_arrays(pa.array(offsets), pa.array(codes[valid], pa.int8()))})
+    arrow = with_window_values(table)["window_activations"].to_pylist()
+    for row, values in enumerate(arrow):
+        assert window_close(values, matrix[row][valid[row]])
+    pq.write_table(table, tmp_path / "w.parquet")
+    sql = duckdb.sql(f"select {window_sql(table.column_names)} from read_parquet('{tmp_path / 'w.parquet'}')")
+    assert [np.allclose(a, b) for a, (_, b) in zip(arrow, sql.fetchall())] == [True] * 50

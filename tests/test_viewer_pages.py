@@ -131,7 +131,7 @@ def test_atlas_without_activation_windows(files, tmp_path):
     old = tmp_path / "old-atlas"
     shutil.copytree(files["atlas"], old)  # with any samples/ cache another test made
     table = pq.read_table(old / "exemplars.parquet")
-    pq.write_table(table.drop_columns(["window_start", "window_activations"]), old / "exemplars.parquet")
+    pq.write_table(table.drop_columns(["window_start", "window_scale", "window_codes"]), old / "exemplars.parquet")
     viewer = open_viewer(old)
     body = TestClient(create_app(viewer.data, viewer.model)).get("/api/neuron/0/3").json()
     for item in body["exemplars"]:

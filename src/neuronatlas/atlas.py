@@ -7,9 +7,10 @@ An atlas is a directory::
                          plus "tokens_per_label" (K,) and "hist_edges" (B - 1,)
     exemplars.parquet    one row per top-k exemplar: layer, neuron, rank, activation, seq, pos,
                          doc, label, and (unless profiled with --exemplar-radius 0) window_start
-                         and window_activations: the neuron's z at positions window_start,
-                         window_start + 1, ... of window seq, up to R tokens either side of pos
-                         (float16 precision, the value at pos exact; zstd, byte-stream-split floats)
+                         window_scale and window_codes: the neuron's z at positions window_start,
+                         window_start + 1, ... of window seq, up to R tokens either side of pos, as
+                         int8 codes x scale (see exemplar_windows.py; the value at pos is exact in
+                         activation)
     bottom_exemplars.parquet  (unless profiled with --bottom-k 0) the same for the bottom-k exemplars
                          of z, rank 0 the most negative; only those below zero (a ReLU neuron has none)
     contexts.parquet     the token ids of every window an exemplar points to: seq, doc, label,
@@ -61,13 +62,13 @@ from .docpool import DocPool, load_docpool
 from .errors import NeuronAtlasError
 from .files import (BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, META_FILE, STAGING_SUFFIX,
                     STATS_FILE, VOCAB_FILE, save_tensors)
+from .exemplar_windows import WINDOW_COLUMNS
 from .stats import SignalStats, split_uid
 
 FORMAT_VERSION = 1
 EXEMPLAR_ROW_GROUP = 16_384  # rows are sorted by (layer, neuron): small groups let one neuron's query skip the rest
 SIGNALS = ("z", "gate")
 WINDOW_KEYS = ("layer", "neuron", "seq", "pos")
-WINDOW_COLUMNS = ("window_start", "window_activations")
 POSITION = "position"  # prefix of the position statistics in stats.safetensors
 EXEMPLAR_FILES = {"top": EXEMPLARS_FILE, "bottom": BOTTOM_EXEMPLARS_FILE}  # each exemplar list's table
 
@@ -80,7 +81,7 @@ class Atlas:
     signals: dict[str, SignalStats]
     tokens_per_label: torch.Tensor  # (K,) int64
     contexts: pa.Table | None = None  # seq, doc, label, start, token_ids
-    windows: pa.Table | None = None  # layer, neuron, seq, pos, window_start, window_activations
+    windows: pa.Table | None = None  # layer, neuron, seq, pos, window_start, window_scale, window_codes
     bottom_windows: pa.Table | None = None  # the same for the bottom exemplars
     path: Path | None = None  # the folder it was loaded from (windows are read from it on demand)
     vocab: pa.Table | None = None  # id, token
@@ -288,12 +289,12 @@ class Atlas:
         attribute = "windows" if end == "top" else "bottom_windows"
         file = None if self.path is None else self.path / EXEMPLAR_FILES[end]
         if getattr(self, attribute) is None and file is not None and file.exists():
-            if "window_start" in pq.read_schema(file).names:
+            if "window_codes" in pq.read_schema(file).names:  # (format 1's float windows are not carried over)
                 setattr(self, attribute, pq.read_table(file, columns=list(WINDOW_KEYS) + list(WINDOW_COLUMNS)))
         return getattr(self, attribute)
 
     def _with_windows(self, table: pa.Table, end: str) -> pa.Table:
-        """Add window_start and window_activations to the exemplar rows that have them."""
+        """Add the window columns to the exemplar rows that have them."""
         windows = self.window_table(end)
         if windows is None or table.num_rows == 0:
             return table
@@ -352,9 +353,8 @@ def load_atlas(path: str | Path) -> Atlas:
 
 
 def write_exemplars(table: pa.Table, file: Path) -> None:
-    floats = [name for name in ("activation", "window_activations") if name in table.column_names]
-    pq.write_table(table, file, row_group_size=EXEMPLAR_ROW_GROUP, compression="zstd",
-                   use_byte_stream_split=floats)  # float16-precise values: their zero low bytes compress away
+    floats = [name for name in ("activation", "window_scale") if name in table.column_names]
+    pq.write_table(table, file, row_group_size=EXEMPLAR_ROW_GROUP, compression="zstd", use_byte_stream_split=floats)
 
 
 def check_exemplars_file(path: Path, meta: dict) -> None:

@@ -6,27 +6,96 @@ one pass (:class:`neuronatlas.stats.WindowSource`) and carried with the exemplar
 (D, k, 2R + 1) float16 payload through every merge (:mod:`neuronatlas.stats`).
 
 :func:`window_table` turns the payloads into a table keyed like the exemplars (layer, neuron, seq,
-pos) with ``window_start`` (the position within the window of the first value) and
-``window_activations`` (list<float32>: float16 precision, the exemplar's own value exact); the
-atlas joins it into ``exemplars.parquet``.
+pos) with ``window_start`` (the position within the window of the first value) and the values in
+8 bits, a byte a value: ``window_scale`` (float32) is the window's largest |z| and ``window_codes``
+(list<int8>) the µ-law codes of z / scale (µ = 255, as in telephony: steps even in log |z|), so
+each value is within 2.2% of itself plus 0.01% of the window's largest (activations are
+heavy-tailed: a linear code would flatten the small ones next to a peak). Colours, tooltips and
+the 0-10 activations explanations use need no more; the exemplar's own value is exact in
+``activation``. The atlas joins it into ``exemplars.parquet`` (and ``bottom_exemplars.parquet``).
+
+Readers get float ``window_activations`` back with :func:`window_sql` (duckdb) or
+:func:`with_window_values` (arrow), and :func:`exact_peak` puts the exemplar's exact value back.
+Atlases written before the 8-bit windows (format 1) stored ``window_activations`` as floats: both
+readers pass them through.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .files import BOTTOM_EXEMPLARS_FILE, EXEMPLARS_FILE
 from .stats import split_uid
 
 DEFAULT_RADIUS = 16
+CODE_MAX = 127  # int8 codes in [-127, 127]
+MU = 255.0  # µ-law: code = sign(z) * 127 * log1p(MU * |z| / scale) / log1p(MU)
+STEP = math.log1p(MU) / CODE_MAX  # one code step in log1p(MU * |z| / scale)
+WINDOW_COLUMNS = ("window_start", "window_scale", "window_codes")  # the windows as stored
+
+
+def has_windows(columns) -> bool:
+    """Whether an exemplar table with these column names records activation windows (either format)."""
+    return "window_start" in columns and ("window_codes" in columns or "window_activations" in columns)
+
+
+def window_sql(columns, alias: str = "") -> str:
+    """The duckdb select list of window_start and the float ``window_activations`` of an exemplar table
+    with these columns ("" when it records no windows); ``alias``: the table's alias with its dot."""
+    if not has_windows(columns):
+        return ""
+    if "window_codes" not in columns:  # format 1: floats
+        return f"{alias}window_start, {alias}window_activations"
+    decode = f"sign(c) * {alias}window_scale / {MU} * (exp(abs(c) * {STEP!r}) - 1)"
+    return f"{alias}window_start, list_transform({alias}window_codes, lambda c: {decode}) as window_activations"
+
+
+def with_window_values(table: pa.Table) -> pa.Table:
+    """``table`` with float ``window_activations`` decoded from its codes (as it is without codes)."""
+    if "window_codes" not in table.column_names:
+        return table
+    codes = table["window_codes"].combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(codes), 0).to_numpy(zero_copy_only=False)
+    scale = np.repeat(pc.fill_null(table["window_scale"], 0.0).to_numpy(zero_copy_only=False), lengths)
+    values = decode_codes(codes.flatten().to_numpy(zero_copy_only=False), scale)
+    decoded = pa.ListArray.from_arrays(codes.offsets, pa.array(values, pa.float32()), mask=codes.is_null())
+    return table.append_column("window_activations", decoded)
+
+
+def exact_peak(values: list, start: int, pos: int, activation: float) -> list:
+    """The decoded window with the exemplar's exact value at its own position."""
+    if 0 <= pos - start < len(values):
+        values = list(values)
+        values[pos - start] = activation
+    return values
+
+
+def encode_windows(matrix: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """µ-law codes (M, W) int8 and scales (M,) float32 (each window's largest |z|) of windows
+    ``matrix`` (M, W), where ``valid``."""
+    values = np.where(valid, np.nan_to_num(matrix), 0.0).astype(np.float64)
+    scale = np.abs(values).max(axis=1) if values.size else np.zeros(len(values))
+    scale = scale.astype(np.float32)
+    unit = np.abs(values) / np.where(scale > 0, scale, 1.0)[:, None]  # in [0, 1]
+    codes = np.sign(values) * np.rint(np.log1p(MU * unit) / STEP)
+    return codes.clip(-CODE_MAX, CODE_MAX).astype(np.int8), scale
+
+
+def decode_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Values (n,) float32 of µ-law ``codes`` (n,) with each one's window ``scale`` (n,)."""
+    codes = codes.astype(np.float64)
+    return (np.sign(codes) * scale / MU * np.expm1(np.abs(codes) * STEP)).astype(np.float32)
 
 
 def window_table(top_values: list[torch.Tensor], top_uid: list[torch.Tensor], top_window: list[torch.Tensor],
                  radius: int) -> pa.Table:
     """One row per exemplar with a recorded window; per layer values, uid (D, k) and window (D, k, 2R + 1)."""
-    columns = {"layer": [], "neuron": [], "seq": [], "pos": [], "window_start": [], "window_activations": []}
+    columns = {"layer": [], "neuron": [], "seq": [], "pos": [], "window_start": [], "window_scale": [], "window_codes": []}
     for layer, (values, uid, window) in enumerate(zip(top_values, top_uid, top_window)):
         seq, pos = split_uid(uid.cpu())
         filled = seq >= 0
@@ -37,6 +106,7 @@ def window_table(top_values: list[torch.Tensor], top_uid: list[torch.Tensor], to
         matrix, valid = matrix[keep], valid[keep]
         matrix[:, radius] = values.cpu()[filled].numpy()[keep]  # the exemplar's own value, exact
         valid[:, radius] = True
+        codes, scale = encode_windows(matrix, valid)
         first = valid.argmax(axis=1)
         offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
         pos_kept = pos[filled].numpy()[keep]
@@ -45,12 +115,13 @@ def window_table(top_values: list[torch.Tensor], top_uid: list[torch.Tensor], to
         columns["seq"].append(seq[filled].numpy()[keep].astype(np.int64))
         columns["pos"].append(pos_kept.astype(np.int32))
         columns["window_start"].append((pos_kept - radius + first).astype(np.int32))
-        columns["window_activations"].append(
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix[valid].astype(np.float32), pa.float32())))
-    types = {"layer": pa.int32(), "neuron": pa.int32(), "seq": pa.int64(), "pos": pa.int32(), "window_start": pa.int32()}
+        columns["window_scale"].append(scale)
+        columns["window_codes"].append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(codes[valid], pa.int8())))
+    types = {"layer": pa.int32(), "neuron": pa.int32(), "seq": pa.int64(), "pos": pa.int32(), "window_start": pa.int32(),
+             "window_scale": pa.float32()}
     table = {name: pa.array(np.concatenate(columns[name]) if columns[name] else [], kind) for name, kind in types.items()}
-    table["window_activations"] = (pa.concat_arrays(columns["window_activations"]) if columns["window_activations"]
-                                   else pa.array([], pa.list_(pa.float32())))
+    table["window_codes"] = (pa.concat_arrays(columns["window_codes"]) if columns["window_codes"]
+                             else pa.array([], pa.list_(pa.int8())))
     return pa.table(table)
 
 
@@ -65,12 +136,13 @@ def neuron_exemplars(atlas, layer: int, neuron: int, end: str = "top") -> list[d
     contexts = {} if atlas.contexts is None else dict(zip(atlas.contexts["seq"].to_pylist(), atlas.contexts["token_ids"].to_pylist()))
     strings = {} if atlas.vocab is None else dict(zip(atlas.vocab["id"].to_pylist(), atlas.vocab["token"].to_pylist()))
     out = []
-    for row in table.sort_by("rank").to_pylist():
+    for row in with_window_values(table).sort_by("rank").to_pylist():
         ids = contexts.get(row["seq"], [])
         start = row.get("window_start")
         values = row.get("window_activations")
         if start is None or values is None:  # no recorded window: the exemplar token alone is known
             start, values = row["pos"], [row["activation"]]
+        values = exact_peak(values, start, row["pos"], row["activation"])
         lo, hi = max(start, 0), min(start + len(values), len(ids))
         out.append({
             "activation": row["activation"], "seq": row["seq"], "pos": row["pos"], "doc": row.get("doc"),

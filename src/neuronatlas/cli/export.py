@@ -38,6 +38,7 @@ def run(args) -> int:
     from ..atlas import load_atlas
     from ..errors import NeuronAtlasError
     from ..explain import load_subject
+    from ..exemplar_windows import has_windows
     from ..explain.exemplars import atlas_tokenizer
     from ..export import export_neuronpedia
     from ..export.neuronpedia import read_explanations
@@ -56,7 +57,7 @@ def run(args) -> int:
         neuron_set.check_model(atlas.meta["model"]["fingerprint"], atlas.widths)
         neurons = list(dict.fromkeys((n.layer, n.index) for n in neuron_set.neurons))
     explanations = read_explanations(args.explanations, atlas) if args.explanations else None
-    recorded = "window_activations" in pq.read_schema(Path(args.atlas) / "exemplars.parquet").names
+    recorded = has_windows(pq.read_schema(Path(args.atlas) / "exemplars.parquet").names)
     subject = None if recorded and args.model is None else load_subject(
         atlas, args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     tokenizer = subject.tokenizer if subject is not None else atlas_tokenizer(atlas, args.model, args.trust_remote_code)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..atlas import Atlas, is_atlas, load_atlas
 from ..errors import NeuronAtlasError
+from ..exemplar_windows import exact_peak, has_windows, window_sql
 from ..files import BOTTOM_EXEMPLARS_FILE, EXEMPLARS_FILE
 from ..methods.lape import find_lape
 from ..neuronset import NeuronSet, load_neuron_set
@@ -73,7 +74,9 @@ class AtlasData:
         self._bottom_file = path / BOTTOM_EXEMPLARS_FILE
         self.has_exemplars = self._exemplars_file.exists()
         columns = pq.read_schema(self._exemplars_file).names if self.has_exemplars else []
-        self.has_windows = "window_start" in columns and "window_activations" in columns
+        self.has_windows = has_windows(columns)
+        self._window_sql = {file: window_sql(pq.read_schema(file).names)  # read once: schemas are not small
+                            for file in (self._exemplars_file, self._bottom_file) if file.exists()}
         self.has_bottom = self._bottom_file.exists() or self.atlas.has_stat("bottom_values")
         self._db = duckdb.connect()
         self._db.execute("set parquet_metadata_cache = true")  # the atlas does not change while viewed
@@ -243,14 +246,14 @@ class AtlasData:
                 self._preloaded[(file, layer, row[0])].append(row[1:])
 
     def _exemplar_columns(self, file: Path) -> str:
-        windows = self.has_windows if file == self._exemplars_file else "window_start" in pq.read_schema(file).names
-        return "rank, activation, seq, pos, doc, label" + (", window_start, window_activations" if windows else "")
+        windows = self._window_sql.get(file, "")
+        return "rank, activation, seq, pos, doc, label" + (f", {windows}" if windows else "")
 
     def _exemplar(self, row: tuple) -> dict:
         rank, activation, seq, pos, doc, label = row[:6]
         ids = self.window_tokens(seq)
         if len(row) > 6 and row[6] is not None:
-            start, values = int(row[6]), list(row[7])
+            start, values = int(row[6]), exact_peak(row[7], int(row[6]), pos, activation)
         else:
             start = max(0, pos - EXEMPLAR_RADIUS)
             stop = min(len(ids), pos + EXEMPLAR_RADIUS + 1) if ids else pos + 1
