@@ -143,12 +143,14 @@ def test_neuron_page(page, server):
     assert rows.nth(1).locator("td").nth(1).inner_text() == f"{best['activation']:.3f}"
     peak = rows.nth(1).locator(".tok.peak")  # the span of whole characters that holds the peak token
     assert peak.inner_text() in best["text"]
-    assert f"{best['activations'][best['peak']]:.4f}" in peak.get_attribute("title")
+    scale = float(page.locator("#exemplars").get_attribute("data-scale"))  # values in thousandths of it
+    assert float(peak.get_attribute("title")) == pytest.approx(best["activations"][best["peak"]], abs=scale / 1000)
     colour = peak.evaluate("node => getComputedStyle(node).backgroundColor")
     assert colour.startswith("rgba(230, 90, 20") and colour != "rgba(0, 0, 0, 0)"
     assert best["text"].strip() in rows.nth(1).inner_text()
     assert page.locator("#vocab ol").first.locator("li").count() == len(record["top_tokens"]) > 0
     assert page.locator("#label-profile tr").count() == len(record["label_probability"]) + 1
+    assert page.locator("svg.hist rect").count() > 0  # drawn with the page's own edges
     screenshot(page, "neuron")
     page.click("#next")
     page.wait_for_url("**/neuron/2/6")
@@ -253,6 +255,7 @@ def test_static_report(page, files, viewer_lape, tmp_path):
     page.locator("#results a").first.click()
     page.wait_for_selector("#exemplars")
     assert page.locator("#exemplars .tok.peak").count() > 0
+    assert page.locator("svg.hist rect").count() > 0  # drawn with the edges of the report's pages.js
     screenshot(page, "report-neuron")
     first = sorted({(n.layer, n.index) for n in files["lape"].neurons})[0]
     page.fill("form.jump input[name=layer]", str(first[0]))

@@ -118,7 +118,8 @@ class Pages:
         return self._render(
             "neuron.html", site, n=record, previous=previous, following=following, random=random,
             has_windows=self.data.has_windows, scale=_colour_scale(record), **self._samples_context(site, record),
-            histogram=histogram(hist["edges"], hist["counts"], "activation histogram (all labels)") if hist else None,
+            histogram=histogram(hist["edges"], hist["counts"], "activation histogram (all labels)",
+                                shared_edges=site.static) if hist else None,
             profile_plot=_label_chart(record),
         )
 

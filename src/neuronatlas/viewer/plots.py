@@ -14,25 +14,60 @@ def token_spans(spans: list[Span], peak: int, scale: float = 0.0) -> Markup:
     """A window's text with what viewer.js needs to cut it into spans of whole characters (see
     :func:`neuronatlas.tokens.display_spans`) and colour each by its activation (the max of its tokens').
 
-    One element per window, not per span: a report page holds hundreds of tokens. Its data: ``v`` each
-    token's value (empty when unknown), ``s`` each span's length in characters (code points) and, for a
-    span of several tokens, ":" and their number, ``m`` the tooltips of those spans (each token's text
-    and value, and the max), ``p`` the peak token (outlined). Without scripts the text still reads.
+    One element per window, not per span: a report page holds hundreds of tokens. Its data: ``q`` each
+    token's value in thousandths of the holder's ``data-scale`` (:func:`scale_text`) as two base-64
+    digits (:func:`quantum_text`; ".." when unknown), or ``v`` the values themselves where there is
+    no scale (empty when unknown); ``s`` each span's length in characters (code points), one base-36 digit for a span of
+    one token shorter than 36, else "~length:tokens;"; ``m`` the tooltips of those spans (each token's text and value,
+    and the max); ``p`` the peak token (outlined). Without scripts the text still reads.
     """
-    values, lengths, titles, texts = [], [], [], []
-    # 4 decimals (the tooltip's), more where the neuron's scale is small: 3 significant digits of it
-    decimals = max(4, 3 - math.floor(math.log10(scale))) if scale > 0 and math.isfinite(scale) else 4
+    lengths, titles, texts = [], [], []
+    unit = float(scale_text(scale)) / QUANTA if scale > 0 and math.isfinite(scale) else 0.0
     for span in spans:
         text = span.text.replace("\r", "\n")  # the HTML parser reads \r as \n: lengths must match what it keeps
         texts.append(text)
-        lengths.append(str(len(text)) if len(span.tokens) == 1 else f"{len(text)}:{len(span.tokens)}")
-        values += [compact_number(value, decimals) for value in span.activations]
+        lengths.append(_span_length(len(text), len(span.tokens)))
         if len(span.tokens) > 1:
             titles.append(_span_title(span))
-    data = f' data-v="{",".join(values)}" data-s="{",".join(lengths)}" data-p="{peak}"'
+    values = [value for span in spans for value in span.activations]
+    if unit:
+        data = f' data-q="{"".join(quantum_text(value, unit) for value in values)}"'
+    else:
+        data = f' data-v="{",".join(compact_number(value) for value in values)}"'
+    data += f' data-s="{"".join(lengths)}" data-p="{peak}"'
     if titles:
         data += f' data-m="{escape(json.dumps(titles, ensure_ascii=False))}"'
-    return Markup(f'<span class="tokens" dir="auto"{data}>{escape("".join(texts))}</span>')
+    return Markup(f'<span class="tokens"{data}>{escape("".join(texts))}</span>')  # direction: the CSS's plaintext
+
+
+QUANTA = 1000  # window values are written in thousandths of the neuron's colour scale
+BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _span_length(characters: int, tokens: int) -> str:
+    """A span in ``data-s``: its length as one base-36 digit, or "~length:tokens;" (see token_spans)."""
+    return BASE36[characters] if tokens == 1 and characters < len(BASE36) else f"~{characters}:{tokens};"
+
+
+def scale_text(scale: float) -> str:
+    """The colour scale as a page writes it (``data-scale``); window values are multiples of a thousandth of it."""
+    return f"{scale:.4g}"
+
+
+BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+QUANTUM_OFFSET = 2048  # two base-64 digits hold 0..4095: quanta -2048..2047
+
+
+def quantum_text(value: float | None, unit: float) -> str:
+    """``value`` in ``unit`` (a thousandth of the scale) as two base-64 digits; ".." when unknown."""
+    if value is None or not math.isfinite(value):
+        return ".."
+    code = min(max(round(value / unit), -QUANTUM_OFFSET), QUANTUM_OFFSET - 1) + QUANTUM_OFFSET
+    return BASE64[code >> 6] + BASE64[code & 63]
+
+
+def edges_text(edges: list[float]) -> str:
+    return ",".join(f"{edge:.4g}" for edge in edges)
 
 
 def compact_number(value: float | None, decimals: int = 4) -> str:
@@ -85,11 +120,14 @@ def bar_chart(values: list[float], names: list[str], title: str, percent: bool =
     return Markup("".join(parts))
 
 
-def histogram(edges: list[float], counts: list[int], title: str, width: int = 560, height: int = 170) -> Markup:
+def histogram(edges: list[float], counts: list[int], title: str, width: int = 560, height: int = 170,
+              shared_edges: bool = False) -> Markup:
     """An empty plot that viewer.js draws: a bar per non-empty bin on a log count scale, bins drawn equally
     wide (the edges are log-spaced), each bar's tooltip its bin and count. The bins travel as data (``e``:
-    the edges, ``c``: the counts), a tenth of the drawn bars' size: a report holds thousands."""
-    data = f'data-e="{",".join(f"{edge:.4g}" for edge in edges)}" data-c="{",".join(str(int(c)) for c in counts)}"'
+    the edges, ``c``: the counts), a tenth of the drawn bars' size: a report holds thousands.
+    ``shared_edges``: leave the edges out (a report's pages.js holds them once: every neuron's are the same)."""
+    data = "" if shared_edges else f'data-e="{edges_text(edges)}" '
+    data += f'data-c="{",".join(str(int(c)) for c in counts)}"'
     return Markup(f'<svg class="plot hist" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
                   f'{data}><title>{escape(title)}</title>'
                   f'<text x="0" y="14" class="plot-title">{escape(title)}</text></svg>')

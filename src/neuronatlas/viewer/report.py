@@ -26,6 +26,7 @@ from ..atlas import is_atlas
 from ..errors import NeuronAtlasError
 from .data import AtlasData, best_first
 from .pages import Pages, Site, finite, neuron_record, static_files
+from .plots import edges_text
 from .search import PER_PAGE, Searcher
 from .server import Viewer
 
@@ -107,7 +108,7 @@ def write_report(viewer: Viewer, out: str | Path, neurons: ReportNeurons | None 
     pages = Pages(data, viewer.model)
     for name, content in static_files().items():
         (staging / "static" / name).write_bytes(content)
-    (staging / "static" / PAGES_FILE).write_text(_pages_script(chosen, data.widths), encoding="utf-8")
+    (staging / "static" / PAGES_FILE).write_text(_pages_script(chosen, data), encoding="utf-8")
     (staging / "index.html").write_text(pages.overview(Site("", static=True), _report_facts(chosen, data.widths)),
                                         encoding="utf-8")
     (staging / "search.html").write_text(pages.search(Site("", static=True), Searcher(data, None).search("token", "")),
@@ -161,14 +162,18 @@ def _report_facts(chosen: ReportNeurons, widths: list[int]) -> dict:
     return {"summary": f"{summary[0].upper()}{summary[1:]}.", "layers": layers}
 
 
-def _pages_script(chosen: ReportNeurons, widths: list[int]) -> str:
-    """window.NEURONATLAS_PAGES: the widths and, unless every neuron has one, the pages per layer (for the jump box)."""
+def _pages_script(chosen: ReportNeurons, data: AtlasData) -> str:
+    """window.NEURONATLAS_PAGES: the widths and, unless every neuron has one, the pages per layer (for the
+    jump box); the histogram edges, the same for every neuron (its page holds only the counts)."""
+    widths = data.widths
+    hist_edges = data.atlas.signals["z"].hist_edges
     layers = None
     if not chosen.complete:
         layers = [[] for _ in widths]
         for layer, index in sorted(chosen.neurons):
             layers[layer].append(index)
-    facts = {"widths": widths, "written": len(chosen.neurons), "total": chosen.total, "layers": layers}
+    facts = {"widths": widths, "written": len(chosen.neurons), "total": chosen.total, "layers": layers,
+             "edges": None if hist_edges is None else edges_text(hist_edges.tolist())}
     return "window.NEURONATLAS_PAGES = " + json.dumps(facts, separators=(",", ":")) + ";\n"
 
 

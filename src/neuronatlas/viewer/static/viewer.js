@@ -206,21 +206,48 @@ if (staticResults) staticSearch(staticResults);
 
 // ---- windows of text coloured by activation (see plots.token_spans): one element per window, cut here ----
 
+// data-q: each value in thousandths of the scale as two base-64 digits, offset by 2048; ".." unknown
+const BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+function quanta(text, unit) {
+  const values = [];
+  for (let at = 0; at + 1 < text.length; at += 2) {
+    values.push(text[at] === "." ? null : ((BASE64.indexOf(text[at]) << 6) + BASE64.indexOf(text[at + 1]) - 2048) * unit);
+  }
+  return values;
+}
+
+// data-s: a base-36 digit per span of one token, "~length:tokens;" for the others (plots.token_spans)
+function spanLengths(text) {
+  const spans = [];
+  for (let at = 0; at < text.length; at++) {
+    if (text[at] === "~") {
+      const end = text.indexOf(";", at);
+      spans.push(text.slice(at + 1, end).split(":").map(Number));
+      at = end;
+    } else {
+      spans.push([parseInt(text[at], 36), 1]);
+    }
+  }
+  return spans;
+}
+
 function paintWindow(node, scale) {
-  const values = node.dataset.v.split(",").map((v) => (v === "" ? null : parseFloat(v)));
+  const quantised = node.dataset.q !== undefined;
+  const values = quantised ? quanta(node.dataset.q, scale / 1000)
+    : node.dataset.v.split(",").map((v) => (v === "" ? null : parseFloat(v)));
+  const digits = quantised ? Math.max(0, 3 - Math.floor(Math.log10(scale))) : 4;  // as precise as written
   const titles = node.dataset.m ? JSON.parse(node.dataset.m) : [];
   const chars = Array.from(node.textContent);  // code points, as the server counted them
   const peak = parseInt(node.dataset.p, 10);
   let at = 0, token = 0, multi = 0;
   node.textContent = "";
-  node.dataset.s.split(",").forEach((item) => {
-    const [length, count] = item.split(":").map(Number).concat([1]).slice(0, 2);
+  spanLengths(node.dataset.s).forEach(([length, count]) => {
     const own = values.slice(token, token + count).filter((v) => v !== null && isFinite(v));
     const value = own.length ? Math.max(...own) : null;
     const kind = "tok" + (value !== null && value < 0 ? " neg" : "") + (peak >= token && peak < token + count ? " peak" : "");
     const span = element("span", chars.slice(at, at + length).join(""), kind);
     if (value !== null && scale > 0) span.style.setProperty("--a", (0.85 * Math.min(Math.abs(value) / scale, 1)).toFixed(3));
-    span.title = count > 1 ? titles[multi++] : value === null ? "unknown" : value.toFixed(4);
+    span.title = count > 1 ? titles[multi++] : value === null ? "unknown" : value.toFixed(digits);
     node.appendChild(span);
     at += length;
     token += count;
@@ -228,7 +255,7 @@ function paintWindow(node, scale) {
 }
 
 function paintWindows(root) {
-  root.querySelectorAll(".tokens[data-v]").forEach((node) => {
+  root.querySelectorAll(".tokens[data-v], .tokens[data-q]").forEach((node) => {
     const holder = node.closest("[data-scale]");
     paintWindow(node, holder ? parseFloat(holder.dataset.scale) : 0);
   });
@@ -269,7 +296,8 @@ function binName(edges, i) {
 }
 
 function drawHistogram(svg) {
-  const edges = svg.dataset.e.split(",").map(Number), counts = svg.dataset.c.split(",").map(Number);
+  const edgesText = svg.dataset.e ?? window.NEURONATLAS_PAGES.edges;  // a report's pages.js holds them once
+  const edges = edgesText.split(",").map(Number), counts = svg.dataset.c.split(",").map(Number);
   const width = Number(svg.getAttribute("width")), height = Number(svg.getAttribute("height"));
   const bottom = height - 34, top = 20, left = 40, bins = counts.length;
   const barWidth = (width - left - 10) / Math.max(bins, 1);
