@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_fails
+from conftest import cli_fails, window_close
 from neuronatlas import bundled
 from neuronatlas.atlas import load_atlas
 from neuronatlas.cli import main
@@ -27,7 +27,7 @@ TINY_LLAMA = bundled.model_path("tiny-llama")
 DOCS_PER_LANGUAGE = 4
 TOP_KEYS = {"format", "version", "model", "explainer", "simulator", "neurons"}
 NEURON_KEYS = {"layer", "index", "explanation", "score", "score_top", "score_random", "clusters", "scores", "candidates",
-               "threshold", "baseline_from"}
+               "threshold", "baseline_from", "contexts"}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_exemplar_activations_match_the_atlas(run):
     assert computed[0].activations.max() == pytest.approx(rows[0]["activation"], rel=1e-4)
     for a, b in zip(read, computed):
         assert (a.seq, a.start) == (b.seq, b.start)
-        np.testing.assert_allclose(a.activations, b.activations, rtol=1e-3, atol=1e-3)  # windows are stored as float16
+        assert window_close(a.activations, b.activations)  # windows are stored in 8 bits
     spans = sorted((e.seq, e.start, e.start + len(e.tokens)) for e in computed)
     assert all(s1 != s2 or end1 <= start2 for (s1, _, end1), (s2, start2, _) in zip(spans, spans[1:]))
 
@@ -240,6 +240,63 @@ def test_perfect_simulator_scores_one_shuffled_scores_zero(run):
     assert max(abs(r["score"]) for r in shuffled) < 0.35
 
 
+# ---- detection and fuzzing on the neuron's samples ---------------------------------------------------
+
+
+def test_local_judge_log_odds_batched_as_alone_and_its_answers_are_their_sign(run):
+    """The tiny model is no judge (its log-odds carry no meaning), so only the mechanics are checked:
+    left-padded batches of prompts of different lengths give each prompt's log-odds as run alone,
+    the log-odds differ between texts, and the yes/no answer is their sign."""
+    judge = run["explainer"]
+    texts = ["the package", "a much longer text about the configuration of a system", "x", "apt-get install the package"]
+    batched = judge.judge_log_odds("packages", texts, "detection")
+    alone = np.array([judge.judge_log_odds("packages", [t], "detection")[0] for t in texts])
+    np.testing.assert_allclose(batched, alone, atol=1e-4)
+    assert np.ptp(batched) > 0
+    assert judge.judge("packages", texts, "detection") == (batched > 0).tolist()
+
+
+def test_scoring_contexts_are_the_neurons_samples(run):
+    """With the default --scoring-contexts samples, a neuron is scored on its quantile-band samples
+    (active: peak above --active x its top activation) and non-activating samples (peak at most that)
+    drawn by neuronatlas.samples, those that repeat a shown exemplar's peak left out; the detection
+    and fuzzing scores count exactly these."""
+    from neuronatlas.explain.contexts import PEAK_RADIUS, draw_samples
+    from neuronatlas.explain.neuron import material_from_samples
+
+    options = ExplainOptions(top=4, bands=5, per_band=2, non_activating=6, sample_docs=32, scorers=("detection", "fuzzing"))
+    neurons = run["neurons"][:2]
+    scales = {n: float(exemplars_of(run, *n)[0][0]["activation"]) for n in neurons}  # each neuron's top activation
+    thresholds = {n: options.active * scales[n] for n in neurons}
+    drawn = draw_samples(run["subject"], atlas_corpus(run["atlas"]), thresholds, options)
+    strings = TokenStrings(run["atlas"].vocab, run["subject"].tokenizer)
+    for layer, index in neurons:
+        samples, threshold = drawn[(layer, index)], thresholds[(layer, index)]
+        _, tops = exemplars_of(run, layer, index)
+        material = material_from_samples(tops, samples, strings, options, threshold)
+        band_ids = [[i for i, v in zip(c["token_ids"], c["activations"]) if v is not None]
+                    for band in samples.bands.values() for c in band]
+        quiet_ids = [[i for i, v in zip(c["token_ids"], c["activations"]) if v is not None] for c in samples.non_activating]
+        assert material.held and material.randoms
+        assert all(e.token_ids in band_ids and e.activations.max() > threshold for e in material.held)
+        assert all(e.token_ids in quiet_ids for e in material.randoms)
+        assert samples.non_activating_max <= threshold  # silent contexts, not merely the weakest
+        assert all(e.activations.max() <= threshold for e in material.randoms)
+        assert len(material.held) + len(material.randoms) + material.dropped == len(band_ids) + len(quiet_ids)
+        for shown in material.shown:  # no scoring context repeats a shown exemplar's peak
+            peak = int(np.argmax(shown.activations))
+            part = shown.token_ids[max(peak - PEAK_RADIUS, 0):peak + PEAK_RADIUS + 1]
+            for e in material.held + material.randoms:
+                assert all(e.token_ids[i:i + len(part)] != part for i in range(len(e.token_ids)))
+        record = explain_neuron(layer, index, material, run["explainer"], run["explainer"], options)
+        print(f"\n{layer}/{index}: {record['contexts']}")
+        assert record["contexts"]["source"] == "samples"
+        for name in ("detection", "fuzzing"):
+            result = record["scores"][name]
+            assert (result["n_activating"], result["n_non_activating"]) == (len(material.held), len(material.randoms))
+            assert result["judged_by"] == "log-odds" and 0 <= result["auc"] <= 1
+
+
 # ---- clusters --------------------------------------------------------------------------------------
 
 
@@ -275,6 +332,12 @@ def test_cli_end_to_end_writes_the_contract(run, capsys, tmp_path):
         assert 1 <= len(record["clusters"]) <= 2
         assert 2 <= sum(c["size"] for c in record["clusters"]) <= 6  # the shown exemplars, each in one cluster
         assert all(set(c) == {"explanation", "size", "score"} and c["explanation"] for c in record["clusters"])
+        contexts = record["contexts"]  # scored on the neuron's samples by default: active and inactive ones
+        assert contexts["source"] == "samples" and contexts["n_activating"] >= 1 and contexts["n_non_activating"] >= 1
+        for name in ("detection", "fuzzing"):
+            values = record["scores"][name]
+            assert values["judged_by"] == "log-odds" and 0 <= values["auc"] <= 1 and 0 <= values["baseline_auc"] <= 1
+            assert (values["n_activating"], values["n_non_activating"]) == (contexts["n_activating"], contexts["n_non_activating"])
     assert not (tmp_path / "expl.json.partial.jsonl").exists()
 
 

@@ -282,7 +282,7 @@ def test_interrupted_run_resumes(small, server, tmp_path, capsys):
 def test_endpoint_judges_five_examples_a_request_and_samples_with_temperature(small, server, tmp_path):
     out = tmp_path / "expl.json"
     assert main(argv(small, server, out, "--random", "6", "--samples", "2", "--temperature", "0.9",
-                     "--scorers", "fuzzing,detection")) == 0
+                     "--scorers", "fuzzing,detection", "--scoring-contexts", "exemplars")) == 0
     result = json.loads(out.read_text())
     judges = [r for r in server.requests if r["body"]["messages"][0]["content"] == JUDGE_SYSTEM]
     assert judges and all(1 <= r["body"]["messages"][1]["content"].count("\nExample ") <= 5 for r in judges)
@@ -294,8 +294,10 @@ def test_endpoint_judges_five_examples_a_request_and_samples_with_temperature(sm
         assert len(record["candidates"]) == 2 and set(record["scores"]) == {"fuzzing", "detection"}
         for name, values in record["scores"].items():
             assert values["score"] is None or 0 <= values["score"] <= 1
-            assert values["n_activating"] + values["n_non_activating"] == 2 + 6
-            assert "baseline" in values
+            assert values["n_activating"] + values["n_non_activating"] == 2 + 6  # held-out and random exemplars
+            assert "baseline" in values and "baseline_auc" in values
+            assert values["judged_by"] == "answers"  # an endpoint's answers: their AUROC is their balanced accuracy
+            assert values["auc"] == pytest.approx(values["score"]) if values["score"] is not None else values["auc"] is None
         assert record["baseline_from"]["explanation"] == PHRASE
         assert record["score"] is None  # no simulation asked for
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,16 @@ def test_the_draw_is_seeded_per_neuron(drawn, model, corpus):
     other = sample_contexts(*model, corpus, [NEURONS[1]], bands=4, per_band=2, non_activating=3, seed=2, **OPTIONS)
     picked = lambda found: [item["text"] for items in found.bands.values() for item in items]  # noqa: E731
     assert picked(other[NEURONS[1]]) != picked(drawn[NEURONS[1]]) or other[NEURONS[1]].active_contexts < 3
+
+
+def test_a_threshold_per_neuron_moves_its_bands_alone(drawn, model, corpus):
+    first, second = NEURONS[0], NEURONS[1]
+    middle = float(np.median([item["activation"] for band in drawn[first].bands.values() for item in band]))
+    own = sample_contexts(*model, corpus, NEURONS, bands=4, per_band=2, non_activating=3, seed=1,
+                          threshold={first: middle, second: 0.0}, **OPTIONS)
+    assert own[first].edges[0] == pytest.approx(middle)  # its range starts at its own threshold
+    assert all(item["activation"] <= middle for item in own[first].non_activating)
+    assert own[second].to_json() == drawn[second].to_json()  # the other neuron drew as with one threshold of 0
 
 
 def test_cache_next_to_the_atlas(drawn, tmp_path):

@@ -1,4 +1,5 @@
-"""Detection and fuzzing scores, best-of-N and the shuffled baseline on constructed cases (no model)."""
+"""Detection and fuzzing scores (answers and log-odds), best-of-N and the shuffled baseline on constructed
+cases; the log-odds scorer on a real SmolLM2-135M-Instruct (marked ``real``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from neuronatlas.errors import NeuronAtlasError
 from neuronatlas.explain import ExplainOptions, balanced_accuracy, context_text, judged
 from neuronatlas.explain.exemplars import Exemplar
 from neuronatlas.explain.neuron import add_baselines, explain_neuron, material_of
-from neuronatlas.explain.scorers import fuzzing_samples
+from neuronatlas.explain.scorers import auroc, by_origin, by_threshold, fuzzing_samples, judged_labelled, ranked_decisions
 
 CAT = ["the", " cat", " sat", " on", " the", " mat"]
 DOG = ["a", " dog", " ran", " far", " away", " now"]
@@ -70,7 +71,7 @@ def test_detection_by_a_rule_gives_the_expected_accuracy():
 
 def test_fuzzing_marks_true_tokens_and_random_ones():
     contexts = [context(CAT, 1)] * 4 + [context(DOG)] * 6
-    samples = fuzzing_samples(contexts, threshold=1.0, seed=3)
+    samples = fuzzing_samples(by_threshold(contexts, 1.0), seed=3)
     assert [s.text for s in samples if s.truth] == ["the<< cat>> sat on the mat"] * 4
     wrong = [s.text for s in samples if not s.truth]
     assert len(wrong) == 6 and all(t.count("<<") == 1 and t.replace("<<", "").replace(">>", "") == "a dog ran far away now" for t in wrong)
@@ -144,3 +145,111 @@ def test_options_are_checked():
                 dict(active=0), dict(scorers=("fuzzing", "fuzzing"))):
         with pytest.raises(NeuronAtlasError):
             ExplainOptions(**bad).check()
+
+
+# ---- scores from log-odds: AUROC and balanced accuracy at the ranked threshold ----------------------
+
+
+def test_auroc_counts_pairs_and_ties():
+    assert auroc([True, True, False, False], [3.0, 2.0, 1.0, 0.0]) == 1.0
+    assert auroc([True, True, False, False], [0.0, 1.0, 2.0, 3.0]) == 0.0
+    assert auroc([True, False, False], [1.0, 1.0, 0.0]) == pytest.approx((0.5 + 1) / 2)  # one tie of two pairs
+    assert auroc([True, True], [1.0, 2.0]) is None
+    truth = [True, True, False, False, False]
+    answers = [True, False, True, False, False]
+    assert auroc(truth, np.asarray(answers, float)) == pytest.approx(balanced_accuracy(truth, answers))
+
+
+def test_ranked_decisions_say_yes_as_often_as_there_are_positives():
+    truth = [True, False, True, False]
+    assert ranked_decisions(truth, [5.0, 4.0, 6.0, 1.0]).tolist() == [True, False, True, False]  # the median splits
+    assert ranked_decisions([True, False, False, False], [0.3, 0.1, 0.2, 0.4]).tolist() == [False, False, False, True]
+    assert ranked_decisions(truth, [2.0] * 4).sum() == 0  # a constant judge: no information, no yes
+
+
+class OddsJudge:
+    """Log-odds that are positive for every text (its answer is always yes) but higher for ``word``."""
+
+    name = "odds"
+
+    def __init__(self, word):
+        self.word, self.calls = word, 0
+
+    def judge(self, explanation, texts, task):
+        raise AssertionError("a log-odds judge is scored from its log-odds")
+
+    def judge_log_odds(self, explanation, texts, task):
+        self.calls += 1
+        return np.array([3.0 + (self.word in text) + 0.01 * len(text) for text in texts])
+
+
+def test_log_odds_judge_is_scored_by_rank_not_by_its_answer():
+    contexts = [context(CAT, 1), context(CAT, 2), context(DOG), context(DOG), context(DOG)]
+    score = judged(OddsJudge("cat"), "cats", "detection", contexts, threshold=1.0).as_dict()
+    assert score["score_at_zero"] == 0.5  # it answers yes everywhere: the old score
+    assert score["auc"] == 1.0 and score["score"] == 1.0 and score["judged_by"] == "log-odds"
+    wrong = judged(OddsJudge("zebra"), "zebras", "detection", contexts, threshold=1.0).as_dict()
+    assert wrong["auc"] == pytest.approx(auroc([True, True, False, False, False], [0.01 * len("the cat sat on the mat")] * 2
+                                               + [0.01 * len("a dog ran far away now")] * 3))
+    judge = OddsJudge("cat")
+    assert judged(judge, "cats", "detection", [context(DOG)] * 3, threshold=1.0).auc is None and judge.calls == 0
+
+
+def test_by_origin_labels_as_drawn_and_marks_near_each_peak():
+    weak = (CAT, np.array([0, 0.1, 0.04, 0, 0, 0.02], np.float32))  # a weak band: peak 0.1
+    strong = (DOG, np.array([0, 4.0, 0, 3.0, 0, 0], np.float32))
+    quiet = (DOG, np.zeros(6, np.float32))
+    labelled = by_origin([weak, strong, quiet], [True, True, False], fraction=0.3)
+    assert [c.active for c in labelled] == [True, True, False]
+    assert [c.marks for c in labelled] == [[1, 2], [1, 3], []]  # >= 0.3 x its own peak
+    assert by_threshold([weak, strong, quiet], 1.0)[0].active is False  # an absolute threshold misses the weak band
+
+
+# ---- the log-odds scorer on a real instruction-tuned model --------------------------------------------
+
+CAT_TEXTS = ["The cat sat on the mat.", "My cat likes fish.", "A black cat crossed the road.", "Feed the cat now.",
+             "The cat is asleep.", "Her cat ran away.", "That cat is very old.", "We found a cat in the garden."]
+OTHER_TEXTS = ["The train leaves at noon.", "Rain fell all day.", "He paid the bill.", "The bus was late again.",
+               "She reads a book.", "Open the window please.", "The soup is hot.", "They play football on Sunday."]
+
+
+class Recorded:
+    """A judge that keeps the texts and log-odds of its last call."""
+
+    def __init__(self, judge):
+        self.inner, self.name, self.seen = judge, judge.name, None
+
+    def judge_log_odds(self, explanation, texts, task):
+        odds = self.inner.judge_log_odds(explanation, texts, task)
+        self.seen = (texts, odds)
+        return odds
+
+    def judge(self, explanation, texts, task):
+        return self.inner.judge(explanation, texts, task)
+
+
+@pytest.mark.real
+def test_smollm2_log_odds_detect_a_named_word_above_shuffled_controls():
+    """A neuron that fires on "cat": SmolLM2-135M-Instruct judges 8 cat and 8 other sentences with the
+    right explanation and with another neuron's ("the word train", the shuffled-explanation baseline).
+    Its yes/no answers do not tell them apart (measured: the same answer everywhere, balanced accuracy
+    0.5); the AUROC of its log-odds does: above 95% of label shuffles and 0.15 above the baseline."""
+    from neuronatlas.explain import LocalModel
+    from neuronatlas.real_models import real_model_path
+
+    path = real_model_path("smollm2-135m")
+    if path is None:
+        pytest.skip("SmolLM2-135M is not fetched (make real-models)")
+    model = Recorded(LocalModel(str(path), batch_size=16, quiet=True))
+    contexts = [([text], np.array([5.0 if text in CAT_TEXTS else 0.0])) for text in CAT_TEXTS + OTHER_TEXTS]
+    right = judged_labelled(model, "the word cat", "detection", by_threshold(contexts, 1.0))
+    texts, odds = model.seen
+    truth = [text in CAT_TEXTS for text in texts]
+    shuffled = judged_labelled(model, "the word train", "detection", by_threshold(contexts, 1.0))
+    rng = np.random.default_rng(0)
+    null = [auroc(rng.permutation(truth), odds) for _ in range(2000)]
+    print(f"\nSmolLM2 detection: right AUC {right.auc:.3f} BA {right.value:.3f} (at zero {right.at_zero:.3f}); "
+          f"shuffled explanation AUC {shuffled.auc:.3f} BA {shuffled.value:.3f}; label-shuffle 95% {np.quantile(null, 0.95):.3f}")
+    assert right.auc > np.quantile(null, 0.95)
+    assert right.auc > shuffled.auc + 0.15
+    assert right.value > 0.5

@@ -74,22 +74,27 @@ class _Pass:
 
 def sample_contexts(model, tokenizer, corpus_or_atlas, neurons, bands: int = 10, per_band: int = 2,
                     non_activating: int = 5, seed: int = 0, *, max_docs: int = 256, context_length: int = 32,
-                    batch_size: int = 16, threshold: float | None = None) -> dict[tuple[int, int], NeuronSamples]:
+                    batch_size: int = 16, threshold: float | dict | None = None) -> dict[tuple[int, int], NeuronSamples]:
     """{(layer, index): NeuronSamples} of ``neurons`` ((layer, index) pairs or objects with .layer/.index).
 
     ``corpus_or_atlas``: a corpus (path or :class:`~neuronatlas.corpus.Corpus`), or an atlas (folder
-    or :class:`~neuronatlas.atlas.Atlas`), whose corpus and threshold are used.
+    or :class:`~neuronatlas.atlas.Atlas`), whose corpus and threshold are used. ``threshold``: of
+    "active", for every neuron, or per neuron as {(layer, index): value}; None (or a neuron the dict
+    leaves out): the atlas's (else 0).
     """
     if bands < 1 or per_band < 0 or non_activating < 0:
         raise NeuronAtlasError(f"bands must be at least 1 and the counts 0 or more (got {bands}, {per_band}, {non_activating})")
     corpus, atlas_threshold = corpus_of(corpus_or_atlas)
-    threshold = atlas_threshold if threshold is None else threshold
     wanted = neuron_pairs(neurons)
+    common = atlas_threshold if threshold is None or isinstance(threshold, dict) else threshold
+    thresholds = {neuron: (threshold or {}).get(neuron, common) if isinstance(threshold, dict) else common
+                  for neuron in wanted}  # a neuron a dict leaves out: the atlas's
     seen = _run_pass(model, tokenizer, corpus, wanted, max_docs, context_length, batch_size, seed)
     found = {}
     for layer, index in wanted:
         generator = np.random.default_rng([seed, layer, index])  # the same draw whichever neurons come along
-        found[(layer, index)] = _draw(seen, tokenizer, (layer, index), bands, per_band, non_activating, threshold, generator)
+        found[(layer, index)] = _draw(seen, tokenizer, (layer, index), bands, per_band, non_activating,
+                                      float(thresholds[(layer, index)]), generator)
     return found
 
 

@@ -53,6 +53,15 @@ def _scoring_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the baseline (another neuron's explanation scored on each neuron's contexts)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass of a local scorer (default: 8)")
+    parser.add_argument("--scoring-contexts", choices=("samples", "exemplars"), default="samples",
+                        help="contexts the explanations are scored on: samples from every quantile band of the activation "
+                             "range and non-activating ones (neuronatlas.samples), or held-out top and random exemplars "
+                             "(default: samples)")
+    parser.add_argument("--bands", type=int, default=10, help="samples: quantile bands of the activation range (default: 10)")
+    parser.add_argument("--per-band", type=int, default=2, help="samples: contexts drawn from each band (default: 2)")
+    parser.add_argument("--non-activating", type=int, default=20,
+                        help="samples: contexts where the neuron does not fire (default: 20)")
+    parser.add_argument("--sample-docs", type=int, default=256, help="samples: corpus documents the sampling pass reads (default: 256)")
 
 
 def _backend_args(parser: argparse.ArgumentParser) -> None:
@@ -89,11 +98,13 @@ def run(args) -> int:
         raise NeuronAtlasError(f"{args.neurons} holds no neurons; nothing to explain")
     options = ExplainOptions(top=args.top, holdout=args.holdout, random=args.random, context=args.context,
                              clusters=args.clusters, seed=args.seed, scorers=_names(args.scorers), samples=args.samples,
-                             temperature=args.temperature, active=args.active, baseline=args.baseline)
+                             temperature=args.temperature, active=args.active, baseline=args.baseline,
+                             contexts=args.scoring_contexts, bands=args.bands, per_band=args.per_band,
+                             non_activating=args.non_activating, sample_docs=args.sample_docs)
     options.check()
     explainer, simulator = _backends(args)
     subject = _subject(args, atlas, options)
-    corpus = atlas_corpus(atlas, args.corpus) if options.random else None
+    corpus = atlas_corpus(atlas, args.corpus) if options.random or options.contexts == "samples" else None
     result = explain_neurons(args.atlas, neurons, explainer, simulator, args.out, options, subject=subject,
                              corpus=corpus, resume=args.resume, quiet=args.quiet, atlas=atlas)
     if not args.quiet:
@@ -127,31 +138,37 @@ def _announced(backend, role: str, quiet: bool):
 
 
 def _subject(args, atlas, options):
-    """The profiled model, when random exemplars or unrecorded exemplar activations need it."""
+    """The profiled model, when samples, random exemplars or unrecorded exemplar activations need it."""
     from pathlib import Path
 
     import pyarrow.parquet as pq
 
+    from ..exemplar_windows import has_windows
     from ..explain import load_subject
 
     file = Path(args.atlas) / "exemplars.parquet"
-    recorded = file.exists() and "window_activations" in pq.read_schema(file).names
-    if options.random == 0 and recorded and args.model is None:
+    recorded = file.exists() and has_windows(pq.read_schema(file).names)
+    if options.contexts == "exemplars" and options.random == 0 and recorded and args.model is None:
         return None
     return load_subject(atlas, args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
 
 def _print_summary(result: dict) -> None:
-    """One line per neuron: each scorer's score and, after the slash, its shuffled baseline."""
+    """One line per neuron: each scorer's score (and a classifier's AUROC) and, after the slash, its
+    shuffled baseline."""
     def shown(value):
         return "  n/a" if value is None else f"{value:+.2f}"
 
-    names = list(next((r["scores"] for r in result["neurons"] if r.get("scores")), {}))
-    print(f"{'neuron':>10} " + " ".join(f"{name[:11]:>11}" for name in names) + "  explanation")
+    first = next((r["scores"] for r in result["neurons"] if r.get("scores")), {})
+    columns = [(name, key) for name, values in first.items() for key in ("score", "auc") if key in values]
+    baselines = {"score": "baseline", "auc": "baseline_auc"}
+    heads = [name[:11] if key == "score" else f"{name[:7]} auc" for name, key in columns]
+    print(f"{'neuron':>10} " + " ".join(f"{head:>11}" for head in heads) + "  explanation")
     for record in result["neurons"]:
         scores = record.get("scores") or {}
-        cells = [f"{shown(scores.get(n, {}).get('score'))}/{shown(scores.get(n, {}).get('baseline'))}" for n in names]
+        cells = [f"{shown(scores.get(n, {}).get(k))}/{shown(scores.get(n, {}).get(baselines[k]))}" for n, k in columns]
         name = f"{record['layer']}/{record['index']}"
         print(f"{name:>10} " + " ".join(f"{c:>11}" for c in cells) + f"  {record['explanation']}")
-    if names:
-        print("(score/baseline: the baseline is another neuron's explanation scored on the same contexts)")
+    if columns:
+        print("(score/baseline: the baseline is another neuron's explanation scored on the same contexts; "
+              "detection and fuzzing: balanced accuracy, and AUROC in the auc columns)")

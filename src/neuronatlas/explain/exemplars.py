@@ -25,6 +25,7 @@ import torch
 from ..atlas import Atlas
 from ..corpus import Corpus, iter_windows
 from ..errors import NeuronAtlasError
+from ..exemplar_windows import exact_peak, window_sql
 from ..hooks import capture, forward_batch
 from ..loading import load_model, load_tokenizer, model_fingerprint
 from ..models import locate_neurons
@@ -140,7 +141,8 @@ def exemplar_rows(atlas_dir: str | Path, neurons: list[tuple[int, int]]) -> dict
     connection.register("wanted", wanted)
     source = f"read_parquet('{_quoted(file)}')"
     columns = connection.sql(f"select * from {source} limit 0").columns
-    windows = ", e.window_start, e.window_activations" if "window_activations" in columns else ""
+    windows = window_sql(columns, alias="e.")
+    windows = f", {windows}" if windows else ""
     result = connection.sql(f"select e.layer, e.neuron, e.rank, e.activation, e.seq, e.pos{windows} from {source} e "
                             "join wanted using (layer, neuron) order by e.layer, e.neuron, e.rank")
     rows: dict[tuple[int, int], list[dict]] = {key: [] for key in neurons}
@@ -192,6 +194,7 @@ def _recorded_span(row: dict, context: int) -> tuple[int, np.ndarray] | None:
     start, values = row.get("window_start"), row.get("window_activations")
     if start is None or values is None:
         return None
+    values = exact_peak(values, start, row["pos"], row["activation"])
     lo, hi = max(row["pos"] - context, start), min(row["pos"] + context + 1, start + len(values))
     return lo, np.asarray(values[lo - start:hi - start], np.float32)
 

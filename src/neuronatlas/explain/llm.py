@@ -10,6 +10,7 @@ Nothing is sent over the network unless a URL is given.
 from __future__ import annotations
 
 import http.client
+import inspect
 import json
 import os
 import socket
@@ -35,7 +36,7 @@ CHAT_BATCH = 5  # texts per judging request to an endpoint (delphi shows 5 examp
 class LocalModel:
     """A causal LM on this machine. Explains by greedy generation (or samples N in one call);
     simulates all at once (one prompt per excerpt, or per chunk of it when the prompt is longer than
-    the model's context); judges by the next-token odds of Yes and No. Up to ``batch_size`` prompts
+    the model's context); judges by the next-token log-odds of Yes and No. Up to ``batch_size`` prompts
     share a padded forward pass."""
 
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 24,
@@ -69,7 +70,7 @@ class LocalModel:
         self.context = max_positions(self.model.config)  # None: no known limit
         self.max_new_tokens, self.batch_size = max_new_tokens, max(1, batch_size)
         self.pad = pad_token_id(self.tokenizer)
-        self.yes, self.no = answer_token_ids(self.tokenizer)
+        self.yes, self.no = answer_token_ids(self.tokenizer, self._answer_ids)
         self.numbers = number_token_ids(self.tokenizer, "\t")
         self.tab, self.slot_line = self._ids("\t"), self._ids(SLOT + "\n")
 
@@ -191,32 +192,54 @@ class LocalModel:
     # ---- judge (detection, fuzzing)
 
     def judge(self, explanation: str, texts: list[str], task: str) -> list[bool]:
-        """Yes or no for each text: whether the next-token probability of Yes exceeds that of No,
-        several prompts (left-padded) per forward pass."""
-        prompts = [self._judge_ids(judge_prompt(explanation, text, task)) for text in texts]
-        answers: list[bool] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start:start + self.batch_size]
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, ids in enumerate(batch):
-                input_ids[row, width - len(ids):], mask[row, width - len(ids):] = torch.tensor(ids), 1
-            with torch.inference_mode():
-                logits = forward_batch(self.model, input_ids.to(self.device), mask.to(self.device)).logits[:, -1].float()  # (B, V)
-            yes = torch.logsumexp(logits[:, self.yes], dim=-1)
-            no = torch.logsumexp(logits[:, self.no], dim=-1)
-            answers += (yes > no).tolist()
-        return answers
+        """Yes or no for each text: whether the next-token probability of Yes exceeds that of No."""
+        return (self.judge_log_odds(explanation, texts, task) > 0).tolist()
 
-    def _judge_ids(self, prompt: str) -> list[int]:
+    def judge_log_odds(self, explanation: str, texts: list[str], task: str) -> np.ndarray:
+        """(N,) log p(Yes) - log p(No) of the next token after each text's judging prompt, each side
+        summed over its case and space variants; prompts of similar length share a left-padded
+        forward pass of up to ``batch_size`` rows."""
+        prompts = [self._judge_ids(judge_prompt(explanation, text, task)) for text in texts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
+        odds = np.zeros(len(prompts))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            odds[rows] = self._last_log_odds([prompts[i] for i in rows])
+        return odds
+
+    def _last_log_odds(self, batch: list[list[int]]) -> np.ndarray:
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids):], mask[row, width - len(ids):] = torch.tensor(ids), 1
+        keep = {"logits_to_keep": 1} if _takes(self.model, "logits_to_keep") else {}  # no (B, T, V) logits
+        with torch.inference_mode():
+            logits = forward_batch(self.model, input_ids.to(self.device), mask.to(self.device), **keep).logits[:, -1].float()  # (B, V)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        yes = torch.logsumexp(log_probs[:, self.yes], dim=-1)  # (B,)
+        no = torch.logsumexp(log_probs[:, self.no], dim=-1)
+        return (yes - no).cpu().numpy()
+
+    def _judge_text(self, prompt: str) -> str:
         """The prompt as a chat turn when the tokenizer has a chat template, else followed by "Answer:"."""
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
-            ids = self._ids(text)
-        else:
-            ids = self.tokenizer(prompt + "\nAnswer:")["input_ids"]
+        return prompt + "\nAnswer:"
+
+    def _encode_judging(self, text: str) -> list[int]:
+        """A chat-template text holds its special tokens already; a plain prompt gets the tokenizer's."""
+        return self._ids(text) if getattr(self.tokenizer, "chat_template", None) else self.tokenizer(text)["input_ids"]
+
+    def _answer_ids(self, word: str) -> list[int] | None:
+        """The ids ``word`` adds right after a judging prompt, or None when it changes the prompt's ids."""
+        prompt = self._encode_judging(self._judge_text("Is it?"))
+        ids = self._encode_judging(self._judge_text("Is it?") + word)
+        return ids[len(prompt):] if ids[:len(prompt)] == prompt and len(ids) > len(prompt) else None
+
+    def _judge_ids(self, prompt: str) -> list[int]:
+        ids = self._encode_judging(self._judge_text(prompt))
         if self.context is not None and len(ids) > self.context:
             raise NeuronAtlasError(f"the scorer {self.name}'s context of {self.context} tokens cannot hold a judging prompt "
                                    f"of {len(ids)} tokens; use --context smaller or a model with a longer context")
@@ -339,6 +362,10 @@ def _check_attends_back_only(model, device: torch.device, name: str) -> None:
         raise _not_causal(name)
 
 
+def _takes(model, argument: str) -> bool:
+    return argument in inspect.signature(model.forward).parameters
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -352,13 +379,22 @@ def _reply_json(raw: bytes, url: str) -> dict:
         raise NeuronAtlasError(f"endpoint {url} answered something that is not JSON ({preview!r}); is it an OpenAI-compatible chat endpoint?") from None
 
 
-def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """The first token ids of Yes and of No, as written alone or after a space, in either case."""
-    def first_ids(words: list[str]) -> set[int]:
-        encoded = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in words]
-        return {ids[0] for ids in encoded if ids}
+YES_WORDS, NO_WORDS = ("Yes", "yes", " Yes", " yes"), ("No", "no", " No", " no")
 
-    yes, no = first_ids(["Yes", " Yes", "yes", " yes"]), first_ids(["No", " No", "no", " no"])
+
+def answer_token_ids(tokenizer, after=None) -> tuple[list[int], list[int]]:
+    """The first token ids of Yes and of No, capitalised or not, with and without a space before:
+    each as encoded alone and, when ``after(word)`` gives them, as the ids the word adds right
+    after a judging prompt (None when the prompt's own ids change)."""
+    def first_ids(words: tuple[str, ...]) -> set[int]:
+        found = set()
+        for word in words:
+            for ids in (tokenizer(word, add_special_tokens=False)["input_ids"], after(word) if after else None):
+                if ids:
+                    found.add(ids[0])
+        return found
+
+    yes, no = first_ids(YES_WORDS), first_ids(NO_WORDS)
     if not yes or not no or yes & no:
         raise NeuronAtlasError("the scorer's tokenizer does not write Yes and No as distinct tokens; use another scorer model")
     return sorted(yes), sorted(no)

@@ -6,7 +6,9 @@ Scorers (``ExplainOptions.scorers``):
 * ``simulation``: correlation of simulated and real activations (Bills et al. 2023; :mod:`.score`);
 * ``detection`` and ``fuzzing``: balanced accuracy of yes/no judgements (delphi; :mod:`.scorers`).
 
-All are computed on the scoring contexts: the held-out top exemplars and the random exemplars.
+All are computed on the scoring contexts: by default the quantile-band and non-activating samples
+of :mod:`neuronatlas.samples` (:mod:`.contexts`; active and inactive as drawn), else the held-out top
+exemplars and the random exemplars (active by ``--active``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import numpy as np
 
 from ..errors import NeuronAtlasError
 from .clusters import cluster_exemplars
+from .contexts import sample_exemplars
 from .exemplars import Exemplar
 from .explain import explain, explain_candidates
 from .score import Pair, pooled, score
-from .scorers import judged
+from .scorers import Labelled, by_origin, by_threshold, judged_labelled
 
 SCORERS = ("simulation", "detection", "fuzzing")
 
@@ -39,15 +42,31 @@ class Material:
     """What one neuron is explained from and scored on."""
 
     shown: list[Exemplar]  # read by the explainer
-    held: list[Exemplar]  # held-out top exemplars, for scoring
-    randoms: list[Exemplar]  # random corpus spans, for scoring
+    held: list[Exemplar]  # held-out top exemplars (or band samples: active), for scoring
+    randoms: list[Exemplar]  # random corpus spans (or non-activating samples), for scoring
     scale: float  # the largest activation among the shown exemplars: level 10
-    threshold: float  # a token is active at or above this activation (detection, fuzzing)
+    threshold: float  # exemplars: a token is active at or above this activation; samples: the peak above which a context is
+    source: str = "exemplars"  # or "samples": held are active and randoms inactive as drawn
+    active: float = 0.25  # samples: fuzzing marks the tokens reaching this fraction of their context's peak
+    dropped: int = 0  # samples dropped for repeating a shown exemplar's peak
+    non_activating_max: float | None = None  # samples: the highest peak among the inactive contexts
 
     @property
     def contexts(self) -> list[tuple[list, np.ndarray]]:
         """(tokens, activations) of the scoring contexts; byte tokens when known, so text reads whole."""
         return [(e.pieces if e.pieces is not None else e.tokens, e.activations) for e in self.held + self.randoms]
+
+    @property
+    def labelled(self) -> list[Labelled]:
+        """The scoring contexts with their right answers (detection, fuzzing)."""
+        if self.source == "samples":
+            return by_origin(self.contexts, [True] * len(self.held) + [False] * len(self.randoms), self.active)
+        return by_threshold(self.contexts, self.threshold)
+
+    def described(self) -> dict:
+        """Where the scoring contexts come from, for the output."""
+        return {"source": self.source, "n_activating": len(self.held), "n_non_activating": len(self.randoms),
+                "dropped": self.dropped, "non_activating_max": self.non_activating_max}
 
 
 def material_of(tops: list[Exemplar], randoms: list[Exemplar], options) -> Material | None:
@@ -57,6 +76,19 @@ def material_of(tops: list[Exemplar], randoms: list[Exemplar], options) -> Mater
     shown, held = split_exemplars(tops, options.top, options.holdout)
     scale = max(float(e.activations.max()) for e in shown)
     return Material(shown, held, randoms, scale, options.active * scale)
+
+
+def material_from_samples(tops: list[Exemplar], samples, strings, options, threshold: float) -> Material | None:
+    """The best ``options.top`` exemplars shown, the neuron's quantile-band and non-activating
+    samples (:mod:`neuronatlas.samples`) for scoring; None when it has no exemplar."""
+    if not tops:
+        return None
+    shown = tops[:options.top]
+    active, inactive, dropped = sample_exemplars(samples, strings, shown)
+    scale = max(float(e.activations.max()) for e in shown)
+    quiet = [float(e.activations.max()) for e in inactive]
+    return Material(shown, active, inactive, scale, threshold, "samples", options.active, dropped,
+                    max(quiet) if quiet else None)
 
 
 def simulate_pairs(simulator, explanation: str, exemplars: list[Exemplar]) -> list[Pair]:
@@ -81,7 +113,7 @@ def score_explanation(explanation: str, material: Material, simulator, scorers, 
         else:
             if not hasattr(simulator, "judge"):
                 raise NeuronAtlasError(f"the scorer {simulator.name} cannot judge texts; --scorers {name} needs a local model or an endpoint")
-            results[name] = judged(simulator, explanation, name, material.contexts, material.threshold, seed).as_dict()
+            results[name] = judged_labelled(simulator, explanation, name, material.labelled, seed).as_dict()
     return results
 
 
@@ -89,10 +121,10 @@ def explain_neuron(layer: int, index: int, material: Material | None, explainer,
     """One neuron's record of the output: the kept explanation, its scores, every candidate."""
     record = {"layer": layer, "index": index, "explanation": "", "score": None, "score_top": None,
               "score_random": None, "clusters": [], "scores": {}, "candidates": [], "threshold": None,
-              "baseline_from": None}
+              "baseline_from": None, "contexts": None}
     if material is None:  # never recorded as active: nothing to explain
         return record
-    record["threshold"] = material.threshold
+    record.update(threshold=material.threshold, contexts=material.described())
     candidates = explain_candidates(explainer, material.shown, material.scale, options.samples, options.temperature,
                                     options.seed + index)
     scored = {}  # explanation -> its scores, each candidate scored once
@@ -143,3 +175,5 @@ def add_baselines(records: list[dict], materials: list[Material | None], simulat
                                                              options.scorers, options.seed)
         for name, values in record["scores"].items():
             values["baseline"] = results[name]["score"] if results else None
+            if "auc" in values:
+                values["baseline_auc"] = results[name]["auc"] if results else None

@@ -6,7 +6,8 @@ Output (read by the viewer)::
      "model": {"name_or_path", "fingerprint"}, "explainer": str, "simulator": str,
      "neurons": [{"layer", "index", "explanation", "score", "score_top", "score_random",
                   "clusters": [{"explanation", "size", "score"}],
-                  "scores": {scorer: {"score", "baseline", ...}}, "baseline_from", "candidates", "threshold"}]}
+                  "scores": {scorer: {"score", "baseline", ...}}, "baseline_from", "candidates", "threshold",
+                  "contexts": {"source", "n_activating", "n_non_activating", "dropped", "non_activating_max"}}]}
 
 Each finished neuron is appended to ``OUT.partial.jsonl`` (made with the first finished neuron: a
 header line, then one line per neuron); the output is written at the end through a temporary file
@@ -32,9 +33,11 @@ from ..errors import NeuronAtlasError
 from .exemplars import (
     DEFAULT_CONTEXT, RandomSpan, SubjectModel, TokenStrings, atlas_tokenizer, contexts_of, exemplar_rows, random_spans, top_exemplars,
 )
-from .neuron import SCORERS, add_baselines, explain_neuron, material_of
+from .contexts import draw_samples
+from .neuron import SCORERS, add_baselines, explain_neuron, material_from_samples, material_of
 
 FORMAT, VERSION = "neuronatlas.explanations", 1
+CONTEXT_SOURCES = ("samples", "exemplars")
 
 
 @dataclass
@@ -51,6 +54,11 @@ class ExplainOptions:
     temperature: float = 0.7  # of sampled explanations (when samples > 1)
     active: float = 0.25  # a token is active at this fraction of the neuron's largest shown activation
     baseline: bool = True  # score another neuron's explanation on each neuron's contexts
+    contexts: str = "samples"  # scoring contexts: "samples" (quantile bands, non-activating) or "exemplars" (held-out, random)
+    bands: int = 10  # samples: quantile bands of the activation range
+    per_band: int = 2  # samples: contexts drawn from each band
+    non_activating: int = 20  # samples: contexts where the neuron does not fire
+    sample_docs: int = 256  # samples: corpus documents the sampling pass reads
 
     def check(self) -> None:
         for name in ("top", "holdout", "random", "context", "clusters"):
@@ -68,6 +76,11 @@ class ExplainOptions:
             raise NeuronAtlasError(f"--temperature must be above 0 to sample several explanations (got {self.temperature})")
         if not 0 < self.active <= 1:
             raise NeuronAtlasError(f"--active must be in (0, 1] (got {self.active})")
+        if self.contexts not in CONTEXT_SOURCES:
+            raise NeuronAtlasError(f"--scoring-contexts is one of {', '.join(CONTEXT_SOURCES)} (got {self.contexts})")
+        for name in ("bands", "per_band", "non_activating", "sample_docs"):
+            if getattr(self, name) < 1:
+                raise NeuronAtlasError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
 
 
 # ---- the whole set ----------------------------------------------------------------------------
@@ -91,8 +104,9 @@ def explain_neurons(atlas_dir: str | Path, neurons: list[tuple[int, int]], expla
                     resume: bool = False, quiet: bool = True, atlas: Atlas | None = None) -> dict:
     """Explain, simulate and score ``neurons`` of the atlas in ``atlas_dir``; write and return the JSON.
 
-    ``subject`` (the profiled model) is needed for random exemplars and for atlases that record no
-    per-token exemplar activations; ``corpus`` for random exemplars. ``atlas``: already loaded.
+    ``subject`` (the profiled model) is needed for samples and random exemplars and for atlases that
+    record no per-token exemplar activations; ``corpus`` for samples and random exemplars.
+    ``atlas``: already loaded.
     """
     options.check()
     atlas = atlas if atlas is not None else load_atlas(atlas_dir)
@@ -104,17 +118,37 @@ def explain_neurons(atlas_dir: str | Path, neurons: list[tuple[int, int]], expla
     rows = exemplar_rows(atlas_dir, neurons)
     contexts = contexts_of(atlas)
     strings = TokenStrings(atlas.vocab, subject.tokenizer if subject is not None else atlas_tokenizer(atlas))
-    spans = _random_spans(atlas, subject, corpus, neurons, options)
+    sampled = options.contexts == "samples"
+    thresholds = {n: _sample_threshold(rows[n], atlas, options) for n in neurons}
+    drawn = _samples(subject, corpus, thresholds, options) if sampled else {}
+    spans = [] if sampled else _random_spans(atlas, subject, corpus, neurons, options)
     materials = []
     for layer, index in tqdm(neurons, desc="explain", unit="neuron", disable=quiet):
         tops = top_exemplars(rows[(layer, index)], layer, index, contexts, strings, options.context, subject, options.stored)
-        materials.append(material_of(tops, [span.exemplar(layer, index, strings) for span in spans], options))
+        if sampled:
+            materials.append(material_from_samples(tops, drawn[(layer, index)], strings, options, thresholds[(layer, index)]))
+        else:
+            materials.append(material_of(tops, [span.exemplar(layer, index, strings) for span in spans], options))
         if (layer, index) not in partial.done:
             partial.add(explain_neuron(layer, index, materials[-1], explainer, simulator, options))
     records = [partial.done[n] for n in neurons]
     if options.baseline:
         add_baselines(records, materials, simulator, options)
     return partial.finish(header, records)
+
+
+def _sample_threshold(rows: list[dict], atlas: Atlas, options: ExplainOptions) -> float:
+    """A sample is active above ``--active`` x the neuron's top exemplar activation (the atlas's
+    threshold for a neuron without exemplars, which is not explained)."""
+    if not rows:
+        return float(atlas.meta["options"].get("threshold", 0.0))
+    return options.active * float(rows[0]["activation"])
+
+
+def _samples(subject, corpus, thresholds: dict, options: ExplainOptions) -> dict:
+    if subject is None or corpus is None:
+        raise NeuronAtlasError("scoring on samples needs the subject model and the corpus (or pass --scoring-contexts exemplars)")
+    return draw_samples(subject, corpus, thresholds, options)
 
 
 def _random_spans(atlas: Atlas, subject, corpus, neurons, options: ExplainOptions) -> list[RandomSpan]:
