@@ -62,46 +62,39 @@ def test_the_exemplar_token_holds_the_exemplar_activation(atlas):
         assert window_close([row["window_activations"][at]], [row["activation"]], row["window_scale"])  # 8-bit µ-law
 
 
-def test_windows_equal_a_recomputation_on_the_window_alone(atlas, model_and_tokenizer):
-    model, _ = model_and_tokenizer
+def recomputed_windows(atlas, model, end: str) -> list[tuple[dict, torch.Tensor]]:
+    """(exemplar, z recomputed on its window alone over the tokens it shows) of two neurons' list ``end``."""
     neurons = locate_neurons(model)
     contexts = dict(zip(atlas.contexts["seq"].to_pylist(), atlas.contexts["token_ids"].to_pylist()))
-    checked = 0
+    pairs = []
     for layer, neuron in ((0, 3), (atlas.num_layers - 1, 7)):
-        for example in neuron_exemplars(atlas, layer, neuron):
-            ids = torch.tensor([contexts[example["seq"]]])
+        for example in neuron_exemplars(atlas, layer, neuron, end=end):
             seen = {}
             with torch.inference_mode(), capture(neurons, lambda l, z: seen.setdefault(l, z[0, :, neuron].clone())):
-                model(input_ids=ids)
+                model(input_ids=torch.tensor([contexts[example["seq"]]]))
             lo = example["pos"] - example["focus"]
-            expected = seen[layer][lo:lo + len(example["activations"])]
-            assert window_close(example["activations"], expected)  # 8-bit µ-law (the exemplar's own value exact)
-            assert len(example["tokens"]) == len(example["activations"])
-            assert max(example["activations"]) == pytest.approx(example["activation"], abs=1e-4)
-            checked += 1
-    assert checked == 8
+            pairs.append((dict(example, neuron=(layer, neuron)), seen[layer][lo:lo + len(example["activations"])]))
+    return pairs
+
+
+def test_windows_equal_a_recomputation_on_the_window_alone(atlas, model_and_tokenizer):
+    pairs = recomputed_windows(atlas, model_and_tokenizer[0], "top")
+    for example, expected in pairs:
+        assert window_close(example["activations"], expected)  # 8-bit µ-law (the exemplar's own value exact)
+        assert len(example["tokens"]) == len(example["activations"])
+        assert max(example["activations"]) == pytest.approx(example["activation"], abs=1e-4)
+    assert len(pairs) == 8
 
 
 def test_bottom_windows_equal_a_recomputation_and_are_the_most_negative_first(atlas, model_and_tokenizer):
-    model, _ = model_and_tokenizer
-    neurons = locate_neurons(model)
-    contexts = dict(zip(atlas.contexts["seq"].to_pylist(), atlas.contexts["token_ids"].to_pylist()))
-    checked = 0
-    for layer, neuron in ((0, 3), (atlas.num_layers - 1, 7)):
-        examples = neuron_exemplars(atlas, layer, neuron, end="bottom")
-        values = [example["activation"] for example in examples]
+    pairs = recomputed_windows(atlas, model_and_tokenizer[0], "bottom")
+    for neuron in {example["neuron"] for example, _ in pairs}:
+        values = [example["activation"] for example, _ in pairs if example["neuron"] == neuron]
         assert values == sorted(values) and all(value < 0 for value in values)
-        for example in examples:
-            ids = torch.tensor([contexts[example["seq"]]])
-            seen = {}
-            with torch.inference_mode(), capture(neurons, lambda l, z: seen.setdefault(l, z[0, :, neuron].clone())):
-                model(input_ids=ids)
-            lo = example["pos"] - example["focus"]
-            expected = seen[layer][lo:lo + len(example["activations"])]
-            assert window_close(example["activations"], expected)
-            assert min(example["activations"]) == pytest.approx(example["activation"], abs=1e-4)
-            checked += 1
-    assert checked >= 4
+    for example, expected in pairs:
+        assert window_close(example["activations"], expected)
+        assert min(example["activations"]) == pytest.approx(example["activation"], abs=1e-4)
+    assert len(pairs) >= 4
 
 
 def test_merge_and_resave_keep_the_windows(model_and_tokenizer, corpora, tmp_path, atlas):
