@@ -237,12 +237,14 @@ def steer_args(model, atlas, sets, corpus, *extra):
 def test_steer_cli_runs_and_writes_json(capsys, llama, tiny_llama, random_atlas, corpus_path, tmp_path):
     sets = hand_set(llama[0]).save(tmp_path / "set.json")
     out = tmp_path / "steer.json"
-    assert main(steer_args(tiny_llama, random_atlas, sets, corpus_path, "--json", str(out), "--strength", "3")) == 0
+    assert main(steer_args(tiny_llama, random_atlas, sets, corpus_path, "--json", str(out), "--strength", "3",
+                           "--deactivate", "-2.5")) == 0
     printed = capsys.readouterr().out
     assert "flip share" in printed and "steered:" in printed
     result = json.loads(out.read_text())
     assert len(result["examples"]) == 4 and 0 <= result["flip_share"] <= 1
     assert result["params"]["signal"] == "z" and result["params"]["strength"] == 3.0  # the set's signal
+    assert result["params"]["deactivate_value"] == -2.5 and result["params"]["deactivate_chosen_by"] == "given"
     assert any(e["plain"] != e["steered"] for e in result["examples"])
 
 
@@ -275,7 +277,8 @@ def test_steer_cli_bad_input(capsys, llama, tiny_llama, random_atlas, corpus_pat
 
 
 def test_strength_search_on_calibration_prompts_reported_apart(llama, random_atlas, corpus_path):
-    """strength 'auto' tries the grid on the calibration prompts only; the result is measured on the others."""
+    """strength and deactivation 'auto' try their grids on the calibration prompts only (the paper's
+    deactivation first, each with the strengths smallest first); the result is measured on the others."""
     from neuronatlas.atlas import load_atlas
     from neuronatlas.steer import prompts_from_corpus, steer
 
@@ -286,10 +289,14 @@ def test_strength_search_on_calibration_prompts_reported_apart(llama, random_atl
     result = steer(model, tokenizer, load_atlas(random_atlas), hand_set(model), "en", "de", prompts, max_new_tokens=5,
                    calibration_prompts=calibration, grid=(2.0, 1.0), target_flip=1.0)
     search = result["strength_search"]
-    assert search["prompts"] == 3 and search["grid"] == [1.0, 2.0]
-    assert [t["strength"] for t in search["trials"]] == [1.0, 2.0][:len(search["trials"])]
-    assert result["params"]["strength"] == search["chosen"] in (1.0, 2.0)
-    assert result["params"]["strength_chosen_by"] == "search on calibration prompts"
+    assert search["prompts"] == 3 and search["grid"] == [1.0, 2.0] and search["deactivate_grid"] == [-2.5, 0.0, None]
+    pairs = [(d, s) for d in (-2.5, 0.0, None) for s in (1.0, 2.0)]
+    assert [(t["deactivate"], t["strength"]) for t in search["trials"]] == pairs[:len(search["trials"])]
+    chosen = (result["params"]["deactivate_value"], result["params"]["strength"])
+    assert chosen == (search["chosen_deactivate"], search["chosen"]) and chosen in pairs[:len(search["trials"])]
+    best = max(t["flip_share"] for t in search["trials"] if t["fluent"]) if any(t["fluent"] for t in search["trials"]) else None
+    assert best is None or search["calibration_flip_share"] == best
+    assert result["params"]["strength_chosen_by"] == result["params"]["deactivate_chosen_by"] == "search on calibration prompts"
     assert result["prompts"] == 4 and [e["prompt"] for e in result["examples"]] == prompts
     assert result["perplexity"]["plain"] > 1 and "steered_perplexity" in result["examples"][0]
     assert result["params"]["language_identifier"]["name"] == "py3langid"

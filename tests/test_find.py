@@ -110,11 +110,16 @@ def test_lape_reads_the_signal_asked_for():
     assert find_lape(ungated, top_rate=0.1, percentile=0.7).params["signal"] == "z"
 
 
-def brute_lape(counts, tokens, labels, top_rate, percentile, filter):
+def brute_lape(counts, tokens, labels, top_rate, percentile, filter, assign_percentile=None):
     """LAPE by loops over plain Python floats."""
     probs = [np.asarray(c, dtype=np.float64) / np.maximum(np.asarray(tokens, dtype=np.float64), 1)[:, None] for c in counts]
     pooled = sorted(float(x) for p in probs for x in p.ravel())
-    tau = pooled[min(max(int(round(len(pooled) * percentile)), 1), len(pooled)) - 1]
+
+    def kth(share):  # the k-th smallest pooled value, k = round(n * share)
+        return pooled[min(max(int(round(len(pooled) * share)), 1), len(pooled)) - 1]
+
+    tau = kth(percentile)
+    bar = tau if assign_percentile is None else kth(assign_percentile)
     total = sum(p.shape[1] for p in probs)
     ranked = []
     for layer, p in enumerate(probs):
@@ -129,8 +134,8 @@ def brute_lape(counts, tokens, labels, top_rate, percentile, filter):
     expected = {}
     for _, layer, j, entropy in ranked[: max(int(round(total * top_rate)), 1)]:
         column = probs[layer][:, j]
-        chosen = [k for k in range(len(labels)) if column[k] > tau]
-        if not chosen:
+        chosen = [k for k in range(len(labels)) if column[k] > bar]
+        if not chosen and not filter:
             chosen = [int(np.argmax(column))]
         for k in chosen:
             expected[(layer, j, labels[k])] = entropy
@@ -150,10 +155,11 @@ def test_lape_equals_brute_force_on_random_counts(seed):
         c[sparse] = 0  # many label-specific patterns, and ties
         counts.append(c)
     atlas = hand_atlas(counts, tokens, labels)
-    cases = ((0.1, 0.95, True), (0.15, 0.9, True), (0.25, 0.8, True), (0.3, 0.5, False), (1.0, 0.9, True))
-    for top_rate, percentile, filter in cases:
-        found = find_lape(atlas, top_rate=top_rate, percentile=percentile, filter=filter)
-        expected, tau = brute_lape(counts, tokens, labels, top_rate, percentile, filter)
+    cases = ((0.1, 0.95, True, None), (0.15, 0.9, True, None), (0.25, 0.8, True, None), (0.3, 0.5, False, None),
+             (1.0, 0.9, True, None), (0.3, 0.6, True, 0.9), (0.3, 0.9, True, 0.6), (0.3, 0.6, False, 0.9))
+    for top_rate, percentile, filter, assign in cases:
+        found = find_lape(atlas, top_rate=top_rate, percentile=percentile, filter=filter, assign_percentile=assign)
+        expected, tau = brute_lape(counts, tokens, labels, top_rate, percentile, filter, assign)
         assert found.params["tau"] == tau
         got = {(n.layer, n.index, n.label): n.score for n in found.neurons}
         assert got.keys() == expected.keys(), (top_rate, percentile, filter)
@@ -165,7 +171,7 @@ def test_lape_bad_input():
     atlas = hand_atlas(HAND, [100, 100, 100])
     for kwargs, words in (({"top_rate": 0.0}, "top rate"), ({"top_rate": 1.5}, "top rate"),
                           ({"percentile": 1.0}, "percentile"), ({"percentile": 0.0}, "percentile"),
-                          ({"signal": "h"}, "unknown signal")):
+                          ({"signal": "h"}, "unknown signal"), ({"assign_percentile": 1.0}, "assign percentile")):
         with pytest.raises(NeuronAtlasError, match=words):
             find_lape(atlas, **kwargs)
     with pytest.raises(NeuronAtlasError, match="no 'gate' signal"):
@@ -479,6 +485,7 @@ def test_cli_bad_inputs(tiny_gpt2, tmp_path, capsys):
     fails(capsys, lape + ["--top-rate", "0"], "top rate", "0.0")
     fails(capsys, lape + ["--top-rate", "1.5"], "top rate", "1.5")
     fails(capsys, lape + ["--percentile", "1"], "percentile")
+    fails(capsys, lape + ["--assign-percentile", "0"], "assign percentile")
     fails(capsys, lape + ["--signal", "pre"], "unknown signal", "'pre'")
     fails(capsys, lape + ["--signal", "gate"], "no 'gate' signal")
     fails(capsys, ["find", "lape", "--atlas", str(tmp_path / "nowhere"), "--out", out], "not an atlas")

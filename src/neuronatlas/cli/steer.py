@@ -18,7 +18,7 @@ from .common import load_model_from, preflight_output, read_corpus_from, write_j
 
 # The defaults of neuronatlas.steer, repeated here so that building the parser imports no torch
 # (a test checks they agree).
-DEFAULT_DEACTIVATE = -2.5
+DEFAULT_DEACTIVATE = "auto"
 DEFAULT_STRENGTH = "auto"
 DEFAULT_CALIBRATION = 10
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -48,8 +48,9 @@ def register(commands) -> None:
     parser.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION,
                         help=f"calibration prompts of --strength auto, taken before the reported ones "
                              f"(default: {DEFAULT_CALIBRATION})")
-    parser.add_argument("--deactivate", default=str(DEFAULT_DEACTIVATE),
-                        help=f"constant the source neurons are set to, or 'none' (default: {DEFAULT_DEACTIVATE})")
+    parser.add_argument("--deactivate", default=DEFAULT_DEACTIVATE,
+                        help="constant the source neurons are set to, 'none', or 'auto': searched with the strength "
+                             "on the calibration prompts, the paper's -2.5 first, then 0, then none (default: auto)")
     parser.add_argument("--signal", default=None, choices=["z", "gate"],
                         help="default: the one the set was selected on, else gate for gated families, else z")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
@@ -60,13 +61,13 @@ def register(commands) -> None:
     parser.set_defaults(handler=run)
 
 
-def _deactivate_value(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
+def _deactivate_value(text: str) -> float | str | None:
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
     try:
         return float(text)
     except ValueError:
-        raise NeuronAtlasError(f"--deactivate must be a number or 'none', not {text!r}") from None
+        raise NeuronAtlasError(f"--deactivate must be a number, 'none' or 'auto', not {text!r}") from None
 
 
 def _strength(text: str) -> float | str:
@@ -96,13 +97,15 @@ def run(args) -> int:
                 f"unknown label {label!r} for {flag}; the neuron set has labels: {', '.join(neuron_set.labels) or 'none'}"
             )
         atlas.label_index(label)
-    steering_interventions(neuron_set, args.source, args.target, args.mode, deactivate)  # checks before the prompts
+    steering_interventions(neuron_set, args.source, args.target, args.mode,  # checks before the prompts
+                           -2.5 if deactivate == "auto" else deactivate)
     label_field = args.label_field or atlas.meta.get("corpus", {}).get("label_field") or "lang"
     corpus = read_corpus_from(args, label_field=label_field)
     calibration = None
-    if args.strength == "auto" and args.mode != "replace":
+    if (args.strength == "auto" and args.mode != "replace") or deactivate == "auto":
         if args.calibration < 1:
-            raise NeuronAtlasError(f"--strength auto needs at least 1 calibration prompt (--calibration), not {args.calibration}")
+            raise NeuronAtlasError(f"--strength auto and --deactivate auto need at least 1 calibration prompt "
+                                   f"(--calibration), not {args.calibration}")
         calibration = prompts_from_corpus(corpus, args.source, args.calibration, args.prompt_words)
     skip = len(calibration) if calibration else 0
     prompts = prompts_from_corpus(corpus, args.source, args.prompts, args.prompt_words, skip=skip)
