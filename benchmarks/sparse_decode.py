@@ -28,6 +28,7 @@ from neuronatlas.sparse import SparsifyOptions, sparsify
 from neuronatlas.sparse.speed import decode_speed
 from neuronatlas.sparse.calibrate import CalibrationSample
 from neuronatlas.sparse.plan import SparsePlan, model_info
+from neuronatlas.sparse.attention import sparse_layers
 from neuronatlas.sparse.teal import threshold_tables
 from neuronatlas.sparse.wrap import SparseModel
 from neuronatlas.models import locate_neurons
@@ -68,7 +69,7 @@ def plans(model, methods: list[str], sparsity: float, moe_sparsity: float):
             scores = {f"score.{i}": torch.rand(w) for i, w in enumerate(neurons.widths)}
             yield SparsePlan("hot", sparsity, info, {"seed": 0}, scores)
         elif method in ("teal", "wina"):
-            yield SparsePlan(method, sparsity, info, {}, threshold_tables(neurons, None, sample, method == "wina"))
+            yield SparsePlan(method, sparsity, info, {}, threshold_tables(sparse_layers(model), None, sample, method == "wina"))
         else:
             yield sparsify(method, model, None, moe_sparsity if method == "moe" else sparsity,
                            options=SparsifyOptions(experts=16))

@@ -72,7 +72,9 @@ def make_plan(config: str, model, tokenizer, train: Path, atlas, args):
     allocation, _, scope = variant.partition("-")
     options = SparsifyOptions(calib_tokens=args.calib_windows * args.max_length, max_length=args.max_length,
                               scope=scope or "mlp", allocation=allocation or "uniform",
-                              greedy_tokens=args.greedy_tokens, greedy_step=args.greedy_step, greedy_top=args.greedy_top)
+                              greedy_tokens=args.greedy_tokens, greedy_step=args.greedy_step, greedy_top=args.greedy_top,
+                              greedy_units=args.greedy_units, greedy_search=args.greedy_search,
+                              greedy_error=args.greedy_error, greedy_last=args.greedy_last)
     return sparsify(method, model, tokenizer, 0.5, atlas=atlas if method == "hot" else None,
                     corpus=train if method in ("teal", "wina") else None, options=options)
 
@@ -120,6 +122,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--greedy-tokens", type=int, default=512, help="calibration tokens replayed by greedy allocation")
     parser.add_argument("--greedy-step", type=float, default=0.05)
     parser.add_argument("--greedy-top", type=float, default=0.9)
+    parser.add_argument("--greedy-units", default="projection", choices=["projection", "input"])
+    parser.add_argument("--greedy-search", default="exact", choices=["exact", "lazy"])
+    parser.add_argument("--greedy-error", default="channel", choices=["channel", "squared"])
+    parser.add_argument("--greedy-last", type=float, default=0.25, help="share of each sequence's last tokens scored")
     parser.add_argument("--windows", type=int, default=32, help="held-out windows")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per window")
     parser.add_argument("--agreement-prompts", type=int, default=8, help="held-out prompts for greedy agreement (0: none)")

@@ -13,7 +13,7 @@ def test_demo_runs_every_step_and_writes_its_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     for step in ("1. profile", "2. find", "3. ablate", "4. steer"):
         assert step in printed
-    assert "flip share" in printed and "strength search on 10 calibration prompts" in printed
+    assert "flip share" in printed and "search on 10 calibration prompts" in printed
     for name in ("corpus.jsonl", "lape.json", "eval.json", "eval.md", "eval.png", "atlas/atlas.json"):
         assert (out / name).is_file(), name
     verdicts = json.loads((out / "eval.json").read_text())

@@ -147,6 +147,10 @@ def test_scope_and_allocation_are_checked(llama, corpus_path):
         teal_plan(model, tokenizer, corpus_path, scope="attention")
     with pytest.raises(NeuronAtlasError, match="unknown allocation"):
         teal_plan(model, tokenizer, corpus_path, allocation="best")
+    with pytest.raises(NeuronAtlasError, match="unknown greedy_units"):
+        teal_plan(model, tokenizer, corpus_path, allocation="greedy", greedy_units="layer")
+    with pytest.raises(NeuronAtlasError, match="greedy_last"):
+        teal_plan(model, tokenizer, corpus_path, allocation="greedy", greedy_last=0.0)
     with pytest.raises(NeuronAtlasError, match="--corpus"):
         sparsify("teal", model, tokenizer, 0.5, atlas=object(), options=SparsifyOptions(allocation="greedy"))
 
@@ -175,8 +179,99 @@ def test_smollm2_teal_greedy_all_at_40_percent_beats_its_control():
         pytest.skip("SmolLM2-135M GGUF is not in the cache: run `make real-models`")
     model, tokenizer = load_model(str(path), device="cpu", quiet=True)
     options = SparsifyOptions(calib_tokens=512, max_length=128, scope="all", allocation="greedy", greedy_tokens=64,
-                              greedy_step=0.2, greedy_top=0.5)
+                              greedy_step=0.2, greedy_top=0.5, greedy_units="input", greedy_search="lazy")  # ~3 replays a step
     plan = sparsify("teal", model, tokenizer, 0.4, corpus=bundled.CORPUS_TRAIN, options=options)
     windows = eval_windows(tokenizer, bundled.CORPUS_HELDOUT, max_windows=4, max_length=96)
     result = quality(model, plan, windows, controls=True)
     assert result["ppl_sparse"] < 1.5 * result["ppl_dense"] and result["ppl_sparse"] < result["ppl_random"]  # crude calibration
+
+
+# ---- TEAL's greedy as published: equal-byte steps, exact search, projection units, the code's error ----
+
+
+def test_channel_error_is_the_released_code_formula_on_the_last_quarter():
+    """TEAL's greedyopt: torch.norm(target[:, start:] - new[:, start:], dim=1).mean(), start = int(T * 0.75)."""
+    from neuronatlas.sparse.teal import block_error, scored_positions
+
+    difference = torch.randn(3, 10, 5, generator=torch.Generator().manual_seed(0))
+    scored = scored_positions(torch.ones(3, 10, dtype=torch.bool), 0.25)
+    total, items = block_error(difference, scored, "channel")
+    assert total / items == pytest.approx(float(torch.norm(difference[:, 7:], dim=1).mean()), rel=1e-6)
+    total, items = block_error(difference, scored, "squared")
+    assert items == 9 and total == pytest.approx(float(difference[:, 7:].pow(2).sum()), rel=1e-6)
+
+
+def test_scored_positions_take_the_last_real_tokens_of_each_sequence():
+    from neuronatlas.sparse.teal import scored_positions
+
+    real = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)  # right padding
+    scored = scored_positions(real, 0.25)
+    assert scored[0].nonzero().flatten().tolist() == [6, 7]
+    assert scored[1].nonzero().flatten().tolist() == [2]  # ceil(0.75) = 1: at least one token, never padding
+    assert torch.equal(scored_positions(real, 1.0), real)
+
+
+def test_greedy_steps_skip_equal_bytes_and_exact_search_takes_the_least_error():
+    """Each step raises the block average by step * reference / total; the raised unit is the least-error trial."""
+    from neuronatlas.sparse.allocation import unit_steps
+
+    sizes = torch.tensor([1.0, 0.25, 0.25, 1.0, 3.5, 3.5, 3.5], dtype=torch.float64)  # Llama-3's q, k, v, o, gate, up, down
+    weights = torch.tensor([3.0, 9.0, 1.0, 2.0, 0.5, 0.7, 1.5], dtype=torch.float64)
+    pairs = torch.tensor(0.8, dtype=torch.float64)  # q and k interact: raising one makes the other costlier
+    error = lambda s: float((weights * s**2).sum() + pairs * s[0] * s[1] * 10)  # noqa: E731
+    path = greedy_path(error, sizes, step=0.05, top=0.5, reference=1.0, search="exact").double()
+    averages = path @ (sizes / sizes.sum())
+    assert torch.allclose(averages.diff(), torch.full_like(averages.diff(), 0.05 / float(sizes.sum())), atol=2e-5)
+    steps = unit_steps(sizes, 0.05, 1.0)
+    assert steps[1] == pytest.approx(0.2) and steps[4] == pytest.approx(0.05 / 3.5)  # TEAL's step / weight
+    for before, after in zip(path[:-1], path[1:]):
+        trials = [error(before + steps * (torch.arange(7) == u)) for u in range(7)]
+        assert error(after) == pytest.approx(min(trials), rel=1e-4)
+    lazy = greedy_path(error, sizes, step=0.05, top=0.5, reference=1.0, search="lazy")
+    assert lazy.shape == path.shape  # same number of equal-byte steps
+
+
+@pytest.fixture(scope="module")
+def trained_llama():
+    from neuronatlas import bundled
+
+    return load_model(str(bundled.model_path("tiny-llama")), device="cpu", quiet=True)
+
+
+def test_greedy_block_error_is_at_most_uniforms_on_a_trained_model(trained_llama):
+    """Bundled tiny-llama (trained), every linear layer, projection units: at 25% and 40%, every block's
+    calibration error (the measure greedy minimises) with greedy's allocation is at most uniform's at the
+    same byte-weighted sparsity, and greedy's allocation is not uniform."""
+    from neuronatlas import bundled
+    from neuronatlas.sparse.calibrate import calibration_pass
+    from neuronatlas.sparse.plan import SparsePlan, model_info
+    from neuronatlas.sparse.teal import (_keeper, greedy_tables, replay_error, role_sparsities, role_weights,
+                                         threshold_tables)
+
+    model, tokenizer = trained_llama
+    options = SparsifyOptions(scope="all", allocation="greedy", greedy_step=0.1, greedy_top=0.5,
+                              greedy_units="projection", greedy_search="exact")
+    sample = calibration_pass(model, tokenizer, bundled.CORPUS_TRAIN, max_tokens=256, max_length=64, attention=True,
+                              block_tokens=128)
+    layers = sparse_layers(model)
+    quantiles = threshold_tables(layers, None, sample, False, "all")
+    tables = quantiles | greedy_tables(layers, sample, quantiles, False, options)
+    plan = SparsePlan("teal", 0.25, model_info(model, "tiny-llama"), {"greedy_units": "projection"}, tables)
+    for target in (0.25, 0.4):
+        for layer in layers:
+            roles = role_weights(layer)
+            keeps = {r: _keeper(quantiles[f"quantiles.{r}.{layer.index}"], None) for r in roles}
+            chosen = role_sparsities(plan.at_sparsity(target), layer.index, roles)
+            greedy = replay_error(layer, sample.blocks[layer.index], {r: keeps[r](chosen[r]) for r in roles}, "channel", 0.25)
+            flat = replay_error(layer, sample.blocks[layer.index], {r: keeps[r](target) for r in roles}, "channel", 0.25)
+            assert max(abs(s - target) for s in chosen.values()) > 0.05 and greedy <= flat, (target, layer.index, greedy, flat)
+
+
+def test_auto_greedy_units_and_search_follow_the_device():
+    import torch
+
+    from neuronatlas.sparse.allocation import resolve_greedy
+
+    assert resolve_greedy("auto", "auto", torch.device("cpu")) == ("input", "lazy")
+    assert resolve_greedy("auto", "auto", torch.device("cuda", 0)) == ("projection", "exact")  # published
+    assert resolve_greedy("projection", "exact", torch.device("cpu")) == ("projection", "exact")  # as asked

@@ -31,9 +31,19 @@ def register(commands) -> None:
     group.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"],
                        help="teal/wina: the same sparsity for every input, or TEAL's greedy per-block allocation")
     group.add_argument("--greedy-step", type=float_in(0.0, 1.0, low_open=True, high_open=True), default=0.05,
-                       help="teal/wina greedy: sparsity added to one input per step (default: 0.05)")
+                       help="teal/wina greedy: TEAL's base step, sparsity added per step to a projection the size of o (default: 0.05)")
     group.add_argument("--greedy-tokens", type=positive_int, default=512,
                        help="teal/wina greedy: calibration tokens whose block outputs measure the error (default: 512)")
+    group.add_argument("--greedy-units", default="auto", choices=["auto", "projection", "input"],
+                       help="teal/wina greedy: allocate per projection (published) or per input (shared masks); "
+                            "auto: projection on a GPU, input on a CPU (default: auto)")
+    group.add_argument("--greedy-search", default="auto", choices=["auto", "exact", "lazy"],
+                       help="teal/wina greedy: try every unit each step (published) or re-measure only the cheapest; "
+                            "auto: exact on a GPU, lazy on a CPU, where exact takes hours on a 135M model (default: auto)")
+    group.add_argument("--greedy-error", default="channel", choices=["channel", "squared"],
+                       help="teal/wina greedy: block error as TEAL's code (per-channel L2 over positions) or squared")
+    group.add_argument("--greedy-last", type=float_in(0.0, 1.0, low_open=True), default=0.25,
+                       help="teal/wina greedy: share of each sequence's last tokens scored (default: 0.25, published)")
     group.add_argument("--hot-score", default="rms", choices=["rms", "rate"], help="hot: rank by rms of z or activation rate")
     group.add_argument("--hot-signal", default="z", choices=["z", "gate"], help="hot: signal of the atlas to rank")
     group.add_argument("--alpha", type=float_in(0.0, 1.0, low_open=True), default=0.2, help="coreinfer: top share of positive activations per token")
@@ -114,7 +124,9 @@ def run(args) -> int:
                               alpha=args.alpha, core_score=args.core_score, layers=layers,
                               clusters=args.clusters, cluster_layer=args.cluster_layer, experts=args.experts,
                               split=args.split, router=args.router, seed=args.seed, scope=args.scope,
-                              allocation=args.allocation, greedy_step=args.greedy_step, greedy_tokens=args.greedy_tokens)
+                              allocation=args.allocation, greedy_step=args.greedy_step, greedy_tokens=args.greedy_tokens,
+                              greedy_units=args.greedy_units, greedy_search=args.greedy_search,
+                              greedy_error=args.greedy_error, greedy_last=args.greedy_last)
     plan = sparsify(args.method, model, tokenizer, args.sparsity, atlas=atlas, corpus=args.corpus,
                     text_field=args.text_field, options=options, name_or_path=args.model)
     if args.ppl_within is not None:

@@ -10,11 +10,13 @@ corpus); ``moe`` nothing (co-activation experts and the MLP router a corpus).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import NeuronAtlasError
+from ..loading import input_device
 from ..models import locate_neurons
 from . import coreinfer, moe
+from .allocation import resolve_greedy
 from .calibrate import calibration_pass, check_atlas
 from .plan import SparsePlan, check_sparsity, model_info
 from .registry import check_support
@@ -38,9 +40,16 @@ class SparsifyOptions:
     router_steps: int = 200  # moe mlp router: training steps
     scope: str = "mlp"  # teal/wina: inputs thresholded, "mlp" (up/gate, down) or "all" (also q/k/v, o)
     allocation: str = "uniform"  # teal/wina: "uniform" (every input at s) or TEAL's per-block "greedy"
-    greedy_step: float = 0.05  # teal/wina greedy: sparsity added to one input per step
+    greedy_step: float = 0.05  # teal/wina greedy: TEAL's base step, sparsity added to a projection the size of o
+    #   per step (a projection n times larger gets step / n: every step skips the same bytes)
     greedy_tokens: int = 512  # teal/wina greedy: calibration tokens whose block outputs measure the error
     greedy_top: float = 0.9  # teal/wina greedy: the path's last average sparsity (beyond: all inputs rise alike)
+    greedy_units: str = "auto"  # teal/wina greedy: "projection" (q, k, v, o, gate, up, down; published) or
+    #   "input" (q/k/v and gate/up share one sparsity, hence one mask per token); "auto": by device (resolve_greedy)
+    greedy_search: str = "auto"  # teal/wina greedy: "exact" (every unit tried each step; published), "lazy", "auto"
+    greedy_error: str = "channel"  # teal/wina greedy: "channel" (released code: per-channel L2 over positions,
+    #   averaged) or "squared" (squared error summed over tokens)
+    greedy_last: float = 0.25  # teal/wina greedy: share of each calibration sequence's last tokens scored (published 0.25)
     seed: int = 0
 
 
@@ -51,6 +60,8 @@ def sparsify(method: str, model, tokenizer=None, sparsity: float = 0.5, *, atlas
     options = options or SparsifyOptions()
     sparsity = check_sparsity(sparsity)
     neurons = locate_neurons(model)
+    units, search = resolve_greedy(options.greedy_units, options.greedy_search, input_device(model))
+    options = replace(options, greedy_units=units, greedy_search=search)  # the plan records what ran
     chosen = check_support(method, model.config)
     _check_counts(options, neurons.num_layers)
     chosen.check(options, atlas, corpus)
@@ -88,7 +99,7 @@ def _check_counts(options: SparsifyOptions, num_layers: int) -> None:
 
 
 CLI_FLAGS = {"calib_tokens", "experts", "clusters", "alpha", "layers", "cluster_layer", "scope", "allocation",
-             "greedy_step", "greedy_tokens"}  # options `sparsify` exposes
+             "greedy_step", "greedy_tokens", "greedy_units", "greedy_search", "greedy_error", "greedy_last"}  # options `sparsify` exposes
 
 
 def _option(name: str) -> str:

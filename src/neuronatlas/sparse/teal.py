@@ -21,7 +21,8 @@ from collections import Counter
 import torch
 
 from ..errors import NeuronAtlasError
-from .allocation import ALLOCATIONS, GROUP_OF, SCOPES, at_target, greedy_path, group_sizes, uniform
+from .allocation import (ALLOCATIONS, AUTO, GROUP_OF, SCOPES, SEARCHES, UNITS, at_target, greedy_path, uniform,
+                         unit_of, unit_order, unit_sizes)
 from .attention import SparseLayer, check_attention, projection_weight, sparse_layers
 from .calibrate import CalibrationSample, atlas_score_quantiles
 from .ffn import layer_roles, layer_weights
@@ -30,7 +31,9 @@ from .thresholds import ThresholdRuntime, build_group, threshold_at
 
 QUANTILE_POINTS = 1001
 MAX_QUANTILE_SAMPLE = 2_000_000  # scores sorted per table; a random subsample beyond this
-OPTIONS = ("scope", "allocation", "greedy_step", "greedy_tokens", "greedy_top")
+OPTIONS = ("scope", "allocation", "greedy_step", "greedy_tokens", "greedy_top", "greedy_units", "greedy_search",
+           "greedy_error", "greedy_last")
+ERRORS = ("channel", "squared")  # greedy block-output error: the released code's, or the summed squares
 
 
 def quantile_table(scores: torch.Tensor) -> torch.Tensor:
@@ -66,13 +69,29 @@ def layer_groups(roles) -> tuple[str, ...]:
     return tuple(group for group in SCOPES["all"] if group in present)
 
 
-def group_sparsities(plan, layer: int, roles: dict) -> dict[str, float]:
-    """{group: sparsity} of one layer at the plan's sparsity (uniform, or along the greedy path)."""
-    groups = layer_groups(roles)
-    sizes = group_sizes({role: weight for role, (weight, _) in roles.items()}, groups)
+def plan_units(plan) -> str:
+    """The plan's greedy units (plans made before projection units had input groups)."""
+    return plan.options.get("greedy_units", "input")
+
+
+def role_sparsities(plan, layer: int, roles: dict) -> dict[str, float]:
+    """{role: sparsity} of one layer at the plan's sparsity (uniform, or along the greedy path)."""
+    kind = plan_units(plan) if plan.has("allocation", layer) else "input"
+    units = unit_order(roles, kind)
+    sizes = unit_sizes({role: weight for role, (weight, _) in roles.items()}, units, kind)
     values = at_target(plan.tensor("allocation", layer), sizes, plan.sparsity) if plan.has("allocation", layer) \
         else uniform(sizes, plan.sparsity)
-    return {group: float(value) for group, value in zip(groups, values)}
+    return {role: float(values[units.index(unit_of(role, kind))]) for role in roles}
+
+
+def group_sparsities(plan, layer: int, roles: dict) -> dict[str, float]:
+    """{group: byte-weighted sparsity of the projections reading it} of one layer at the plan's sparsity."""
+    sparsity, skipped, total = role_sparsities(plan, layer, roles), {}, {}
+    for role, (weight, _) in roles.items():
+        group = GROUP_OF[role]
+        skipped[group] = skipped.get(group, 0.0) + sparsity[role] * weight.numel()
+        total[group] = total.get(group, 0) + weight.numel()
+    return {group: skipped[group] / total[group] for group in layer_groups(roles)}
 
 
 def threshold_runtime(plan, layer, weighted: bool, phase=None):
@@ -82,15 +101,15 @@ def threshold_runtime(plan, layer, weighted: bool, phase=None):
              if plan.has(f"quantiles.{role}", layer.index)}
     if not roles:  # no input was calibrated (e.g. x from an atlas alone): the layer stays dense
         return None
-    sparsity = group_sparsities(plan, layer.index, roles)
+    sparsity = role_sparsities(plan, layer.index, roles)
     counts = phase.kernel_calls if phase is not None else Counter()
     modules = layer_roles(layer) | getattr(layer, "attention", {})
     groups = {}
-    for group in sparsity:
+    for group in layer_groups(roles):
         members = {role: roles[role] for role in roles if GROUP_OF[role] == group}
-        thresholds = {role: threshold_at(plan.tensor(f"quantiles.{role}", layer.index), sparsity[group]) for role in members}
+        thresholds = {role: threshold_at(plan.tensor(f"quantiles.{role}", layer.index), sparsity[role]) for role in members}
         scales = {role: column_norms(w).to(w.dtype) if weighted else None for role, (w, _) in members.items()}
-        random = {role: sparsity[group] if plan.control == "random" else None for role in members}
+        random = {role: sparsity[role] if plan.control == "random" else None for role in members}
         built = build_group(members, thresholds, scales, random, counts)
         groups |= {role: built for role in members}
     return ThresholdRuntime(groups, {role: modules[role] for role in roles})
@@ -123,10 +142,31 @@ def threshold_tables(layers: list[SparseLayer], atlas, sample: CalibrationSample
     return tensors
 
 
+def scored_positions(real: torch.Tensor, last: float) -> torch.Tensor:
+    """(B, T) bool: the last ``last`` share (at least one) of each sequence's real tokens, (B, T) ``real``."""
+    rank = real.long().cumsum(1)  # 1..n_b over each row's real tokens
+    count = real.sum(1, keepdim=True)  # (B, 1)
+    first = count - (count * last).ceil().clamp(min=1).long()
+    return real & (rank > first)
+
+
+def block_error(difference: torch.Tensor, scored: torch.Tensor, measure: str) -> tuple[float, int]:
+    """(summed error, items) of one call's output difference (B, T, d_model) over ``scored`` (B, T).
+
+    ``squared``: squared error summed over the scored tokens (items: tokens). ``channel``: as the
+    released TEAL code, the L2 norm over positions per (sequence, channel), summed (items: B x d_model).
+    """
+    difference = difference.float() * scored[..., None]
+    if measure == "squared":
+        return float(difference.pow(2).sum()), int(scored.sum())
+    rows = scored.any(1)  # sequences with a scored token
+    return float(difference[rows].norm(dim=1).sum()), int(rows.sum()) * difference.shape[-1]
+
+
 @torch.inference_mode()
-def replay_error(layer: SparseLayer, calls, masks: dict) -> float:
-    """Mean squared error of the block's output over the recorded calls, with ``masks``
-    (role -> fn(x) -> keep mask) applied to the projections' inputs."""
+def replay_error(layer: SparseLayer, calls, masks: dict, measure: str = "squared", last: float = 1.0) -> float:
+    """The block's output error over the recorded calls (mean of :func:`block_error`) with ``masks``
+    (role -> fn(x) -> keep mask) applied to the projections' inputs, on the last ``last`` of each sequence."""
     modules = layer_roles(layer) | layer.attention
     handles = [modules[role].register_forward_pre_hook(lambda _, args, keep=keep: (args[0] * keep(args[0]), *args[1:]))
                for role, keep in masks.items()]
@@ -135,9 +175,8 @@ def replay_error(layer: SparseLayer, calls, masks: dict) -> float:
         for call in calls:
             out = layer.block(*call.args, **call.kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-            difference = (hidden - call.output)[call.real]  # (real tokens, d_model)
-            total += float(difference.float().pow(2).sum())
-            count += difference.shape[0]
+            error, items = block_error(hidden - call.output, scored_positions(call.real, last), measure)
+            total, count = total + error, count + items
     finally:
         for handle in handles:
             handle.remove()
@@ -146,24 +185,30 @@ def replay_error(layer: SparseLayer, calls, masks: dict) -> float:
 
 def greedy_tables(layers: list[SparseLayer], sample: CalibrationSample, quantiles: dict, weighted: bool,
                   options) -> dict[str, torch.Tensor]:
-    """{"allocation.<layer>": (S, G)} TEAL's greedy path of every layer, on the sample's recorded block calls."""
+    """{"allocation.<layer>": (S, U)} TEAL's greedy path of every layer, on the sample's recorded block calls."""
     tensors = {}
     for layer in layers:
         roles = {role: wb for role, wb in role_weights(layer, options.scope).items()
                  if f"quantiles.{role}.{layer.index}" in quantiles}
-        groups = layer_groups(roles)
-        scales = {role: column_norms(w).to(w.dtype) if weighted else None for role, (w, _) in roles.items()}
+        units = unit_order(roles, options.greedy_units)
+        keeps = {role: _keeper(quantiles[f"quantiles.{role}.{layer.index}"], column_norms(w).to(w.dtype) if weighted else None)
+                 for role, (w, _) in roles.items()}
 
-        def error(state: torch.Tensor, roles=roles, groups=groups, scales=scales, index=layer.index, layer=layer) -> float:
-            masks = {}
-            for role in roles:
-                threshold = threshold_at(quantiles[f"quantiles.{role}.{index}"], float(state[groups.index(GROUP_OF[role])]))
-                masks[role] = _keep(threshold, scales[role])
-            return replay_error(layer, sample.blocks[index], masks)
+        def error(state: torch.Tensor, roles=roles, units=units, keeps=keeps, layer=layer) -> float:
+            masks = {role: keeps[role](float(state[units.index(unit_of(role, options.greedy_units))])) for role in roles}
+            return replay_error(layer, sample.blocks[layer.index], masks, options.greedy_error, options.greedy_last)
 
-        sizes = group_sizes({role: weight for role, (weight, _) in roles.items()}, groups)
-        tensors[f"allocation.{layer.index}"] = greedy_path(error, sizes, options.greedy_step, options.greedy_top)
+        weights = {role: weight for role, (weight, _) in role_weights(layer, "all").items()}
+        sizes = unit_sizes({role: weights[role] for role in roles}, units, options.greedy_units)
+        reference = float(weights["o"].numel()) if "o" in weights else None  # TEAL's base step is q's (= o's) size
+        tensors[f"allocation.{layer.index}"] = greedy_path(error, sizes, options.greedy_step, options.greedy_top,
+                                                           reference, options.greedy_search)
     return tensors
+
+
+def _keeper(quantiles: torch.Tensor, scale: torch.Tensor | None):
+    """sparsity -> keep-mask function of one projection's input, thresholded on its calibration quantiles."""
+    return lambda sparsity: _keep(threshold_at(quantiles, sparsity), scale)
 
 
 def _keep(threshold: float, scale: torch.Tensor | None):
@@ -190,9 +235,14 @@ def check_options(method: str, options, atlas, corpus) -> None:
         raise NeuronAtlasError(f"unknown scope {options.scope!r}; use one of {', '.join(SCOPES)}")
     if options.allocation not in ALLOCATIONS:
         raise NeuronAtlasError(f"unknown allocation {options.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
-    if not 0 < options.greedy_step <= 0.5 or not 0 < options.greedy_top < 1:
-        raise NeuronAtlasError(f"greedy_step must be in (0, 0.5] and greedy_top in (0, 1), not {options.greedy_step} "
-                               f"and {options.greedy_top}")
+    if not 0 < options.greedy_step <= 0.5 or not 0 < options.greedy_top < 1 or not 0 < options.greedy_last <= 1:
+        raise NeuronAtlasError(f"greedy_step must be in (0, 0.5], greedy_top in (0, 1) and greedy_last in (0, 1], not "
+                               f"{options.greedy_step}, {options.greedy_top} and {options.greedy_last}")
+    for name, value, choices in (("greedy_units", options.greedy_units, UNITS + (AUTO,)),
+                                 ("greedy_search", options.greedy_search, SEARCHES + (AUTO,)),
+                                 ("greedy_error", options.greedy_error, ERRORS)):
+        if value not in choices:
+            raise NeuronAtlasError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
     if atlas is None and corpus is None:
         raise NeuronAtlasError(f"{method} calibrates its thresholds from an atlas or a corpus: pass --atlas ATLAS or --corpus FILE")
     if corpus is None and (options.scope == "all" or options.allocation == "greedy"):
