@@ -144,3 +144,18 @@ def test_eight_bit_windows_decode_alike_in_arrow_and_duckdb(tmp_path):
     pq.write_table(table, tmp_path / "w.parquet")
     sql = duckdb.sql(f"select {window_sql(table.column_names)} from read_parquet('{tmp_path / 'w.parquet'}')")
     assert [np.allclose(a, b) for a, (_, b) in zip(arrow, sql.fetchall())] == [True] * 50
+
+
+def test_float_windows_of_format_one_are_coded_when_saved_again(atlas, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(atlas.path, old)
+    table = with_window_values(pq.read_table(old / "exemplars.parquet"))
+    pq.write_table(table.drop_columns(["window_scale", "window_codes"]), old / "exemplars.parquet")  # as format 1 wrote
+    load_atlas(old).save(tmp_path / "new")
+    rows = with_window_values(pq.read_table(tmp_path / "new" / "exemplars.parquet")).to_pylist()
+    before = table.to_pylist()
+    assert len(rows) == len(before) and all(row["window_codes"] for row in rows)
+    for row, floats in zip(rows, before):
+        assert window_close(row["window_activations"], floats["window_activations"])

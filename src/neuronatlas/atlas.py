@@ -62,7 +62,7 @@ from .docpool import DocPool, load_docpool
 from .errors import NeuronAtlasError
 from .files import (BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, META_FILE, STAGING_SUFFIX,
                     STATS_FILE, VOCAB_FILE, save_tensors)
-from .exemplar_windows import WINDOW_COLUMNS
+from .exemplar_windows import WINDOW_COLUMNS, has_windows, with_window_codes
 from .stats import SignalStats, split_uid
 
 FORMAT_VERSION = 1
@@ -189,12 +189,16 @@ class Atlas:
     def exemplar_seqs(self) -> set[int]:
         """The windows (seq) that hold a saved exemplar of z: any top one, a bottom one below zero."""
         wanted = set()
-        stats = self.signals["z"]
-        for layer, end in stats.exemplar_lists():
-            uid = stats.get(f"{end}_uid", layer)
-            saved = (uid >= 0) & (stats.get("bottom_values", layer) < 0) if end == "bottom" else uid >= 0
-            wanted.update(split_uid(uid[saved])[0].unique().tolist())
+        for layer, end in self.signals["z"].exemplar_lists():
+            uid = self.stat(f"{end}_uid", layer)
+            wanted.update(split_uid(uid[self.saved_exemplars(end, layer)])[0].unique().tolist())
         return wanted
+
+    def saved_exemplars(self, end: str, layer: int) -> torch.Tensor:
+        """(D, k) bool: the entries of one exemplar list the atlas saves: filled ones, and for the bottom
+        list only those below zero (a ReLU neuron's zeros are not its negative end)."""
+        filled = self.stat(f"{end}_uid", layer) >= 0
+        return filled & (self.stat("bottom_values", layer) < 0) if end == "bottom" else filled
 
     def exemplars(self, layer: int, neuron: int, end: str = "top") -> list[dict]:
         """One neuron's exemplars of the list ``end``, best first (bottom: most negative first; every
@@ -270,7 +274,7 @@ class Atlas:
             for layer in range(self.num_layers):
                 seq, pos = split_uid(self.stat(f"{end}_uid", layer).cpu())
                 values = self.stat(f"{end}_values", layer).cpu()
-                filled = (seq >= 0) & (values < 0) if end == "bottom" else seq >= 0
+                filled = self.saved_exemplars(end, layer).cpu()
                 neuron, rank = filled.nonzero(as_tuple=True)
                 columns["layer"].append(torch.full((len(neuron),), layer, dtype=torch.int32))
                 columns["neuron"].append(neuron.int())
@@ -289,8 +293,10 @@ class Atlas:
         attribute = "windows" if end == "top" else "bottom_windows"
         file = None if self.path is None else self.path / EXEMPLAR_FILES[end]
         if getattr(self, attribute) is None and file is not None and file.exists():
-            if "window_codes" in pq.read_schema(file).names:  # (format 1's float windows are not carried over)
-                setattr(self, attribute, pq.read_table(file, columns=list(WINDOW_KEYS) + list(WINDOW_COLUMNS)))
+            names = pq.read_schema(file).names
+            if has_windows(names):  # float windows of format 1 are coded as a new atlas's
+                stored = WINDOW_COLUMNS if "window_codes" in names else ("window_start", "window_activations")
+                setattr(self, attribute, with_window_codes(pq.read_table(file, columns=list(WINDOW_KEYS) + list(stored))))
         return getattr(self, attribute)
 
     def _with_windows(self, table: pa.Table, end: str) -> pa.Table:

@@ -67,6 +67,23 @@ def with_window_values(table: pa.Table) -> pa.Table:
     return table.append_column("window_activations", decoded)
 
 
+def with_window_codes(table: pa.Table) -> pa.Table:
+    """``table`` with its float ``window_activations`` (format 1) replaced by scale and codes."""
+    if "window_activations" not in table.column_names or "window_codes" in table.column_names:
+        return table
+    lists = table["window_activations"].combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float64)  # (n,) every window's values
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    scale = np.zeros(len(lengths))
+    np.maximum.at(scale, row, np.abs(values))
+    codes = mu_law(values, scale[row])
+    table = table.drop_columns(["window_activations"])
+    table = table.append_column("window_scale", pa.array(scale.astype(np.float32)))
+    return table.append_column("window_codes", pa.ListArray.from_arrays(lists.offsets, pa.array(codes, pa.int8()),
+                                                                         mask=lists.is_null()))
+
+
 def exact_peak(values: list, start: int, pos: int, activation: float) -> list:
     """The decoded window with the exemplar's exact value at its own position."""
     if 0 <= pos - start < len(values):
@@ -80,10 +97,13 @@ def encode_windows(matrix: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, n
     ``matrix`` (M, W), where ``valid``."""
     values = np.where(valid, np.nan_to_num(matrix), 0.0).astype(np.float64)
     scale = np.abs(values).max(axis=1) if values.size else np.zeros(len(values))
-    scale = scale.astype(np.float32)
-    unit = np.abs(values) / np.where(scale > 0, scale, 1.0)[:, None]  # in [0, 1]
-    codes = np.sign(values) * np.rint(np.log1p(MU * unit) / STEP)
-    return codes.clip(-CODE_MAX, CODE_MAX).astype(np.int8), scale
+    return mu_law(values, scale[:, None]), scale.astype(np.float32)
+
+
+def mu_law(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 µ-law codes of ``values`` against ``scale`` (broadcast to them: each value's window's largest |z|)."""
+    unit = np.abs(values) / np.where(scale > 0, scale, 1.0)  # in [0, 1]
+    return (np.sign(values) * np.rint(np.log1p(MU * unit) / STEP)).clip(-CODE_MAX, CODE_MAX).astype(np.int8)
 
 
 def decode_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -86,9 +86,10 @@ def sample_contexts(model, tokenizer, corpus_or_atlas, neurons, bands: int = 10,
         raise NeuronAtlasError(f"bands must be at least 1 and the counts 0 or more (got {bands}, {per_band}, {non_activating})")
     corpus, atlas_threshold = corpus_of(corpus_or_atlas)
     wanted = neuron_pairs(neurons)
-    common = atlas_threshold if threshold is None or isinstance(threshold, dict) else threshold
-    thresholds = {neuron: (threshold or {}).get(neuron, common) if isinstance(threshold, dict) else common
-                  for neuron in wanted}  # a neuron a dict leaves out: the atlas's
+    if isinstance(threshold, dict):  # a neuron the dict leaves out: the atlas's
+        thresholds = {neuron: threshold.get(neuron, atlas_threshold) for neuron in wanted}
+    else:
+        thresholds = dict.fromkeys(wanted, atlas_threshold if threshold is None else threshold)
     seen = _run_pass(model, tokenizer, corpus, wanted, max_docs, context_length, batch_size, seed)
     found = {}
     for layer, index in wanted:

@@ -85,7 +85,7 @@ def _strength(text: str) -> float | str:
 def run(args) -> int:
     from ..atlas import load_atlas
     from ..neuronset import load_neuron_set
-    from ..steer import format_steering, prompts_from_corpus, steer, steering_interventions
+    from ..steer import PAPER_DEACTIVATE, format_steering, prompts_from_corpus, steer, steering_interventions
 
     preflight_output(args.json, "file", overwrite=True, what="steering JSON", flag="--json")
     deactivate = _deactivate_value(args.deactivate)
@@ -98,7 +98,7 @@ def run(args) -> int:
             )
         atlas.label_index(label)
     steering_interventions(neuron_set, args.source, args.target, args.mode,  # checks before the prompts
-                           -2.5 if deactivate == "auto" else deactivate)
+                           PAPER_DEACTIVATE if deactivate == "auto" else deactivate)
     label_field = args.label_field or atlas.meta.get("corpus", {}).get("label_field") or "lang"
     corpus = read_corpus_from(args, label_field=label_field)
     calibration = None

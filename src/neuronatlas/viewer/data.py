@@ -4,9 +4,8 @@ Statistics come from stats.safetensors (held in memory, as :func:`neuronatlas.at
 reads them); exemplars are queried per neuron with duckdb over exemplars.parquet, which the atlas
 writes sorted by (layer, neuron, rank), so a query only decodes the row groups that hold that
 neuron and a page never loads the whole table. The most negative exemplars are read the same way
-from bottom_exemplars.parquet (same columns, rank 0 the most negative), or from the
-``bottom_values``/``bottom_uid`` statistics when the atlas has only those; an atlas with neither has
-none recorded. Context windows and the vocabulary are small
+from bottom_exemplars.parquet (same columns, rank 0 the most negative); an atlas profiled with
+``--bottom-k 0`` has none recorded. Context windows and the vocabulary are small
 (only windows an exemplar points to) and are indexed once at start-up.
 """
 
@@ -27,7 +26,6 @@ from ..exemplar_windows import exact_peak, has_windows, window_sql
 from ..files import BOTTOM_EXEMPLARS_FILE, EXEMPLARS_FILE
 from ..methods.lape import find_lape
 from ..neuronset import NeuronSet, load_neuron_set
-from ..stats import split_uid
 from ..tokens import decode_bytes, piece_text, vocab_bytes
 
 EXEMPLAR_RADIUS = 16  # tokens shown either side of an exemplar when the atlas has no activation windows
@@ -77,7 +75,7 @@ class AtlasData:
         self.has_windows = has_windows(columns)
         self._window_sql = {file: window_sql(pq.read_schema(file).names)  # read once: schemas are not small
                             for file in (self._exemplars_file, self._bottom_file) if file.exists()}
-        self.has_bottom = self._bottom_file.exists() or self.atlas.has_stat("bottom_values")
+        self.has_bottom = self._bottom_file.exists()
         self._db = duckdb.connect()
         self._db.execute("set parquet_metadata_cache = true")  # the atlas does not change while viewed
         self._db_lock = threading.Lock()  # one duckdb connection, queried from the server's threads
@@ -201,22 +199,9 @@ class AtlasData:
     def bottom_exemplars(self, layer: int, index: int) -> list[dict] | None:
         """The most negative exemplars, most negative first, as :meth:`exemplars`; None when the atlas
         records none."""
-        if self._bottom_file.exists():
-            return [self._exemplar(row) for row in self._rows(self._bottom_file, layer, index)]
         if not self.has_bottom:
             return None
-        values = self.atlas.stat("bottom_values", layer)[index].tolist()
-        seq, pos = split_uid(self.atlas.stat("bottom_uid", layer)[index])
-        rows = [(rank, v, s, p) + self._document(s) for rank, (v, s, p) in enumerate(zip(values, seq.tolist(), pos.tolist()))
-                if s >= 0 and v < 0]  # as the profile saves them: only below zero
-        return [self._exemplar(row) for row in rows]
-
-    def _document(self, seq: int) -> tuple[int | None, str | None]:
-        """(doc, label) of context window ``seq``, from the contexts table."""
-        where = self._context_row(seq)
-        if where is None:
-            return None, None
-        return int(self.atlas.contexts["doc"][where].as_py()), self.atlas.contexts["label"][where].as_py()
+        return [self._exemplar(row) for row in self._rows(self._bottom_file, layer, index)]
 
     def _rows(self, file: Path, layer: int, index: int) -> list[tuple]:
         preloaded = self._preloaded.get((file, layer, index))

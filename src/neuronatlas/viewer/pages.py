@@ -20,7 +20,7 @@ from ..tokens import Span, display_spans, token_texts
 from .data import VIEWER_LAPE, AtlasData
 from .exemplars import merge_near_duplicates
 from .live import VIEWER_SAMPLES, LiveModel, ModelUnavailable
-from .plots import bar_chart, heat_colour, histogram, token_spans
+from .plots import bar_chart, heat_colour, histogram, scale_text, token_spans
 from .search import COLUMNS, KINDS
 
 STATIC_FILES = ("viewer.css", "viewer.js")
@@ -81,7 +81,7 @@ class Pages:
         self.env = Environment(loader=PackageLoader("neuronatlas.viewer", "templates"), trim_blocks=True,
                                lstrip_blocks=True,  # no template indentation in the pages: a report holds thousands
                                autoescape=select_autoescape(["html"], default_for_string=True, default=True))
-        self.env.globals.update(window=self.window, heat=heat_colour, cell=_cell)
+        self.env.globals.update(window=self.window, heat=heat_colour, cell=_cell, scale_text=scale_text)
 
     def window(self, item: dict, scale: float = 0.0) -> Markup:
         """An exemplar's or sample's window as text in spans of whole characters, with each token's value."""
