@@ -304,6 +304,9 @@ class Atlas:
         windows = self.window_table(end)
         if windows is None or table.num_rows == 0:
             return table
+        if windows.num_rows == table.num_rows and all(windows[key].equals(table[key]) for key in WINDOW_KEYS):
+            return pa.table({**{name: table[name] for name in table.column_names},
+                             **{name: windows[name] for name in WINDOW_COLUMNS}})  # row for row (a fresh profile)
         keyed = windows.select(list(WINDOW_KEYS)).append_column("window_row", pa.array(range(windows.num_rows), pa.int64()))
         ordered = table.append_column("exemplar_row", pa.array(range(table.num_rows), pa.int64()))
         joined = ordered.select([*WINDOW_KEYS, "exemplar_row"]).join(keyed, list(WINDOW_KEYS), join_type="left outer")

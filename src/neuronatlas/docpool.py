@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from . import stats_kernel
 from .errors import NeuronAtlasError
 from .files import DOCPOOL_FILES, DOCPOOL_MAX_FILE, DOCPOOL_MEAN_FILE, DOCPOOL_TABLE_FILE
 
@@ -301,19 +302,27 @@ class DocPoolWriter:
         if batch is None:
             return
         rows, slots = batch["rows"], batch["slots"]
-        values = z[rows].float()  # (S, T, D)
         real = mask[rows]  # (S, T)
+        columns = slice(self.offsets[layer], self.offsets[layer + 1])
+        if batch["tokens"] is None:
+            batch["tokens"] = torch.zeros(len(batch["slot_docs"]), dtype=torch.int64, device=self.device)
+            batch["tokens"].index_add_(0, slots, real.sum(1))
+        if z.device.type == "cpu" and stats_kernel.enabled():  # one pass, no copies
+            if "token_slots" not in batch:  # (B * T,) the document slot of every real token, else -1
+                token_slots = torch.full(mask.shape, -1, dtype=torch.int64)
+                token_slots[rows] = torch.where(real, slots[:, None], -1)
+                batch["token_slots"] = token_slots.view(-1).numpy()
+            stats_kernel.pool_documents(z.reshape(-1, z.shape[-1]).float().contiguous().numpy(), batch["token_slots"],
+                                        batch["sum"][:, columns].numpy(), batch["max"][:, columns].numpy())
+            return
+        values = z[rows].float()  # (S, T, D)
         sums = torch.bmm(real[:, None, :].float(), values)[:, 0].double()  # (S, D)
         maxes = values.masked_fill(~real[:, :, None], float("-inf")).amax(1)  # (S, D)
-        columns = slice(self.offsets[layer], self.offsets[layer + 1])
         count = len(batch["slot_docs"])
         batch["sum"][:, columns] = torch.zeros((count, sums.shape[1]), dtype=torch.float64,
                                                device=sums.device).index_add_(0, slots, sums)
         batch["max"][:, columns] = torch.full((count, maxes.shape[1]), float("-inf"), device=maxes.device).scatter_reduce_(
             0, slots[:, None].expand_as(maxes), maxes, "amax")
-        if batch["tokens"] is None:
-            batch["tokens"] = torch.zeros(len(batch["slot_docs"]), dtype=torch.int64, device=self.device)
-            batch["tokens"].index_add_(0, slots, real.sum(1))
 
     def end(self) -> None:
         """Fold the batch into the open document and write every document that is complete."""

@@ -31,17 +31,24 @@ Shape legend, used in comments across the package:
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from . import stats_kernel
 
 UID_POS_BITS = 24  # positions within a window stay below 2**24
 _BLOCK_ELEMENTS = 2**18  # moments are reduced over blocks of rows of about 1 MiB, to stay in cache
 _MAX_RUNS = 64  # more runs of one label than this in a batch: group the rows by label first
 _MAX_CANDIDATES = 2  # sparse exemplar merge while a batch has at most this x k candidates per neuron on average
+_CANDIDATES_PER_NEURON = 4  # CPU kernel: a neuron with more than this x k candidates in a batch takes a dense top-k
+_FIELD_DTYPES = (np.int64, np.float64, np.float64, np.float32, np.float32)  # active, sum, sumsq, min, max
 FLOAT16_MAX = 65504.0  # window values beyond it are clamped (the exemplar's own value is kept exactly in top_values)
 
 
@@ -84,6 +91,10 @@ class WindowSource:
     real: torch.Tensor  # (B, T) bool: the tokens the model saw (a window ends where they end)
     radius: int
     z: torch.Tensor | None = None  # (B, T, D) the layer being updated
+
+    def subset(self, tokens: torch.Tensor) -> WindowSource:
+        """The source of the tokens ``tokens`` (n,) of this one's N, in that order."""
+        return dataclasses.replace(self, rows=self.rows[tokens], columns=self.columns[tokens])
 
     def gather(self, tokens: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
         """(m, 2R + 1) float16: z of ``neurons`` (m,) around ``tokens`` (m,), NaN outside the window."""
@@ -160,26 +171,99 @@ class SignalStats:
     # at the tokens that can still beat a neuron's k-th kept exemplar.
 
     def update(self, layer: int, values: torch.Tensor, labels: torch.Tensor, uids: torch.Tensor,
-               runs: Runs | None = None, windows: WindowSource | None = None) -> None:
-        """Add N tokens of one layer: values (N, D), labels (N,) label indices, uids (N,) ascending.
+               windows: WindowSource | None = None, buckets: tuple[SignalStats, torch.Tensor] | None = None) -> None:
+        """Add the tokens of one layer: values (N, D), labels (N,) label indices, -1 for a token not
+        counted (padding), uids (N,) ascending among the counted tokens.
 
-        ``runs``: the label runs of ``labels`` when the caller knows them (the same for every layer of
-        a batch); ``windows``: where to cut the exemplar windows from (NaN windows without it).
+        ``windows``: where to cut the exemplar windows from (NaN windows without it); ``buckets``:
+        other statistics (the position buckets) and each token's bucket (N,), to add the same
+        tokens' moments there grouped by bucket. On the CPU one kernel does it all
+        (:mod:`neuronatlas.stats_kernel`); elsewhere torch operations, on the counted tokens.
         """
+        if values.device.type == "cpu" and stats_kernel.enabled():
+            self._update_fused(layer, values.float().contiguous(), labels.long().contiguous(), uids, windows, buckets)
+            return
+        counted = labels >= 0
+        if not bool(counted.all()):
+            keep = counted.nonzero().squeeze(1)
+            values, labels, uids = values.index_select(0, keep), labels[keep], uids[keep]
+            windows = windows.subset(keep) if windows is not None else None
+            buckets = (buckets[0], buckets[1][keep]) if buckets is not None else None
         values = values.float().contiguous()  # no copy for contiguous float32
         if not len(values):
             return
-        self._update_moments(layer, values, labels, runs)
+        self._update_moments(layer, values, labels)
+        if buckets is not None:  # grouped by bucket: one run of rows per bucket, not one per window
+            other, bucket = buckets
+            order = bucket.argsort(stable=True)
+            other._update_moments(layer, values[order], bucket[order])
         if self.hist_edges is not None:
             self._update_hist(layer, values)
         for end in self.ends():  # the bottom list ranks -z: one negated copy of the batch
             self._update_top(layer, end, values if end == "top" else values.neg(), uids, windows)
 
-    def _update_moments(self, layer: int, values: torch.Tensor, labels: torch.Tensor, runs: Runs | None) -> None:
+    def _update_fused(self, layer: int, values: torch.Tensor, labels: torch.Tensor, uids: torch.Tensor,
+                      windows: WindowSource | None, buckets: tuple[SignalStats, torch.Tensor] | None) -> None:
+        """:meth:`update` by :func:`~neuronatlas.stats_kernel.layer_pass`: one read of the values
+        for the moments, the bucket moments, the histogram and the exemplar candidates."""
+        width = values.shape[1]
+        counted = labels >= 0
+        if not len(values) or not bool(counted.any()):
+            return
+        ends = self.ends()
+        first_uid = uids[counted].min()
+        floors = torch.stack([self._entry_floors(layer, end, first_uid) for end in ends]) if ends \
+            else values.new_empty((0, width))  # (E, D)
+        cap = _CANDIDATES_PER_NEURON * max([self.kept(end) for end in ends], default=0)
+        counts = np.zeros((len(ends), width), dtype=np.int64)
+        rows = np.empty((len(ends), width, cap), dtype=np.int64)
+        signs = np.array([SIGN[end] for end in ends], dtype=np.float32)
+        t, array = self.tensors, values.numpy()
+        if buckets is not None:
+            other, bucket = buckets
+            if other.threshold != self.threshold:  # one kernel, one threshold
+                raise ValueError(f"bucket statistics with threshold {other.threshold}, these with {self.threshold}")
+            per_bucket = [other.tensors[f"{field}.{layer}"].numpy() for field in self.FIELDS]
+            bucket = bucket.long().contiguous().numpy()
+        else:
+            per_bucket, bucket = [np.zeros((0, 0), dtype) for dtype in _FIELD_DTYPES], np.zeros(0, np.int64)
+        if self.hist_edges is not None:
+            hist, table, edges = t[f"hist.{layer}"].numpy(), self._table().numpy(), self.hist_edges.numpy()
+        else:
+            hist, table, edges = np.zeros((0, 0), np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+        stats_kernel.layer_pass(array, array.view(np.int32), labels.numpy(), self.threshold,
+                                *[t[f"{field}.{layer}"].numpy() for field in self.FIELDS], bucket, *per_bucket,
+                                hist, table, edges, signs, floors.numpy(), counts, rows)
+        for e, end in enumerate(ends):
+            self._enter(layer, end, values, counted, uids, torch.from_numpy(counts[e]), rows[e], windows)
+
+    def _entry_floors(self, layer: int, end: str, first_uid: torch.Tensor) -> torch.Tensor:
+        """(D,) the least ranked value a token of this batch needs to enter each neuron's list; -inf
+        where the list is not full (every token may enter)."""
+        values, uid = self.ranked(layer, end)[:2]
+        floor = _entry_floor(values[:, -1], uid[:, -1], first_uid)
+        return floor.masked_fill(uid[:, -1] < 0, float("-inf"))
+
+    def _enter(self, layer: int, end: str, values: torch.Tensor, counted: torch.Tensor, uids: torch.Tensor,
+               counts: torch.Tensor, rows: np.ndarray, windows: WindowSource | None) -> None:
+        """Merge the candidates :func:`~neuronatlas.stats_kernel.layer_pass` found into one list (a
+        neuron with too many looks at every counted token)."""
+        touched = counts.nonzero().squeeze(1)  # (F,)
+        if not len(touched):
+            return
+        stored = [self.tensors[f"{end}_{field}.{layer}"].numpy() for field in ("values", "uid")]
+        kept_windows = (self.tensors[f"{end}_window.{layer}"].numpy().view(np.uint16) if self.radius
+                        else np.zeros((0, 0, 0), np.uint16))
+        stats_kernel.enter_candidates(values.numpy(), SIGN[end], counts.numpy(), rows,
+                                      counted.nonzero().squeeze(1).numpy(), touched.numpy(), uids.numpy(),
+                                      *_kernel_windows(windows, len(values), self.radius), *stored, kept_windows,
+                                      self.radius)
+
+    def _update_moments(self, layer: int, values: torch.Tensor, labels: torch.Tensor) -> None:
         t = self.tensors
         active, total, total_sq = t[f"active.{layer}"], t[f"sum.{layer}"], t[f"sumsq.{layer}"]
         low, high = t[f"min.{layer}"], t[f"max.{layer}"]
-        runs = label_runs(labels) if runs is None else runs
+        runs = label_runs(labels)
         if len(runs) > _MAX_RUNS:  # labels interleaved token by token: one copy groups each label's rows
             order = labels.argsort(stable=True)
             values, labels = values[order], labels[order]
@@ -205,6 +289,12 @@ class SignalStats:
         index += torch.arange(width, dtype=torch.int32, device=values.device) * bins
         hist.view(-1).add_(torch.bincount(index.view(-1), minlength=width * bins))
 
+    def _table(self) -> torch.Tensor:
+        """The bin lookup table of :meth:`_bucketize`, built on first use."""
+        if self._bucket_table is None or self._bucket_table.device != self.hist_edges.device:
+            self._bucket_table = _bucket_table(self.hist_edges)
+        return self._bucket_table
+
     def _bucketize(self, values: torch.Tensor) -> torch.Tensor:
         """``torch.bucketize(values, hist_edges, right=True)`` as int32, mostly by a table lookup.
 
@@ -213,11 +303,9 @@ class SignalStats:
         2**16-entry table bins those values, and bucketize the few (~1.5%) left, in intervals
         that hold an edge (or inf / nan).
         """
-        if self._bucket_table is None or self._bucket_table.device != values.device:
-            self._bucket_table = _bucket_table(self.hist_edges.to(values.device))
         prefix = values.view(torch.int32) >> 16  # in [-2**15, 2**15)
         prefix += 2**15
-        index = self._bucket_table.index_select(0, prefix.view(-1))  # (N * D,) int32, -1: not sure
+        index = self._table().index_select(0, prefix.view(-1))  # (N * D,) int32, -1: not sure
         unsure = (index < 0).nonzero().squeeze(1)
         if len(unsure):
             exact = torch.bucketize(values.view(-1).index_select(0, unsure), self.hist_edges, right=True, out_int32=True)
@@ -384,6 +472,40 @@ class SignalStats:
             self.tensors[key] = state[f"{prefix}.{key}"].to(tensor.device, tensor.dtype)
 
 
+def _kernel_windows(windows: WindowSource | None, tokens: int, radius: int) -> tuple:
+    """slots (N,), real (B * T,), columns T and z bits (B * T, D) of ``windows`` for
+    :func:`~neuronatlas.stats_kernel.enter_candidates`; without a source, every window NaN."""
+    if windows is None or not radius:
+        return np.zeros(tokens, np.int64), np.zeros(tokens, np.bool_), max(tokens, 1), np.zeros((tokens, 1), np.int32)
+    columns = windows.real.shape[1]
+    slots = (windows.rows * columns + windows.columns).numpy()
+    z = windows.z.reshape(-1, windows.z.shape[-1]).float().contiguous()
+    return slots, windows.real.reshape(-1).numpy(), columns, z.numpy().view(np.int32)
+
+
+_warm = threading.Event()
+
+
+def warm_up_kernels() -> None:
+    """Load the CPU kernels (compiled once, cached on disk; loading still takes a few tenths of a
+    second) on a thread of their own, so that the first batch does not wait for them."""
+    if _warm.is_set() or not stats_kernel.enabled():
+        return
+    _warm.set()
+
+    def load() -> None:
+        stats = SignalStats([3], 1, 0.0, default_hist_edges(), 1, "cpu", 1, 1)
+        slots = torch.arange(4)
+        windows = WindowSource(slots // 2, slots % 2, torch.ones(2, 2, dtype=torch.bool), 1, torch.zeros(2, 2, 3))
+        stats.update(0, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), slots, windows,
+                     (SignalStats([3], 1, 0.0), torch.zeros(4, dtype=torch.long)))
+        pooled = torch.zeros(1, 6, dtype=torch.float64), torch.zeros(1, 6)
+        stats_kernel.pool_documents(torch.zeros(4, 3).numpy(), np.zeros(4, np.int64), pooled[0][:, :3].numpy(),
+                                    pooled[1][:, :3].numpy())
+
+    threading.Thread(target=load, name="neuronatlas-kernels", daemon=True).start()
+
+
 def auto_threads() -> int:
     """Intra-op threads for the statistics: the cores the machine's load leaves free (at least 1).
 
@@ -401,16 +523,20 @@ def auto_threads() -> int:
 
 @contextmanager
 def intra_op_threads(threads: int, device: torch.device) -> Iterator[None]:
-    """Run the CPU work inside on ``threads`` intra-op threads (0 or a GPU device: as it is)."""
+    """Run the CPU work inside on ``threads`` intra-op threads, torch's and the kernels' (0 or a GPU
+    device: as it is)."""
     before = torch.get_num_threads()
     if device.type != "cpu" or threads < 1 or threads == before:
         yield
         return
+    kernel_before = stats_kernel.get_threads()
     torch.set_num_threads(threads)
+    stats_kernel.set_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        stats_kernel.set_threads(kernel_before)
 
 
 def combine(mine: torch.Tensor, theirs: torch.Tensor, reduction: str) -> None:
@@ -466,7 +592,7 @@ def batch_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     ambiguous = (ties_at_cut > kept_at_cut).nonzero().flatten()
     if len(ambiguous):
         column = values[:, ambiguous]  # (N, C)
-        above = column > cut[ambiguous]
+        above = (column > cut[ambiguous]) | column.isnan()  # NaN ranks above all, as in topk
         equal = column == cut[ambiguous]
         needed = k - above.sum(0)  # (C,) how many tied rows still fit
         chosen = above | (equal & (equal.cumsum(0) <= needed))  # exactly k per column

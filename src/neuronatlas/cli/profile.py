@@ -44,8 +44,9 @@ def _profile_options(parser: argparse.ArgumentParser) -> None:
                         help="keep each exemplar's z at R tokens either side, for the viewer and "
                              "explanations (cut from the batch in the same pass; default: 16; 0 = none)")
     parser.add_argument("--threads", type=nonnegative_int, default=0, metavar="N",
-                        help="threads for the statistics, beside the forward pass; 0 = the cores the machine's "
-                             "load leaves free (default: 0)")
+                        help="threads for the statistics; 0 = auto: the forward's threads, between its layers, "
+                             "or with cores to spare beyond them, those the machine's load leaves free, on a "
+                             "thread beside the forward (default: 0)")
     parser.add_argument("--checkpoint-every", type=nonnegative_float, default=300.0, help="seconds between checkpoints (default: 300)")
     parser.add_argument("--dist-timeout", type=positive_float, default=1800.0, metavar="SECONDS",
                         help="under torchrun: how long a rank waits for the others at the rendezvous and at the "

@@ -37,7 +37,7 @@ class ProfileOptions:
     position_edges: list[int] | None = None  # lower bucket edges; None = 0, 1, 2, 3, 4, 8, 16, ... < max_length
     doc_sample: int = 256  # documents per label whose mean and max z are kept on disk; 0 = none
     exemplar_radius: int = DEFAULT_RADIUS  # z kept this many tokens either side of each exemplar; 0 = none
-    stat_threads: int = 0  # intra-op threads of the statistics; 0 = the cores the machine's load leaves free
+    stat_threads: int = 0  # intra-op threads of the statistics; 0 = auto (see worker.placement)
 
 
 def check_options(options: ProfileOptions) -> None:

@@ -27,12 +27,12 @@ from ..exemplar_windows import window_table
 from ..hooks import capture, forward_batch, pad_token_id, window_positions
 from ..loading import input_device
 from ..models import ModelNeurons
-from ..stats import WindowSource, auto_threads, label_runs, make_uid
+from ..stats import WindowSource, make_uid, warm_up_kernels
 from ..tokens import vocab_table
 from .options import ProfileOptions, check_same_run
 from .output import read_checkpoint, write_checkpoint
 from .shards import Shard
-from .worker import StatsWorker
+from .worker import StatsWorker, placement
 
 WRITING_DELAY_VARIABLE = "NEURONATLAS_TEST_WRITING_DELAY"  # seconds of pause after the pass (the interrupt tests)
 
@@ -46,8 +46,10 @@ class ProfileRun:
         self.shard = shard  # this rank's block of documents; None: the whole corpus
         self.device = input_device(neurons.model)  # statistics live with the inputs (a device map spreads the layers)
         self.signals = new_signals(meta, self.device, windows=True)
-        self.threads = options.stat_threads or auto_threads()  # intra-op threads of the statistics
-        self.background = self.device.type == "cpu"  # statistics on a thread of their own, beside the forward
+        self.background, threads = placement(self.device)  # statistics on a thread of their own, or inline
+        self.threads = options.stat_threads or threads  # their intra-op threads
+        if self.device.type == "cpu":
+            warm_up_kernels()
         self.worker: StatsWorker | None = None
         self.labels = meta["labels"]
         self.tokens_per_label = torch.zeros(len(self.labels), dtype=torch.int64, device=self.device)  # (K,)
@@ -166,34 +168,29 @@ class ProfileRun:
         label_of_row = torch.tensor([self._label_index(w.label) for w in batch.windows], device=self.device)
         seq_of_row = torch.tensor([w.seq for w in batch.windows], device=self.device)
         positions = window_positions(real)  # (B, T) position within the window, as forward_batch numbers them
-        token_labels = label_of_row[:, None].expand(B, T)[mask]  # (N,)
-        runs = label_runs(token_labels)  # the same for every layer: found once a batch
-        uids = make_uid(seq_of_row[:, None].expand(B, T), positions)[mask]  # (N,) ascending
+        # every slot of the padded batch, flattened (B * T,): label -1 where not counted
+        labels = torch.where(mask, label_of_row[:, None], -1).view(-1)
+        uids = make_uid(seq_of_row[:, None].expand(B, T), positions).reshape(-1)  # ascending
         windows = None
         if self.signals["z"].radius:
-            rows, columns = mask.nonzero(as_tuple=True)  # (N,) in the order z[mask] gives the tokens
-            windows = WindowSource(rows, columns, real, self.signals["z"].radius)
+            slots = torch.arange(B * T, device=self.device)
+            windows = WindowSource(slots // T, slots % T, real, self.signals["z"].radius)
+        buckets = None
         if self.positions is not None:
-            token_buckets = torch.bucketize(positions[mask], self.position_edges, right=True) - 1  # (N,)
-            # tokens grouped by bucket: the statistics then see one run of rows per bucket, not one per window
-            by_bucket = token_buckets.argsort(stable=True)
-            sorted_buckets, sorted_uids = token_buckets[by_bucket], uids[by_bucket]
-            bucket_runs = label_runs(sorted_buckets)
+            token_buckets = (torch.bucketize(positions, self.position_edges, right=True) - 1).view(-1)  # (B * T,)
+            buckets = (self.positions, token_buckets)
         pooling = self.docpool is not None and self.docpool.begin([w if o else None for w, o in zip(batch.windows, own)])
 
         def z_stats(layer: int, z: torch.Tensor) -> None:
-            z = z.reshape(B, T, -1).to(self.device)  # (B, T, D); a no-op unless a device map put the layer elsewhere
-            values = z[mask]  # (N, D)
+            z = z.reshape(B * T, -1).to(self.device)  # (B * T, D); a no-op unless a device map put the layer elsewhere
             if windows is not None:
-                windows.z = z
-            self.signals["z"].update(layer, values, token_labels, uids, runs, windows)
-            if self.positions is not None:
-                self.positions.update(layer, values[by_bucket], sorted_buckets, sorted_uids, bucket_runs)
+                windows.z = z.view(B, T, -1)
+            self.signals["z"].update(layer, z, labels, uids, windows, buckets)
             if pooling:
-                self.docpool.add(layer, z, mask)
+                self.docpool.add(layer, z.view(B, T, -1), mask)
 
         def gate_stats(layer: int, g: torch.Tensor) -> None:
-            self.signals["gate"].update(layer, g.reshape(B, T, -1).to(self.device)[mask], token_labels, uids, runs)
+            self.signals["gate"].update(layer, g.reshape(B * T, -1).to(self.device), labels, uids)
 
         def on_z(layer: int, z: torch.Tensor) -> None:
             self.worker.submit(lambda: z_stats(layer, z))
@@ -206,9 +203,9 @@ class ProfileRun:
         self.worker.wait()
         if windows is not None:
             windows.z = None  # let the last layer's activations go
-        self.tokens_per_label += torch.bincount(token_labels, minlength=len(self.labels))
+        self.tokens_per_label += torch.bincount(labels[labels >= 0], minlength=len(self.labels))
         if self.positions is not None:
-            self.position_tokens += torch.bincount(token_buckets, minlength=len(self.position_tokens))
+            self.position_tokens += torch.bincount(token_buckets[labels >= 0], minlength=len(self.position_tokens))
         if self.docpool is not None:
             self.docpool.end()
         self.windows_done = batch.windows[-1].seq + 1
@@ -291,13 +288,13 @@ class ProfileRun:
 
 def take_windows(atlas: Atlas) -> tuple[pa.Table | None, pa.Table | None]:
     """The exemplar windows carried by ``atlas``'s z statistics, as tables: top, bottom (None where
-    not recorded)."""
+    not recorded); one row per saved exemplar, in the order of :meth:`Atlas.exemplar_table`."""
     stats = atlas.signals["z"]
     radius = stats.radius
     windows = stats.drop_windows()
     layers = range(atlas.num_layers)
     tables = {end: window_table([stats.get(f"{end}_values", l) for l in layers],
-                                [stats.get(f"{end}_uid", l) for l in layers], per_layer, radius)
+                                [stats.get(f"{end}_uid", l) for l in layers], per_layer, radius,
+                                [atlas.saved_exemplars(end, l) for l in layers])
               for end, per_layer in windows.items()}
     return tables.get("top"), tables.get("bottom")
-

@@ -1,0 +1,275 @@
+"""One layer's statistics in one pass over its activations, on the CPU (numba kernels).
+
+The torch code of :class:`~neuronatlas.stats.SignalStats` reads a batch's (N, D) activations some
+twenty times: the moments per label and again per position bucket, the histogram, the candidates
+of each exemplar list, each an operation of its own with its temporaries. On a CPU those passes
+cost more than the forward pass of a small model. :func:`layer_pass` reads each activation once
+and does all of it, one span of neurons per task; :func:`enter_candidates` then merges the few
+tokens that can enter an exemplar list into it, with their windows. The results are those of the torch code: the same counts,
+minima, maxima, histograms and exemplars (ties by row), sums to float64 rounding.
+
+Set ``NEURONATLAS_STATS_KERNEL=0`` to use the torch code on the CPU too (comparisons, debugging).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+
+SPAN = 256  # neurons per task: a span of a row and its accumulators stay in the L1 cache
+ENTER_CHUNK = 64  # neurons per task when merging candidates into the exemplar lists
+DISABLE_VARIABLE = "NEURONATLAS_STATS_KERNEL"
+
+
+def enabled() -> bool:
+    """Whether CPU statistics use these kernels (on unless ``NEURONATLAS_STATS_KERNEL=0``)."""
+    return os.environ.get(DISABLE_VARIABLE, "1") != "0"
+
+
+def get_threads() -> int:
+    return numba.get_num_threads()
+
+
+def set_threads(threads: int) -> None:
+    """The calling thread's kernel threads (numba's setting is per thread, like torch's)."""
+    if threads > 0:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def layer_pass(values, bits, labels, threshold, active, total, total_sq, low, high,
+               buckets, bucket_active, bucket_total, bucket_total_sq, bucket_low, bucket_high,
+               hist, table, edges, signs, floors, counts, rows):  # pragma: no cover (compiled)
+    """Add the rows of ``values`` (M, D) float32 whose label is not -1.
+
+    labels (M,) int64 -> moments (K, D): active int64, total / total_sq float64, low / high float32.
+    buckets (M,) -> the same moments per bucket (P, D) (P = 0: none). hist (D, bins) int64 (D = 0:
+    none) binned by ``table`` (2**16,) int32 on the top 16 bits of ``bits`` (the values' bit
+    pattern), else by ``edges``. For each exemplar list e (signs (E,): 1 top, -1 bottom), a row
+    is a candidate of neuron d when not sign * value < floors[e, d]; the first cap candidates' rows
+    (ascending) go in rows[e, d] (E, D, cap), counts[e, d] counts them all (over cap: too many).
+
+    Each task takes a span of neurons through every row, so that the row's values stay in cache
+    for the four loops: the moments (vectorised), the bucket moments, the histogram, the candidates.
+    """
+    width = values.shape[1]
+    with_buckets = bucket_active.shape[0] > 0
+    with_hist = hist.shape[0] > 0
+    spans = (width + SPAN - 1) // SPAN
+    for span in numba.prange(spans):
+        first, stop = span * SPAN, min(width, span * SPAN + SPAN)
+        counted = np.zeros((stop - first, hist.shape[1]), dtype=np.int32)  # the span's histogram: cache-sized
+        for m in range(values.shape[0]):
+            label = labels[m]
+            if label < 0:
+                continue
+            row = values[m, first:stop]
+            _moments(row, threshold, active[label, first:stop], total[label, first:stop],
+                     total_sq[label, first:stop], low[label, first:stop], high[label, first:stop])
+            if with_buckets:
+                bucket = buckets[m]
+                _moments(row, threshold, bucket_active[bucket, first:stop], bucket_total[bucket, first:stop],
+                         bucket_total_sq[bucket, first:stop], bucket_low[bucket, first:stop],
+                         bucket_high[bucket, first:stop])
+            if with_hist:
+                row_bits = bits[m, first:stop]
+                for j in range(stop - first):
+                    index = table[(row_bits[j] >> 16) + 32768]
+                    if index < 0:  # an interval that holds an edge, or inf / NaN
+                        index = np.searchsorted(edges, row[j], side="right")
+                    counted[j, index] += 1
+            for e in range(floors.shape[0]):
+                _candidates(row, m, signs[e], floors[e, first:stop], counts[e, first:stop], rows[e, first:stop])
+        if with_hist:
+            hist[first:stop] += counted
+
+
+@numba.njit(inline="always")
+def _moments(row, threshold, active, total, total_sq, low, high):  # pragma: no cover (compiled)
+    """Add one row (n,) to one label's accumulators (n,): a loop the compiler vectorises."""
+    for j in range(len(row)):
+        x = row[j]
+        wide = np.float64(x)
+        active[j] += x > threshold
+        total[j] += wide
+        total_sq[j] += wide * wide
+        before = low[j]
+        low[j] = x if (x < before or x != x) else before  # NaN sticks, as in torch.minimum
+        before = high[j]
+        high[j] = x if (x > before or x != x) else before
+
+
+@numba.njit(inline="always")
+def _candidates(row, m, sign, floors, counts, rows):  # pragma: no cover (compiled)
+    """Note row ``m`` for each neuron where not sign * value < floor (NaN is a candidate, as in
+    torch.topk); a vectorised test of 16 neurons at a time skips the (many) spans with none."""
+    cap = rows.shape[1]
+    for first in range(0, len(row), 16):
+        stop = min(len(row), first + 16)
+        found = False
+        for j in range(first, stop):
+            found |= not sign * row[j] < floors[j]
+        if not found:
+            continue
+        for j in range(first, stop):
+            if not sign * row[j] < floors[j]:
+                seen = counts[j]
+                if seen < cap:
+                    rows[j, seen] = m
+                counts[j] = seen + 1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def pool_documents(values, slots, sums, maxes):  # pragma: no cover (compiled)
+    """Add each row of values (M, D) float32 to its document's slot (slots (M,), -1: none): sums
+    (S, D) float64, maxes (S, D) float32 (NaN sticks, as in torch.amax)."""
+    width = values.shape[1]
+    for span in numba.prange((width + SPAN - 1) // SPAN):
+        first, stop = span * SPAN, min(width, span * SPAN + SPAN)
+        for m in range(values.shape[0]):
+            slot = slots[m]
+            if slot < 0:
+                continue
+            row, total, high = values[m, first:stop], sums[slot, first:stop], maxes[slot, first:stop]
+            for j in range(stop - first):
+                x = row[j]
+                total[j] += np.float64(x)
+                before = high[j]
+                high[j] = x if (x > before or x != x) else before
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def enter_candidates(values, sign, counts, rows, counted, neurons, uids, slots, real, columns, z_bits,
+                     kept_values, kept_uid, kept_windows, radius):  # pragma: no cover (compiled)
+    """Merge the candidates of each neuron in ``neurons`` (F,) into its exemplar list, in place.
+
+    values (M, D) float32 of one layer; counts (D,), rows (D, cap) from :func:`layer_pass` (a neuron
+    with more than cap candidates looks at every row of ``counted`` (N,), the rows counted); uids
+    (M,) int64. The list: kept_values (D, k) float32 as stored (ranked by sign * value, best first,
+    ties by lower uid, NaN first, empty slots uid -1 last), kept_uid (D, k), kept_windows (D, k,
+    2 * radius + 1) uint16, float16 bits (D = 0: none). A token that enters takes its window, cut
+    from the padded batch: token m sits in slot slots[m] of z_bits (B * T, D) int32 (the float32
+    bits of z), column slots[m] % ``columns``; real (B * T,) bool marks the slots that hold a
+    token; NaN outside the window.
+    """
+    chunks = (len(neurons) + ENTER_CHUNK - 1) // ENTER_CHUNK
+    for chunk in numba.prange(chunks):
+        _enter_chunk(values, sign, counts, rows, counted, neurons[chunk * ENTER_CHUNK: (chunk + 1) * ENTER_CHUNK],
+                     uids, slots, real, columns, z_bits, kept_values, kept_uid, kept_windows, radius)
+
+
+@numba.njit(nogil=True)
+def _enter_chunk(values, sign, counts, rows, counted, neurons, uids, slots, real, columns, z_bits,
+                 kept_values, kept_uid, kept_windows, radius):  # pragma: no cover (compiled)
+    """:func:`enter_candidates` for some of the neurons."""
+    k = kept_uid.shape[1]
+    with_windows = kept_windows.shape[0] > 0
+    best_values = np.empty(k, dtype=np.float32)  # one neuron's k best candidates, ranked
+    best_rows = np.empty(k, dtype=np.int64)
+    for d in neurons:
+        candidates = rows[d, : counts[d]] if counts[d] <= rows.shape[1] else counted
+        filled = _best_of(values, sign, candidates, d, best_values, best_rows)
+        taken = i = 0  # how many new ones enter: walk the merge without moving anything
+        while taken < filled and i + taken < k:
+            if kept_uid[d, i] >= 0 and _ranks_before(sign * kept_values[d, i], kept_uid[d, i],
+                                                     best_values[taken], uids[best_rows[taken]]):
+                i += 1
+            else:
+                taken += 1
+        # merge from the back: kept ones only move down, so each moves once and the head stays put
+        i, j = k - taken - 1, taken - 1
+        for slot in range(k - 1, -1, -1):
+            if j < 0:
+                break
+            if i >= 0 and not (kept_uid[d, i] >= 0 and _ranks_before(sign * kept_values[d, i], kept_uid[d, i],
+                                                                     best_values[j], uids[best_rows[j]])):
+                kept_values[d, slot], kept_uid[d, slot] = kept_values[d, i], kept_uid[d, i]  # ranks after the new one
+                if with_windows:
+                    kept_windows[d, slot] = kept_windows[d, i]
+                i -= 1
+            else:
+                row = best_rows[j]
+                kept_values[d, slot], kept_uid[d, slot] = sign * best_values[j], uids[row]
+                if with_windows:
+                    _cut_window(z_bits, real, columns, slots[row], d, radius, kept_windows[d, slot])
+                j -= 1
+
+
+@numba.njit(inline="always")
+def _best_of(values, sign, rows, d, best, best_rows):  # pragma: no cover (compiled)
+    """Fill best / best_rows (k,) with the k best of neuron d's candidate ``rows`` (ascending), by
+    (sign * value desc, row asc), NaN first; returns how many there are (at most k)."""
+    k = len(best)
+    filled = 0
+    for row in rows:
+        x = sign * values[row, d]
+        if filled == k and _ranks_before(best[k - 1], 0, x, 1):
+            continue  # the list is full of better ones (an earlier row wins a tie)
+        at = min(filled, k - 1)  # the insertion point: after every kept one that ranks before x
+        while at > 0 and not _ranks_before(best[at - 1], 0, x, 1):
+            at -= 1
+        for s in range(min(filled, k - 1), at, -1):  # the ones after it move down (a full list drops its last)
+            best[s], best_rows[s] = best[s - 1], best_rows[s - 1]
+        best[at], best_rows[at] = x, row
+        filled = min(filled + 1, k)
+    return filled
+
+
+@numba.njit(inline="always")
+def _ranks_before(value_a, uid_a, value_b, uid_b):  # pragma: no cover (compiled)
+    """Whether (value_a, uid_a) ranks before (value_b, uid_b): value desc with NaN first, then uid asc."""
+    if value_a != value_a or value_b != value_b:
+        if value_a == value_a:
+            return False
+        if value_b == value_b:
+            return True
+        return uid_a < uid_b
+    if value_a != value_b:
+        return value_a > value_b
+    return uid_a < uid_b
+
+
+@numba.njit(inline="always")
+def _cut_window(z_bits, real, columns, slot, d, radius, out):  # pragma: no cover (compiled)
+    """out (2R + 1,) uint16: neuron d's float16 z around ``slot``, NaN outside its window."""
+    column = slot % columns
+    for o in range(-radius, radius + 1):
+        c = column + o
+        if 0 <= c < columns and real[slot + o]:
+            out[o + radius] = _half_bits(z_bits[slot + o, d])
+        else:
+            out[o + radius] = HALF_NAN
+
+
+HALF_NAN = 0x7E00
+HALF_MAX_BITS = 0x7BFF  # 65504, the largest float16: larger values are clamped to it
+FLOAT_OF_HALF_MAX = 0x477FE000  # 65504 as float32 bits
+
+
+@numba.njit(inline="always")
+def _half_bits(bits):  # pragma: no cover (compiled)
+    """The float16 bits of a float32 given by its int32 ``bits``, rounded to nearest even, clamped
+    to +-65504 (NaN stays NaN), as torch's clamp then half()."""
+    sign = (bits >> 16) & 0x8000
+    magnitude = bits & 0x7FFFFFFF
+    if magnitude > 0x7F800000:
+        return sign | HALF_NAN
+    if magnitude >= FLOAT_OF_HALF_MAX:
+        return sign | HALF_MAX_BITS
+    exponent = (magnitude >> 23) - 127 + 15
+    mantissa = magnitude & 0x7FFFFF
+    if exponent <= 0:  # a float16 subnormal, or zero
+        if exponent < -10:
+            return sign
+        mantissa |= 0x800000
+        shift = 14 - exponent
+        half = mantissa >> shift
+        rest, halfway = mantissa & ((1 << shift) - 1), 1 << (shift - 1)
+    else:
+        half = (exponent << 10) | (mantissa >> 13)
+        rest, halfway = mantissa & 0x1FFF, 0x1000
+    if rest > halfway or (rest == halfway and half & 1):
+        half += 1  # a carry into the exponent is still right
+    return sign | half
