@@ -23,6 +23,7 @@ def batches(seed: int, count: int, rows: int, width: int, labels: int, specials:
             values[spots[:2], 1] = float("inf")
             values[spots[2:4], 2] = float("-inf")
             values[spots[4:], 3] = float("nan")
+            values[:, 4] = float("-inf")  # a list that fills with -inf: ties by uid all the way
         real = torch.rand(B, T, generator=generator) > 0.25
         real[:, 0] = True
         label = torch.randint(0, labels, (B,), generator=generator)

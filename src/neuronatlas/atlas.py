@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,18 +221,20 @@ class Atlas:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The contents of stats.safetensors (counts as int32 while they fit: half the bytes)."""
         out = {"tokens_per_label": self.tokens_per_label.cpu()}
-        for name, stats in self.signals.items():
-            for key, tensor in stats.state(name).items():
+        states = [stats.state(name) for name, stats in self.signals.items()]
+        if self.positions is not None:
+            states.append(self.positions.state(POSITION))
+            out["position_tokens"] = self.position_tokens.cpu()
+        for state in states:
+            for key, tensor in state.items():
                 field = key.split(".")[1]
                 if field in ("hist", "active") and (not tensor.numel() or int(tensor.max()) < 2**31):
                     tensor = tensor.int()  # read back as int64 (SignalStats.load_state)
                 if not field.endswith("_window"):  # exemplar windows live in the exemplar tables
                     out[key] = tensor
+        for stats in self.signals.values():
             if stats.hist_edges is not None:
                 out["hist_edges"] = stats.hist_edges.cpu()
-        if self.positions is not None:
-            out.update(self.positions.state(POSITION))
-            out["position_tokens"] = self.position_tokens.cpu()
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -240,16 +243,19 @@ class Atlas:
         staging = path.with_name(path.name + STAGING_SUFFIX)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_tensors(self.tensors(), staging / STATS_FILE)
-        for end, name in EXEMPLAR_FILES.items():
-            if end == "top" or self.has_stat("bottom_values"):
-                write_exemplars(self.exemplar_table(end), staging / name)
-        if self.contexts is not None:
-            pq.write_table(self.contexts, staging / CONTEXTS_FILE)
-        if self.vocab is not None:
-            pq.write_table(self.vocab, staging / VOCAB_FILE)
-        if self.docpool is not None:
-            self.docpool.write(staging)
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the writers compress without the GIL: side by side
+            writes = [pool.submit(save_tensors, self.tensors(), staging / STATS_FILE)]
+            for end, name in EXEMPLAR_FILES.items():
+                if end == "top" or self.has_stat("bottom_values"):
+                    writes.append(pool.submit(write_exemplars, self.exemplar_table(end), staging / name))
+            if self.contexts is not None:
+                pq.write_table(self.contexts, staging / CONTEXTS_FILE)
+            if self.vocab is not None:
+                pq.write_table(self.vocab, staging / VOCAB_FILE)
+            if self.docpool is not None:
+                self.docpool.write(staging)
+            for write in writes:
+                write.result()  # re-raises a writer's error
         (staging / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
         path.mkdir(parents=True, exist_ok=True)
         if self.docpool is None:  # do not leave another atlas's document sample behind

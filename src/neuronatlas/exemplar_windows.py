@@ -37,6 +37,7 @@ DEFAULT_RADIUS = 16
 CODE_MAX = 127  # int8 codes in [-127, 127]
 MU = 255.0  # µ-law: code = sign(z) * 127 * log1p(MU * |z| / scale) / log1p(MU)
 STEP = math.log1p(MU) / CODE_MAX  # one code step in log1p(MU * |z| / scale)
+FLOAT_MAX = float(np.finfo(np.float32).max)  # np.nan_to_num's stand-in for inf in a float32 window
 WINDOW_COLUMNS = ("window_start", "window_scale", "window_codes")  # the windows as stored
 
 
@@ -96,9 +97,25 @@ def exact_peak(values: list, start: int, pos: int, activation: float) -> list:
 def encode_windows(matrix: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """µ-law codes (M, W) int8 and scales (M,) float32 (each window's largest |z|) of windows
     ``matrix`` (M, W), where ``valid``."""
-    values = np.where(valid, np.nan_to_num(matrix), 0.0).astype(np.float64)
-    scale = np.abs(values).max(axis=1) if values.size else np.zeros(len(values))
-    return mu_law(values, scale[:, None]), scale.astype(np.float32)
+    codes, scale = np.zeros(matrix.shape, np.int8), np.zeros(len(matrix), np.float64)
+    _encode_rows(np.ascontiguousarray(matrix, dtype=np.float32), np.ascontiguousarray(valid), codes, scale)
+    return codes, scale.astype(np.float32)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _encode_rows(matrix, valid, codes, scale):  # pragma: no cover (compiled)
+    """:func:`encode_windows` row by row: scale[i] = the largest valid |z| (NaN as 0), codes[i] its
+    µ-law codes (0 where not valid)."""
+    for i in numba.prange(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            x = matrix[i, j]
+            if valid[i, j] and x == x:
+                scale[i] = max(scale[i], min(abs(np.float64(x)), FLOAT_MAX))
+        for j in range(matrix.shape[1]):
+            x = np.float64(matrix[i, j])
+            if valid[i, j] and x == x and x != 0:
+                code = min(np.rint(math.log1p(MU * min(abs(x), FLOAT_MAX) / scale[i]) / STEP), CODE_MAX)
+                codes[i, j] = np.int8(code if x > 0 else -code)
 
 
 def mu_law(values: np.ndarray, scale: np.ndarray) -> np.ndarray:

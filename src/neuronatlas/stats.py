@@ -205,20 +205,21 @@ class SignalStats:
     def _update_fused(self, layer: int, values: torch.Tensor, labels: torch.Tensor, uids: torch.Tensor,
                       windows: WindowSource | None, buckets: tuple[SignalStats, torch.Tensor] | None) -> None:
         """:meth:`update` by :func:`~neuronatlas.stats_kernel.layer_pass`: one read of the values
-        for the moments, the bucket moments, the histogram and the exemplar candidates."""
-        width = values.shape[1]
-        counted = labels >= 0
-        if not len(values) or not bool(counted.any()):
+        for the moments, the bucket moments, the histogram and the exemplar candidates; then each
+        exemplar list takes its candidates (:meth:`_enter`). Numpy views throughout: no copies."""
+        array, label_array, uid_array = values.numpy(), labels.numpy(), uids.numpy()
+        counted = np.flatnonzero(label_array >= 0)  # (N,) the rows counted
+        if not len(counted):
             return
-        ends = self.ends()
-        first_uid = uids[counted].min()
-        floors = torch.stack([self._entry_floors(layer, end, first_uid) for end in ends]) if ends \
-            else values.new_empty((0, width))  # (E, D)
+        ends, width = self.ends(), array.shape[1]
+        floors = np.empty((len(ends), width), np.float32)  # (E, D) the least value that may enter each list
+        for e, end in enumerate(ends):
+            stats_kernel.entry_floors(*self._list_arrays(layer, end)[:2], SIGN[end], uid_array[counted[0]], floors[e])
         cap = _CANDIDATES_PER_NEURON * max([self.kept(end) for end in ends], default=0)
         counts = np.zeros((len(ends), width), dtype=np.int64)
         rows = np.empty((len(ends), width, cap), dtype=np.int64)
         signs = np.array([SIGN[end] for end in ends], dtype=np.float32)
-        t, array = self.tensors, values.numpy()
+        t = self.tensors
         if buckets is not None:
             other, bucket = buckets
             if other.threshold != self.threshold:  # one kernel, one threshold
@@ -231,33 +232,34 @@ class SignalStats:
             hist, table, edges = t[f"hist.{layer}"].numpy(), self._table().numpy(), self.hist_edges.numpy()
         else:
             hist, table, edges = np.zeros((0, 0), np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
-        stats_kernel.layer_pass(array, array.view(np.int32), labels.numpy(), self.threshold,
+        stats_kernel.layer_pass(array, array.view(np.int32), label_array, self.threshold,
                                 *[t[f"{field}.{layer}"].numpy() for field in self.FIELDS], bucket, *per_bucket,
-                                hist, table, edges, signs, floors.numpy(), counts, rows)
+                                hist, table, edges, signs, floors, counts, rows)
+        source = _kernel_windows(windows, len(array), self.radius) if ends else None
         for e, end in enumerate(ends):
-            self._enter(layer, end, values, counted, uids, torch.from_numpy(counts[e]), rows[e], windows)
+            self._enter(layer, end, array, counted, uid_array, counts[e], rows[e], source)
 
-    def _entry_floors(self, layer: int, end: str, first_uid: torch.Tensor) -> torch.Tensor:
-        """(D,) the least ranked value a token of this batch needs to enter each neuron's list; -inf
-        where the list is not full (every token may enter)."""
-        values, uid = self.ranked(layer, end)[:2]
-        floor = _entry_floor(values[:, -1], uid[:, -1], first_uid)
-        return floor.masked_fill(uid[:, -1] < 0, float("-inf"))
+    def _list_arrays(self, layer: int, end: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Numpy views of one exemplar list: values (D, k) as stored, uid (D, k), windows (D, k, W)
+        as uint16 float16 bits ((0, 0, 0) without windows)."""
+        t = self.tensors
+        windows = (t[f"{end}_window.{layer}"].numpy().view(np.uint16) if self.radius
+                   else np.zeros((0, 0, 0), np.uint16))
+        return t[f"{end}_values.{layer}"].numpy(), t[f"{end}_uid.{layer}"].numpy(), windows
 
-    def _enter(self, layer: int, end: str, values: torch.Tensor, counted: torch.Tensor, uids: torch.Tensor,
-               counts: torch.Tensor, rows: np.ndarray, windows: WindowSource | None) -> None:
+    def _enter(self, layer: int, end: str, values: np.ndarray, counted: np.ndarray, uids: np.ndarray,
+               counts: np.ndarray, rows: np.ndarray, source: tuple) -> None:
         """Merge the candidates :func:`~neuronatlas.stats_kernel.layer_pass` found into one list (a
-        neuron with too many looks at every counted token)."""
-        touched = counts.nonzero().squeeze(1)  # (F,)
+        neuron with too many takes the best of every counted token, :func:`~neuronatlas.stats_kernel.dense_best`)."""
+        touched = np.flatnonzero(counts)  # (F,)
         if not len(touched):
             return
-        stored = [self.tensors[f"{end}_{field}.{layer}"].numpy() for field in ("values", "uid")]
-        kept_windows = (self.tensors[f"{end}_window.{layer}"].numpy().view(np.uint16) if self.radius
-                        else np.zeros((0, 0, 0), np.uint16))
-        stats_kernel.enter_candidates(values.numpy(), SIGN[end], counts.numpy(), rows,
-                                      counted.nonzero().squeeze(1).numpy(), touched.numpy(), uids.numpy(),
-                                      *_kernel_windows(windows, len(values), self.radius), *stored, kept_windows,
-                                      self.radius)
+        many = np.flatnonzero(counts > rows.shape[1])  # (C,) too many candidates
+        dense = np.full(len(counts), -1, np.int64)  # (D,) each neuron's row in the dense lists, or -1
+        dense[many] = np.arange(len(many))
+        ranked = stats_kernel.dense_best(values, SIGN[end], counted, many, self.kept(end))
+        stats_kernel.enter_candidates(values, SIGN[end], counts, rows, dense, *ranked, touched, uids, *source,
+                                      *self._list_arrays(layer, end), self.radius)
 
     def _update_moments(self, layer: int, values: torch.Tensor, labels: torch.Tensor) -> None:
         t = self.tensors

@@ -140,14 +140,52 @@ def pool_documents(values, slots, sums, maxes):  # pragma: no cover (compiled)
                 high[j] = x if (x > before or x != x) else before
 
 
+@numba.njit(nogil=True, cache=True)
+def entry_floors(kept_values, kept_uid, sign, first_uid, floors):  # pragma: no cover (compiled)
+    """floors (D,): the least ranked value a token of this batch needs to enter each neuron's list
+    kept_values / kept_uid (D, k) (stored; ranked by sign * value): above its last, or equal to it
+    when the last's uid is above ``first_uid`` (this batch's first); -inf where the list is not full."""
+    k = kept_uid.shape[1]
+    for d in range(len(floors)):
+        last = sign * kept_values[d, k - 1]
+        if kept_uid[d, k - 1] < 0:
+            floors[d] = -np.inf
+        elif kept_uid[d, k - 1] < first_uid:  # an equal value would rank after it: it needs more
+            floors[d] = np.nextafter(last, np.float32(np.inf))
+        else:
+            floors[d] = last
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
-def enter_candidates(values, sign, counts, rows, counted, neurons, uids, slots, real, columns, z_bits,
-                     kept_values, kept_uid, kept_windows, radius):  # pragma: no cover (compiled)
+def dense_best(values, sign, counted, neurons, k):  # pragma: no cover (compiled)
+    """The k best rows of ``counted`` (N,) for each neuron of ``neurons`` (F,), by (sign * value
+    desc, row asc), NaN first: values (F, k) float32, rows (F, k) int64, filled (F,). Row by row,
+    so the values stream through the cache (a neuron at a time would read them a column at a time)."""
+    best = np.empty((len(neurons), k), dtype=np.float32)
+    best_rows = np.empty((len(neurons), k), dtype=np.int64)
+    filled = np.zeros(len(neurons), dtype=np.int64)
+    for first in numba.prange((len(neurons) + SPAN - 1) // SPAN):
+        stop = min(len(neurons), first * SPAN + SPAN)
+        worst = np.full(stop - first * SPAN, np.nan, dtype=np.float32)  # the k-th best once full (NaN: not yet)
+        for row in counted:
+            for t in range(first * SPAN, stop):
+                x = sign * values[row, neurons[t]]
+                if x <= worst[t - first * SPAN]:
+                    continue  # a quick no: not above a full list's last (NaN goes on to the exact test)
+                filled[t] = _insert(best[t], best_rows[t], filled[t], x, row)
+                if filled[t] == k:
+                    worst[t - first * SPAN] = best[t, k - 1]
+    return best, best_rows, filled
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def enter_candidates(values, sign, counts, rows, dense, dense_values, dense_rows, dense_filled, neurons, uids,
+                     slots, real, columns, z_bits, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover
     """Merge the candidates of each neuron in ``neurons`` (F,) into its exemplar list, in place.
 
-    values (M, D) float32 of one layer; counts (D,), rows (D, cap) from :func:`layer_pass` (a neuron
-    with more than cap candidates looks at every row of ``counted`` (N,), the rows counted); uids
-    (M,) int64. The list: kept_values (D, k) float32 as stored (ranked by sign * value, best first,
+    values (M, D) float32 of one layer; counts (D,), rows (D, cap) from :func:`layer_pass`; a neuron
+    with more than cap candidates has its best from :func:`dense_best` at dense[d] (D,) in
+    dense_values, dense_rows (., k), dense_filled; uids (M,) int64. The list: kept_values (D, k) float32 as stored (ranked by sign * value, best first,
     ties by lower uid, NaN first, empty slots uid -1 last), kept_uid (D, k), kept_windows (D, k,
     2 * radius + 1) uint16, float16 bits (D = 0: none). A token that enters takes its window, cut
     from the padded batch: token m sits in slot slots[m] of z_bits (B * T, D) int32 (the float32
@@ -156,21 +194,27 @@ def enter_candidates(values, sign, counts, rows, counted, neurons, uids, slots, 
     """
     chunks = (len(neurons) + ENTER_CHUNK - 1) // ENTER_CHUNK
     for chunk in numba.prange(chunks):
-        _enter_chunk(values, sign, counts, rows, counted, neurons[chunk * ENTER_CHUNK: (chunk + 1) * ENTER_CHUNK],
-                     uids, slots, real, columns, z_bits, kept_values, kept_uid, kept_windows, radius)
+        _enter_chunk(values, sign, counts, rows, dense, dense_values, dense_rows, dense_filled,
+                     neurons[chunk * ENTER_CHUNK: (chunk + 1) * ENTER_CHUNK], uids, slots, real, columns, z_bits,
+                     kept_values, kept_uid, kept_windows, radius)
 
 
 @numba.njit(nogil=True)
-def _enter_chunk(values, sign, counts, rows, counted, neurons, uids, slots, real, columns, z_bits,
-                 kept_values, kept_uid, kept_windows, radius):  # pragma: no cover (compiled)
+def _enter_chunk(values, sign, counts, rows, dense, dense_values, dense_rows, dense_filled, neurons, uids, slots,
+                 real, columns, z_bits, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover (compiled)
     """:func:`enter_candidates` for some of the neurons."""
     k = kept_uid.shape[1]
     with_windows = kept_windows.shape[0] > 0
     best_values = np.empty(k, dtype=np.float32)  # one neuron's k best candidates, ranked
     best_rows = np.empty(k, dtype=np.int64)
     for d in neurons:
-        candidates = rows[d, : counts[d]] if counts[d] <= rows.shape[1] else counted
-        filled = _best_of(values, sign, candidates, d, best_values, best_rows)
+        if dense[d] >= 0:
+            filled = dense_filled[dense[d]]
+            best_values[:], best_rows[:] = dense_values[dense[d]], dense_rows[dense[d]]
+        else:
+            filled = 0
+            for row in rows[d, : counts[d]]:
+                filled = _insert(best_values, best_rows, filled, sign * values[row, d], row)
         taken = i = 0  # how many new ones enter: walk the merge without moving anything
         while taken < filled and i + taken < k:
             if kept_uid[d, i] >= 0 and _ranks_before(sign * kept_values[d, i], kept_uid[d, i],
@@ -198,23 +242,19 @@ def _enter_chunk(values, sign, counts, rows, counted, neurons, uids, slots, real
 
 
 @numba.njit(inline="always")
-def _best_of(values, sign, rows, d, best, best_rows):  # pragma: no cover (compiled)
-    """Fill best / best_rows (k,) with the k best of neuron d's candidate ``rows`` (ascending), by
-    (sign * value desc, row asc), NaN first; returns how many there are (at most k)."""
+def _insert(best, best_rows, filled, x, row):  # pragma: no cover (compiled)
+    """Insert ``x`` of ``row`` (after every row already in) into the ranked list best / best_rows
+    (k,) that holds ``filled``; returns how many it holds now (at most k)."""
     k = len(best)
-    filled = 0
-    for row in rows:
-        x = sign * values[row, d]
-        if filled == k and _ranks_before(best[k - 1], 0, x, 1):
-            continue  # the list is full of better ones (an earlier row wins a tie)
-        at = min(filled, k - 1)  # the insertion point: after every kept one that ranks before x
-        while at > 0 and not _ranks_before(best[at - 1], 0, x, 1):
-            at -= 1
-        for s in range(min(filled, k - 1), at, -1):  # the ones after it move down (a full list drops its last)
-            best[s], best_rows[s] = best[s - 1], best_rows[s - 1]
-        best[at], best_rows[at] = x, row
-        filled = min(filled + 1, k)
-    return filled
+    if filled == k and _ranks_before(best[k - 1], 0, x, 1):
+        return filled  # the list is full of better ones (an earlier row wins a tie)
+    at = min(filled, k - 1)  # the insertion point: after every kept one that ranks before x
+    while at > 0 and not _ranks_before(best[at - 1], 0, x, 1):
+        at -= 1
+    for s in range(min(filled, k - 1), at, -1):  # the ones after it move down (a full list drops its last)
+        best[s], best_rows[s] = best[s - 1], best_rows[s - 1]
+    best[at], best_rows[at] = x, row
+    return min(filled + 1, k)
 
 
 @numba.njit(inline="always")
