@@ -94,8 +94,12 @@ def test_doc_pooled_mean_and_max_equal_brute_force(atlas, reference):
     assert np.load(Path(atlas.docpool.parts[0]["mean"].filename), mmap_mode="r").dtype == np.float16
 
 
-def test_resume_gives_the_uninterrupted_atlas(tiny_llama, corpus_path, atlas, tmp_path, monkeypatch):
-    """Interrupted several batches after its last checkpoint (rows written past it), then resumed."""
+def test_resume_gives_the_uninterrupted_atlas(tiny_llama, corpus_path, tmp_path, monkeypatch):
+    """Interrupted several batches after its last checkpoint (rows written past it), then resumed;
+    buffers of 4 windows batched by length (one window a batch), so the checkpoints fall between them."""
+    bucketed = options(batch_size=1, bucket_batches=4)
+    atlas = profile(str(tiny_llama), corpus_path, tmp_path / "whole", label_field="lang", options=bucketed,
+                    device="cpu", quiet=True)
     out = tmp_path / "resumed"
     original = ProfileRun.checkpoint
     calls = []
@@ -106,12 +110,12 @@ def test_resume_gives_the_uninterrupted_atlas(tiny_llama, corpus_path, atlas, tm
             original(self, path)
 
     monkeypatch.setattr(ProfileRun, "checkpoint", only_early_checkpoints)
-    corpus = StopsAfter(read_corpus(corpus_path, label_field="lang"), limit=10)
+    corpus = StopsAfter(read_corpus(corpus_path, label_field="lang"), limit=16)
     with pytest.raises(KeyboardInterrupt):
-        profile(str(tiny_llama), corpus, out, options=options(), device="cpu", quiet=True, checkpoint_every=0)
+        profile(str(tiny_llama), corpus, out, options=bucketed, device="cpu", quiet=True, checkpoint_every=0)
     assert len(calls) > 3 and (out / "checkpoint.safetensors").exists()
     monkeypatch.setattr(ProfileRun, "checkpoint", original)
-    resumed = profile(str(tiny_llama), corpus_path, out, label_field="lang", options=options(), device="cpu",
+    resumed = profile(str(tiny_llama), corpus_path, out, label_field="lang", options=bucketed, device="cpu",
                       quiet=True, resume=True)
     assert not (out / "checkpoint.safetensors").exists() and not (out / "docpool.partial").exists()
     resumed = load_atlas(out)

@@ -12,7 +12,9 @@ import time
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from neuronatlas.atlas import load_atlas
 from neuronatlas.atlas_merge import merge_atlases
@@ -125,9 +127,10 @@ def test_bottom_exemplars_are_the_most_negative_activations(atlas, reference):
     assert set(atlas.contexts["seq"].to_pylist()) >= {row["seq"] for row in saved}
 
 
-def test_padding_side_and_batch_size_do_not_change_statistics(tiny_llama, corpus_path, atlas, tmp_path):
-    for batch_size, side in ((1, "right"), (7, "left")):
-        other = run_profile(tiny_llama, corpus_path, tmp_path / f"{side}{batch_size}", batch_size=batch_size, padding_side=side)
+def test_padding_side_batch_size_and_length_buckets_do_not_change_statistics(tiny_llama, corpus_path, atlas, tmp_path):
+    for batch_size, side, buckets in ((1, "right", 8), (7, "left", 8), (4, "right", 1), (2, "right", 3)):
+        other = run_profile(tiny_llama, corpus_path, tmp_path / f"{side}{batch_size}-{buckets}", batch_size=batch_size,
+                            padding_side=side, bucket_batches=buckets)
         assert torch.equal(other.tokens_per_label, atlas.tokens_per_label)
         for layer in range(atlas.num_layers):
             for name in ("sum", "sumsq", "min", "max"):
@@ -135,15 +138,21 @@ def test_padding_side_and_batch_size_do_not_change_statistics(tiny_llama, corpus
             # A value within float noise of the threshold may flip; anything more is a bug.
             differ = (other.stat("active", layer) - atlas.stat("active", layer)).abs().sum()
             assert differ <= 2
+        # the document sample: the same documents in the same rows, whatever order the batches ran in
+        assert other.docpool.docs.tolist() == atlas.docpool.docs.tolist() and len(other.docpool) > 1
+        assert other.docpool.tokens.tolist() == atlas.docpool.tokens.tolist()
+        np.testing.assert_allclose(other.docpool.matrix("mean"), atlas.docpool.matrix("mean"), rtol=2e-3, atol=1e-3)
 
 
-def test_halves_merge_into_the_whole(tiny_llama, corpus_rows_and_path, atlas, tmp_path):
-    rows, _ = corpus_rows_and_path
+def test_halves_merge_into_the_whole(tiny_llama, corpus_rows_and_path, tmp_path):
+    rows, corpus = corpus_rows_and_path
+    # corpus order (bucket_batches=1): the halves run the whole's very batches, so even near-ties rank alike
+    atlas = run_profile(tiny_llama, corpus, tmp_path / "whole", batch_size=4, bucket_batches=1)
     halves = []
     for name, part in (("first", rows[:13]), ("second", rows[13:])):
         path = tmp_path / f"{name}.jsonl"
         write_jsonl(path, part)
-        halves.append(run_profile(tiny_llama, path, tmp_path / name, batch_size=4))
+        halves.append(run_profile(tiny_llama, path, tmp_path / name, batch_size=4, bucket_batches=1))
     merged = merge_atlases(*halves)
     assert merged.labels == atlas.labels
     assert torch.equal(merged.tokens_per_label, atlas.tokens_per_label)
@@ -167,6 +176,14 @@ def test_atlas_round_trips_and_exemplars_are_queryable_with_duckdb(atlas, tmp_pa
     loaded = load_atlas(tmp_path / "copy")
     for name in ("active", "sum", "top_uid"):
         assert torch.equal(loaded.stat(name, 1), atlas.stat(name, 1))
+    # the exemplar lists are saved once, in the exemplar tables, and read back from there
+    assert not any(".top_" in key or ".bottom_" in key for key in load_file(str(tmp_path / "copy" / "stats.safetensors")))
+    for layer in range(atlas.num_layers):
+        assert torch.equal(loaded.stat("top_values", layer), atlas.stat("top_values", layer))
+        saved = atlas.saved_exemplars("bottom", layer)  # only values below zero are saved
+        assert saved.any() and torch.equal(loaded.saved_exemplars("bottom", layer), saved)
+        assert torch.equal(loaded.stat("bottom_uid", layer)[saved], atlas.stat("bottom_uid", layer)[saved])
+        assert torch.equal(loaded.stat("bottom_values", layer)[saved], atlas.stat("bottom_values", layer)[saved])
     top = duckdb.sql(
         f"select e.activation, e.pos, c.token_ids from '{tmp_path}/copy/exemplars.parquet' e "
         f"join '{tmp_path}/copy/contexts.parquet' c using (seq) where layer = 1 and neuron = 3 order by rank"

@@ -4,7 +4,8 @@ An atlas is a directory::
 
     atlas.json           metadata: format version, model, tokenizer, corpus, labels, counts, options
     stats.safetensors    dense statistics, keys "<signal>.<stat>.<layer>" (see stats.SignalStats)
-                         plus "tokens_per_label" (K,) and "hist_edges" (B - 1,)
+                         plus "tokens_per_label" (K,) and "hist_edges" (B - 1,); not the exemplar
+                         lists (format 2): load_atlas reads them back from the exemplar tables
     exemplars.parquet    one row per top-k exemplar: layer, neuron, rank, activation, seq, pos,
                          doc, label, and (unless profiled with --exemplar-radius 0) window_start
                          window_scale and window_codes: the neuron's z at positions window_start,
@@ -51,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -64,9 +66,9 @@ from .errors import NeuronAtlasError
 from .files import (BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, META_FILE, STAGING_SUFFIX,
                     STATS_FILE, VOCAB_FILE, save_tensors)
 from .exemplar_windows import WINDOW_COLUMNS, has_windows, with_window_codes
-from .stats import SignalStats, split_uid
+from .stats import SignalStats, make_uid, split_uid
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the exemplar lists are read back from the exemplar tables, not stats.safetensors
 EXEMPLAR_ROW_GROUP = 16_384  # rows are sorted by (layer, neuron): small groups let one neuron's query skip the rest
 SIGNALS = ("z", "gate")
 WINDOW_KEYS = ("layer", "neuron", "seq", "pos")
@@ -244,7 +246,8 @@ class Atlas:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         with ThreadPoolExecutor(max_workers=2) as pool:  # the writers compress without the GIL: side by side
-            writes = [pool.submit(save_tensors, self.tensors(), staging / STATS_FILE)]
+            listed = {key: tensor for key, tensor in self.tensors().items() if not _is_exemplar_list(key)}
+            writes = [pool.submit(save_tensors, listed, staging / STATS_FILE)]
             for end, name in EXEMPLAR_FILES.items():
                 if end == "top" or self.has_stat("bottom_values"):
                     writes.append(pool.submit(write_exemplars, self.exemplar_table(end), staging / name))
@@ -355,7 +358,10 @@ def load_atlas(path: str | Path) -> Atlas:
         )
     check_exemplars_file(path, meta)
     try:
-        atlas = from_state(meta, load_file(str(path / STATS_FILE)))
+        state = load_file(str(path / STATS_FILE))
+        atlas = from_state(meta, state)
+        if not any(_is_exemplar_list(key) for key in state):  # format 2: the lists are the exemplar tables
+            _read_exemplar_lists(atlas, path)
         if (path / CONTEXTS_FILE).exists():
             atlas.contexts = pq.read_table(path / CONTEXTS_FILE)
         if (path / VOCAB_FILE).exists():
@@ -365,6 +371,33 @@ def load_atlas(path: str | Path) -> Atlas:
         raise _incomplete(path, error) from None
     atlas.path = path
     return atlas
+
+
+def _is_exemplar_list(key: str) -> bool:
+    """Whether a stats key ("z.top_uid.3") is an exemplar list, saved in the exemplar tables instead."""
+    parts = key.split(".")
+    return len(parts) == 3 and parts[1] in ("top_values", "top_uid", "bottom_values", "bottom_uid")
+
+
+def _read_exemplar_lists(atlas: Atlas, path: Path) -> None:
+    """Fill the z statistics' exemplar lists from the exemplar tables (rank = slot in the list; a
+    bottom list's entries not below zero were not saved and stay empty)."""
+    stats = atlas.signals["z"]
+    for end in stats.ends():
+        file = path / EXEMPLAR_FILES[end]
+        if not file.exists():
+            continue
+        table = pq.read_table(file, columns=["layer", "neuron", "rank", "activation", "seq", "pos"])
+        columns = {name: table[name].to_numpy() for name in table.column_names}
+        for layer in range(atlas.num_layers):
+            rows = (columns["layer"] == layer) & (columns["rank"] < stats.kept(end))  # a list keeps its k
+            if (columns["neuron"][rows] >= stats.widths[layer]).any():
+                raise ValueError(f"{file.name} names a neuron beyond layer {layer}'s {stats.widths[layer]}")
+            neuron = torch.from_numpy(columns["neuron"][rows].astype(np.int64))
+            rank = torch.from_numpy(columns["rank"][rows].astype(np.int64))
+            values, uid = stats.get(f"{end}_values", layer), stats.get(f"{end}_uid", layer)
+            values[neuron, rank] = torch.from_numpy(columns["activation"][rows].astype(np.float32))
+            uid[neuron, rank] = make_uid(torch.from_numpy(columns["seq"][rows]), torch.from_numpy(columns["pos"][rows]))
 
 
 def write_exemplars(table: pa.Table, file: Path) -> None:

@@ -440,6 +440,20 @@ def iter_batches(
     return _batches(iter(windows), batch_size, pad_token_id, padding_side)
 
 
+def buffers(windows: Iterable[Window], size: int) -> Iterator[list[Window]]:
+    """Consecutive runs of ``size`` windows (the last may be shorter), in corpus order."""
+    windows = iter(windows)
+    while group := list(islice(windows, size)):
+        yield group
+
+
+def by_length(windows: list[Window]) -> list[Window]:
+    """The windows of a buffer, longest first (ties in corpus order): batches cut from them hold
+    windows of like length, so padding is barely computed. Deterministic; what runs a buffer takes
+    its windows in any order (the document sample folds a document's windows as they come)."""
+    return sorted(windows, key=lambda window: (-len(window.input_ids), window.seq))
+
+
 def _batches(windows: Iterator[Window], batch_size: int, pad_token_id: int, side: str) -> Iterator[Batch]:
     while group := list(islice(windows, batch_size)):
         yield _pad(group, pad_token_id, side)

@@ -20,8 +20,9 @@ Values beyond float16's range are clamped to ±65504. Read them with
 ``numpy.load(path, mmap_mode="r")``: nothing is loaded until a column block is read.
 
 While profiling, :class:`DocPoolWriter` writes completed documents' rows straight into
-preallocated ``.npy`` memmaps under ``<out>/docpool.partial/``; only the documents of the current
-batch (and one document straddling the batch boundary) are held in memory. Its state (which
+preallocated ``.npy`` memmaps under ``<out>/docpool.partial/``; only the sampled documents of the
+current buffer of batches (whose windows may run in any order, batched by length) are held in
+memory, and between buffers at most one, straddling the boundary. Its state (which
 documents are sampled, the partial sums of the open document) goes into the profiler's
 checkpoint, so a resumed run rewrites the same rows with the same values.
 """
@@ -195,7 +196,8 @@ class DocPoolWriter:
         self.docs = np.full(self.rows_max, -1, np.int64)
         self.row_labels = np.full(self.rows_max, -1, np.int64)
         self.tokens = np.zeros(self.rows_max, np.int64)
-        self.open: dict | None = None  # the sampled document still receiving windows: row, doc, tokens, sum, max
+        self.open: dict[int, dict] = {}  # doc -> the running row, doc, tokens, sum, max of a document not yet written
+        self.rows: dict[int, int] = {}  # the planned documents' rows (-1: not sampled), see plan
         self.arrays: dict[str, np.ndarray] = {}
         self._batch: dict | None = None
 
@@ -229,20 +231,24 @@ class DocPoolWriter:
             array.flush()
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Tensors for the checkpoint (written after :meth:`flush`)."""
+        """Tensors for the checkpoint (written after :meth:`flush`, between buffers: at most the last
+        document is open)."""
+        if len(self.open) > 1:
+            raise RuntimeError(f"a checkpoint inside a buffer: {len(self.open)} documents open")
+        open_ = next(iter(self.open.values()), None)
         state = {
             "docpool.scalars": torch.tensor([self.next_row, self.last_doc, int(self.last_sampled),
-                                             -1 if self.open is None else self.open["row"],
-                                             -1 if self.open is None else self.open["doc"],
-                                             0 if self.open is None else self.open["tokens"]], dtype=torch.int64),
+                                             -1 if open_ is None else open_["row"],
+                                             -1 if open_ is None else open_["doc"],
+                                             0 if open_ is None else open_["tokens"]], dtype=torch.int64),
             "docpool.label_counts": torch.tensor(self.label_counts, dtype=torch.int64),
             "docpool.docs": torch.from_numpy(self.docs.copy()),
             "docpool.labels": torch.from_numpy(self.row_labels.copy()),
             "docpool.tokens": torch.from_numpy(self.tokens.copy()),
         }
-        if self.open is not None:
-            state["docpool.open_sum"] = self.open["sum"].cpu()
-            state["docpool.open_max"] = self.open["max"].cpu()
+        if open_ is not None:
+            state["docpool.open_sum"] = open_["sum"].cpu()
+            state["docpool.open_max"] = open_["max"].cpu()
         return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -252,34 +258,41 @@ class DocPoolWriter:
         self.docs = state["docpool.docs"].numpy().copy()
         self.row_labels = state["docpool.labels"].numpy().copy()
         self.tokens = state["docpool.tokens"].numpy().copy()
-        self.open = None
+        self.open = {}
         if open_row >= 0:
-            self.open = {"row": open_row, "doc": open_doc, "tokens": open_tokens,
+            self.open[open_doc] = {"row": open_row, "doc": open_doc, "tokens": open_tokens,
                          "sum": state["docpool.open_sum"].to(self.device),
                          "max": state["docpool.open_max"].to(self.device)}
 
     # -- one batch
 
+    def plan(self, windows) -> None:
+        """Decide, in corpus order, which documents of the next windows (None: another rank's) are
+        sampled and their rows, before the batches that hold them run (perhaps in another order)."""
+        self.rows = {self.last_doc: self.next_row - 1 if self.last_sampled else -1}  # the one that may go on
+        for window in windows:
+            if window is None or window.doc == self.last_doc:
+                continue
+            self.last_doc = window.doc
+            label = self.labels.index(window.label) if window.label is not None else 0
+            self.last_sampled = self.label_counts[label] < self.cap and self.next_row < self.rows_max
+            if self.last_sampled:
+                self.label_counts[label] += 1
+                self.docs[self.next_row], self.row_labels[self.next_row] = window.doc, label
+                self.next_row += 1
+            self.rows[window.doc] = self.next_row - 1 if self.last_sampled else -1
+
     def begin(self, windows) -> bool:
-        """Assign the batch's windows (None: skip that row) to sampled documents; False when none is sampled."""
+        """Assign the batch's windows (None: skip that row) to sampled documents (see :meth:`plan`, which
+        saw them first); False when none is sampled. A document's windows come together and in order."""
         slots, slot_docs = [], []  # per window: slot or -1; per slot: (doc, row)
         for window in windows:
-            if window is None:  # a window of another rank's block, in a batch it shares with this one
-                slots.append(-1)
-                continue
-            if window.doc != self.last_doc:
-                self.last_doc = window.doc
-                label = self.labels.index(window.label) if window.label is not None else 0
-                self.last_sampled = self.label_counts[label] < self.cap and self.next_row < self.rows_max
-                if self.last_sampled:
-                    self.label_counts[label] += 1
-                    self.docs[self.next_row], self.row_labels[self.next_row] = window.doc, label
-                    self.next_row += 1
-            if not self.last_sampled:
+            row = -1 if window is None else self.rows[window.doc]
+            if row < 0:  # another rank's window, or a document not sampled
                 slots.append(-1)
                 continue
             if not slot_docs or slot_docs[-1][0] != window.doc:
-                slot_docs.append((window.doc, self.next_row - 1))  # a sampled document's row is the latest one
+                slot_docs.append((window.doc, row))
             slots.append(len(slot_docs) - 1)
         if not slot_docs:
             self._batch = None
@@ -289,7 +302,6 @@ class DocPoolWriter:
             "rows": torch.tensor(rows, device=self.device),
             "slots": torch.tensor([slots[i] for i in rows], device=self.device),
             "slot_docs": slot_docs,
-            "last_doc": [window for window in windows if window is not None][-1].doc,
             "sum": torch.zeros((len(slot_docs), self.total), dtype=torch.float64, device=self.device),
             "max": torch.full((len(slot_docs), self.total), float("-inf"), device=self.device),
             "tokens": None,
@@ -325,27 +337,27 @@ class DocPoolWriter:
             0, slots[:, None].expand_as(maxes), maxes, "amax")
 
     def end(self) -> None:
-        """Fold the batch into the open document and write every document that is complete."""
+        """Fold the batch into its documents' running sums (a document's windows may come in any
+        order within a buffer; :meth:`close_buffer` writes the complete ones)."""
         batch, self._batch = self._batch, None
         if batch is None:
-            if self.open is not None:  # the batch holds none of the open document's windows: it is complete
-                self._write(self.open)
-                self.open = None
             return
         tokens = batch["tokens"].tolist()
         for slot, (doc, row) in enumerate(batch["slot_docs"]):
-            if self.open is not None and self.open["doc"] == doc:
-                self.open["sum"] += batch["sum"][slot]
-                torch.maximum(self.open["max"], batch["max"][slot], out=self.open["max"])
-                self.open["tokens"] += tokens[slot]
+            document = self.open.get(doc)
+            if document is None:
+                self.open[doc] = {"row": row, "doc": doc, "tokens": tokens[slot],
+                                  "sum": batch["sum"][slot].clone(), "max": batch["max"][slot].clone()}
             else:
-                if self.open is not None:
-                    self._write(self.open)
-                self.open = {"row": row, "doc": doc, "tokens": tokens[slot],
-                             "sum": batch["sum"][slot].clone(), "max": batch["max"][slot].clone()}
-            if doc != batch["last_doc"]:
-                self._write(self.open)
-                self.open = None
+                document["sum"] += batch["sum"][slot]
+                torch.maximum(document["max"], batch["max"][slot], out=document["max"])
+                document["tokens"] += tokens[slot]
+
+    def close_buffer(self, last_doc: int) -> None:
+        """A buffer of batches is done: write every document it held but ``last_doc`` (its last, which
+        may go on in the next buffer)."""
+        for doc in [doc for doc in self.open if doc != last_doc]:
+            self._write(self.open.pop(doc))
 
     def _write(self, document: dict) -> None:
         row, count = document["row"], document["tokens"]
@@ -359,9 +371,9 @@ class DocPoolWriter:
 
     def finish(self) -> DocPool:
         """Write the open document; the sample as a DocPool over the scratch files (trimmed if need be)."""
-        if self.open is not None:
-            self._write(self.open)
-            self.open = None
+        for document in self.open.values():
+            self._write(document)
+        self.open = {}
         self.flush()
         rows = self.next_row
         parts = {}

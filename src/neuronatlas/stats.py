@@ -469,8 +469,11 @@ class SignalStats:
         return {f"{prefix}.{key}": tensor.detach().cpu().contiguous() for key, tensor in self.tensors.items()}
 
     def load_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        """Read the tensors of :meth:`state` (counts saved as int32 are widened again)."""
+        """Read the tensors of :meth:`state` (counts saved as int32 are widened again); exemplar lists
+        missing from it stay empty (an atlas file keeps them in its exemplar tables)."""
         for key, tensor in self.tensors.items():
+            if f"{prefix}.{key}" not in state and REDUCTIONS[key.split(".")[0]] == "top_k":
+                continue
             self.tensors[key] = state[f"{prefix}.{key}"].to(tensor.device, tensor.dtype)
 
 

@@ -47,6 +47,10 @@ def _profile_options(parser: argparse.ArgumentParser) -> None:
                         help="threads for the statistics; 0 = auto: the forward's threads, between its layers, "
                              "or with cores to spare beyond them, those the machine's load leaves free, on a "
                              "thread beside the forward (default: 0)")
+    parser.add_argument("--bucket-batches", type=int, default=8, metavar="N",
+                        help="batch the windows of every N batches by length, so that padding is barely computed "
+                             "(documents stay whole; the atlas is the same up to float rounding; checkpoints and "
+                             "Ctrl-C take effect between such groups); 1 = corpus order (default: 8)")
     parser.add_argument("--checkpoint-every", type=nonnegative_float, default=300.0, help="seconds between checkpoints (default: 300)")
     parser.add_argument("--dist-timeout", type=positive_float, default=1800.0, metavar="SECONDS",
                         help="under torchrun: how long a rank waits for the others at the rendezvous and at the "
@@ -61,7 +65,7 @@ def _options(args):
         batch_size=args.batch_size, max_length=args.max_length, threshold=args.threshold, top_k=args.top_k,
         bottom_k=args.bottom_k, gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
         doc_sample=args.doc_sample, positions=not args.no_positions, exemplar_radius=args.exemplar_radius,
-        stat_threads=args.threads,
+        stat_threads=args.threads, bucket_batches=args.bucket_batches,
     )
 
 

@@ -38,11 +38,14 @@ class ProfileOptions:
     doc_sample: int = 256  # documents per label whose mean and max z are kept on disk; 0 = none
     exemplar_radius: int = DEFAULT_RADIUS  # z kept this many tokens either side of each exemplar; 0 = none
     stat_threads: int = 0  # intra-op threads of the statistics; 0 = auto (see worker.placement)
+    bucket_batches: int = 8  # batches whose windows are batched by length (corpus.by_length); 1 = corpus order
 
 
 def check_options(options: ProfileOptions) -> None:
     if options.batch_size < 1:
         raise NeuronAtlasError(f"batch size must be at least 1 (got {options.batch_size})")
+    if options.bucket_batches < 1:
+        raise NeuronAtlasError(f"--bucket-batches must be at least 1 (got {options.bucket_batches}); 1 keeps corpus order")
     if options.top_k < 0:
         raise NeuronAtlasError(f"top-k must be 0 or more (got {options.top_k})")
     if options.bottom_k < 0:

@@ -64,7 +64,8 @@ def profile_on_ranks(launch: Launch, loader: ModelLoader, corpus: Corpus, out: P
         options.max_length = resolve_max_length(model.config, options.max_length)
         meta = run_metadata(model, tokenizer, neurons, corpus, counts, options)
         group.check_same({"fingerprint": meta["model"]["fingerprint"], "widths": meta["model"]["widths"]}, "model")
-        shard = plan_shards(group, corpus, tokenizer, options.max_length, meta["labels"], options.batch_size)
+        shard = plan_shards(group, corpus, tokenizer, options.max_length, meta["labels"],
+                            options.batch_size * options.bucket_batches)  # blocks of whole buffers
         out.mkdir(parents=True, exist_ok=True)
         run = ProfileRun(neurons, tokenizer, corpus, meta, options,
                          docpool_folder=out / DOCPOOL_PARTIAL_DIR / f"rank{group.rank}",

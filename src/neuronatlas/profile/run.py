@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atlas import POSITION, Atlas, from_state, new_positions, new_signals
-from ..corpus import Batch, Corpus, iter_batches, iter_windows
+from ..corpus import Batch, Corpus, buffers, by_length, iter_batches, iter_windows
 from ..docpool import DocPoolWriter
 from ..errors import NeuronAtlasError
 from ..exemplar_windows import window_table
@@ -123,8 +123,9 @@ class ProfileRun:
         return f"document {self.documents_done:,} of {self.meta['documents']:,}"
 
     def run(self, checkpoint_path: Path, checkpoint_every: float, quiet: bool, stopping=lambda: False) -> None:
-        """The forward passes from ``windows_done`` on; returns early, between batches, once ``stopping()``."""
-        batches = iter_batches(self.windows(), self.options.batch_size, self.pad_id, self.options.padding_side)
+        """The forward passes from ``windows_done`` on, a buffer of ``bucket_batches`` batches at a time
+        (batched by length inside it); returns early, between buffers, once ``stopping()``."""
+        options = self.options
         first, stop = (self.shard.first_doc, self.shard.stop_doc) if self.shard else (0, self.meta["documents"])
         bar = tqdm(total=stop - first, initial=self.documents_done - first, unit="doc", disable=quiet,
                    dynamic_ncols=True, desc="profile" if self.shard is None else f"profile (rank 0 of {self.shard.world})")
@@ -132,11 +133,18 @@ class ProfileRun:
         if self.docpool is not None and not self.docpool.arrays:
             self.docpool.create()  # a fresh run (a resumed one reopened its files in restore)
         with torch.inference_mode(), self.stats_worker():
-            for batch in batches:
-                if stopping():  # every counted batch is whole in the statistics (step waits for the worker)
+            for buffer in buffers(self.windows(), options.batch_size * options.bucket_batches):
+                if stopping():  # every buffer counted is whole in the statistics (step waits for the worker)
                     break
-                self.step(batch)
-                done_docs = min(batch.windows[-1].doc + 1, stop)
+                if self.docpool is not None:  # documents sampled, and their rows, in corpus order
+                    self.docpool.plan([window if self._owns(window) else None for window in buffer])
+                ordered = by_length(buffer) if options.bucket_batches > 1 else buffer
+                for batch in iter_batches(ordered, options.batch_size, self.pad_id, options.padding_side):
+                    self.step(batch)
+                if self.docpool is not None:
+                    self.docpool.close_buffer(buffer[-1].doc)
+                self.windows_done = buffer[-1].seq + 1  # what a resume skips: whole buffers only
+                done_docs = min(buffer[-1].doc + 1, stop)
                 bar.update(done_docs - self.documents_done)
                 self.documents_done = done_docs
                 rate = (int(self.tokens_per_label.sum()) - tokens_at_start) / max(time.monotonic() - started, 1e-9)
@@ -145,6 +153,10 @@ class ProfileRun:
                     self.checkpoint(checkpoint_path)
                     last_checkpoint = time.monotonic()
         bar.close()
+
+    def _owns(self, window) -> bool:
+        """Whether this run counts ``window`` (a rank's buffer may hold other blocks' windows)."""
+        return self.shard is None or self.shard.owns(window.seq)
 
     @contextmanager
     def stats_worker(self):
@@ -163,8 +175,8 @@ class ProfileRun:
         input_ids = batch.input_ids.to(self.device)
         real = batch.attention_mask.to(self.device).bool()  # (B, T) the tokens the model sees
         B, T = real.shape
-        own = [self.shard is None or self.shard.owns(w.seq) for w in batch.windows]  # a rank's batch may hold
-        mask = real & torch.tensor(own, device=self.device)[:, None]  # (B, T) ... other blocks' windows: not counted
+        own = [self._owns(w) for w in batch.windows]  # a rank's batch may hold other blocks' windows: not counted
+        mask = real & torch.tensor(own, device=self.device)[:, None]  # (B, T)
         label_of_row = torch.tensor([self._label_index(w.label) for w in batch.windows], device=self.device)
         seq_of_row = torch.tensor([w.seq for w in batch.windows], device=self.device)
         positions = window_positions(real)  # (B, T) position within the window, as forward_batch numbers them
@@ -208,7 +220,6 @@ class ProfileRun:
             self.position_tokens += torch.bincount(token_buckets[labels >= 0], minlength=len(self.position_tokens))
         if self.docpool is not None:
             self.docpool.end()
-        self.windows_done = batch.windows[-1].seq + 1
 
     def _label_index(self, label: str | None) -> int:
         return 0 if label is None else self.labels.index(label)

@@ -27,10 +27,10 @@ from ..errors import NeuronAtlasError
 class Shard:
     """One rank's block of documents and the batches that hold its windows.
 
-    The rank runs the very batches one process would (windows ``batch_size * i`` to
-    ``batch_size * (i + 1) - 1``), so every activation is bit for bit the same: the batches at
-    the ends of its block may hold windows of the neighbouring blocks, which run through the
-    model but are not counted.
+    The rank runs the very buffers one process would (windows ``size * i`` to ``size * (i + 1) - 1``,
+    ``size`` = batch size x bucket batches, batched by length within), so every activation is bit
+    for bit the same: the buffers at the ends of its block may hold windows of the neighbouring
+    blocks, which run through the model but are not counted.
     """
 
     rank: int
@@ -39,8 +39,8 @@ class Shard:
     stop_doc: int
     first_seq: int  # the block's windows: [first_seq, stop_seq), numbered as in the whole corpus
     stop_seq: int
-    batches_from: int  # the first window of the block's first batch
-    batches_to: int  # the window after its last batch
+    batches_from: int  # the first window of the block's first buffer of batches
+    batches_to: int  # the window after its last one
     start_doc: int  # the document holding window batches_from ...
     start_doc_seq: int  # ... and the number of that document's first window
     windows: int  # windows in the whole corpus
@@ -66,7 +66,8 @@ class Shard:
 
 
 def plan_shards(group: Group, corpus, tokenizer, max_length: int, labels: list[str], batch_size: int) -> Shard:
-    """Count every document's windows and tokens (1/world of them per rank) and cut balanced blocks."""
+    """Count every document's windows and tokens (1/world of them per rank) and cut balanced blocks;
+    ``batch_size``: the windows of one buffer of the profile's batches, to which the blocks' batches align."""
     counted = []  # (doc, label index, windows, tokens) of this rank's share
     for doc in corpus:
         if doc.index % group.world == group.rank:
