@@ -16,6 +16,9 @@ With a window ``radius`` R, each exemplar also carries the neuron's z at the 2R 
 it (``top_window`` / ``bottom_window``, (D, k, 2R + 1) float16, NaN outside its window), cut from the batch while it
 is in memory (:class:`WindowSource`) and moved with its exemplar by every merge.
 
+On a CPU an update is one pass of the numba kernels of :mod:`neuronatlas.stats_kernel` over numpy
+views of these tensors; elsewhere (GPUs) torch operations; both give the same statistics.
+
 Each field says how two partial statistics combine (:data:`REDUCTIONS`): counts and sums add,
 minima and maxima reduce, exemplar lists merge by rank. :meth:`SignalStats.merge_` (files) and the
 torchrun merge (:mod:`neuronatlas.profile.ranks`) both follow it.
