@@ -149,9 +149,11 @@ def decode_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def window_table(top_values: list[torch.Tensor], top_uid: list[torch.Tensor], top_window: list[torch.Tensor],
                  radius: int, saved: list[torch.Tensor] | None = None) -> pa.Table:
     """One row per exemplar with a recorded window; per layer values, uid (D, k) and window (D, k, 2R + 1),
-    and ``saved`` (D, k) bool, the exemplars kept (default: every filled slot)."""
+    and ``saved`` (D, k) bool, the exemplars kept (default: every filled slot). The windows are
+    consumed: each layer's leaves ``top_window`` once coded (an 8B model's take 0.9 GB)."""
     columns = {"layer": [], "neuron": [], "seq": [], "pos": [], "window_start": [], "window_scale": [], "window_codes": []}
-    for layer, (values, uid, window) in enumerate(zip(top_values, top_uid, top_window)):
+    for layer, (values, uid) in enumerate(zip(top_values, top_uid)):
+        window, top_window[layer] = top_window[layer], None
         seq, pos = split_uid(uid.cpu())
         filled = seq >= 0 if saved is None else saved[layer].cpu()
         neuron = filled.nonzero(as_tuple=True)[0].numpy()
