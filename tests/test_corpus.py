@@ -214,8 +214,8 @@ def test_iter_windows_uses_build_inputs_when_present():
         def build_inputs_with_special_tokens(self, ids):
             return [100] + ids + [101]
 
-        def __call__(self, text, add_special_tokens, verbose, padding, truncation):
-            return {"input_ids": [len(word) for word in text.split()]}
+        def __call__(self, texts, add_special_tokens, verbose, padding, truncation):  # a batch of texts
+            return {"input_ids": [[len(word) for word in text.split()] for text in texts]}
 
     windows = list(iter_windows([Document(0, "a bb ccc dddd e", None)], Slow(), max_length=4))
     assert [w.input_ids for w in windows] == [(100, 1, 2, 101), (100, 3, 4, 101), (100, 1, 101)]
@@ -411,3 +411,14 @@ def test_invalid_text_is_an_error_naming_its_line_or_replaced_with_a_count(tmp_p
     assert "replaced 1 invalid character(s)" in capsys.readouterr().err
     assert read_corpus(text, on_invalid_text="replace").fingerprint() == read_corpus(text).fingerprint()
     _error(lambda: read_corpus(text, on_invalid_text="skip"), "on_invalid_text", "'skip'")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_iter_windows_tokenises_in_groups_as_one_document_at_a_time(kind):
+    tokenizer = _tokenizer(kind)
+    docs = [Document(i, " ".join(TEXTS[: i % len(TEXTS) + 1]), None) for i in range(150)]  # groups 1, 2 ... 64
+    one_by_one = [list(iter_windows([doc], tokenizer, max_length=5)) for doc in docs]
+    expected = [(doc.index, window.start, window.input_ids) for doc, windows in zip(docs, one_by_one) for window in windows]
+    grouped = list(iter_windows(docs, tokenizer, max_length=5))
+    assert [(w.doc, w.start, w.input_ids) for w in grouped] == expected
+    assert [w.seq for w in grouped] == list(range(len(expected)))

@@ -388,13 +388,27 @@ def iter_windows(documents: Iterable[Document], tokenizer, max_length: int) -> I
     return _windows(documents, tokenizer, size, _special_tokens_wrapper(tokenizer))
 
 
+TOKENIZE_GROUP = 64  # documents per tokenizer call, at most (the groups grow 1, 2, 4 ... up to it)
+
+
 def _windows(documents, tokenizer, size: int, wrap: Callable[[list[int]], list[int]]) -> Iterator[Window]:
     seq = 0
-    for doc in documents:
-        ids = tokenizer(doc.text, add_special_tokens=False, padding=False, truncation=False, verbose=False)["input_ids"]
-        for start in range(0, len(ids), size):
-            yield Window(seq, doc.index, doc.label, start, tuple(wrap(list(ids[start : start + size]))))
-            seq += 1
+    for group in _growing_groups(iter(documents)):
+        # one call a group: a fast tokenizer encodes a batch at once (the ids are those of one call each)
+        encoded = tokenizer([doc.text for doc in group], add_special_tokens=False, padding=False, truncation=False,
+                            verbose=False)["input_ids"]
+        for doc, ids in zip(group, encoded):
+            for start in range(0, len(ids), size):
+                yield Window(seq, doc.index, doc.label, start, tuple(wrap(list(ids[start : start + size]))))
+                seq += 1
+
+
+def _growing_groups(documents: Iterator[Document]) -> Iterator[list[Document]]:
+    """Lists of consecutive documents of 1, 2, 4 ... then TOKENIZE_GROUP: the first windows come at once."""
+    size = 1
+    while group := list(islice(documents, size)):
+        yield group
+        size = min(2 * size, TOKENIZE_GROUP)
 
 
 def _special_tokens_wrapper(tokenizer) -> Callable[[list[int]], list[int]]:
