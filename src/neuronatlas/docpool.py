@@ -284,7 +284,7 @@ class DocPoolWriter:
 
     def begin(self, windows) -> bool:
         """Assign the batch's windows (None: skip that row) to sampled documents (see :meth:`plan`, which
-        saw them first); False when none is sampled. A document's windows come together and in order."""
+        saw them first); False when none is sampled. A document's windows may come in any order."""
         slots, slot_docs = [], []  # per window: slot or -1; per slot: (doc, row)
         for window in windows:
             row = -1 if window is None else self.rows[window.doc]

@@ -112,10 +112,8 @@ def _encode_rows(matrix, valid, codes, scale):  # pragma: no cover (compiled)
             if valid[i, j] and x == x:
                 scale[i] = max(scale[i], min(abs(np.float64(x)), FLOAT_MAX))
         for j in range(matrix.shape[1]):
-            x = np.float64(matrix[i, j])
-            if valid[i, j] and x == x and x != 0:
-                code = min(np.rint(math.log1p(MU * min(abs(x), FLOAT_MAX) / scale[i]) / STEP), CODE_MAX)
-                codes[i, j] = np.int8(code if x > 0 else -code)
+            if valid[i, j]:
+                codes[i, j] = _code(np.float64(matrix[i, j]), scale[i])
 
 
 def mu_law(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -131,13 +129,18 @@ def _mu_law_codes(values, scale):  # pragma: no cover (compiled)
     one pass, where numpy's float64 log1p and temporaries took seconds for an 8B model's windows."""
     codes = np.zeros(len(values), dtype=np.int8)
     for i in numba.prange(len(values)):
-        x = values[i]
-        if x == 0 or x != x:
-            continue
-        unit = abs(x) / (scale[i] if scale[i] > 0 else 1.0)
-        code = min(np.rint(math.log1p(MU * unit) / STEP), CODE_MAX)
-        codes[i] = np.int8(code if x > 0 else -code)
+        codes[i] = _code(values[i], scale[i])
     return codes
+
+
+@numba.njit(inline="always")
+def _code(x, scale):  # pragma: no cover (compiled)
+    """The µ-law code of one float64 value against its window's scale; 0 for 0 and NaN."""
+    if x == 0 or x != x:
+        return 0
+    unit = min(abs(x), FLOAT_MAX) / (scale if scale > 0 else 1.0)
+    code = int(min(np.rint(math.log1p(MU * unit) / STEP), CODE_MAX))
+    return code if x > 0 else -code
 
 
 def decode_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -51,7 +51,6 @@ _BLOCK_ELEMENTS = 2**18  # moments are reduced over blocks of rows of about 1 Mi
 _MAX_RUNS = 64  # more runs of one label than this in a batch: group the rows by label first
 _MAX_CANDIDATES = 2  # sparse exemplar merge while a batch has at most this x k candidates per neuron on average
 _CANDIDATES_PER_NEURON = 4  # CPU kernel: a neuron with more than this x k candidates in a batch takes a dense top-k
-_FIELD_DTYPES = (np.int64, np.float64, np.float64, np.float32, np.float32)  # active, sum, sumsq, min, max
 FLOAT16_MAX = 65504.0  # window values beyond it are clamped (the exemplar's own value is kept exactly in top_values)
 
 
@@ -230,7 +229,8 @@ class SignalStats:
             per_bucket = [other.tensors[f"{field}.{layer}"].numpy() for field in self.FIELDS]
             bucket = bucket.long().contiguous().numpy()
         else:
-            per_bucket, bucket = [np.zeros((0, 0), dtype) for dtype in _FIELD_DTYPES], np.zeros(0, np.int64)
+            per_bucket = [np.zeros((0, 0), t[f"{field}.{layer}"].numpy().dtype) for field in self.FIELDS]  # none
+            bucket = np.zeros(0, np.int64)
         if self.hist_edges is not None:
             hist, table, edges = t[f"hist.{layer}"].numpy(), self._table().numpy(), self.hist_edges.numpy()
         else:

@@ -194,7 +194,8 @@ class ProfileRun:
         pooling = self.docpool is not None and self.docpool.begin([w if o else None for w, o in zip(batch.windows, own)])
 
         def z_stats(layer: int, z: torch.Tensor) -> None:
-            z = z.reshape(B * T, -1).to(self.device)  # (B * T, D); a no-op unless a device map put the layer elsewhere
+            # (B * T, D) float32, converted once for the statistics, the windows and the document sample
+            z = z.reshape(B * T, -1).to(self.device, torch.float32)  # a no-op for a float32 layer on the inputs' device
             if windows is not None:
                 windows.z = z.view(B, T, -1)
             self.signals["z"].update(layer, z, labels, uids, windows, buckets)
@@ -202,7 +203,7 @@ class ProfileRun:
                 self.docpool.add(layer, z.view(B, T, -1), mask)
 
         def gate_stats(layer: int, g: torch.Tensor) -> None:
-            self.signals["gate"].update(layer, g.reshape(B * T, -1).to(self.device), labels, uids)
+            self.signals["gate"].update(layer, g.reshape(B * T, -1).to(self.device, torch.float32), labels, uids)
 
         def on_z(layer: int, z: torch.Tensor) -> None:
             self.worker.submit(lambda: z_stats(layer, z))
