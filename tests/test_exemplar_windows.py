@@ -126,24 +126,30 @@ def test_radius_zero_records_no_windows(model_and_tokenizer, corpora, tmp_path):
 def test_eight_bit_windows_decode_alike_in_arrow_and_duckdb(tmp_path):
     import duckdb
     import numpy as np
-    import pyarrow as pa
+    import torch
 
-    from neuronatlas.exemplar_windows import encode_windows, window_sql
+    from neuronatlas.exemplar_windows import window_sql, window_table
+    from neuronatlas.stats import UID_POS_BITS
 
     rng = np.random.default_rng(0)
-    matrix = rng.normal(0, 3, (50, 7)).astype(np.float32)
+    radius = 3
+    matrix = rng.normal(0, 3, (50, 2 * radius + 1)).astype(np.float16).astype(np.float32)
     matrix[3] = 0.0  # a window of zeros: scale 0, codes 0
-    valid = rng.random((50, 7)) > 0.2
-    codes, scale = encode_windows(np.where(valid, matrix, np.nan), valid)
-    offsets = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int32)
-    table = pa.table({"window_start": pa.array(np.zeros(50, np.int32)), "window_scale": pa.array(scale),
-                      "window_codes": pa.ListArray.from_arrays(pa.array(offsets), pa.array(codes[valid], pa.int8()))})
+    valid = rng.random(matrix.shape) > 0.2
+    valid[:, radius] = True  # the exemplar itself
+    valid[7] = False  # a window not recorded: no row
+    window = torch.from_numpy(np.where(valid, matrix, np.nan)).half()[:, None]  # (D, k=1, W)
+    values = torch.from_numpy(matrix[:, radius])[:, None]
+    uid = (torch.arange(50) << UID_POS_BITS | 100)[:, None]  # seq = neuron, pos 100
+    table = window_table([values], [uid], [window], radius)
+    kept = [row for row in range(50) if row != 7]
+    assert table["seq"].to_pylist() == kept and table["window_start"].to_pylist() == [100 - radius + int(valid[row].argmax()) for row in kept]
     arrow = with_window_values(table)["window_activations"].to_pylist()
-    for row, values in enumerate(arrow):
-        assert window_close(values, matrix[row][valid[row]])
+    for row, shown in zip(kept, arrow):
+        assert window_close(shown, matrix[row][valid[row]])
     pq.write_table(table, tmp_path / "w.parquet")
     sql = duckdb.sql(f"select {window_sql(table.column_names)} from read_parquet('{tmp_path / 'w.parquet'}')")
-    assert [np.allclose(a, b) for a, (_, b) in zip(arrow, sql.fetchall())] == [True] * 50
+    assert [np.allclose(a, b) for a, (_, b) in zip(arrow, sql.fetchall())] == [True] * 49
 
 
 def test_float_windows_of_format_one_are_coded_when_saved_again(atlas, tmp_path):

@@ -94,28 +94,6 @@ def exact_peak(values: list, start: int, pos: int, activation: float) -> list:
     return values
 
 
-def encode_windows(matrix: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """µ-law codes (M, W) int8 and scales (M,) float32 (each window's largest |z|) of windows
-    ``matrix`` (M, W), where ``valid``."""
-    codes, scale = np.zeros(matrix.shape, np.int8), np.zeros(len(matrix), np.float64)
-    _encode_rows(np.ascontiguousarray(matrix, dtype=np.float32), np.ascontiguousarray(valid), codes, scale)
-    return codes, scale.astype(np.float32)
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _encode_rows(matrix, valid, codes, scale):  # pragma: no cover (compiled)
-    """:func:`encode_windows` row by row: scale[i] = the largest valid |z| (NaN as 0), codes[i] its
-    µ-law codes (0 where not valid)."""
-    for i in numba.prange(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            x = matrix[i, j]
-            if valid[i, j] and x == x:
-                scale[i] = max(scale[i], min(abs(np.float64(x)), FLOAT_MAX))
-        for j in range(matrix.shape[1]):
-            if valid[i, j]:
-                codes[i, j] = _code(np.float64(matrix[i, j]), scale[i])
-
-
 def mu_law(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """int8 µ-law codes of ``values`` against ``scale`` (broadcast to them: each value's window's largest |z|)."""
     flat_values = np.ascontiguousarray(values, dtype=np.float64).ravel()
@@ -153,36 +131,93 @@ def window_table(top_values: list[torch.Tensor], top_uid: list[torch.Tensor], to
                  radius: int, saved: list[torch.Tensor] | None = None) -> pa.Table:
     """One row per exemplar with a recorded window; per layer values, uid (D, k) and window (D, k, 2R + 1),
     and ``saved`` (D, k) bool, the exemplars kept (default: every filled slot). The windows are
-    consumed: each layer's leaves ``top_window`` once coded (an 8B model's take 0.9 GB)."""
+    consumed: each layer's leaves ``top_window`` once coded (an 8B model's take 0.9 GB).
+
+    A window's values are its non-NaN entries (NaN: outside the document, or not recorded), with the
+    exemplar's own exact value at the centre; a window with no recorded value at all has no row."""
     columns = {"layer": [], "neuron": [], "seq": [], "pos": [], "window_start": [], "window_scale": [], "window_codes": []}
     for layer, (values, uid) in enumerate(zip(top_values, top_uid)):
         window, top_window[layer] = top_window[layer], None
-        seq, pos = split_uid(uid.cpu())
-        filled = seq >= 0 if saved is None else saved[layer].cpu()
-        neuron = filled.nonzero(as_tuple=True)[0].numpy()
-        matrix = window.cpu()[filled].float().numpy()  # (M, W), NaN outside the window or not recorded
-        valid = ~np.isnan(matrix)
-        keep = np.nonzero(valid.any(axis=1))[0]
-        matrix, valid = matrix[keep], valid[keep]
-        matrix[:, radius] = values.cpu()[filled].numpy()[keep]  # the exemplar's own value, exact
-        valid[:, radius] = True
-        codes, scale = encode_windows(matrix, valid)
-        first = valid.argmax(axis=1)
-        offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
-        pos_kept = pos[filled].numpy()[keep]
+        seq, pos = (part.numpy() for part in split_uid(uid.cpu()))
+        filled = seq >= 0 if saved is None else saved[layer].cpu().numpy()
+        neuron, rank = np.nonzero(filled)  # row-major: by neuron, then rank
+        matrix = window.cpu().half().view(torch.int16).numpy()  # (D, k, W) float16 bits, NaN where not recorded
+        exact = values.cpu().float().numpy()
+        lengths = np.zeros(len(neuron), np.int64)
+        _window_lengths(matrix, neuron, rank, radius, lengths)
+        keep = np.nonzero(lengths)[0]
+        neuron, rank = neuron[keep], rank[keep]
+        offsets = np.zeros(len(keep) + 1, np.int64)
+        np.cumsum(lengths[keep], out=offsets[1:])
+        codes, scale, first = np.zeros(offsets[-1], np.int8), np.zeros(len(keep)), np.zeros(len(keep), np.int64)
+        _encode_windows(matrix, exact, neuron, rank, radius, offsets, codes, scale, first)
+        pos_kept = pos[neuron, rank]
         columns["layer"].append(np.full(len(keep), layer, np.int32))
-        columns["neuron"].append(neuron[keep].astype(np.int32))
-        columns["seq"].append(seq[filled].numpy()[keep].astype(np.int64))
+        columns["neuron"].append(neuron.astype(np.int32))
+        columns["seq"].append(seq[neuron, rank])
         columns["pos"].append(pos_kept.astype(np.int32))
         columns["window_start"].append((pos_kept - radius + first).astype(np.int32))
-        columns["window_scale"].append(scale)
-        columns["window_codes"].append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(codes[valid], pa.int8())))
+        columns["window_scale"].append(scale.astype(np.float32))
+        columns["window_codes"].append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(codes, pa.int8())))
     types = {"layer": pa.int32(), "neuron": pa.int32(), "seq": pa.int64(), "pos": pa.int32(), "window_start": pa.int32(),
              "window_scale": pa.float32()}
     table = {name: pa.array(np.concatenate(columns[name]) if columns[name] else [], kind) for name, kind in types.items()}
     table["window_codes"] = (pa.concat_arrays(columns["window_codes"]) if columns["window_codes"]
                              else pa.array([], pa.list_(pa.int8())))
     return pa.table(table)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _window_lengths(bits, neuron, rank, radius, lengths):  # pragma: no cover (compiled)
+    """lengths[i]: the values window i (``bits[neuron[i], rank[i]]``, (W,) float16 bits) keeps, its
+    centre included; 0 when it recorded nothing."""
+    for i in numba.prange(len(neuron)):
+        row = bits[neuron[i], rank[i]]
+        count = 0
+        for j in range(row.shape[0]):
+            if not _half_is_nan(row[j]):
+                count += 1
+        if count:
+            lengths[i] = count + (1 if _half_is_nan(row[radius]) else 0)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _encode_windows(bits, exact, neuron, rank, radius, offsets, codes, scale, first):  # pragma: no cover (compiled)
+    """Window i's scale (its largest |z|, the centre's exact value included; NaN as 0), the index
+    of its first kept value, and its µ-law codes at ``codes[offsets[i]:offsets[i + 1]]``."""
+    for i in numba.prange(len(neuron)):
+        row, centre = bits[neuron[i], rank[i]], np.float64(exact[neuron[i], rank[i]])
+        first[i] = -1
+        for j in range(row.shape[0]):
+            if j == radius or not _half_is_nan(row[j]):
+                x = centre if j == radius else _half_value(row[j])
+                if first[i] < 0:
+                    first[i] = j
+                if x == x:
+                    scale[i] = max(scale[i], min(abs(x), FLOAT_MAX))
+        at = offsets[i]
+        for j in range(row.shape[0]):
+            if j == radius or not _half_is_nan(row[j]):
+                codes[at] = _code(centre if j == radius else _half_value(row[j]), scale[i])
+                at += 1
+
+
+@numba.njit(inline="always")
+def _half_is_nan(bits):  # pragma: no cover (compiled)
+    return (bits & 0x7C00) == 0x7C00 and (bits & 0x03FF) != 0
+
+
+@numba.njit(inline="always")
+def _half_value(bits):  # pragma: no cover (compiled)
+    """The float64 value of float16 ``bits`` (int16): exact, subnormals and infinities included."""
+    exponent, fraction = (bits >> 10) & 0x1F, bits & 0x03FF
+    if exponent == 0x1F:
+        magnitude = np.inf if fraction == 0 else np.nan
+    elif exponent == 0:
+        magnitude = fraction * 2.0 ** -24
+    else:
+        magnitude = (1024 + fraction) * 2.0 ** (exponent - 25)
+    return -magnitude if bits & 0x8000 else magnitude
 
 
 def neuron_exemplars(atlas, layer: int, neuron: int, end: str = "top") -> list[dict]:
