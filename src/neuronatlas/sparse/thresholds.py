@@ -5,8 +5,8 @@ is above the projection's threshold. Projections that read one input form an :cl
 (q, k, v; gate and up; down alone; o alone). On a decode step (at most ``MAX_BAG_TOKENS`` tokens,
 one per sequence) the group computes all its outputs at its first call and hands the others out
 at theirs: when every member keeps the same channels (TEAL) from one table ``[W_1ᵀ | W_2ᵀ ...]``
-(in, sum of outs) whose kept rows are read in place (:func:`.kernels.weighted_row_sums`), else
-one such call per member. With B sequences the rows read are the sum of each token's kept rows;
+(in, sum of outs) whose kept rows are read in place, else one such call per member: in float32 on
+a CPU by one compiled call (:mod:`.row_kernel`), otherwise by :func:`.kernels.weighted_row_sums`. With B sequences the rows read are the sum of each token's kept rows;
 when that exceeds the dense weight's rows (batch 4 at 50%: twice as many) the group falls back to
 the dense product of the masked input, which reads every row once (counted in
 ``Phase.kernel_calls``). Calls of more tokens (prefill) always take that masked dense product.
@@ -19,6 +19,7 @@ from collections import Counter
 import torch
 
 from .ffn import tokens_of
+from . import row_kernel
 from .kernels import masked_input_matmul, weighted_row_sums
 
 MAX_BAG_TOKENS = 16  # calls of more tokens (prefill) use the masked dense product
@@ -61,6 +62,21 @@ class SparseInputProjection:
         """Many tokens: the dense product of the masked input, x (..., in) -> (..., out)."""
         return self.with_bias(masked_input_matmul(x, self.weight_t, self.mask(x) if mask is None else mask))
 
+    def kept_rows_product(self, flat: torch.Tensor, table: torch.Tensor, counts: Counter) -> torch.Tensor | None:
+        """``(flat * mask) @ table`` (B, out) reading only the kept rows of ``table`` (in, out), without
+        bias; None when the tokens keep more rows together than the table has (then a dense product
+        reads fewer bytes). Counts the call as "rows" or "dense"."""
+        if self.random_sparsity is None and row_kernel.supports(table):  # one compiled call (float32 CPU)
+            out = row_kernel.thresholded_rows(flat, self.threshold, self.scale, table, flat.shape[1])
+        else:
+            mask = self.mask(flat)  # (B, in)
+            out = None
+            if int(mask.sum()) <= flat.shape[1]:
+                kept = [m.nonzero().squeeze(1) for m in mask]
+                out = weighted_row_sums(table, kept, [t[k] for t, k in zip(flat, kept)])
+        counts["dense" if out is None else "rows"] += 1
+        return out
+
     def with_bias(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.bias is None else out + self.bias
 
@@ -95,27 +111,18 @@ class InputGroup:
 
     def _decode(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every member's output for the tokens flat (B, in)."""
-        rows = flat.shape[1]
         if self.shared_mask:
-            mask = next(iter(self.members.values())).mask(flat)  # (B, in)
-            if int(mask.sum()) <= rows:
-                self.counts["rows"] += 1
-                kept = [m.nonzero().squeeze(1) for m in mask]
-                out = weighted_row_sums(self.table, kept, [t[k] for t, k in zip(flat, kept)])  # (B, sum of outs)
-                parts = out.split(self.widths, dim=1)
-                return {role: member.with_bias(part) for (role, member), part in zip(self.members.items(), parts)}
-            self.counts["dense"] += 1
-            return {role: member.forward(flat, mask) for role, member in self.members.items()}
+            first = next(iter(self.members.values()))
+            out = first.kept_rows_product(flat, self.table, self.counts)  # (B, sum of outs)
+            if out is None:
+                mask = first.mask(flat)
+                return {role: member.forward(flat, mask) for role, member in self.members.items()}
+            parts = out.split(self.widths, dim=1)
+            return {role: member.with_bias(part) for (role, member), part in zip(self.members.items(), parts)}
         outputs = {}
         for role, member in self.members.items():
-            mask = member.mask(flat)
-            if int(mask.sum()) <= rows:
-                self.counts["rows"] += 1
-                kept = [m.nonzero().squeeze(1) for m in mask]
-                outputs[role] = member.with_bias(weighted_row_sums(member.weight_t, kept, [t[k] for t, k in zip(flat, kept)]))
-            else:
-                self.counts["dense"] += 1
-                outputs[role] = member.forward(flat, mask)
+            out = member.kept_rows_product(flat, member.weight_t, self.counts)
+            outputs[role] = member.forward(flat) if out is None else member.with_bias(out)
         return outputs
 
 

@@ -1,0 +1,42 @@
+"""The compiled decode kernel of thresholded projections equals the masked dense product."""
+
+import pytest
+import torch
+
+from neuronatlas.sparse import row_kernel
+from neuronatlas.sparse.kernels import masked_input_matmul
+
+
+def inputs(tokens: int, width: int = 96, out: int = 40):
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, width, generator=generator)
+    table = torch.randn(width, out, generator=generator)  # (in, out): row i = input channel i
+    scale = torch.rand(width, generator=generator) + 0.5  # WINA's column norms
+    return x, table, scale
+
+
+@pytest.mark.parametrize("parallel_from", [1, 1 << 30])  # every call split over threads, or none
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_equals_the_masked_dense_product(monkeypatch, parallel_from, tokens, weighted):
+    monkeypatch.setattr(row_kernel, "PARALLEL_FROM", parallel_from)
+    x, table, scale = inputs(tokens)
+    scale = scale if weighted else None
+    threshold = 0.7
+    mask = (x.abs() * scale if weighted else x.abs()) > threshold
+    out = row_kernel.thresholded_rows(x, threshold, scale, table, limit=x.numel())
+    assert 0 < int(mask.sum()) < mask.numel()
+    assert torch.allclose(out, masked_input_matmul(x, table, mask), atol=1e-5)
+
+
+def test_too_many_rows_computes_nothing():
+    x, table, _ = inputs(4)
+    kept = int((x.abs() > 0.1).sum())
+    assert row_kernel.thresholded_rows(x, 0.1, None, table, limit=kept - 1) is None
+    assert row_kernel.thresholded_rows(x, 0.1, None, table, limit=kept) is not None
+
+
+def test_runs_on_float32_cpu_tables_only():
+    _, table, _ = inputs(1)
+    assert row_kernel.supports(table)
+    assert not row_kernel.supports(table.bfloat16()) and not row_kernel.supports(table.T)
