@@ -14,7 +14,9 @@
    mixed lengths. Default models: the bundled tiny-llama, then
    SmolLM2-135M-Instruct (Q4_1 GGUF) when fetched into ~/.cache/neuronatlas/real-models/.
 2. Memory: a child process loads the model, notes its peak RSS, profiles, notes the peak again;
-   reported against the weights' bytes (goal: peak <= 1.5x the model's footprint).
+   another runs a bare forward over the same windows instead. The profile's peak is reported
+   against the weights' bytes and against the bare forward's peak (goal: <= 1.5x the model's
+   footprint).
 3. ``--steps``: the profiler's step batch by batch against a bare forward on a random Llama, with
    the share of time in the hooks and the statistics (where the time goes).
 
@@ -349,40 +351,55 @@ def spread(ratios: list[float]) -> str:
 # ---- memory -------------------------------------------------------------------------------------
 
 
-# Loads the model, notes the peak RSS so far, profiles, notes the peak again (a fresh process: the
-# whole run's peak, not the parent's).
+# Loads the model, notes the peak RSS so far, then either profiles or runs a bare forward over the
+# same windows in the same batches, and notes the peak again (a fresh process: the whole run's peak).
 MEMORY_CHILD = """
-import json, resource, sys, tempfile
+import json, resource, sys, torch
+from neuronatlas.corpus import iter_batches, iter_windows, read_corpus
+from neuronatlas.hooks import pad_token_id
 from neuronatlas.loading import load_model
 from neuronatlas.profile import ProfileOptions, profile
-model_path, corpus, out, label_field, max_length = sys.argv[1:6]
+mode, model_path, corpus, out, label_field, max_length = sys.argv[1:7]
 model, tokenizer = load_model(model_path, device="cpu", quiet=True)
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
-profile(model, corpus, out, tokenizer=tokenizer, label_field=label_field, quiet=True,
-        options=ProfileOptions(max_length=int(max_length)))
+if mode == "profile":
+    profile(model, corpus, out, tokenizer=tokenizer, label_field=label_field, quiet=True,
+            options=ProfileOptions(max_length=int(max_length)))
+else:
+    windows = iter_windows(read_corpus(corpus, label_field=label_field), tokenizer, int(max_length))
+    with torch.inference_mode():
+        for batch in iter_batches(windows, 8, pad_token_id(tokenizer)):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
 print(json.dumps({"loaded": loaded, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "weights": weights}))
 """
 
 
 def measure_model_memory(model: Path, corpus: Path, tmp: Path, args) -> dict:
-    command = [sys.executable, "-c", MEMORY_CHILD, str(model), str(corpus), str(tmp / "memory-atlas"),
-               args.label_field, str(args.whole_max_length)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the memory run failed:\n{done.stderr[-2000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    """Peak RSS of profile() and of a bare forward over the same windows, each in a fresh process."""
+    peaks = {mode: memory_child(mode, model, corpus, tmp, args) for mode in ("bare", "profile")}
     kib = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss unit
-    mib = {key: report[key] * kib / 2**20 for key in ("loaded", "peak")}
-    weights = report["weights"] / 2**20
+    mib = {mode: {key: report[key] * kib / 2**20 for key in ("loaded", "peak")} for mode, report in peaks.items()}
+    weights = peaks["profile"]["weights"] / 2**20
     return {
         "memory_model": model.name,
         "memory_weights_mib": round(weights, 1),
-        "memory_peak_rss_after_load_mib": round(mib["loaded"], 1),
-        "memory_peak_rss_mib": round(mib["peak"], 1),
-        "memory_peak_over_weights": round(mib["peak"] / weights, 2),
-        "memory_profile_added_mib": round(mib["peak"] - mib["loaded"], 1),
+        "memory_peak_rss_after_load_mib": round(mib["profile"]["loaded"], 1),
+        "memory_bare_forward_peak_rss_mib": round(mib["bare"]["peak"], 1),
+        "memory_peak_rss_mib": round(mib["profile"]["peak"], 1),
+        "memory_peak_over_weights": round(mib["profile"]["peak"] / weights, 2),
+        "memory_peak_over_bare_forward_peak": round(mib["profile"]["peak"] / mib["bare"]["peak"], 2),
+        "memory_profile_added_mib": round(mib["profile"]["peak"] - mib["profile"]["loaded"], 1),
     }
+
+
+def memory_child(mode: str, model: Path, corpus: Path, tmp: Path, args) -> dict:
+    command = [sys.executable, "-c", MEMORY_CHILD, mode, str(model), str(corpus), str(tmp / "memory-atlas"),
+               args.label_field, str(args.whole_max_length)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the memory run ({mode}) failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
