@@ -160,6 +160,18 @@ def takes_position_ids(module) -> bool:
     return "position_ids" in inspect.signature(module.forward).parameters
 
 
+def with_cache(model, cache) -> dict:
+    """The keyword that hands ``model`` its KV cache: ``cache`` in transformers that renamed
+    ``past_key_values`` (and warn on the old name), else ``past_key_values``."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def forward_batch(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
     """Run ``module`` (a model or its base) on one padded batch as the profiler does.
 
@@ -174,4 +186,4 @@ def forward_batch(module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 __all__ = ["hook_sites", "before", "after", "capture", "capture_activations", "pad_token_id", "window_positions",
-           "takes_position_ids", "forward_batch"]
+           "takes_position_ids", "forward_batch", "with_cache", "returned_cache"]

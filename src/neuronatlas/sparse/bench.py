@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..corpus import iter_windows
 from ..errors import NeuronAtlasError
+from ..hooks import returned_cache, with_cache
 from ..loading import max_positions
 from ..models import check_causal
 from .calibrate import as_corpus
@@ -53,9 +54,9 @@ def perplexity(model, windows: list[torch.Tensor], sparse: SparseModel | None = 
             first = model(input_ids=ids[:, :split], use_cache=True)
             if sparse is not None:
                 with sparse.continuation():
-                    rest = model(input_ids=ids[:, split:], past_key_values=first.past_key_values, use_cache=True)
+                    rest = model(input_ids=ids[:, split:], **with_cache(model, returned_cache(first)), use_cache=True)
             else:
-                rest = model(input_ids=ids[:, split:], past_key_values=first.past_key_values, use_cache=True)
+                rest = model(input_ids=ids[:, split:], **with_cache(model, returned_cache(first)), use_cache=True)
         finally:
             if sparse is not None:
                 sparse.detach()

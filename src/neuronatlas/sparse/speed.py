@@ -24,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from ..hooks import returned_cache, with_cache
 from .wrap import SparseModel
 
 SPREAD_FACTOR = 1.25  # per-run ratios wider than this (max / min) are noise larger than most effects
@@ -67,12 +68,12 @@ def paired_decode(model, sparse: SparseModel, prompt: torch.Tensor, new_tokens: 
                 if step == 0:
                     out = model(input_ids=prompt, use_cache=True)
                 else:
-                    out = model(input_ids=state[side]["ids"][-1], past_key_values=past[side], use_cache=True)
+                    out = model(input_ids=state[side]["ids"][-1], **with_cache(model, past[side]), use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)  # (B, 1)
                 if token.is_cuda:  # kernels run asynchronously: wait for them before reading the clock
                     torch.cuda.synchronize(token.device)
                 state[side]["prefill_s" if step == 0 else "decode_s"] += time.perf_counter() - started
-            past[side] = out.past_key_values
+            past[side] = returned_cache(out)
             state[side]["ids"].append(token)
     for side in sides:
         ids = torch.cat(state[side]["ids"], 1)
