@@ -5,11 +5,12 @@ channel i of token b when ``|x[b, i]| * scale[i] > threshold`` and sums ``x[b, i
 the kept rows of the (in, out) table: only those rows are read. It does in one call what the torch
 path does in six (abs, compare, nonzero, gather, ``embedding_bag``, sum of pieces), whose fixed cost
 (~70 µs) was more than a dense product of SmolLM2's 576 x 576 projections (17 µs): there TEAL's
-decode ran slower than dense. Each token's kept rows are split into as many pieces as threads,
-summed into per-piece partial outputs, then added up.
+decode ran slower than dense. The sum reads four rows a pass (the accumulator is loaded and
+stored once per four rows); when the rows read are many, each token's kept rows are split into as
+many pieces as threads, summed into partial outputs, then added up.
 
-:func:`kept_rows` finds the rows first, so the caller can fall back to a dense product when the
-tokens' kept rows together outnumber the table's (batched decode at low sparsity).
+When the tokens' kept rows together outnumber ``limit`` (the table's rows: batched decode at low
+sparsity) nothing is summed and the caller takes the masked dense product, which reads fewer bytes.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ is above the projection's threshold. Projections that read one input form an :cl
 (q, k, v; gate and up; down alone; o alone). On a decode step (at most ``MAX_BAG_TOKENS`` tokens,
 one per sequence) the group computes all its outputs at its first call and hands the others out
 at theirs: when every member keeps the same channels (TEAL) from one table ``[W_1ᵀ | W_2ᵀ ...]``
-(in, sum of outs) whose kept rows are read in place, else one such call per member: in float32 on
-a CPU by one compiled call (:mod:`.row_kernel`), otherwise by :func:`.kernels.weighted_row_sums`. With B sequences the rows read are the sum of each token's kept rows;
-when that exceeds the dense weight's rows (batch 4 at 50%: twice as many) the group falls back to
-the dense product of the masked input, which reads every row once (counted in
-``Phase.kernel_calls``). Calls of more tokens (prefill) always take that masked dense product.
+(in, sum of outs) whose kept rows are read in place, else one such call per member: in float32
+on a CPU by one compiled call (:mod:`.row_kernel`), otherwise by :func:`.kernels.weighted_row_sums`.
+With B sequences the rows read are the sum of each token's kept rows; when that exceeds the
+dense weight's rows (batch 4 at 50%: twice as many) the group falls back to the dense product of
+the masked input, which reads every row once (counted in ``Phase.kernel_calls``). Calls of more tokens (prefill) always take that masked dense product.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections import Counter
 
 import torch
 
-from .ffn import tokens_of
 from . import row_kernel
+from .ffn import tokens_of
 from .kernels import masked_input_matmul, weighted_row_sums
 
 MAX_BAG_TOKENS = 16  # calls of more tokens (prefill) use the masked dense product
