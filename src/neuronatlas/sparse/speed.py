@@ -34,9 +34,13 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
     """(threads, why): ``requested``, else the cores the 1-minute load average leaves free (at least 1)."""
     cores, load = os.cpu_count() or 1, os.getloadavg()[0]
     if requested is not None:
-        return requested, f"{requested} threads as asked ({cores} cores, load average {load:.1f})"
+        return requested, f"{_threads(requested)} as asked ({cores} cores, load average {load:.1f})"
     free = max(1, min(cores, math.floor(cores - load + 0.5)))
-    return free, f"{free} threads: {cores} cores, load average {load:.1f} before the run"
+    return free, f"{_threads(free)}, the cores free: {cores} cores, load average {load:.1f} before the run"
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'' if count == 1 else 's'}"
 
 
 @contextmanager
