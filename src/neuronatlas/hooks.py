@@ -20,6 +20,7 @@ norm, a block, the model) with torch's own hook signatures.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -163,7 +164,12 @@ def takes_position_ids(module) -> bool:
 def with_cache(model, cache) -> dict:
     """The keyword that hands ``model`` its KV cache: ``cache`` in transformers that renamed
     ``past_key_values`` (and warn on the old name), else ``past_key_values``."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class) -> str:  # read once per class: decode steps are timed
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def returned_cache(output):
