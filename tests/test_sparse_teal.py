@@ -275,3 +275,18 @@ def test_auto_greedy_units_and_search_follow_the_device():
     assert resolve_greedy("auto", "auto", torch.device("cpu")) == ("input", "lazy")
     assert resolve_greedy("auto", "auto", torch.device("cuda", 0)) == ("projection", "exact")  # published
     assert resolve_greedy("projection", "exact", torch.device("cpu")) == ("projection", "exact")  # as asked
+
+
+def test_paired_decode_hands_the_kv_cache_under_the_current_name(llama, corpus_path):
+    """transformers renamed past_key_values to cache: the old name warns on every step."""
+    import warnings
+
+    from neuronatlas.sparse.speed import paired_decode
+
+    model, tokenizer = llama
+    plan = teal_plan(model, tokenizer, corpus_path)
+    ids = tokenizer("the cat sat on a mat and", return_tensors="pt").input_ids
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error", FutureWarning)
+        result = paired_decode(model, apply_plan(model, plan), ids, 4)
+    assert result["dense"]["ids"].shape == result["sparse"]["ids"].shape == (4,)
