@@ -118,8 +118,29 @@ def test_bench_reports_threads_load_range_batches_and_compaction(llama, corpus_p
     low, high = result["speedup_range"]
     assert low <= result["speedup"] <= high and len(result["speedup_per_run"]) == 2
     assert result["batched"][0]["batch"] == 4 and "kernel_rows_share" in result["batched"][0]
+    assert result["bytes_limit"] > 1
     core = sparsify("coreinfer", model, tokenizer, 0.5)
     assert bench(model, tokenizer, core, runs=1, new_tokens=3, prompt_tokens=6, threads=1)["compaction_s"] > 0
+
+
+def test_bytes_limit_counts_the_weights_a_decode_step_reads(llama, corpus_path):
+    """Uniform 50% over every linear layer: read / (read - half of the blocks' linear bytes); the
+    input embedding is not read (one row) unless the LM head is the same matrix."""
+    from neuronatlas.sparse.limit import bytes_limit, weight_bytes_read
+
+    model, tokenizer = llama
+    linear = sum(module.weight.numel() * 4 for layer in model.model.layers for module in layer.modules()
+                 if isinstance(module, torch.nn.Linear))
+    read = sum(p.numel() * 4 for p in model.parameters()) - (
+        0 if model.lm_head.weight is model.model.embed_tokens.weight else model.model.embed_tokens.weight.numel() * 4)
+    assert weight_bytes_read(model) == read
+    plan = teal_plan(model, tokenizer, corpus_path, scope="all")
+    assert bytes_limit(model, plan) == pytest.approx(read / (read - 0.5 * linear), rel=1e-9)
+    assert bytes_limit(model, plan.at_sparsity(0.0)) == 1.0
+    ffn = sum(module.weight.numel() * 4 for layer in model.model.layers for module in layer.mlp.modules()
+              if isinstance(module, torch.nn.Linear))
+    hot = sparsify("coreinfer", model, tokenizer, 0.5)
+    assert bytes_limit(model, hot) == pytest.approx(read / (read - 0.5 * ffn), rel=1e-9)
 
 
 def test_speed_lines_print_a_range_when_runs_disagree():

@@ -22,6 +22,7 @@ from ..hooks import returned_cache, with_cache
 from ..loading import max_positions
 from ..models import check_causal
 from .calibrate import as_corpus
+from .limit import bytes_limit
 from .plan import SparsePlan
 from .speed import choose_threads, decode_speed, threads_set
 from .wrap import SparseModel, apply_plan
@@ -84,6 +85,9 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
     cores, load = os.cpu_count() or 1, os.getloadavg()[0]
     result = {"method": plan.method, "sparsity": plan.sparsity, "threads": threads, "threads_note": note,
               "load_average_before": load, "warnings": []}
+    limit = bytes_limit(model, plan)
+    if limit is not None:
+        result["bytes_limit"] = limit  # batch 1: dense weight bytes read a step over the plan's
     if load > cores:
         result["warnings"].append(f"load average {load:.1f} is above the {cores} cores: timings are unreliable")
     with threads_set(threads):

@@ -134,8 +134,9 @@ def speed_lines(result: dict) -> list[str]:
     """What ``neuronatlas bench`` prints about speed."""
     lines = [f"threads: {result.get('threads_note', result.get('threads'))}"]
     lines += [f"warning: {warning}" for warning in result.get("warnings", [])]
+    limit = f" (bytes limit {result['bytes_limit']:.2f}x)" if "bytes_limit" in result else ""
     lines.append(f"decode (batch {result.get('batch', 1)}): dense {result['dense_tokens_per_s']:.1f} tok/s, sparse "
-                 f"{result['sparse_tokens_per_s']:.1f} tok/s, speedup {speedup_text(result)}")
+                 f"{result['sparse_tokens_per_s']:.1f} tok/s, speedup {speedup_text(result)}{limit}")
     if "compaction_s" in result:
         lines.append(f"CoreInfer compaction per prompt: {1e3 * result['compaction_s']:.1f} ms "
                      f"({result['compaction_share']:.0%} of the sparse decode time)")

@@ -1,0 +1,63 @@
+"""The most a plan can speed up batch-1 decode: the weight bytes a step reads, dense over sparse.
+
+Batch-1 decode is memory-bound: a step reads every weight once (the LM head included; of the input
+embedding only one row, so it is left out unless it is the LM head's own, tied, matrix). A plan
+skips a share of some projections' bytes: TEAL/WINA the byte-weighted sparsity of each thresholded
+input's projections, hot and CoreInfer ``sparsity`` of the FFN's gate/up/down bytes in the layers
+they convert. The limit is ``read / (read - skipped)`` (METHODS.md, "Bytes limit"). MoE plans (an
+expert share plus a router) get none.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .attention import sparse_layers
+from .ffn import layer_weights
+from .plan import SparsePlan
+
+
+def bytes_limit(model: nn.Module, plan: SparsePlan) -> float | None:
+    """read / (read - skipped) weight bytes of a batch-1 decode step with ``plan``; None for MoE."""
+    skipped = skipped_bytes(model, plan)
+    if skipped is None:
+        return None
+    read = weight_bytes_read(model)
+    return read / max(read - skipped, 1)
+
+
+def weight_bytes_read(model: nn.Module) -> int:
+    """Bytes of the weights a decode step reads: every parameter once, but the input embedding only
+    when the LM head shares it."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    skip = set() if tied or embedding is None else {id(embedding.weight)}
+    unique = {id(p): p for p in model.parameters() if id(p) not in skip}
+    return sum(p.numel() * p.element_size() for p in unique.values())
+
+
+def skipped_bytes(model: nn.Module, plan: SparsePlan) -> float | None:
+    """Weight bytes the plan skips on a decode step (an average over tokens for per-token masks)."""
+    if plan.sparsity == 0:
+        return 0.0
+    layers = sparse_layers(model)
+    if plan.method in ("teal", "wina"):
+        from .teal import role_sparsities, role_weights  # teal imports this package's kernels
+
+        total = 0.0
+        for layer in layers:
+            roles = {role: weight_bias for role, weight_bias in role_weights(layer).items()
+                     if plan.has(f"quantiles.{role}", layer.index)}
+            if roles:
+                sparsity = role_sparsities(plan, layer.index, roles)
+                total += sum(sparsity[role] * weight.numel() * weight.element_size() for role, (weight, _) in roles.items())
+        return total
+    if plan.method in ("hot", "coreinfer"):
+        converted = plan.options.get("layers")
+        return sum(plan.sparsity * _ffn_bytes(layer) for layer in layers if converted is None or layer.index in converted)
+    return None
+
+
+def _ffn_bytes(layer) -> int:
+    weights = layer_weights(layer)
+    return sum(w.numel() * w.element_size() for w in (weights.up, weights.gate, weights.down) if w is not None)
