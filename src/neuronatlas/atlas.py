@@ -66,7 +66,7 @@ from .errors import NeuronAtlasError
 from .files import (BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, META_FILE, STAGING_SUFFIX,
                     STATS_FILE, VOCAB_FILE, save_tensors)
 from .exemplar_windows import WINDOW_COLUMNS, has_windows, with_window_codes
-from .stats import SignalStats, make_uid, split_uid
+from .stats import REDUCTIONS, SignalStats, make_uid, split_uid
 
 FORMAT_VERSION = 2  # 2: the exemplar lists are read back from the exemplar tables, not stats.safetensors
 EXEMPLAR_ROW_GROUP = 16_384  # rows are sorted by (layer, neuron): small groups let one neuron's query skip the rest
@@ -376,7 +376,7 @@ def load_atlas(path: str | Path) -> Atlas:
 def _is_exemplar_list(key: str) -> bool:
     """Whether a stats key ("z.top_uid.3") is an exemplar list, saved in the exemplar tables instead."""
     parts = key.split(".")
-    return len(parts) == 3 and parts[1] in ("top_values", "top_uid", "bottom_values", "bottom_uid")
+    return len(parts) == 3 and REDUCTIONS.get(parts[1]) == "top_k"  # (the windows are never in the file)
 
 
 def _read_exemplar_lists(atlas: Atlas, path: Path) -> None:

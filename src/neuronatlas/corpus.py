@@ -469,7 +469,7 @@ def by_length(windows: list[Window]) -> list[Window]:
 
 
 def _batches(windows: Iterator[Window], batch_size: int, pad_token_id: int, side: str) -> Iterator[Batch]:
-    while group := list(islice(windows, batch_size)):
+    for group in buffers(windows, batch_size):
         yield _pad(group, pad_token_id, side)
 
 

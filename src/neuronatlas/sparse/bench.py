@@ -12,6 +12,7 @@ and sparse, on the same tokens.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,7 @@ def perplexity(model, windows: list[torch.Tensor], sparse: SparseModel | None = 
             sparse.attach()
         try:
             first = model(input_ids=ids[:, :split], use_cache=True)
-            if sparse is not None:
-                with sparse.continuation():
-                    rest = model(input_ids=ids[:, split:], **with_cache(model, returned_cache(first)), use_cache=True)
-            else:
+            with sparse.continuation() if sparse is not None else nullcontext():
                 rest = model(input_ids=ids[:, split:], **with_cache(model, returned_cache(first)), use_cache=True)
         finally:
             if sparse is not None:

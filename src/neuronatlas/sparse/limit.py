@@ -15,6 +15,7 @@ from torch import nn
 from .attention import sparse_layers
 from .ffn import layer_weights
 from .plan import SparsePlan
+from .teal import role_sparsities, role_weights
 
 
 def bytes_limit(model: nn.Module, plan: SparsePlan) -> float | None:
@@ -42,8 +43,6 @@ def skipped_bytes(model: nn.Module, plan: SparsePlan) -> float | None:
         return 0.0
     layers = sparse_layers(model)
     if plan.method in ("teal", "wina"):
-        from .teal import role_sparsities, role_weights  # teal imports this package's kernels
-
         total = 0.0
         for layer in layers:
             roles = {role: weight_bias for role, weight_bias in role_weights(layer).items()

@@ -187,7 +187,7 @@ def replay_error(layer: SparseLayer, calls, masks: dict, measure: str = "squared
 def greedy_tables(layers: list[SparseLayer], sample: CalibrationSample, quantiles: dict, weighted: bool,
                   options) -> dict[str, torch.Tensor]:
     """{"allocation.<layer>": (S, U)} TEAL's greedy path of every layer, on the sample's recorded block calls
-    (a progress bar on a terminal: minutes per layer on a CPU)."""
+    (a progress bar on a terminal: seconds to minutes per layer on a CPU)."""
     tensors = {}
     for layer in tqdm(layers, desc="greedy allocation", unit="layer", disable=None, dynamic_ncols=True):
         roles = {role: wb for role, wb in role_weights(layer, options.scope).items()
