@@ -112,13 +112,18 @@ def corpus_path(corpus_rows_and_path):
     return corpus_rows_and_path[1]
 
 
-def window_close(shown, expected, largest: float | None = None) -> bool:
-    """Whether recorded window activations ``shown`` match ``expected`` z within the 8-bit µ-law code's
-    error: 2.2% of each value plus 2.2% of 1/255 of the window's largest |z| (``largest``, by default
-    that of ``expected``; see exemplar_windows.py)."""
+def window_close(shown, expected, largest: float | None = None, bits: int | None = None) -> bool:
+    """Whether recorded window activations ``shown`` match ``expected`` z within the µ-law code's
+    error at ``bits`` bits (default: the profile's): half a code step of each value (9.4% at 6 bits,
+    2.2% at 8) plus that share of 1/255 of the window's largest |z| (``largest``, by default that of
+    ``expected``; see exemplar_windows.py)."""
+    import math
+
     import torch
+    from neuronatlas.exemplar_windows import DEFAULT_BITS, MU, code_max
 
     shown, expected = torch.as_tensor(shown, dtype=torch.float32), torch.as_tensor(expected, dtype=torch.float32)
     if largest is None:
         largest = float(expected.abs().max()) if len(expected) else 0.0
-    return torch.allclose(shown, expected, rtol=0.023, atol=0.023 * largest / 255 + 1e-4)
+    error = math.expm1(math.log1p(MU) / (2 * code_max(bits or DEFAULT_BITS))) * 1.01  # and float32 rounding
+    return torch.allclose(shown, expected, rtol=error, atol=error * largest / MU + 1e-4)

@@ -71,6 +71,8 @@ CASES = [
     Case("profile-max-length-beyond-positions", P + " --max-length 4096", ("4096", "64")),
     Case("profile-doc-sample-negative", P + " --doc-sample -5", ("--doc-sample", "-5")),
     Case("profile-exemplar-radius-negative", P + " --exemplar-radius -1", ("--exemplar-radius", "-1")),
+    Case("profile-window-bits-9", P + " --window-bits 9", ("--window-bits", "9", "2 to 8")),
+    Case("profile-window-bits-1", P + " --window-bits 1", ("--window-bits", "1", "2 to 8")),
     Case("profile-checkpoint-every-negative", P + " --checkpoint-every -1", ("--checkpoint-every", "-1")),
     Case("profile-checkpoint-every-nan", P + " --checkpoint-every nan", ("--checkpoint-every", "nan")),
     Case("profile-dist-timeout-0", P + " --dist-timeout 0", ("--dist-timeout", "0", "positive")),

@@ -59,7 +59,7 @@ def test_the_exemplar_token_holds_the_exemplar_activation(atlas):
         at = row["pos"] - row["window_start"]
         assert 0 <= at < len(row["window_activations"])
         assert max(abs(value) for value in row["window_activations"]) <= row["window_scale"] * (1 + 1e-6)
-        assert window_close([row["window_activations"][at]], [row["activation"]], row["window_scale"])  # 8-bit µ-law
+        assert window_close([row["window_activations"][at]], [row["activation"]], row["window_scale"])  # µ-law codes
 
 
 def recomputed_windows(atlas, model, end: str) -> list[tuple[dict, torch.Tensor]]:
@@ -80,7 +80,7 @@ def recomputed_windows(atlas, model, end: str) -> list[tuple[dict, torch.Tensor]
 def test_windows_equal_a_recomputation_on_the_window_alone(atlas, model_and_tokenizer):
     pairs = recomputed_windows(atlas, model_and_tokenizer[0], "top")
     for example, expected in pairs:
-        assert window_close(example["activations"], expected)  # 8-bit µ-law (the exemplar's own value exact)
+        assert window_close(example["activations"], expected)  # µ-law codes (the exemplar's own value exact)
         assert len(example["tokens"]) == len(example["activations"])
         assert max(example["activations"]) == pytest.approx(example["activation"], abs=1e-4)
     assert len(pairs) == 8
@@ -123,12 +123,15 @@ def test_radius_zero_records_no_windows(model_and_tokenizer, corpora, tmp_path):
     assert example["activations"] == [pytest.approx(example["activation"])] and len(example["tokens"]) == 1
 
 
-def test_eight_bit_windows_decode_alike_in_arrow_and_duckdb(tmp_path):
+@pytest.mark.parametrize("bits, format_2", [(6, False), (8, False), (3, False), (8, True)])
+def test_coded_windows_decode_alike_in_arrow_and_duckdb(tmp_path, bits, format_2):
+    """Codes of every width decode within their bound in arrow and in duckdb; a table of format 2 (8-bit
+    codes, no window_bits column) still decodes as 8 bits; fewer bits are measurably coarser."""
     import duckdb
     import numpy as np
     import torch
 
-    from neuronatlas.exemplar_windows import window_sql, window_table
+    from neuronatlas.exemplar_windows import code_max, window_sql, window_table
     from neuronatlas.stats import UID_POS_BITS
 
     rng = np.random.default_rng(0)
@@ -141,12 +144,18 @@ def test_eight_bit_windows_decode_alike_in_arrow_and_duckdb(tmp_path):
     window = torch.from_numpy(np.where(valid, matrix, np.nan)).half()[:, None]  # (D, k=1, W)
     values = torch.from_numpy(matrix[:, radius])[:, None]
     uid = (torch.arange(50) << UID_POS_BITS | 100)[:, None]  # seq = neuron, pos 100
-    table = window_table([values], [uid], [window], radius)
+    table = window_table([values], [uid], [window], radius, bits=bits)
+    codes = np.concatenate(table["window_codes"].to_pylist())
+    assert np.abs(codes).max() == code_max(bits)  # each window's largest |z| takes the top code
+    if format_2:
+        table = table.drop_columns(["window_bits"])
     kept = [row for row in range(50) if row != 7]
     assert table["seq"].to_pylist() == kept and table["window_start"].to_pylist() == [100 - radius + int(valid[row].argmax()) for row in kept]
     arrow = with_window_values(table)["window_activations"].to_pylist()
     for row, shown in zip(kept, arrow):
-        assert window_close(shown, matrix[row][valid[row]])
+        assert window_close(shown, matrix[row][valid[row]], bits=bits)
+    if bits < 8:
+        assert not all(window_close(shown, matrix[row][valid[row]], bits=8) for row, shown in zip(kept, arrow))
     pq.write_table(table, tmp_path / "w.parquet")
     sql = duckdb.sql(f"select {window_sql(table.column_names)} from read_parquet('{tmp_path / 'w.parquet'}')")
     assert [np.allclose(a, b) for a, (_, b) in zip(arrow, sql.fetchall())] == [True] * 49
@@ -158,7 +167,7 @@ def test_float_windows_of_format_one_are_coded_when_saved_again(atlas, tmp_path)
     old = tmp_path / "old"
     shutil.copytree(atlas.path, old)
     table = with_window_values(pq.read_table(old / "exemplars.parquet"))
-    pq.write_table(table.drop_columns(["window_scale", "window_codes"]), old / "exemplars.parquet")  # as format 1 wrote
+    pq.write_table(table.drop_columns(["window_scale", "window_bits", "window_codes"]), old / "exemplars.parquet")  # as format 1 wrote
     load_atlas(old).save(tmp_path / "new")
     rows = with_window_values(pq.read_table(tmp_path / "new" / "exemplars.parquet")).to_pylist()
     before = table.to_pylist()

@@ -93,7 +93,7 @@ def test_exemplar_activations_match_the_atlas(run):
     assert computed[0].activations.max() == pytest.approx(rows[0]["activation"], rel=1e-4)
     for a, b in zip(read, computed):
         assert (a.seq, a.start) == (b.seq, b.start)
-        assert window_close(a.activations, b.activations)  # windows are stored in 8 bits
+        assert window_close(a.activations, b.activations)  # windows are stored in 6-bit codes
     spans = sorted((e.seq, e.start, e.start + len(e.tokens)) for e in computed)
     assert all(s1 != s2 or end1 <= start2 for (s1, _, end1), (s2, start2, _) in zip(spans, spans[1:]))
 

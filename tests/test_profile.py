@@ -178,6 +178,10 @@ def test_atlas_round_trips_and_exemplars_are_queryable_with_duckdb(atlas, tmp_pa
         assert torch.equal(loaded.stat(name, 1), atlas.stat(name, 1))
     # the exemplar lists are saved once, in the exemplar tables, and read back from there
     assert not any(".top_" in key or ".bottom_" in key for key in load_file(str(tmp_path / "copy" / "stats.safetensors")))
+    # the histograms are in their own compressed table, and come back exact
+    assert not any(".hist." in key for key in load_file(str(tmp_path / "copy" / "stats.safetensors")))
+    for layer in range(atlas.num_layers):
+        assert atlas.stat("hist", layer).sum() > 0 and torch.equal(loaded.stat("hist", layer), atlas.stat("hist", layer))
     for layer in range(atlas.num_layers):
         assert torch.equal(loaded.stat("top_values", layer), atlas.stat("top_values", layer))
         saved = atlas.saved_exemplars("bottom", layer)  # only values below zero are saved
@@ -191,6 +195,36 @@ def test_atlas_round_trips_and_exemplars_are_queryable_with_duckdb(atlas, tmp_pa
     assert len(top) == 5
     assert top[0][0] == atlas.exemplars(1, 3)[0]["activation"]
     assert all(pos < len(ids) for _, pos, ids in top)  # the context holds the exemplar's token
+
+
+def test_an_atlas_of_format_two_loads(atlas, tmp_path):
+    """Format 2 kept the histograms in stats.safetensors and 8-bit window codes without window_bits."""
+    import json
+
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    from neuronatlas.exemplar_windows import with_window_values
+
+    atlas.save(tmp_path / "old")
+    old = tmp_path / "old"
+    state = load_file(str(old / "stats.safetensors"))
+    state.update({f"z.hist.{layer}": atlas.stat("hist", layer).int() for layer in range(atlas.num_layers)})
+    save_file(state, str(old / "stats.safetensors"))
+    (old / "histograms.parquet").unlink()
+    table = pq.read_table(old / "exemplars.parquet")
+    pq.write_table(table.drop_columns(["window_bits"]), old / "exemplars.parquet")  # read as 8 bits
+    meta = json.loads((old / "atlas.json").read_text())
+    meta["format_version"] = 2
+    (old / "atlas.json").write_text(json.dumps(meta))
+    loaded = load_atlas(old)
+    for layer in range(atlas.num_layers):
+        assert torch.equal(loaded.stat("hist", layer), atlas.stat("hist", layer))
+    six = with_window_values(table)["window_activations"].to_pylist()
+    eight = with_window_values(loaded.exemplar_table())["window_activations"].to_pylist()
+    assert len(six) == len(eight) and six != eight  # the same codes read as 8 bits: other values
+    loaded.save(tmp_path / "new")  # saved again in format 3, the codes keep their 8-bit meaning
+    assert with_window_values(pq.read_table(tmp_path / "new" / "exemplars.parquet"))["window_activations"].to_pylist() == eight
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_atlas(tiny_llama, tmp_path):

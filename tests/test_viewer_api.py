@@ -39,7 +39,7 @@ def test_neuron_api_exemplars_match_the_model(client, files, model):
         # Every value shown is the neuron's z on that token, recomputed on the window.
         z = z_on(model[0], window)[layer][:, index]
         shown = torch.tensor(item["activations"])
-        assert window_close(shown, z[item["start"] : item["start"] + len(shown)])  # 8-bit µ-law windows
+        assert window_close(shown, z[item["start"] : item["start"] + len(shown)])  # µ-law coded windows
     activations = [item["activation"] for item in body["exemplars"]]
     assert activations == sorted(activations, reverse=True)
 

@@ -7,17 +7,20 @@ one pass (:class:`neuronatlas.stats.WindowSource`) and carried with the exemplar
 
 :func:`window_table` turns the payloads into a table keyed like the exemplars (layer, neuron, seq,
 pos) with ``window_start`` (the position within the window of the first value) and the values in
-8 bits, a byte a value: ``window_scale`` (float32) is the window's largest |z| and ``window_codes``
-(list<int8>) the µ-law codes of z / scale (µ = 255, as in telephony: steps even in log |z|), so
-each value is within 2.2% of itself plus 0.01% of the window's largest (activations are
-heavy-tailed: a linear code would flatten the small ones next to a peak). Colours, tooltips and
-the 0-10 activations explanations use need no more; the exemplar's own value is exact in
-``activation``. The atlas joins it into ``exemplars.parquet`` (and ``bottom_exemplars.parquet``).
+``window_bits`` bits (6 by default; int8 per row, so that every table decodes alone):
+``window_scale`` (float32) is the window's largest |z| rounded up to float16's precision and ``window_codes`` (list<int8>) the µ-law
+codes of z / scale in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (µ = 255, as in telephony: steps even in
+log |z|; activations are heavy-tailed, a linear code would flatten the small ones next to a peak).
+With 6 bits each value is within 9.4% of itself plus 0.04% of the window's largest (8 bits: 2.2%
+and 0.01%). Colours, tooltips and the 0-10 activations explanations use need no more; the
+exemplar's own value is exact in ``activation``. Parquet's dictionary encoding packs the codes
+to their bit width (6 bits: 0.3 KB a neuron less than 8 on SmolLM2). The atlas joins the table
+into ``exemplars.parquet`` (and ``bottom_exemplars.parquet``).
 
 Readers get float ``window_activations`` back with :func:`window_sql` (duckdb) or
 :func:`with_window_values` (arrow), and :func:`exact_peak` puts the exemplar's exact value back.
-Atlases written before the 8-bit windows (format 1) stored ``window_activations`` as floats: both
-readers pass them through.
+Atlases written before the coded windows (format 1) stored ``window_activations`` as floats: both
+readers pass them through; format 2 wrote 8-bit codes without ``window_bits`` (:func:`with_bits`).
 """
 
 from __future__ import annotations
@@ -34,11 +37,24 @@ from .files import BOTTOM_EXEMPLARS_FILE, EXEMPLARS_FILE
 from .stats import split_uid
 
 DEFAULT_RADIUS = 16
-CODE_MAX = 127  # int8 codes in [-127, 127]
-MU = 255.0  # µ-law: code = sign(z) * 127 * log1p(MU * |z| / scale) / log1p(MU)
-STEP = math.log1p(MU) / CODE_MAX  # one code step in log1p(MU * |z| / scale)
+DEFAULT_BITS = 6  # bits a window value: codes in [-31, 31]
+FORMAT_2_BITS = 8  # the bits of tables written before window_bits
+MU = 255.0  # µ-law: code = sign(z) * code_max * log1p(MU * |z| / scale) / log1p(MU)
 FLOAT_MAX = float(np.finfo(np.float32).max)  # np.nan_to_num's stand-in for inf in a float32 window
-WINDOW_COLUMNS = ("window_start", "window_scale", "window_codes")  # the windows as stored
+WINDOW_COLUMNS = ("window_start", "window_scale", "window_bits", "window_codes")  # the windows as stored
+
+
+def code_max(bits):
+    """The largest code of ``bits``-bit windows (a sign and bits - 1 of magnitude): 31 for 6 bits."""
+    return 2 ** (bits - 1) - 1
+
+
+def with_bits(table: pa.Table) -> pa.Table:
+    """``table`` with a ``window_bits`` column: 8 for windows coded before it existed (format 2)."""
+    if "window_codes" not in table.column_names or "window_bits" in table.column_names:
+        return table
+    index = table.column_names.index("window_codes")
+    return table.add_column(index, "window_bits", pa.array(np.full(table.num_rows, FORMAT_2_BITS, np.int8)))
 
 
 def has_windows(columns) -> bool:
@@ -53,7 +69,9 @@ def window_sql(columns, alias: str = "") -> str:
         return ""
     if "window_codes" not in columns:  # format 1: floats
         return f"{alias}window_start, {alias}window_activations"
-    decode = f"sign(c) * {alias}window_scale / {MU} * (exp(abs(c) * {STEP!r}) - 1)"
+    bits = f"{alias}window_bits" if "window_bits" in columns else str(FORMAT_2_BITS)
+    step = f"{math.log1p(MU)!r} / (pow(2, {bits} - 1) - 1)"
+    decode = f"sign(c) * {alias}window_scale / {MU} * (exp(abs(c) * {step}) - 1)"
     return f"{alias}window_start, list_transform({alias}window_codes, lambda c: {decode}) as window_activations"
 
 
@@ -61,27 +79,30 @@ def with_window_values(table: pa.Table) -> pa.Table:
     """``table`` with float ``window_activations`` decoded from its codes (as it is without codes)."""
     if "window_codes" not in table.column_names:
         return table
+    table = with_bits(table)
     codes = table["window_codes"].combine_chunks()
     lengths = pc.fill_null(pc.list_value_length(codes), 0).to_numpy(zero_copy_only=False)
     scale = np.repeat(pc.fill_null(table["window_scale"], 0.0).to_numpy(zero_copy_only=False), lengths)
-    values = decode_codes(codes.flatten().to_numpy(zero_copy_only=False), scale)
+    bits = np.repeat(pc.fill_null(table["window_bits"], FORMAT_2_BITS).to_numpy(zero_copy_only=False), lengths)
+    values = decode_codes(codes.flatten().to_numpy(zero_copy_only=False), scale, bits)
     decoded = pa.ListArray.from_arrays(codes.offsets, pa.array(values, pa.float32()), mask=codes.is_null())
     return table.append_column("window_activations", decoded)
 
 
-def with_window_codes(table: pa.Table) -> pa.Table:
-    """``table`` with its float ``window_activations`` (format 1) replaced by scale and codes."""
+def with_window_codes(table: pa.Table, bits: int = FORMAT_2_BITS) -> pa.Table:
+    """``table`` with its float ``window_activations`` (format 1) replaced by scale, bits and codes."""
     if "window_activations" not in table.column_names or "window_codes" in table.column_names:
-        return table
+        return with_bits(table)
     lists = table["window_activations"].combine_chunks()
     lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
     values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float64)  # (n,) every window's values
     row = np.repeat(np.arange(len(lengths)), lengths)
     scale = np.zeros(len(lengths))
     np.maximum.at(scale, row, np.abs(values))
-    codes = mu_law(values, scale[row])
+    codes = mu_law(values, scale[row], bits)
     table = table.drop_columns(["window_activations"])
     table = table.append_column("window_scale", pa.array(scale.astype(np.float32)))
+    table = table.append_column("window_bits", pa.array(np.full(table.num_rows, bits, np.int8)))
     return table.append_column("window_codes", pa.ListArray.from_arrays(lists.offsets, pa.array(codes, pa.int8()),
                                                                          mask=lists.is_null()))
 
@@ -94,48 +115,52 @@ def exact_peak(values: list, start: int, pos: int, activation: float) -> list:
     return values
 
 
-def mu_law(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int8 µ-law codes of ``values`` against ``scale`` (broadcast to them: each value's window's largest |z|)."""
+def mu_law(values: np.ndarray, scale: np.ndarray, bits: int = DEFAULT_BITS) -> np.ndarray:
+    """int8 µ-law codes (``bits`` bits) of ``values`` against ``scale`` (broadcast to them: each value's
+    window's largest |z|)."""
     flat_values = np.ascontiguousarray(values, dtype=np.float64).ravel()
     flat_scale = np.ascontiguousarray(np.broadcast_to(scale, np.shape(values)), dtype=np.float64).ravel()
-    return _mu_law_codes(flat_values, flat_scale).reshape(np.shape(values))
+    return _mu_law_codes(flat_values, flat_scale, code_max(bits)).reshape(np.shape(values))
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _mu_law_codes(values, scale):  # pragma: no cover (compiled)
-    """sign(x) * round(log1p(MU |x| / scale) / STEP), at most CODE_MAX, per value (n,) float64 (NaN: 0):
+def _mu_law_codes(values, scale, top):  # pragma: no cover (compiled)
+    """sign(x) * round(log1p(MU |x| / scale) / step), at most ``top``, per value (n,) float64 (NaN: 0):
     one pass, where numpy's float64 log1p and temporaries took seconds for an 8B model's windows."""
     codes = np.zeros(len(values), dtype=np.int8)
     for i in numba.prange(len(values)):
-        codes[i] = _code(values[i], scale[i])
+        codes[i] = _code(values[i], scale[i], top)
     return codes
 
 
 @numba.njit(inline="always")
-def _code(x, scale):  # pragma: no cover (compiled)
-    """The µ-law code of one float64 value against its window's scale; 0 for 0 and NaN."""
+def _code(x, scale, top):  # pragma: no cover (compiled)
+    """The µ-law code (at most ``top``) of one float64 value against its window's scale; 0 for 0 and NaN."""
     if x == 0 or x != x:
         return 0
     unit = min(abs(x), FLOAT_MAX) / (scale if scale > 0 else 1.0)
-    code = int(min(np.rint(math.log1p(MU * unit) / STEP), CODE_MAX))
+    code = int(min(np.rint(math.log1p(MU * unit) * top / math.log1p(MU)), top))
     return code if x > 0 else -code
 
 
-def decode_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Values (n,) float32 of µ-law ``codes`` (n,) with each one's window ``scale`` (n,)."""
+def decode_codes(codes: np.ndarray, scale: np.ndarray, bits) -> np.ndarray:
+    """Values (n,) float32 of µ-law ``codes`` (n,) with each one's window ``scale`` (n,) and ``bits`` (n,) or one."""
     codes = codes.astype(np.float64)
-    return (np.sign(codes) * scale / MU * np.expm1(np.abs(codes) * STEP)).astype(np.float32)
+    step = math.log1p(MU) / (2.0 ** (np.asarray(bits, np.float64) - 1) - 1)
+    return (np.sign(codes) * scale / MU * np.expm1(np.abs(codes) * step)).astype(np.float32)
 
 
 def window_table(top_values: list[torch.Tensor], top_uid: list[torch.Tensor], top_window: list[torch.Tensor],
-                 radius: int, saved: list[torch.Tensor] | None = None) -> pa.Table:
-    """One row per exemplar with a recorded window; per layer values, uid (D, k) and window (D, k, 2R + 1),
-    and ``saved`` (D, k) bool, the exemplars kept (default: every filled slot). The windows are
-    consumed: each layer's leaves ``top_window`` once coded (an 8B model's take 0.9 GB).
+                 radius: int, saved: list[torch.Tensor] | None = None, bits: int = DEFAULT_BITS) -> pa.Table:
+    """One row per exemplar with a recorded window, coded in ``bits`` bits a value; per layer values,
+    uid (D, k) and window (D, k, 2R + 1), and ``saved`` (D, k) bool, the exemplars kept (default: every
+    filled slot). The windows are consumed: each layer's leaves ``top_window`` once coded (an 8B
+    model's take 0.9 GB).
 
     A window's values are its non-NaN entries (NaN: outside the document, or not recorded), with the
     exemplar's own exact value at the centre; a window with no recorded value at all has no row."""
-    columns = {"layer": [], "neuron": [], "seq": [], "pos": [], "window_start": [], "window_scale": [], "window_codes": []}
+    columns = {"layer": [], "neuron": [], "seq": [], "pos": [], "window_start": [], "window_scale": [],
+               "window_bits": [], "window_codes": []}
     for layer, (values, uid) in enumerate(zip(top_values, top_uid)):
         window, top_window[layer] = top_window[layer], None
         seq, pos = (part.numpy() for part in split_uid(uid.cpu()))
@@ -150,7 +175,7 @@ def window_table(top_values: list[torch.Tensor], top_uid: list[torch.Tensor], to
         offsets = np.zeros(len(keep) + 1, np.int64)
         np.cumsum(lengths[keep], out=offsets[1:])
         codes, scale, first = np.zeros(offsets[-1], np.int8), np.zeros(len(keep)), np.zeros(len(keep), np.int64)
-        _encode_windows(matrix, exact, neuron, rank, radius, offsets, codes, scale, first)
+        _encode_windows(matrix, exact, neuron, rank, radius, offsets, codes, scale, first, code_max(bits))
         pos_kept = pos[neuron, rank]
         columns["layer"].append(np.full(len(keep), layer, np.int32))
         columns["neuron"].append(neuron.astype(np.int32))
@@ -158,9 +183,10 @@ def window_table(top_values: list[torch.Tensor], top_uid: list[torch.Tensor], to
         columns["pos"].append(pos_kept.astype(np.int32))
         columns["window_start"].append((pos_kept - radius + first).astype(np.int32))
         columns["window_scale"].append(scale.astype(np.float32))
+        columns["window_bits"].append(np.full(len(keep), bits, np.int8))
         columns["window_codes"].append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(codes, pa.int8())))
     types = {"layer": pa.int32(), "neuron": pa.int32(), "seq": pa.int64(), "pos": pa.int32(), "window_start": pa.int32(),
-             "window_scale": pa.float32()}
+             "window_scale": pa.float32(), "window_bits": pa.int8()}
     table = {name: pa.array(np.concatenate(columns[name]) if columns[name] else [], kind) for name, kind in types.items()}
     table["window_codes"] = (pa.concat_arrays(columns["window_codes"]) if columns["window_codes"]
                              else pa.array([], pa.list_(pa.int8())))
@@ -182,9 +208,9 @@ def _window_lengths(bits, neuron, rank, radius, lengths):  # pragma: no cover (c
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _encode_windows(bits, exact, neuron, rank, radius, offsets, codes, scale, first):  # pragma: no cover (compiled)
+def _encode_windows(bits, exact, neuron, rank, radius, offsets, codes, scale, first, top):  # pragma: no cover (compiled)
     """Window i's scale (its largest |z|, the centre's exact value included; NaN as 0), the index
-    of its first kept value, and its µ-law codes at ``codes[offsets[i]:offsets[i + 1]]``."""
+    of its first kept value, and its µ-law codes (at most ``top``) at ``codes[offsets[i]:offsets[i + 1]]``."""
     for i in numba.prange(len(neuron)):
         row, centre = bits[neuron[i], rank[i]], np.float64(exact[neuron[i], rank[i]])
         first[i] = -1
@@ -195,11 +221,22 @@ def _encode_windows(bits, exact, neuron, rank, radius, offsets, codes, scale, fi
                     first[i] = j
                 if x == x:
                     scale[i] = max(scale[i], min(abs(x), FLOAT_MAX))
+        scale[i] = _half_ceiling(scale[i])
         at = offsets[i]
         for j in range(row.shape[0]):
             if j == radius or not _half_is_nan(row[j]):
-                codes[at] = _code(centre if j == radius else _half_value(row[j]), scale[i])
+                codes[at] = _code(centre if j == radius else _half_value(row[j]), scale[i], top)
                 at += 1
+
+
+@numba.njit(inline="always")
+def _half_ceiling(x):  # pragma: no cover (compiled)
+    """The least float16 value >= x, for 0 < x <= 65504 (x itself otherwise): a scale within 0.1%
+    (far inside a code step) whose float32 low mantissa bits are zero and compress away."""
+    if not 0 < x <= 65504.0:
+        return x
+    spacing = 2.0 ** (max(math.floor(math.log2(x)), -14) - 10)
+    return math.ceil(x / spacing) * spacing
 
 
 @numba.njit(inline="always")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 META_FILE = "atlas.json"
 STATS_FILE = "stats.safetensors"
+HISTOGRAMS_FILE = "histograms.parquet"
 EXEMPLARS_FILE = "exemplars.parquet"
 BOTTOM_EXEMPLARS_FILE = "bottom_exemplars.parquet"
 CONTEXTS_FILE = "contexts.parquet"
@@ -21,7 +22,7 @@ DOCPOOL_MEAN_FILE = "docpool_mean.npy"
 DOCPOOL_MAX_FILE = "docpool_max.npy"
 DOCPOOL_TABLE_FILE = "docpool.parquet"
 DOCPOOL_FILES = (DOCPOOL_MEAN_FILE, DOCPOOL_MAX_FILE, DOCPOOL_TABLE_FILE)
-ATLAS_FILES = (STATS_FILE, META_FILE, EXEMPLARS_FILE, BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, VOCAB_FILE, *DOCPOOL_FILES)
+ATLAS_FILES = (STATS_FILE, HISTOGRAMS_FILE, META_FILE, EXEMPLARS_FILE, BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, VOCAB_FILE, *DOCPOOL_FILES)
 
 # ---- a profile in progress ---------------------------------------------------------------------
 

@@ -67,11 +67,13 @@ def float_in(low: float = -math.inf, high: float = math.inf, low_open: bool = Fa
     return parse
 
 
-def int_at_least(least: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``least``."""
+def int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``least`` (and <= ``most``, if given)."""
 
     def parse(text: str) -> int:
         value = _number(text, int)
+        if most is not None and not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be {least} to {most}, not {text}")
         if value < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, not {text}")
         return value

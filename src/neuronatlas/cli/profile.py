@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .args import (corpus_args, debug_arg, finite_float, model_args, nonnegative_float, nonnegative_int, out_arg,
-                   overwrite_arg, positive_float, quiet_arg, window_args)
+from .args import (corpus_args, debug_arg, finite_float, int_at_least, model_args, nonnegative_float, nonnegative_int,
+                   out_arg, overwrite_arg, positive_float, quiet_arg, window_args)
 from .common import preflight_output, read_corpus_from
 
 
@@ -43,6 +43,9 @@ def _profile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exemplar-radius", type=nonnegative_int, default=16, metavar="R",
                         help="keep each exemplar's z at R tokens either side, for the viewer and "
                              "explanations (cut from the batch in the same pass; default: 16; 0 = none)")
+    parser.add_argument("--window-bits", type=int_at_least(2, 8), default=6, metavar="B",
+                        help="bits a value of those windows, 2-8: 6 (default) keeps each within 9.4%% of itself, "
+                             "8 within 2.2%% (0.3 KB a neuron more)")
     parser.add_argument("--threads", type=nonnegative_int, default=0, metavar="N",
                         help="threads for the statistics; 0 = auto: the forward's threads, between its layers, "
                              "or with cores to spare beyond them, those the machine's load leaves free, on a "
@@ -65,6 +68,7 @@ def _options(args):
         batch_size=args.batch_size, max_length=args.max_length, threshold=args.threshold, top_k=args.top_k,
         bottom_k=args.bottom_k, gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
         doc_sample=args.doc_sample, positions=not args.no_positions, exemplar_radius=args.exemplar_radius,
+        window_bits=args.window_bits,
         stat_threads=args.threads, bucket_batches=args.bucket_batches,
     )
 

@@ -10,7 +10,7 @@ from .. import __version__
 from ..atlas import FORMAT_VERSION, default_position_edges
 from ..corpus import Corpus
 from ..errors import NeuronAtlasError
-from ..exemplar_windows import DEFAULT_RADIUS
+from ..exemplar_windows import DEFAULT_BITS, DEFAULT_RADIUS
 from ..loading import max_positions, model_fingerprint
 from ..models import ModelNeurons
 from ..stats import default_hist_edges
@@ -37,6 +37,7 @@ class ProfileOptions:
     position_edges: list[int] | None = None  # lower bucket edges; None = 0, 1, 2, 3, 4, 8, 16, ... < max_length
     doc_sample: int = 256  # documents per label whose mean and max z are kept on disk; 0 = none
     exemplar_radius: int = DEFAULT_RADIUS  # z kept this many tokens either side of each exemplar; 0 = none
+    window_bits: int = DEFAULT_BITS  # bits a value of those windows, 2-8 (see exemplar_windows)
     stat_threads: int = 0  # intra-op threads of the statistics; 0 = auto (see worker.placement)
     bucket_batches: int = 8  # batches whose windows are batched by length (corpus.by_length); 1 = corpus order
 
@@ -52,6 +53,8 @@ def check_options(options: ProfileOptions) -> None:
         raise NeuronAtlasError(f"bottom-k must be 0 or more (got {options.bottom_k})")
     if options.exemplar_radius < 0:
         raise NeuronAtlasError(f"exemplar radius must be 0 or more (got {options.exemplar_radius})")
+    if not 2 <= options.window_bits <= 8:
+        raise NeuronAtlasError(f"window bits must be 2 to 8 (got {options.window_bits}); 6 is the default, 8 the most precise")
     if options.padding_side not in ("left", "right"):
         raise NeuronAtlasError(f"padding side must be left or right (got {options.padding_side!r})")
     if options.stat_threads < 0:

@@ -23,7 +23,7 @@ from ..atlas import POSITION, Atlas, from_state, new_positions, new_signals
 from ..corpus import Batch, Corpus, buffers, by_length, iter_batches, iter_windows
 from ..docpool import DocPoolWriter
 from ..errors import NeuronAtlasError
-from ..exemplar_windows import window_table
+from ..exemplar_windows import DEFAULT_BITS, window_table
 from ..hooks import capture, forward_batch, pad_token_id, window_positions
 from ..loading import input_device
 from ..models import ModelNeurons
@@ -307,6 +307,7 @@ def take_windows(atlas: Atlas) -> tuple[pa.Table | None, pa.Table | None]:
     layers = range(atlas.num_layers)
     tables = {end: window_table([stats.get(f"{end}_values", l) for l in layers],
                                 [stats.get(f"{end}_uid", l) for l in layers], per_layer, radius,
-                                [atlas.saved_exemplars(end, l) for l in layers])
+                                [atlas.saved_exemplars(end, l) for l in layers],
+                                atlas.meta["options"].get("window_bits", DEFAULT_BITS))
               for end, per_layer in windows.items()}
     return tables.get("top"), tables.get("bottom")
