@@ -11,6 +11,7 @@ from decode_steps import prefill_then_steps
 
 from neuronatlas.cli import main
 from neuronatlas.errors import NeuronAtlasError
+from neuronatlas.hooks import returned_cache, with_cache
 from neuronatlas.intervene import Intervention, intervene
 from neuronatlas.loading import load_model
 from neuronatlas.sparse import SparsifyOptions, apply_plan, load_plan, sparsify
@@ -111,7 +112,7 @@ def test_coreinfer_decode_equals_masked_dense(llama):
         dropped[layer] = mask.nonzero().squeeze(1)
     dense_prompt = model(ids[:, :split], use_cache=True)
     with intervene(model, [Intervention(dropped, "zero")]):
-        masked = model(ids[:, split:], past_key_values=dense_prompt.past_key_values).logits
+        masked = model(ids[:, split:], **with_cache(model, returned_cache(dense_prompt))).logits
     with apply_plan(model, plan) as sparse:
         prefill_then_steps(model, ids_of(tokenizer, "der hund lief zum haus und die katze"), 3)  # another prompt first
         other_core = [runtime.compact.keep.clone() for runtime in sparse.runtimes]
@@ -150,7 +151,7 @@ def test_single_token_kernels_equal_the_masked_multi_token_path(llama, corpus_pa
         stepped = prefill_then_steps(model, ids, split)
         first = model(input_ids=ids[:, :split], use_cache=True)
         with sparse.continuation():
-            rest = model(input_ids=ids[:, split:], past_key_values=first.past_key_values).logits
+            rest = model(input_ids=ids[:, split:], **with_cache(model, returned_cache(first))).logits
     together = torch.cat([first.logits[:, -1:], rest[:, :-1]], 1)
     assert torch.allclose(stepped, together, atol=1e-4)
 
@@ -265,7 +266,7 @@ def test_families_decode_like_their_multi_token_path(family, corpus_path, tmp_pa
             stepped = prefill_then_steps(model, ids, split)
             first = model(input_ids=ids[:, :split], use_cache=True)
             with sparse.continuation():
-                rest = model(input_ids=ids[:, split:], past_key_values=first.past_key_values).logits
+                rest = model(input_ids=ids[:, split:], **with_cache(model, returned_cache(first))).logits
             model.generate(ids[:, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert torch.allclose(stepped, torch.cat([first.logits[:, -1:], rest[:, :-1]], 1), atol=1e-4), (family, method)
         with apply_plan(model, plan.at_sparsity(0.0)):
