@@ -98,7 +98,7 @@ def test_histogram_counts_every_token_in_its_bin(atlas, reference):
     for layer, ref in layers.items():
         hist = atlas.stat("hist", layer)  # (D, bins)
         for neuron in range(hist.shape[0]):
-            expected = torch.bincount(torch.bucketize(ref["values"][:, neuron], edges, right=True), minlength=hist.shape[1])
+            expected = torch.bincount(torch.bucketize(ref["values"][:, neuron].contiguous(), edges, right=True), minlength=hist.shape[1])
             assert torch.equal(hist[neuron], expected)
 
 
