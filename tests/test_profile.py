@@ -224,6 +224,8 @@ def test_an_atlas_of_format_two_loads(atlas, tmp_path):
     eight = with_window_values(loaded.exemplar_table())["window_activations"].to_pylist()
     assert len(six) == len(eight) and six != eight  # the same codes read as 8 bits: other values
     loaded.save(tmp_path / "new")  # saved again in format 3, the codes keep their 8-bit meaning
+    assert json.loads((tmp_path / "new" / "atlas.json").read_text())["format_version"] == 3
+    assert (tmp_path / "new" / "histograms.parquet").exists()
     assert with_window_values(pq.read_table(tmp_path / "new" / "exemplars.parquet"))["window_activations"].to_pylist() == eight
 
 

@@ -266,6 +266,7 @@ class Atlas:
                 self.docpool.write(staging)
             for write in writes:
                 write.result()  # re-raises a writer's error
+        self.meta["format_version"] = FORMAT_VERSION  # what was just written, whatever the atlas was read from
         (staging / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
         path.mkdir(parents=True, exist_ok=True)
         if self.docpool is None:  # do not leave another atlas's document sample behind
