@@ -118,7 +118,8 @@ def test_bench_reports_threads_load_range_batches_and_compaction(llama, corpus_p
     low, high = result["speedup_range"]
     assert low <= result["speedup"] <= high and len(result["speedup_per_run"]) == 2
     assert result["batched"][0]["batch"] == 4 and "kernel_rows_share" in result["batched"][0]
-    assert result["bytes_limit"] > 1
+    assert result["bytes_limit"] > 1 and 0 < result["linear_share"] < 1
+    assert 1 < result["step_limit"] < result["bytes_limit"]
     core = sparsify("coreinfer", model, tokenizer, 0.5)
     assert bench(model, tokenizer, core, runs=1, new_tokens=3, prompt_tokens=6, threads=1)["compaction_s"] > 0
 
@@ -141,6 +142,27 @@ def test_bytes_limit_counts_the_weights_a_decode_step_reads(llama, corpus_path):
               if isinstance(module, torch.nn.Linear))
     hot = sparsify("coreinfer", model, tokenizer, 0.5)
     assert bytes_limit(model, hot) == pytest.approx(read / (read - 0.5 * ffn), rel=1e-9)
+
+
+def test_linear_share_times_the_linear_layers_of_a_decode_step(llama):
+    """A step's linear layers made slow (10 ms more in the LM head) take most of its time; Amdahl's law
+    over that share bounds the speedup between 1 and the bytes limit."""
+    import time
+
+    from neuronatlas.sparse.limit import step_limit
+    from neuronatlas.sparse.speed import linear_share
+
+    model, _ = llama
+    prompt = torch.arange(1, 7)[None]
+    plain = linear_share(model, prompt, new_tokens=4)
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: time.sleep(0.01))
+    try:
+        slowed = linear_share(model, prompt, new_tokens=4)
+    finally:
+        handle.remove()
+    assert 0 < plain < 1 and slowed > max(plain, 0.8)
+    assert step_limit(2.0, 1.0) == pytest.approx(2.0) and step_limit(2.0, 0.0) == pytest.approx(1.0)
+    assert step_limit(1.65, 0.79) == pytest.approx(1.0 / (0.21 + 0.79 / 1.65))
 
 
 def test_speed_lines_print_a_range_when_runs_disagree():

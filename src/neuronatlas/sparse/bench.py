@@ -23,9 +23,9 @@ from ..hooks import returned_cache, with_cache
 from ..loading import max_positions
 from ..models import check_causal
 from .calibrate import as_corpus
-from .limit import bytes_limit
+from .limit import bytes_limit, step_limit
 from .plan import SparsePlan
-from .speed import choose_threads, decode_speed, threads_set
+from .speed import choose_threads, decode_speed, linear_share, threads_set
 from .wrap import SparseModel, apply_plan
 
 
@@ -89,7 +89,11 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
     if load > cores:
         result["warnings"].append(f"load average {load:.1f} is above the {cores} cores: timings are unreliable")
     with threads_set(threads):
-        result |= decode_speed(model, sparse, _prompt(model, windows, prompt_tokens), new_tokens, runs)
+        prompt = _prompt(model, windows, prompt_tokens)
+        share = linear_share(model, prompt, new_tokens)
+        if share is not None and limit is not None:
+            result["linear_share"], result["step_limit"] = share, step_limit(limit, share)
+        result |= decode_speed(model, sparse, prompt, new_tokens, runs)
         result["batched"] = [decode_speed(model, sparse, _prompt(model, windows, prompt_tokens, batch), new_tokens, runs)
                              for batch in batches or []]
     if not result["batched"]:

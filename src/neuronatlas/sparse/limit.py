@@ -1,4 +1,5 @@
-"""The most a plan can speed up batch-1 decode: the weight bytes a step reads, dense over sparse.
+"""The most a plan can speed up batch-1 decode: the weight bytes a step reads, dense over sparse,
+and what that leaves once the rest of a step (norms, attention, the framework's own time) is counted.
 
 Batch-1 decode is memory-bound: a step reads every weight once (the LM head included; of the input
 embedding only one row, so it is left out unless it is the LM head's own, tied, matrix). A plan
@@ -6,6 +7,11 @@ skips a share of some projections' bytes: TEAL/WINA the byte-weighted sparsity o
 input's projections, hot and CoreInfer ``sparsity`` of the FFN's gate/up/down bytes in the layers
 they convert. The limit is ``read / (read - skipped)`` (METHODS.md, "Bytes limit"). MoE plans (an
 expert share plus a router) get none.
+
+The bytes limit holds for the linear layers alone. On a CPU, eager PyTorch spends a good part of a
+small model's step elsewhere (SmolLM2-135M at 1 thread: 79% in its linear layers, the rest in
+norms, rotary embeddings, attention over the cache and Python), which no sparsity removes:
+:func:`step_limit` is Amdahl's law over that share, the most the plan can give on this machine.
 """
 
 from __future__ import annotations
@@ -60,3 +66,9 @@ def skipped_bytes(model: nn.Module, plan: SparsePlan) -> float | None:
 def _ffn_bytes(layer) -> int:
     weights = layer_weights(layer)
     return sum(w.numel() * w.element_size() for w in (weights.up, weights.gate, weights.down) if w is not None)
+
+
+def step_limit(bytes_limit: float, linear_share: float) -> float:
+    """The decode speedup left when only the linear layers' share of a step (``linear_share``) gets
+    ``bytes_limit`` times faster: 1 / ((1 - share) + share / bytes_limit)."""
+    return 1.0 / ((1.0 - linear_share) + linear_share / bytes_limit)

@@ -12,6 +12,8 @@
   count their decode calls on the row kernel and on the dense fallback (``kernel_rows_share``).
 - CoreInfer's per-prompt compaction (gathering the core rows at the first decode step) is inside
   its decode time and also reported alone (``compaction_s``).
+- Limits: on a CPU, :func:`linear_share` times the linear layers inside a dense step, so that the
+  bytes limit is also given as what it leaves of the whole step (:func:`.limit.step_limit`).
 """
 
 from __future__ import annotations
@@ -116,6 +118,37 @@ def decode_speed(model, sparse: SparseModel, prompt: torch.Tensor, new_tokens: i
     return result
 
 
+@torch.inference_mode()
+def linear_share(model, prompt: torch.Tensor, new_tokens: int = 16) -> float | None:
+    """The share of a dense decode step's time spent in the model's ``nn.Linear`` layers (the LM
+    head included), from the clock at each layer's entry and exit over ``new_tokens - 1`` greedy
+    steps after the prompt; None off the CPU, where kernels run asynchronously to the clock."""
+    if prompt.device.type != "cpu":
+        return None
+    inside, entered = [0.0], [0.0]
+
+    def enter(module, args):
+        entered[0] = time.perf_counter()
+
+    def leave(module, args, output):
+        inside[0] += time.perf_counter() - entered[0]
+
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    handles = [hook for module in linears for hook in (module.register_forward_pre_hook(enter),
+                                                       module.register_forward_hook(leave))]
+    try:
+        out = model(input_ids=prompt, use_cache=True)
+        inside[0], started = 0.0, time.perf_counter()
+        for _ in range(new_tokens - 1):
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, **with_cache(model, returned_cache(out)), use_cache=True)
+        total = time.perf_counter() - started
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inside[0] / total if total > 0 and linears else None
+
+
 def spread_is_small(ratios: list[float]) -> bool:
     """Whether the per-run ratios agree well enough for one figure: all on one side of 1, max/min ≤ SPREAD_FACTOR."""
     low, high = min(ratios), max(ratios)
@@ -135,6 +168,9 @@ def speed_lines(result: dict) -> list[str]:
     lines = [f"threads: {result.get('threads_note', result.get('threads'))}"]
     lines += [f"warning: {warning}" for warning in result.get("warnings", [])]
     limit = f" (bytes limit {result['bytes_limit']:.2f}x)" if "bytes_limit" in result else ""
+    if "step_limit" in result:
+        limit = (f" (bytes limit {result['bytes_limit']:.2f}x; {result['linear_share']:.0%} of a dense step is in "
+                 f"linear layers, so at most {result['step_limit']:.2f}x here)")
     lines.append(f"decode (batch {result.get('batch', 1)}): dense {result['dense_tokens_per_s']:.1f} tok/s, sparse "
                  f"{result['sparse_tokens_per_s']:.1f} tok/s, speedup {speedup_text(result)}{limit}")
     if "compaction_s" in result:
