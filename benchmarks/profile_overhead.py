@@ -13,10 +13,11 @@
    of 8 batches: its ratio to the naive padded bare forward is the speed a user sees on a corpus of
    mixed lengths. Default models: the bundled tiny-llama, then
    SmolLM2-135M-Instruct (Q4_1 GGUF) when fetched into ~/.cache/neuronatlas/real-models/.
-2. Memory: a child process loads the model, notes its peak RSS, profiles, notes the peak again;
-   another runs a bare forward over the same windows instead. The profile's peak is reported
-   against the weights' bytes and against the bare forward's peak (goal: <= 1.5x the model's
-   footprint).
+2. Memory: a child process loads the model, reads every weight once and notes its resident set
+   (the loaded model's footprint: the runtime and the weights), resets the peak, profiles, and
+   notes the profile's own peak; another runs a bare forward over the same windows instead. The
+   profile's peak is reported against that footprint (goal: <= 1.5x), the weights' bytes and the
+   bare forward's peak; the load's own peak (a GGUF file's dequantisation) separately.
 3. ``--steps``: the profiler's step batch by batch against a bare forward on a random Llama, with
    the share of time in the hooks and the statistics (where the time goes).
 
@@ -351,17 +352,46 @@ def spread(ratios: list[float]) -> str:
 # ---- memory -------------------------------------------------------------------------------------
 
 
-# Loads the model, notes the peak RSS so far, then either profiles or runs a bare forward over the
-# same windows in the same batches, and notes the peak again (a fresh process: the whole run's peak).
+# Loads the model, notes the load's peak RSS, reads every weight once (a safetensors file is mapped:
+# its pages are only resident once read) and notes the resident set: the loaded model's footprint
+# (the runtime's imports and the weights). Then it resets the peak (Linux: /proc/self/clear_refs) and
+# either profiles or runs a bare forward over the same windows in the same batches, and notes the
+# peak of that run alone.
 MEMORY_CHILD = """
 import json, resource, sys, torch
 from neuronatlas.corpus import iter_batches, iter_windows, read_corpus
 from neuronatlas.hooks import pad_token_id
 from neuronatlas.loading import load_model
 from neuronatlas.profile import ProfileOptions, profile
+
+
+def status_kib(field):
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: the process's peak
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM, the peak resident set
+        return True
+    except OSError:
+        return False
+
+
 mode, model_path, corpus, out, label_field, max_length = sys.argv[1:7]
 model, tokenizer = load_model(model_path, device="cpu", quiet=True)
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+load_peak = status_kib("VmHWM")
+with torch.inference_mode():
+    for parameter in model.parameters():
+        parameter.sum()  # every page of the weights resident
+footprint = status_kib("VmRSS")
+reset = reset_peak()
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 if mode == "profile":
     profile(model, corpus, out, tokenizer=tokenizer, label_field=label_field, quiet=True,
@@ -371,25 +401,30 @@ else:
     with torch.inference_mode():
         for batch in iter_batches(windows, 8, pad_token_id(tokenizer)):
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-print(json.dumps({"loaded": loaded, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "weights": weights}))
+print(json.dumps({"load_peak": load_peak, "footprint": footprint, "peak": status_kib("VmHWM"), "weights": weights,
+                  "peak_is_the_runs": reset}))
 """
 
 
 def measure_model_memory(model: Path, corpus: Path, tmp: Path, args) -> dict:
-    """Peak RSS of profile() and of a bare forward over the same windows, each in a fresh process."""
+    """Peak RSS of profile() and of a bare forward over the same windows, each in a fresh process,
+    against the loaded model's footprint (resident set once every weight was read)."""
     peaks = {mode: memory_child(mode, model, corpus, tmp, args) for mode in ("bare", "profile")}
-    kib = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss unit
-    mib = {mode: {key: report[key] * kib / 2**20 for key in ("loaded", "peak")} for mode, report in peaks.items()}
+    mib = {mode: {key: report[key] / 2**10 for key in ("load_peak", "footprint", "peak")} for mode, report in peaks.items()}
     weights = peaks["profile"]["weights"] / 2**20
+    footprint = mib["profile"]["footprint"]
     return {
         "memory_model": model.name,
         "memory_weights_mib": round(weights, 1),
-        "memory_peak_rss_after_load_mib": round(mib["profile"]["loaded"], 1),
+        "memory_load_peak_rss_mib": round(mib["profile"]["load_peak"], 1),
+        "memory_footprint_mib": round(footprint, 1),
         "memory_bare_forward_peak_rss_mib": round(mib["bare"]["peak"], 1),
         "memory_peak_rss_mib": round(mib["profile"]["peak"], 1),
+        "memory_peak_is_the_profiles": peaks["profile"]["peak_is_the_runs"],
+        "memory_peak_over_footprint": round(mib["profile"]["peak"] / footprint, 2),
         "memory_peak_over_weights": round(mib["profile"]["peak"] / weights, 2),
         "memory_peak_over_bare_forward_peak": round(mib["profile"]["peak"] / mib["bare"]["peak"], 2),
-        "memory_profile_added_mib": round(mib["profile"]["peak"] - mib["profile"]["loaded"], 1),
+        "memory_profile_added_mib": round(mib["profile"]["peak"] - footprint, 1),
     }
 
 
