@@ -8,9 +8,10 @@ one pass (:class:`neuronatlas.stats.WindowSource`) and carried with the exemplar
 :func:`window_table` turns the payloads into a table keyed like the exemplars (layer, neuron, seq,
 pos) with ``window_start`` (the position within the window of the first value) and the values in
 ``window_bits`` bits (6 by default; int8 per row, so that every table decodes alone):
-``window_scale`` (float32) is the window's largest |z| rounded up to float16's precision and ``window_codes`` (list<int8>) the µ-law
-codes of z / scale in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (µ = 255, as in telephony: steps even in
-log |z|; activations are heavy-tailed, a linear code would flatten the small ones next to a peak).
+``window_scale`` (float32) is the window's largest |z| rounded up to float16's precision (its low
+bytes zero: they compress away) and ``window_codes`` (list<int8>) the µ-law codes of z / scale in
+[-(2^(bits-1) - 1), 2^(bits-1) - 1] (µ = 255, as in telephony: steps even in log |z|; activations
+are heavy-tailed, a linear code would flatten the small ones next to a peak).
 With 6 bits each value is within 9.4% of itself plus 0.04% of the window's largest (8 bits: 2.2%
 and 0.01%). Colours, tooltips and the 0-10 activations explanations use need no more; the
 exemplar's own value is exact in ``activation``. Parquet's dictionary encoding packs the codes
