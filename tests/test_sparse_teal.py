@@ -7,6 +7,7 @@ import torch
 from conftest import make_gpt2
 from decode_steps import prefill_then_steps
 
+from neuronatlas.hooks import returned_cache, with_cache
 from neuronatlas.loading import load_model
 from neuronatlas.sparse import SparsifyOptions, apply_plan, sparsify
 from neuronatlas.sparse.allocation import at_target, greedy_path, uniform
@@ -67,7 +68,7 @@ def test_all_scope_sparsifies_attention_and_decodes_like_the_multi_token_path(ll
         stepped = prefill_then_steps(model, ids, 4)
         first = model(input_ids=ids[:, :4], use_cache=True)
         with sparse.continuation():
-            rest = model(input_ids=ids[:, 4:], past_key_values=first.past_key_values).logits
+            rest = model(input_ids=ids[:, 4:], **with_cache(model, returned_cache(first))).logits
         out = model.generate(ids[:, :3], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 8) and sparse.phase.kernel_calls["rows"] > 0
     assert torch.allclose(stepped, torch.cat([first.logits[:, -1:], rest[:, :-1]], 1), atol=1e-4)
