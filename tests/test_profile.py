@@ -270,6 +270,9 @@ def test_info_json_has_the_contract_keys(atlas, tmp_path, capsys):
     assert set(info["tokens_per_label"]) == {"de", "en", "ru"}
     assert info["layers"] == 2 and info["neurons_per_layer"] == [37, 37]
     assert len(info["dead_fraction_per_layer"]) == 2
+    on_disk = {path.name: path.stat().st_size for path in (tmp_path / "info").iterdir()}
+    assert info["disk"]["files"] == on_disk and info["disk"]["bytes"] == sum(on_disk.values())
+    assert info["disk"]["bytes_per_neuron"] == pytest.approx(sum(on_disk.values()) / 74, abs=0.1)
 
 
 def test_import_loads_nothing_heavy():

@@ -67,8 +67,8 @@ from safetensors.torch import load_file
 from . import __version__
 from .docpool import DocPool, load_docpool
 from .errors import NeuronAtlasError
-from .files import (BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, HISTOGRAMS_FILE, META_FILE,
-                    STAGING_SUFFIX, STATS_FILE, VOCAB_FILE, save_tensors)
+from .files import (ATLAS_FILES, BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, DOCPOOL_FILES, EXEMPLARS_FILE, HISTOGRAMS_FILE,
+                    META_FILE, STAGING_SUFFIX, STATS_FILE, VOCAB_FILE, save_tensors)
 from .exemplar_windows import WINDOW_COLUMNS, has_windows, with_window_codes
 from .stats import REDUCTIONS, SignalStats, make_uid, split_uid
 
@@ -187,11 +187,19 @@ class Atlas:
             "position_buckets": self.position_buckets() if self.positions is not None else None,
             "doc_sample_documents": len(self.docpool) if self.docpool is not None else 0,
         }
+        if self.path is not None:
+            summary["disk"] = self.disk_usage()
         if "gate" in self.signals:
             summary["gate_dead_fraction_per_layer"] = [
                 self.dead_fraction(layer, "gate") for layer in range(self.num_layers)
             ]
         return summary
+
+    def disk_usage(self) -> dict:
+        """The saved atlas's bytes: total, per neuron, and per file (only its own files)."""
+        files = {name: (self.path / name).stat().st_size for name in ATLAS_FILES if (self.path / name).is_file()}
+        total = sum(files.values())
+        return {"bytes": total, "bytes_per_neuron": round(total / max(sum(self.widths), 1), 1), "files": files}
 
     def exemplar_seqs(self) -> set[int]:
         """The windows (seq) that hold a saved exemplar of z: any top one, a bottom one below zero."""

@@ -12,6 +12,11 @@ def print_summary(summary: dict) -> None:
     print(f"model {summary['model']} ({summary['model_type']}), corpus {summary['corpus']}")
     print(f"{summary['tokens']:,} tokens in {summary['documents']:,} documents ({summary['windows']:,} windows)")
     print("tokens per label: " + ", ".join(f"{k} {v:,}" for k, v in summary["tokens_per_label"].items()))
+    if "disk" in summary:
+        disk = summary["disk"]
+        largest = sorted(disk["files"].items(), key=lambda item: -item[1])[:4]
+        print(f"on disk: {disk['bytes'] / 2**20:,.1f} MiB, {disk['bytes_per_neuron'] / 1024:.2f} KiB a neuron ("
+              + ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in largest) + ")")
     gate = summary.get("gate_dead_fraction_per_layer")
     header = f"{'layer':>5} {'neurons':>8} {'active %':>9} {'dead %':>7}" + (f" {'gate dead %':>11}" if gate else "")
     print(header)
