@@ -174,6 +174,8 @@ def test_speed_lines_print_a_range_when_runs_disagree():
              "speedup_range": [0.93, 7.17], "speedup_reliable": False}
     text = "\n".join(speed_lines(noisy))
     assert "between 0.93x and 7.17x" in text and "1.08" not in text
+    tight = dict(noisy, speedup=1.0, speedup_range=[0.998, 1.004])  # straddles 1: no figure, yet two ends
+    assert "between 0.998x and 1.004x" in "\n".join(speed_lines(tight))
 
 
 def test_moe_mlp_router_trains_on_a_calibration_corpus(llama, corpus_path):

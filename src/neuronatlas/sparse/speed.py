@@ -160,7 +160,8 @@ def speedup_text(result: dict) -> str:
     low, high = result["speedup_range"]
     if result.get("speedup_reliable", True):
         return f"{result['speedup']:.2f}x (runs {low:.2f}-{high:.2f})"
-    return f"between {low:.2f}x and {high:.2f}x (runs spread wider than the effect: no single figure)"
+    digits = 2 if f"{low:.2f}" != f"{high:.2f}" else 3  # a range around 1.00 still shows its two ends
+    return f"between {low:.{digits}f}x and {high:.{digits}f}x (runs spread wider than the effect: no single figure)"
 
 
 def speed_lines(result: dict) -> list[str]:
