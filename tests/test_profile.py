@@ -280,3 +280,21 @@ def test_import_loads_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_resume_takes_an_option_a_checkpoint_predates_as_its_default():
+    """A checkpoint written before an option existed (window_bits) resumes with that option at its
+    default, and refuses another value, naming it."""
+    from dataclasses import asdict
+
+    from neuronatlas.errors import NeuronAtlasError
+    from neuronatlas.profile import ProfileOptions
+    from neuronatlas.profile.options import check_same_run
+
+    current = {"model": {"fingerprint": "m"}, "corpus": {"fingerprint": "c"}, "labels": ["de", "en"],
+               "options": asdict(ProfileOptions(max_length=64))}
+    older = dict(current, options={k: v for k, v in current["options"].items() if k != "window_bits"})
+    check_same_run(older, current)
+    other = dict(current, options=dict(current["options"], window_bits=8))
+    with pytest.raises(NeuronAtlasError, match="window_bits was 6 now 8"):
+        check_same_run(older, other)

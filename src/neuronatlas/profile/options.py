@@ -135,7 +135,9 @@ def check_same_run(saved: dict, current: dict) -> None:
                 f"--resume: the interrupted profile used another {key} "
                 f"({_short(saved[key])} vs now {_short(current[key])}); rerun with the same arguments or pass --overwrite"
             )
-    changed = {k: (saved["options"].get(k), v) for k, v in current["options"].items() if saved["options"].get(k) != v}
+    defaults = asdict(ProfileOptions())  # an option the checkpoint predates ran as its default does
+    was = {k: saved["options"].get(k, defaults.get(k)) for k in current["options"]}
+    changed = {k: (was[k], v) for k, v in current["options"].items() if was[k] != v}
     if changed:
         listed = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in changed.items())
         raise NeuronAtlasError(f"--resume: options differ from the interrupted profile ({listed}); rerun with the same options")
