@@ -218,7 +218,8 @@ def test_sharded_checkpoint_and_device_map_give_the_same_atlas(corpus, single, t
     assert main(argv) == 0
     capsys.readouterr()  # the profile's summary (--quiet hides progress only)
     first, second = info(single, capsys), info(out, capsys)
-    assert {k: v for k, v in first.items() if k != "model"} == {k: v for k, v in second.items() if k != "model"}
+    other = ("model", "disk")  # another model folder: atlas.json names it, so its size differs too
+    assert {k: v for k, v in first.items() if k not in other} == {k: v for k, v in second.items() if k not in other}
     assert load_atlas(out).meta["model"]["fingerprint"] == load_atlas(single).meta["model"]["fingerprint"]
     for key, tensor in load_atlas(single).tensors().items():
         torch.testing.assert_close(load_atlas(out).tensors()[key], tensor, msg=key)
