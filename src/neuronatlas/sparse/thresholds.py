@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 from . import row_kernel
 from .ffn import tokens_of
-import torch.nn.functional as F
-
 from .kernels import weighted_row_sums
 
 MAX_BAG_TOKENS = 16  # calls of more tokens (prefill) use the masked dense product
