@@ -282,7 +282,7 @@ class Atlas:
                 (path / name).unlink(missing_ok=True)
         if not self.has_stat("bottom_values"):  # nor its bottom exemplars
             (path / BOTTOM_EXEMPLARS_FILE).unlink(missing_ok=True)
-        if not (staging / HISTOGRAMS_FILE).exists():  # nor its histograms
+        if not histograms:  # nor its histograms
             (path / HISTOGRAMS_FILE).unlink(missing_ok=True)
         # atlas.json last: a folder that has it holds a whole atlas, even if a kill stops this loop
         for item in sorted(staging.iterdir(), key=lambda item: item.name == META_FILE):

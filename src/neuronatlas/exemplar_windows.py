@@ -90,8 +90,8 @@ def with_window_values(table: pa.Table) -> pa.Table:
     return table.append_column("window_activations", decoded)
 
 
-def with_window_codes(table: pa.Table, bits: int = FORMAT_2_BITS) -> pa.Table:
-    """``table`` with its float ``window_activations`` (format 1) replaced by scale, bits and codes."""
+def with_window_codes(table: pa.Table) -> pa.Table:
+    """``table`` with its float ``window_activations`` (format 1) replaced by scale, bits (8) and codes."""
     if "window_activations" not in table.column_names or "window_codes" in table.column_names:
         return with_bits(table)
     lists = table["window_activations"].combine_chunks()
@@ -100,10 +100,10 @@ def with_window_codes(table: pa.Table, bits: int = FORMAT_2_BITS) -> pa.Table:
     row = np.repeat(np.arange(len(lengths)), lengths)
     scale = np.zeros(len(lengths))
     np.maximum.at(scale, row, np.abs(values))
-    codes = mu_law(values, scale[row], bits)
+    codes = mu_law(values, scale[row], FORMAT_2_BITS)
     table = table.drop_columns(["window_activations"])
     table = table.append_column("window_scale", pa.array(scale.astype(np.float32)))
-    table = table.append_column("window_bits", pa.array(np.full(table.num_rows, bits, np.int8)))
+    table = table.append_column("window_bits", pa.array(np.full(table.num_rows, FORMAT_2_BITS, np.int8)))
     return table.append_column("window_codes", pa.ListArray.from_arrays(lists.offsets, pa.array(codes, pa.int8()),
                                                                          mask=lists.is_null()))
 

@@ -9,7 +9,7 @@ they convert. The limit is ``read / (read - skipped)`` (METHODS.md, "Bytes limit
 expert share plus a router) get none.
 
 The bytes limit holds for the linear layers alone. On a CPU, eager PyTorch spends a good part of a
-small model's step elsewhere (SmolLM2-135M at 1 thread: 79% in its linear layers, the rest in
+small model's step elsewhere (SmolLM2-135M at 1 thread: 73-76% in its linear layers, the rest in
 norms, rotary embeddings, attention over the cache and Python), which no sparsity removes:
 :func:`step_limit` is Amdahl's law over that share, the most the plan can give on this machine.
 """

@@ -168,10 +168,11 @@ def speed_lines(result: dict) -> list[str]:
     """What ``neuronatlas bench`` prints about speed."""
     lines = [f"threads: {result.get('threads_note', result.get('threads'))}"]
     lines += [f"warning: {warning}" for warning in result.get("warnings", [])]
-    limit = f" (bytes limit {result['bytes_limit']:.2f}x)" if "bytes_limit" in result else ""
-    if "step_limit" in result:
-        limit = (f" (bytes limit {result['bytes_limit']:.2f}x; {result['linear_share']:.0%} of a dense step is in "
-                 f"linear layers, so at most {result['step_limit']:.2f}x here)")
+    limit = ""
+    if "bytes_limit" in result:
+        step = (f"; {result['linear_share']:.0%} of a dense step is in linear layers, so at most "
+                f"{result['step_limit']:.2f}x here") if "step_limit" in result else ""
+        limit = f" (bytes limit {result['bytes_limit']:.2f}x{step})"
     lines.append(f"decode (batch {result.get('batch', 1)}): dense {result['dense_tokens_per_s']:.1f} tok/s, sparse "
                  f"{result['sparse_tokens_per_s']:.1f} tok/s, speedup {speedup_text(result)}{limit}")
     if "compaction_s" in result:

@@ -67,24 +67,25 @@ class SparseInputProjection:
         masked = x * (self.mask(x) if mask is None else mask)
         return F.linear(masked.to(self.weight.dtype), self.weight, self.bias)
 
-    def kept_rows_product(self, flat: torch.Tensor, table: torch.Tensor, counts: Counter) -> torch.Tensor | None:
+    def kept_rows_product(self, flat: torch.Tensor, table: torch.Tensor,
+                          counts: Counter) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(flat * mask) @ table`` (B, out) reading only the kept rows of ``table`` (in, out), without
-        bias; None when the tokens keep more rows together than the table has (then a dense product
-        reads fewer bytes). Counts the call as "rows" or "dense"."""
-        if self.random_sparsity is None and row_kernel.supports(table):  # one compiled call (float32 CPU)
-            # several tokens that keep more rows than the table has: the masked dense product, without
-            # the kernel's call (its fixed cost, ~60 µs, was 5% of a 16-sequence decode step)
-            too_many = len(flat) > 1 and int(self.mask(flat).sum()) > flat.shape[1]
-            out = None if too_many else row_kernel.thresholded_rows(flat, self.threshold, self.scale, table,
-                                                                    flat.shape[1])
-        else:
-            mask = self.mask(flat)  # (B, in)
+        bias, or None when the tokens keep more rows together than the table has (then a dense product
+        reads fewer bytes); and the mask (B, in), for that dense product (None where the compiled
+        kernel thresholds one token alone). Counts the call as "rows" or "dense"."""
+        kernel = self.random_sparsity is None and row_kernel.supports(table)  # one compiled call (float32 CPU)
+        # several tokens are checked against the rows before the kernel's call, whose fixed cost
+        # (~60 µs) was 5% of a 16-sequence decode step
+        mask = self.mask(flat) if len(flat) > 1 or not kernel else None
+        if mask is not None and int(mask.sum()) > flat.shape[1]:
             out = None
-            if int(mask.sum()) <= flat.shape[1]:
-                kept = [m.nonzero().squeeze(1) for m in mask]
-                out = weighted_row_sums(table, kept, [t[k] for t, k in zip(flat, kept)])
+        elif kernel:
+            out = row_kernel.thresholded_rows(flat, self.threshold, self.scale, table, flat.shape[1])
+        else:
+            kept = [m.nonzero().squeeze(1) for m in mask]
+            out = weighted_row_sums(table, kept, [t[k] for t, k in zip(flat, kept)])
         counts["dense" if out is None else "rows"] += 1
-        return out
+        return out, mask
 
     def with_bias(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.bias is None else out + self.bias
@@ -122,16 +123,15 @@ class InputGroup:
         """Every member's output for the tokens flat (B, in)."""
         if self.shared_mask:
             first = next(iter(self.members.values()))
-            out = first.kept_rows_product(flat, self.table, self.counts)  # (B, sum of outs)
+            out, mask = first.kept_rows_product(flat, self.table, self.counts)  # (B, sum of outs)
             if out is None:
-                mask = first.mask(flat)
                 return {role: member.forward(flat, mask) for role, member in self.members.items()}
             parts = out.split(self.widths, dim=1)
             return {role: member.with_bias(part) for (role, member), part in zip(self.members.items(), parts)}
         outputs = {}
         for role, member in self.members.items():
-            out = member.kept_rows_product(flat, member.weight_t, self.counts)
-            outputs[role] = member.forward(flat) if out is None else member.with_bias(out)
+            out, mask = member.kept_rows_product(flat, member.weight_t, self.counts)
+            outputs[role] = member.forward(flat, mask) if out is None else member.with_bias(out)
         return outputs
 
 
