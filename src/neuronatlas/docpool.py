@@ -325,7 +325,8 @@ class DocPoolWriter:
                 token_slots[rows] = torch.where(real, slots[:, None], -1)
                 batch["token_slots"] = token_slots.view(-1).numpy()
             stats_kernel.pool_documents(z.reshape(-1, z.shape[-1]).float().contiguous().numpy(), batch["token_slots"],
-                                        batch["sum"][:, columns].numpy(), batch["max"][:, columns].numpy())
+                                        batch["sum"][:, columns].numpy(), batch["max"][:, columns].numpy(),
+                                        stats_kernel.span_width(z.shape[-1]))
             return
         values = z[rows].float()  # (S, T, D)
         sums = torch.bmm(real[:, None, :].float(), values)[:, 0].double()  # (S, D)

@@ -237,7 +237,7 @@ class SignalStats:
             hist, table, edges = np.zeros((0, 0), np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
         stats_kernel.layer_pass(array, array.view(np.int32), label_array, self.threshold,
                                 *[t[f"{field}.{layer}"].numpy() for field in self.FIELDS], bucket, *per_bucket,
-                                hist, table, edges, signs, floors, counts, rows)
+                                hist, table, edges, signs, floors, counts, rows, stats_kernel.span_width(width))
         source = _kernel_windows(windows, len(array), self.radius) if ends else None
         for e, end in enumerate(ends):
             self._enter(layer, end, array, counted, uid_array, counts[e], rows[e], source)
@@ -509,7 +509,7 @@ def warm_up_kernels() -> None:
                      (SignalStats([3], 1, 0.0), torch.zeros(4, dtype=torch.long)))
         pooled = torch.zeros(1, 6, dtype=torch.float64), torch.zeros(1, 6)
         stats_kernel.pool_documents(torch.zeros(4, 3).numpy(), np.zeros(4, np.int64), pooled[0][:, :3].numpy(),
-                                    pooled[1][:, :3].numpy())
+                                    pooled[1][:, :3].numpy(), 2)
 
     threading.Thread(target=load, name="neuronatlas-kernels", daemon=True).start()
 

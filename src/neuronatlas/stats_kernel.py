@@ -18,7 +18,7 @@ import os
 import numba
 import numpy as np
 
-SPAN = 256  # neurons per task: a span of a row and its accumulators stay in the L1 cache
+SPAN = 128  # neurons per task at most: a span of a row and its accumulators stay in the L1/L2 cache
 ENTER_CHUNK = 64  # neurons per task when merging candidates into the exemplar lists
 DISABLE_VARIABLE = "NEURONATLAS_STATS_KERNEL"
 
@@ -32,6 +32,15 @@ def get_threads() -> int:
     return numba.get_num_threads()
 
 
+def span_width(width: int) -> int:
+    """Neurons per task for a layer of ``width``: at most SPAN, and as many tasks as a multiple of the
+    kernel threads, so no thread waits on another's extra span (384 neurons on 2 threads: 4 spans
+    of 96, not 3 of 128, 1.5x faster)."""
+    threads = max(1, numba.get_num_threads())
+    spans = threads * -(-width // (threads * SPAN))
+    return max(1, -(-width // spans))
+
+
 def set_threads(threads: int) -> None:
     """The calling thread's kernel threads (numba's setting is per thread, like torch's)."""
     if threads > 0:
@@ -41,7 +50,7 @@ def set_threads(threads: int) -> None:
 @numba.njit(parallel=True, nogil=True, cache=True)
 def layer_pass(values, bits, labels, threshold, active, total, total_sq, low, high,
                buckets, bucket_active, bucket_total, bucket_total_sq, bucket_low, bucket_high,
-               hist, table, edges, signs, floors, counts, rows):  # pragma: no cover (compiled)
+               hist, table, edges, signs, floors, counts, rows, span):  # pragma: no cover (compiled)
     """Add the rows of ``values`` (M, D) float32 whose label is not -1.
 
     labels (M,) int64 -> moments (K, D): active int64, total / total_sq float64, low / high float32.
@@ -51,16 +60,17 @@ def layer_pass(values, bits, labels, threshold, active, total, total_sq, low, hi
     is a candidate of neuron d when not sign * value < floors[e, d]; the first cap candidates' rows
     (ascending) go in rows[e, d] (E, D, cap), counts[e, d] counts them all (over cap: too many).
 
-    Each task takes a span of neurons through every row, so that the row's values stay in cache
-    for the four loops: the moments (vectorised), the bucket moments, the histogram, the candidates.
+    Each task takes ``span`` neurons (:func:`span_width`) through every row, so that the row's values
+    stay in cache for the four loops: the moments (vectorised), the bucket moments, the histogram,
+    the candidates.
     """
     width = values.shape[1]
     with_buckets = bucket_active.shape[0] > 0
     with_hist = hist.shape[0] > 0
-    spans = (width + SPAN - 1) // SPAN
-    for span in numba.prange(spans):
-        first, stop = span * SPAN, min(width, span * SPAN + SPAN)
-        counted = np.zeros((stop - first, hist.shape[1]), dtype=np.int32)  # the span's histogram: cache-sized
+    for task in numba.prange((width + span - 1) // span):
+        first, stop = task * span, min(width, task * span + span)
+        # the span's histogram (bins, span): neighbouring neurons mostly share a bin, so one line
+        counted = np.zeros((hist.shape[1], stop - first), dtype=np.int32)
         for m in range(values.shape[0]):
             label = labels[m]
             if label < 0:
@@ -79,11 +89,11 @@ def layer_pass(values, bits, labels, threshold, active, total, total_sq, low, hi
                     index = table[(row_bits[j] >> 16) + 32768]
                     if index < 0:  # an interval that holds an edge, or inf / NaN
                         index = np.searchsorted(edges, row[j], side="right")
-                    counted[j, index] += 1
+                    counted[index, j] += 1
             for e in range(floors.shape[0]):
                 _candidates(row, m, signs[e], floors[e, first:stop], counts[e, first:stop], rows[e, first:stop])
         if with_hist:
-            hist[first:stop] += counted
+            hist[first:stop] += counted.T
 
 
 @numba.njit(inline="always")
@@ -122,12 +132,12 @@ def _candidates(row, m, sign, floors, counts, rows):  # pragma: no cover (compil
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def pool_documents(values, slots, sums, maxes):  # pragma: no cover (compiled)
+def pool_documents(values, slots, sums, maxes, span):  # pragma: no cover (compiled)
     """Add each row of values (M, D) float32 to its document's slot (slots (M,), -1: none): sums
-    (S, D) float64, maxes (S, D) float32 (NaN sticks, as in torch.amax)."""
+    (S, D) float64, maxes (S, D) float32 (NaN sticks, as in torch.amax); ``span`` neurons a task."""
     width = values.shape[1]
-    for span in numba.prange((width + SPAN - 1) // SPAN):
-        first, stop = span * SPAN, min(width, span * SPAN + SPAN)
+    for task in numba.prange((width + span - 1) // span):
+        first, stop = task * span, min(width, task * span + span)
         for m in range(values.shape[0]):
             slot = slots[m]
             if slot < 0:
