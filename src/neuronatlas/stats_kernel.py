@@ -190,7 +190,7 @@ def dense_best(values, sign, counted, neurons, k):  # pragma: no cover (compiled
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def enter_candidates(values, sign, counts, rows, dense, dense_values, dense_rows, dense_filled, neurons, uids,
-                     slots, real, columns, z_bits, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover
+                     slots, real, columns, z_half, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover
     """Merge the candidates of each neuron in ``neurons`` (F,) into its exemplar list, in place.
 
     values (M, D) float32 of one layer; counts (D,), rows (D, cap) from :func:`layer_pass`; a neuron
@@ -198,20 +198,20 @@ def enter_candidates(values, sign, counts, rows, dense, dense_values, dense_rows
     dense_values, dense_rows (., k), dense_filled; uids (M,) int64. The list: kept_values (D, k) float32 as stored (ranked by sign * value, best first,
     ties by lower uid, NaN first, empty slots uid -1 last), kept_uid (D, k), kept_windows (D, k,
     2 * radius + 1) uint16, float16 bits (D = 0: none). A token that enters takes its window, cut
-    from the padded batch: token m sits in slot slots[m] of z_bits (B * T, D) int32 (the float32
-    bits of z), column slots[m] % ``columns``; real (B * T,) bool marks the slots that hold a
-    token; NaN outside the window.
+    from the padded batch: token m sits in slot slots[m] of z_half (B * T, D) uint16 (the float16
+    bits of z, clamped to +-65504: :func:`neuronatlas.stats.half_bits`), column slots[m] % ``columns``;
+    real (B * T,) bool marks the slots that hold a token; NaN outside the window.
     """
     chunks = (len(neurons) + ENTER_CHUNK - 1) // ENTER_CHUNK
     for chunk in numba.prange(chunks):
         _enter_chunk(values, sign, counts, rows, dense, dense_values, dense_rows, dense_filled,
-                     neurons[chunk * ENTER_CHUNK: (chunk + 1) * ENTER_CHUNK], uids, slots, real, columns, z_bits,
+                     neurons[chunk * ENTER_CHUNK: (chunk + 1) * ENTER_CHUNK], uids, slots, real, columns, z_half,
                      kept_values, kept_uid, kept_windows, radius)
 
 
 @numba.njit(nogil=True)
 def _enter_chunk(values, sign, counts, rows, dense, dense_values, dense_rows, dense_filled, neurons, uids, slots,
-                 real, columns, z_bits, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover (compiled)
+                 real, columns, z_half, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover (compiled)
     """:func:`enter_candidates` for some of the neurons."""
     k = kept_uid.shape[1]
     with_windows = kept_windows.shape[0] > 0
@@ -247,7 +247,7 @@ def _enter_chunk(values, sign, counts, rows, dense, dense_values, dense_rows, de
                 row = best_rows[j]
                 kept_values[d, slot], kept_uid[d, slot] = sign * best_values[j], uids[row]
                 if with_windows:
-                    _cut_window(z_bits, real, columns, slots[row], d, radius, kept_windows[d, slot])
+                    _cut_window(z_half, real, columns, slots[row], d, radius, kept_windows[d, slot])
                 j -= 1
 
 
@@ -282,44 +282,15 @@ def _ranks_before(value_a, uid_a, value_b, uid_b):  # pragma: no cover (compiled
 
 
 @numba.njit(inline="always")
-def _cut_window(z_bits, real, columns, slot, d, radius, out):  # pragma: no cover (compiled)
+def _cut_window(z_half, real, columns, slot, d, radius, out):  # pragma: no cover (compiled)
     """out (2R + 1,) uint16: neuron d's float16 z around ``slot``, NaN outside its window."""
     column = slot % columns
     for o in range(-radius, radius + 1):
         c = column + o
         if 0 <= c < columns and real[slot + o]:
-            out[o + radius] = _half_bits(z_bits[slot + o, d])
+            out[o + radius] = z_half[slot + o, d]
         else:
             out[o + radius] = HALF_NAN
 
 
-HALF_NAN = 0x7E00
-HALF_MAX_BITS = 0x7BFF  # 65504, the largest float16: larger values are clamped to it
-FLOAT_OF_HALF_MAX = 0x477FE000  # 65504 as float32 bits
-
-
-@numba.njit(inline="always")
-def _half_bits(bits):  # pragma: no cover (compiled)
-    """The float16 bits of a float32 given by its int32 ``bits``, rounded to nearest even, clamped
-    to +-65504 (NaN stays NaN), as torch's clamp then half()."""
-    sign = (bits >> 16) & 0x8000
-    magnitude = bits & 0x7FFFFFFF
-    if magnitude > 0x7F800000:
-        return sign | HALF_NAN
-    if magnitude >= FLOAT_OF_HALF_MAX:
-        return sign | HALF_MAX_BITS
-    exponent = (magnitude >> 23) - 127 + 15
-    mantissa = magnitude & 0x7FFFFF
-    if exponent <= 0:  # a float16 subnormal, or zero
-        if exponent < -10:
-            return sign
-        mantissa |= 0x800000
-        shift = 14 - exponent
-        half = mantissa >> shift
-        rest, halfway = mantissa & ((1 << shift) - 1), 1 << (shift - 1)
-    else:
-        half = (exponent << 10) | (mantissa >> 13)
-        rest, halfway = mantissa & 0x1FFF, 0x1000
-    if rest > halfway or (rest == halfway and half & 1):
-        half += 1  # a carry into the exponent is still right
-    return sign | half
+HALF_NAN = 0x7E00  # the float16 NaN: outside a window
