@@ -9,9 +9,10 @@
    a warm-up round. Reports median tokens/s and the ratios profile/bare and profile/hooks per round
    as ``median [min, max]`` (goals: >= 0.8 on the bundled tiny-llama, >= 0.9 on SmolLM2-135M), and
    the atlas bytes per neuron (goal: <= 2 KB). "profile" runs the bare forward's very batches
-   (``bucket_batches=1``); "bucketed" is profile's default, windows batched by length inside buffers
-   of 8 batches: its ratio to the naive padded bare forward is the speed a user sees on a corpus of
-   mixed lengths. Default models: the bundled tiny-llama, then
+   (``bucket_batches=1``, ``batch_tokens=0``); "bucketed" is profile's default, windows batched by
+   length inside buffers of 8 batches, each batch holding up to batch size x max length padded
+   tokens (short windows share one): its ratio to the naive padded bare forward is the speed a
+   user sees on a corpus of mixed lengths. Default models: the bundled tiny-llama, then
    SmolLM2-135M-Instruct (Q4_1 GGUF) when fetched into ~/.cache/neuronatlas/real-models/.
 2. Memory: a child process loads the model, reads every weight once and notes its resident set
    (the loaded model's footprint: the runtime and the weights), resets the peak, profiles, and
@@ -305,8 +306,10 @@ def measure_whole(model_path: Path, corpus_path: Path, args, tmp: Path) -> dict:
 
     def profiled(bucket_batches: int) -> None:
         threads = {"stat_threads": args.stat_threads} if args.stat_threads else {}  # (older versions lack it)
+        # bucket_batches 1: the bare forward's very batches (batch_size windows each, no token budget)
+        budget = {"batch_tokens": 0} if bucket_batches == 1 else {}
         options = ProfileOptions(batch_size=args.batch_size, max_length=max_length, bucket_batches=bucket_batches,
-                                 **threads)
+                                 **threads, **budget)
         profile(model, corpus, tmp / "whole-atlas", tokenizer=tokenizer, label_field=args.label_field,
                 options=options, overwrite=True, quiet=True)
 

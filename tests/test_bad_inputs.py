@@ -65,6 +65,7 @@ CASES = [
     Case("profile-top-k-negative", P + " --top-k -1", ("--top-k", "-1", "at least 0")),
     Case("profile-bottom-k-negative", P + " --bottom-k -1", ("--bottom-k", "-1", "at least 0")),
     Case("profile-bucket-batches-0", P + " --bucket-batches 0", ("--bucket-batches", "0", "at least 1")),
+    Case("profile-batch-tokens-negative", P + " --batch-tokens -1", ("--batch-tokens", "-1")),
     Case("profile-batch-size-0", P + " --batch-size 0", ("--batch-size", "0", "at least 1")),
     Case("profile-batch-size-float", P + " --batch-size 2.5", ("--batch-size", "'2.5'")),
     Case("profile-max-length-1", P + " --max-length 1", ("--max-length", "1", "at least 2")),

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from neuronatlas.corpus import Document, Window, iter_batches, iter_windows, read_corpus
+from neuronatlas.corpus import Document, Window, by_length, iter_batches, iter_windows, read_corpus, token_batches
 from neuronatlas.errors import NeuronAtlasError
 
 DOCS = [  # ordered by label, so a folder sorted by path reads them in this order too
@@ -265,6 +265,22 @@ def test_iter_batches_pads_on_the_given_side(side):
             n = len(window.input_ids)
             real = slice(0, n) if side == "right" else slice(width - n, width)
             assert batch.attention_mask[row, real].sum() == n == batch.attention_mask[row].sum()
+
+
+@pytest.mark.parametrize("size,budget", [(1, 0), (2, 0), (1, 8), (2, 8), (1, 100)])
+def test_token_batches_take_batch_size_windows_and_more_within_the_budget(size, budget):
+    windows = by_length(_windows())  # lengths 5, 4, 3, 2, 1
+    batches = list(token_batches(windows, size, budget, pad_token_id=0))
+    assert sorted(w.seq for b in batches for w in b.windows) == list(range(5))  # every window once
+    for batch in batches:  # rows in corpus order: uids ascending, as the statistics rank ties
+        assert [w.seq for w in batch.windows] == sorted(w.seq for w in batch.windows)
+    for batch in batches:
+        assert len(batch.windows) <= size or batch.input_ids.numel() <= budget
+    taken = {(1, 0): [1, 1, 1, 1, 1], (2, 0): [2, 2, 1],  # budget 0: batch_size windows, as iter_batches
+             (1, 8): [1, 2, 2],  # 5 alone (2 x 5 > 8); 4 + 3 (2 x 4 = 8, 3 x 4 > 8); 2 + 1
+             (2, 8): [2, 2, 1],  # 5 + 4 (the batch size; a third: 3 x 5 > 8); 3 + 2 (3 x 3 > 8); 1
+             (1, 100): [5]}
+    assert [len(b.windows) for b in batches] == taken[(size, budget)]
 
 
 def test_iter_batches_rejects_bad_arguments():

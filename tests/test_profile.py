@@ -128,9 +128,11 @@ def test_bottom_exemplars_are_the_most_negative_activations(atlas, reference):
 
 
 def test_padding_side_batch_size_and_length_buckets_do_not_change_statistics(tiny_llama, corpus_path, atlas, tmp_path):
-    for batch_size, side, buckets in ((1, "right", 8), (7, "left", 8), (4, "right", 1), (2, "right", 3)):
-        other = run_profile(tiny_llama, corpus_path, tmp_path / f"{side}{batch_size}-{buckets}", batch_size=batch_size,
-                            padding_side=side, bucket_batches=buckets)
+    # batch_tokens None: batch_size x max_length padded tokens a batch; 0: batch_size windows; 150: a few short ones
+    for batch_size, side, buckets, budget in ((1, "right", 8, None), (7, "left", 8, None), (4, "right", 1, 0),
+                                              (2, "right", 3, None), (2, "left", 8, 150)):
+        other = run_profile(tiny_llama, corpus_path, tmp_path / f"{side}{batch_size}-{buckets}-{budget}",
+                            batch_size=batch_size, padding_side=side, bucket_batches=buckets, batch_tokens=budget)
         assert torch.equal(other.tokens_per_label, atlas.tokens_per_label)
         for layer in range(atlas.num_layers):
             for name in ("sum", "sumsq", "min", "max"):

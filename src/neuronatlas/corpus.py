@@ -454,6 +454,31 @@ def iter_batches(
     return _batches(iter(windows), batch_size, pad_token_id, padding_side)
 
 
+def token_batches(windows: list[Window], batch_size: int, batch_tokens: int, pad_token_id: int,
+                  side: str = "right") -> Iterator[Batch]:
+    """Consecutive windows in batches of ``batch_size`` windows, and more while the batch stays within
+    ``batch_tokens`` padded tokens (rows x longest; 0: never more). In a buffer sorted by length
+    (:func:`by_length`) short windows then share one forward pass: a small model's per-batch cost
+    (a Python call per layer) is spread over more tokens. Each batch's rows are in corpus order
+    (ascending ``seq``), whatever the order of ``windows``: the statistics break exemplar ties by a
+    token's place in the corpus and take a batch's tokens in that order."""
+    group: list[Window] = []
+    longest = 0
+    for window in windows:
+        length = max(longest, len(window.input_ids))
+        if len(group) >= batch_size and (len(group) + 1) * length > batch_tokens:
+            yield _pad(sorted(group, key=_corpus_order), pad_token_id, side)
+            group, length = [], len(window.input_ids)
+        group.append(window)
+        longest = length
+    if group:
+        yield _pad(sorted(group, key=_corpus_order), pad_token_id, side)
+
+
+def _corpus_order(window: Window) -> int:
+    return window.seq
+
+
 def buffers(windows: Iterable[Window], size: int) -> Iterator[list[Window]]:
     """Consecutive runs of ``size`` windows (the last may be shorter), in corpus order."""
     windows = iter(windows)

@@ -54,6 +54,10 @@ def _profile_options(parser: argparse.ArgumentParser) -> None:
                         help="batch the windows of every N batches by length, so that padding is barely computed "
                              "(documents stay whole; the atlas is the same up to float rounding; checkpoints and "
                              "Ctrl-C take effect between such groups); 1 = corpus order (default: 8)")
+    parser.add_argument("--batch-tokens", type=int_at_least(0), default=None, metavar="N",
+                        help="more than --batch-size windows join a forward pass while it holds at most N padded "
+                             "tokens, so short windows share one (default: as many as keep a layer's activations "
+                             "within 4 MiB; 0 = --batch-size windows a batch)")
     parser.add_argument("--checkpoint-every", type=nonnegative_float, default=300.0, help="seconds between checkpoints (default: 300)")
     parser.add_argument("--dist-timeout", type=positive_float, default=1800.0, metavar="SECONDS",
                         help="under torchrun: how long a rank waits for the others at the rendezvous and at the "
@@ -69,7 +73,7 @@ def _options(args):
         bottom_k=args.bottom_k, gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
         doc_sample=args.doc_sample, positions=not args.no_positions, exemplar_radius=args.exemplar_radius,
         window_bits=args.window_bits,
-        stat_threads=args.threads, bucket_batches=args.bucket_batches,
+        stat_threads=args.threads, bucket_batches=args.bucket_batches, batch_tokens=args.batch_tokens,
     )
 
 

@@ -40,11 +40,28 @@ class ProfileOptions:
     window_bits: int = DEFAULT_BITS  # bits a value of those windows, 2-8 (see exemplar_windows)
     stat_threads: int = 0  # intra-op threads of the statistics; 0 = auto (see worker.placement)
     bucket_batches: int = 8  # batches whose windows are batched by length (corpus.by_length); 1 = corpus order
+    batch_tokens: int | None = None  # more windows join a batch while it holds at most this many padded tokens; None = auto
+
+
+BATCH_BYTES = 4 * 2**20  # auto batch_tokens: a batch's z of the widest layer in float32 stays within 4 MiB (cache)
+
+
+def batch_budget(options: ProfileOptions, widths: list[int]) -> int:
+    """Padded tokens up to which a batch takes more than batch_size windows (0: never): the option, or
+    as many tokens as keep one layer's z (float32) within BATCH_BYTES. That lifts a small model's
+    batches (tiny-llama, 384 neurons: 2,730 tokens; a batch's fixed cost is shared by more tokens)
+    and leaves a wide one's as they were (SmolLM2, 1,536: 682, fewer than 8 short windows hold:
+    larger batches made its profile slower)."""
+    if options.batch_tokens is not None:
+        return options.batch_tokens
+    return BATCH_BYTES // (4 * max(widths))
 
 
 def check_options(options: ProfileOptions) -> None:
     if options.batch_size < 1:
         raise NeuronAtlasError(f"batch size must be at least 1 (got {options.batch_size})")
+    if options.batch_tokens is not None and options.batch_tokens < 0:
+        raise NeuronAtlasError(f"--batch-tokens must be 0 (--batch-size windows a batch) or more (got {options.batch_tokens})")
     if options.bucket_batches < 1:
         raise NeuronAtlasError(f"--bucket-batches must be at least 1 (got {options.bucket_batches}); 1 keeps corpus order")
     if options.top_k < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atlas import POSITION, Atlas, from_state, new_positions, new_signals
-from ..corpus import Batch, Corpus, buffers, by_length, iter_batches, iter_windows
+from ..corpus import Batch, Corpus, buffers, by_length, iter_windows, token_batches
 from ..docpool import DocPoolWriter
 from ..errors import NeuronAtlasError
 from ..exemplar_windows import DEFAULT_BITS, window_table
@@ -29,7 +30,7 @@ from ..loading import input_device
 from ..models import ModelNeurons
 from ..stats import WindowSource, make_uid, warm_up_kernels
 from ..tokens import vocab_table
-from .options import ProfileOptions, check_same_run
+from .options import ProfileOptions, batch_budget, check_same_run
 from .output import read_checkpoint, write_checkpoint
 from .shards import Shard
 from .worker import StatsWorker, placement
@@ -139,7 +140,7 @@ class ProfileRun:
                 if self.docpool is not None:  # documents sampled, and their rows, in corpus order
                     self.docpool.plan([window if self._owns(window) else None for window in buffer])
                 ordered = by_length(buffer) if options.bucket_batches > 1 else buffer
-                for batch in iter_batches(ordered, options.batch_size, self.pad_id, options.padding_side):
+                for batch in self.batches(ordered):
                     self.step(batch)
                 if self.docpool is not None:
                     self.docpool.close_buffer(buffer[-1].doc)
@@ -153,6 +154,12 @@ class ProfileRun:
                     self.checkpoint(checkpoint_path)
                     last_checkpoint = time.monotonic()
         bar.close()
+
+    def batches(self, windows: list) -> Iterator[Batch]:
+        """The forward passes of a buffer's windows: batch_size each, more while the token budget allows."""
+        options = self.options
+        return token_batches(windows, options.batch_size, batch_budget(options, self.neurons.widths), self.pad_id,
+                             options.padding_side)
 
     def _owns(self, window) -> bool:
         """Whether this run counts ``window`` (a rank's buffer may hold other blocks' windows)."""
