@@ -44,6 +44,7 @@ class ProfileOptions:
 
 
 BATCH_BYTES = 4 * 2**20  # auto batch_tokens: a batch's z of the widest layer in float32 stays within 4 MiB (cache)
+AUTO_BATCH_TOKENS_MAX = 16_384  # and a toy model's batches stay bounded (its attention scores grow with rows x T^2)
 
 
 def batch_budget(options: ProfileOptions, widths: list[int]) -> int:
@@ -54,7 +55,7 @@ def batch_budget(options: ProfileOptions, widths: list[int]) -> int:
     larger batches made its profile slower)."""
     if options.batch_tokens is not None:
         return options.batch_tokens
-    return BATCH_BYTES // (4 * max(widths))
+    return min(BATCH_BYTES // (4 * max(widths)), AUTO_BATCH_TOKENS_MAX)
 
 
 def check_options(options: ProfileOptions) -> None:
