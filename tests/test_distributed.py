@@ -122,7 +122,8 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
 def test_a_killed_rank_fails_the_job_and_resume_completes_it(tmp_path, capsys):
     corpus = corpus_slice(tmp_path / "long.jsonl", 90, step=13)
     killed = tmp_path / "killed"
-    command = profile_command(corpus, killed, "--checkpoint-every", "0", "--batch-size", "1")
+    # one window a batch (--batch-tokens 0): rank 1 is still running when it is killed
+    command = profile_command(corpus, killed, "--checkpoint-every", "0", "--batch-size", "1", "--batch-tokens", "0")
     launcher = subprocess.Popen(torchrun(*command), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = killed / "checkpoint.rank1-of-2.safetensors"
     deadline = time.monotonic() + 180
@@ -140,7 +141,7 @@ def test_a_killed_rank_fails_the_job_and_resume_completes_it(tmp_path, capsys):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not list(killed.glob("checkpoint*"))
     whole = tmp_path / "whole"
-    assert main(profile_command(corpus, whole, "--batch-size", "1")) == 0
+    assert main(profile_command(corpus, whole, "--batch-size", "1", "--batch-tokens", "0")) == 0
     capsys.readouterr()  # the profile's summary (--quiet hides progress only)
     assert_same_atlas(whole, killed, capsys)
 

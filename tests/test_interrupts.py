@@ -25,7 +25,7 @@ from neuronatlas.files import CHECKPOINT_FILE, LOCK_FILE
 from neuronatlas.profile.run import WRITING_DELAY_VARIABLE
 
 OPTIONS = ["--label-field", "lang", "--max-length", "32", "--batch-size", "4", "--top-k", "5", "--device", "cpu",
-           "--quiet", "--threads", "1"]
+           "--quiet", "--threads", "1", "--batch-tokens", "0"]  # 4 windows a batch: a run long enough to interrupt
 CASES = [  # (signal, phase)
     (signal.SIGINT, "early"),
     (signal.SIGTERM, "mid"),

@@ -237,8 +237,9 @@ def test_resume_after_sigkill_gives_the_uninterrupted_atlas(tiny_llama, tmp_path
     corpus = tmp_path / "long.jsonl"
     write_corpus(corpus, documents=300, seed=3)
     command = [sys.executable, "-m", "neuronatlas", "profile", "--model", str(tiny_llama), "--corpus", str(corpus),
-               "--label-field", "lang", "--max-length", str(MAX_LENGTH), "--batch-size", "2", "--top-k", "5",
-               "--device", "cpu", "--quiet", "--out", str(tmp_path / "killed"), "--checkpoint-every", "0"]
+               "--label-field", "lang", "--max-length", str(MAX_LENGTH), "--batch-size", "2", "--batch-tokens", "0",
+               "--top-k", "5", "--device", "cpu", "--quiet", "--out", str(tmp_path / "killed"), "--checkpoint-every", "0"]
+    # --batch-tokens 0: 2 windows a batch, many buffers, so the run is still going when it is killed
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, env=env)
     checkpoint = tmp_path / "killed" / "checkpoint.safetensors"
