@@ -10,9 +10,10 @@
    as ``median [min, max]`` (goals: >= 0.8 on the bundled tiny-llama, >= 0.9 on SmolLM2-135M), and
    the atlas bytes per neuron (goal: <= 2 KB). "profile" runs the bare forward's very batches
    (``bucket_batches=1``, ``batch_tokens=0``); "bucketed" is profile's default, windows batched by
-   length inside buffers of 8 batches, each batch holding up to batch size x max length padded
-   tokens (short windows share one): its ratio to the naive padded bare forward is the speed a
-   user sees on a corpus of mixed lengths. Default models: the bundled tiny-llama, then
+   length inside buffers of 8 batches, a batch taking more than 8 short windows within the
+   automatic token budget: its ratio to the naive padded bare forward is the speed a user sees on
+   a corpus of mixed lengths. Windows are profile's default length (min(model positions, 512));
+   ``--whole-max-length 128`` gives the shorter windows of earlier measurements. Default models: the bundled tiny-llama, then
    SmolLM2-135M-Instruct (Q4_1 GGUF) when fetched into ~/.cache/neuronatlas/real-models/.
 2. Memory: a child process loads the model, reads every weight once and notes its resident set
    (the loaded model's footprint: the runtime and the weights), resets the peak, profiles, and
@@ -57,6 +58,7 @@ from neuronatlas.loading import load_model, max_positions
 from neuronatlas.models import locate_neurons
 from neuronatlas.hooks import capture, forward_batch, pad_token_id
 from neuronatlas.profile import ProfileOptions, ProfileRun, profile, run_metadata
+from neuronatlas.profile.options import resolve_max_length
 from neuronatlas.stats import SignalStats
 
 TINY_LLAMA = BUNDLED_ROOT / "models" / "tiny-llama"
@@ -105,7 +107,8 @@ def parse_args(argv):
     parser.add_argument("--label-field", default="lang")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8, profile's default)")
     parser.add_argument("--whole-docs", type=int, default=60, help="documents profiled (default: 60)")
-    parser.add_argument("--whole-max-length", type=int, default=128, help="tokens per window (default: 128)")
+    parser.add_argument("--whole-max-length", type=int, default=0,
+                        help="tokens per window (default: 0, profile's own: min(model positions, 512))")
     parser.add_argument("--whole-rounds", type=int, default=3, help="timed rounds after a warm-up (default: 3)")
     parser.add_argument("--stat-threads", type=int, default=0, help="profile's statistics threads, 0 = auto (default)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -288,7 +291,7 @@ def measure_whole(model_path: Path, corpus_path: Path, args, tmp: Path) -> dict:
     order, padded to the longest of each batch), alternating in one process for several rounds."""
     model, tokenizer = load_model(str(model_path), device="cpu", quiet=True)
     neurons = locate_neurons(model)
-    max_length = min(args.whole_max_length, max_positions(model.config) or args.whole_max_length)
+    max_length = resolve_max_length(model.config, args.whole_max_length or None)
     corpus = read_corpus(corpus_path, text_field=args.text_field, label_field=args.label_field)
     batches = list(iter_batches(iter_windows(corpus, tokenizer, max_length), args.batch_size, pad_token_id(tokenizer)))
     tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
@@ -366,6 +369,7 @@ from neuronatlas.corpus import iter_batches, iter_windows, read_corpus
 from neuronatlas.hooks import pad_token_id
 from neuronatlas.loading import load_model
 from neuronatlas.profile import ProfileOptions, profile
+from neuronatlas.profile.options import resolve_max_length
 
 
 def status_kib(field):
@@ -389,6 +393,7 @@ def reset_peak():
 
 mode, model_path, corpus, out, label_field, max_length = sys.argv[1:7]
 model, tokenizer = load_model(model_path, device="cpu", quiet=True)
+max_length = resolve_max_length(model.config, int(max_length) or None)
 load_peak = status_kib("VmHWM")
 with torch.inference_mode():
     for parameter in model.parameters():
@@ -398,9 +403,9 @@ reset = reset_peak()
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 if mode == "profile":
     profile(model, corpus, out, tokenizer=tokenizer, label_field=label_field, quiet=True,
-            options=ProfileOptions(max_length=int(max_length)))
+            options=ProfileOptions(max_length=max_length))
 else:
-    windows = iter_windows(read_corpus(corpus, label_field=label_field), tokenizer, int(max_length))
+    windows = iter_windows(read_corpus(corpus, label_field=label_field), tokenizer, max_length)
     with torch.inference_mode():
         for batch in iter_batches(windows, 8, pad_token_id(tokenizer)):
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
