@@ -128,7 +128,7 @@ def test_bottom_exemplars_are_the_most_negative_activations(atlas, reference):
 
 
 def test_padding_side_batch_size_and_length_buckets_do_not_change_statistics(tiny_llama, corpus_path, atlas, tmp_path):
-    # batch_tokens None: batch_size x max_length padded tokens a batch; 0: batch_size windows; 150: a few short ones
+    # batch_tokens None: the automatic budget (a layer's z within 4 MiB); 0: batch_size windows; 150: a few short ones
     for batch_size, side, buckets, budget in ((1, "right", 8, None), (7, "left", 8, None), (4, "right", 1, 0),
                                               (2, "right", 3, None), (2, "left", 8, 150)):
         other = run_profile(tiny_llama, corpus_path, tmp_path / f"{side}{batch_size}-{buckets}-{budget}",
