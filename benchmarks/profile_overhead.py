@@ -13,8 +13,9 @@
    length inside buffers of 8 batches, a batch taking more than 8 short windows within the
    automatic token budget: its ratio to the naive padded bare forward is the speed a user sees on
    a corpus of mixed lengths. Windows are profile's default length (min(model positions, 512));
-   ``--whole-max-length 128`` gives the shorter windows of earlier measurements. Default models: the bundled tiny-llama, then
-   SmolLM2-135M-Instruct (Q4_1 GGUF) when fetched into ~/.cache/neuronatlas/real-models/.
+   ``--whole-max-length 128`` gives the shorter windows of earlier measurements. Default models:
+   the bundled tiny-llama, then SmolLM2-135M-Instruct (Q4_1 GGUF) when fetched into
+   ~/.cache/neuronatlas/real-models/.
 2. Memory: a child process loads the model, reads every weight once and notes its resident set
    (the loaded model's footprint: the runtime and the weights), resets the peak, profiles, and
    notes the profile's own peak; another runs a bare forward over the same windows instead. The
@@ -379,7 +380,8 @@ def status_kib(field):
                 return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: the process's peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: the process's peak
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes there, KiB on Linux
 
 
 def reset_peak():

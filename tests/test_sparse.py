@@ -15,7 +15,7 @@ from neuronatlas.hooks import returned_cache, with_cache
 from neuronatlas.intervene import Intervention, intervene
 from neuronatlas.loading import load_model
 from neuronatlas.sparse import SparsifyOptions, apply_plan, load_plan, sparsify
-from neuronatlas.sparse.kernels import masked_input_matmul, sparse_input_matvec, weighted_row_sums
+from neuronatlas.sparse.kernels import sparse_input_matvec, weighted_row_sums
 
 DENSE_TOL = 1e-5
 
@@ -162,7 +162,7 @@ def test_sparse_input_kernel_equals_masked_matmul():
     mask = x.abs() > 0.7
     for pieces in (1, 2, 3, 64):  # the kept rows split into bags (64: more bags than rows, some empty)
         assert torch.allclose(sparse_input_matvec(x, weight_t, mask, pieces),
-                              masked_input_matmul(x[None], weight_t, mask[None])[0], atol=1e-5)
+                              (x * mask) @ weight_t, atol=1e-5)
     assert torch.equal(sparse_input_matvec(x, weight_t, torch.zeros(50, dtype=torch.bool)), torch.zeros(23))
     rows = [torch.tensor([3, 7, 8]), torch.tensor([], dtype=torch.long), torch.tensor([0, 49])]
     weights = [torch.randn(3), torch.randn(0), torch.randn(2)]
@@ -186,7 +186,7 @@ def test_gate_and_up_come_from_one_group_and_equal_their_masked_products(llama, 
     up = runtime.forward("up", x, None)
     assert not group.waiting  # the second call took the kept output
     for out, projection in ((gate, group.members["gate"]), (up, group.members["up"])):
-        expected = masked_input_matmul(x, projection.weight_t, projection.mask(x))
+        expected = (x * projection.mask(x)) @ projection.weight_t
         assert torch.allclose(out, expected, atol=1e-5)
         assert not torch.allclose(out, x @ projection.weight_t, atol=1e-3)  # channels were dropped
 

@@ -60,11 +60,6 @@ def weighted_row_sums(table: torch.Tensor, rows: list[torch.Tensor], weights: li
     return summed.view(len(rows), pieces, -1).sum(1)
 
 
-def masked_input_matmul(x: torch.Tensor, weight_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(x * mask) @ weight_t`` for many tokens: x, mask (N, in); the reference the kernel must equal."""
-    return (x * mask).to(weight_t.dtype) @ weight_t
-
-
 def expert_runs(experts: list[int], bounds: list[int]) -> list[tuple[int, int]]:
     """Neuron ranges [start, stop) of sorted expert ids, adjacent experts merged into one run.
 
