@@ -107,6 +107,30 @@ def test_batched_decode_matches_each_sequence_alone(llama, corpus_path, sparsity
         assert sparse.phase.kernel_calls["rows"] > 0
 
 
+def test_batched_decode_goes_dense_without_counting_where_the_rows_would_exceed(llama, corpus_path):
+    """Uniform 25%: from 4 sequences on (4 x 75% = three times the rows) every decode call is the masked
+    dense product, taken without counting the kept channels; 2 sequences (1.5 times) count them. Both
+    give each sequence's own logits."""
+    model, tokenizer = llama
+    texts = ["the cat sat on a mat and", "der hund lief zum haus und", "the dog ran to the house while",
+             "birds sang in trees and the"]
+    ids = torch.stack([tokenizer(t, return_tensors="pt").input_ids[0, :7] for t in texts])  # (4, 7)
+    plan = teal_plan(model, tokenizer, corpus_path, scope="all", allocation="uniform").at_sparsity(0.25)
+    sparse = apply_plan(model, plan)
+    groups = {id(group): group for runtime in sparse.runtimes for group in runtime.groups.values()}.values()
+    assert {group.dense_from for group in groups} == {4}  # ceil(3 / (1 - 0.25))
+    with sparse:
+        alone = torch.cat([prefill_then_steps(model, ids[row : row + 1], 3) for row in range(4)])
+        sparse.phase.kernel_calls.clear()
+        batched = prefill_then_steps(model, ids, 3)
+        assert sparse.phase.kernel_calls["dense"] > 0 and sparse.phase.kernel_calls["rows"] == 0
+        assert torch.allclose(batched, alone, atol=1e-4)
+        sparse.phase.kernel_calls.clear()
+        pair = prefill_then_steps(model, ids[:2], 3)
+        assert sum(sparse.phase.kernel_calls.values()) > 0  # counted, then rows or dense by the count
+        assert torch.allclose(pair, alone[:2], atol=1e-4)
+
+
 def test_bench_reports_threads_load_range_batches_and_compaction(llama, corpus_path):
     from neuronatlas.sparse.bench import bench
 

@@ -111,7 +111,7 @@ def threshold_runtime(plan, layer, weighted: bool, phase=None):
         thresholds = {role: threshold_at(plan.tensor(f"quantiles.{role}", layer.index), sparsity[role]) for role in members}
         scales = {role: column_norms(w).to(w.dtype) if weighted else None for role, (w, _) in members.items()}
         random = {role: sparsity[role] if plan.control == "random" else None for role in members}
-        built = build_group(members, thresholds, scales, random, counts)
+        built = build_group(members, thresholds, scales, random, {role: sparsity[role] for role in members}, counts)
         groups |= {role: built for role in members}
     return ThresholdRuntime(groups, {role: modules[role] for role in roles})
 

@@ -9,13 +9,17 @@ at theirs: when every member keeps the same channels (TEAL) from one table ``[W_
 on a CPU by one compiled call (:mod:`.row_kernel`), otherwise by :func:`.kernels.weighted_row_sums`.
 With B sequences the rows read are the sum of each token's kept rows; when that exceeds the
 dense weight's rows (batch 4 at 50%: twice as many) the group falls back to the dense product of
-the masked input, which reads every row once (counted in ``Phase.kernel_calls``). Calls of more
-tokens (prefill) always take that masked dense product. It uses each projection's own (out, in)
-weight, as the dense model does: ``x @ Wᵀ`` from the (in, out) table was 10-15% slower at 16 tokens.
+the masked input, which reads every row once (counted in ``Phase.kernel_calls``). From the batch
+size at which the calibrated sparsity expects three times the rows (``DENSE_AT``) it goes there
+without counting; below it the kept channels are counted. Calls of more tokens (prefill) always
+take that masked dense product. It uses each projection's own (out, in) weight, as the dense model
+does (``x @ Wᵀ`` from the (in, out) table was 10-15% slower at 16 tokens), and TEAL's masked input
+is one ``hardshrink`` (|x_i| > threshold kept), made once for the members that share it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -26,6 +30,7 @@ from .ffn import tokens_of
 from .kernels import weighted_row_sums
 
 MAX_BAG_TOKENS = 16  # calls of more tokens (prefill) use the masked dense product
+DENSE_AT = 3.0  # tokens expected to keep this many times the weight's rows: the dense product, without counting
 
 
 def threshold_at(quantiles: torch.Tensor, sparsity: float) -> float:
@@ -43,11 +48,12 @@ class SparseInputProjection:
     """One projection whose input channels are dropped per token when their score is below a threshold."""
 
     def __init__(self, weight: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-                 scale: torch.Tensor | None, random_sparsity: float | None):
+                 scale: torch.Tensor | None, random_sparsity: float | None, sparsity: float):
         self.weight = weight  # (out, in): the model's own, for the masked dense product
         self.weight_t = weight_t  # (in, out): row i = input channel i (a column slice of a group table)
         self.bias = bias
         self.threshold = threshold
+        self.sparsity = sparsity  # the share of channels the threshold drops on the calibration inputs
         self.scale = scale  # (in,) WINA's column norms, None for TEAL
         self.random_sparsity = random_sparsity  # the random control drops this share of channels
 
@@ -62,30 +68,37 @@ class SparseInputProjection:
         return (self.random_sparsity is None and other.random_sparsity is None and self.scale is None
                 and other.scale is None and self.threshold == other.threshold)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Many tokens: the dense product of the masked input, x (..., in) -> (..., out)."""
-        masked = x * (self.mask(x) if mask is None else mask)
+    def masked(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) with the dropped channels zeroed: the input of the masked dense product."""
+        if self.random_sparsity is None and self.scale is None:
+            return F.hardshrink(x, self.threshold)  # TEAL: |x_i| > threshold kept, one op instead of four
+        return x * self.mask(x)
+
+    def forward(self, x: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Many tokens: the dense product of the masked input, x (..., in) -> (..., out); ``masked``:
+        that input when the caller has it already."""
+        masked = self.masked(x) if masked is None else masked
         return F.linear(masked.to(self.weight.dtype), self.weight, self.bias)
 
     def kept_rows_product(self, flat: torch.Tensor, table: torch.Tensor,
                           counts: Counter) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(flat * mask) @ table`` (B, out) reading only the kept rows of ``table`` (in, out), without
         bias, or None when the tokens keep more rows together than the table has (then a dense product
-        reads fewer bytes); and the mask (B, in), for that dense product (None where the compiled
-        kernel thresholds one token alone). Counts the call as "rows" or "dense"."""
+        reads fewer bytes); and the masked input (B, in), for that dense product (None where the
+        compiled kernel thresholds one token alone). Counts the call as "rows" or "dense"."""
         kernel = self.random_sparsity is None and row_kernel.supports(table)  # one compiled call (float32 CPU)
         # several tokens are checked against the rows before the kernel's call, whose fixed cost
         # (~60 µs) was 5% of a 16-sequence decode step
-        mask = self.mask(flat) if len(flat) > 1 or not kernel else None
-        if mask is not None and int(mask.sum()) > flat.shape[1]:
+        masked = self.masked(flat) if len(flat) > 1 or not kernel else None
+        if masked is not None and int(torch.count_nonzero(masked)) > flat.shape[1]:
             out = None
         elif kernel:
             out = row_kernel.thresholded_rows(flat, self.threshold, self.scale, table, flat.shape[1])
         else:
-            kept = [m.nonzero().squeeze(1) for m in mask]
-            out = weighted_row_sums(table, kept, [t[k] for t, k in zip(flat, kept)])
+            kept = [row.nonzero().squeeze(1) for row in masked]  # a kept channel that is exactly 0 adds nothing
+            out = weighted_row_sums(table, kept, [row[k] for row, k in zip(masked, kept)])
         counts["dense" if out is None else "rows"] += 1
-        return out, mask
+        return out, masked
 
     def with_bias(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.bias is None else out + self.bias
@@ -101,6 +114,15 @@ class InputGroup:
         self.counts = counts  # "rows" / "dense" decode calls, shared by the model's runtimes
         self.x: torch.Tensor | None = None  # the input whose other outputs are waiting
         self.waiting: dict[str, torch.Tensor] = {}
+        self.masked_of: torch.Tensor | None = None  # the input whose shared masked copy is kept
+        self.masked_input: torch.Tensor | None = None
+        # tokens from which every member is expected, at its calibrated sparsity, to keep at least DENSE_AT
+        # times its weight's rows (batch 6 at 50%): the dense product reads fewer bytes, and counting the
+        # kept channels first (~50 µs a call at batch 16) would cost more than it could tell. Below it the
+        # count decides: at 2x expected (batch 4 at 50%) a quarter of SmolLM2's calls kept fewer channels
+        # than rows on held-out text, and the row kernel made batch 4 1.05x instead of 0.96x
+        self.dense_from = max(2, max(math.ceil(DENSE_AT / (1 - m.sparsity)) if m.sparsity < 1 else math.inf
+                                     for m in members.values()))
 
     @property
     def shared_mask(self) -> bool:
@@ -112,26 +134,40 @@ class InputGroup:
             if not self.waiting:
                 self.x = None
             return out
-        if tokens_of(x) > MAX_BAG_TOKENS:
-            return self.members[role].forward(x)
+        tokens = tokens_of(x)
+        if tokens > MAX_BAG_TOKENS or tokens >= self.dense_from:
+            return self._masked_dense(role, x, decode=tokens <= MAX_BAG_TOKENS)
         outputs = self._decode(x.reshape(-1, x.shape[-1]))  # role -> (B, out)
         outputs = {name: out.view(*x.shape[:-1], -1) for name, out in outputs.items()}
         self.x, self.waiting = x, {name: out for name, out in outputs.items() if name != role}
         return outputs[role]
 
+    def _masked_dense(self, role: str, x: torch.Tensor, decode: bool) -> torch.Tensor:
+        """The dense product of the masked input; members that share their mask share one masked copy
+        (q, then k and v; gate, then up). A decode step counts as "dense" once per masked input."""
+        member = self.members[role]
+        if self.shared_mask and x is self.masked_of:
+            return member.forward(x, self.masked_input)
+        masked = member.masked(x)
+        if self.shared_mask:
+            self.masked_of, self.masked_input = x, masked
+        if decode:
+            self.counts["dense"] += 1
+        return member.forward(x, masked)
+
     def _decode(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every member's output for the tokens flat (B, in)."""
         if self.shared_mask:
             first = next(iter(self.members.values()))
-            out, mask = first.kept_rows_product(flat, self.table, self.counts)  # (B, sum of outs)
-            if out is None:
-                return {role: member.forward(flat, mask) for role, member in self.members.items()}
+            out, masked = first.kept_rows_product(flat, self.table, self.counts)  # (B, sum of outs)
+            if out is None:  # the members share the masked input
+                return {role: member.forward(flat, masked) for role, member in self.members.items()}
             parts = out.split(self.widths, dim=1)
             return {role: member.with_bias(part) for (role, member), part in zip(self.members.items(), parts)}
         outputs = {}
         for role, member in self.members.items():
-            out, mask = member.kept_rows_product(flat, member.weight_t, self.counts)
-            outputs[role] = member.forward(flat, mask) if out is None else member.with_bias(out)
+            out, masked = member.kept_rows_product(flat, member.weight_t, self.counts)
+            outputs[role] = member.forward(flat, masked) if out is None else member.with_bias(out)
         return outputs
 
 
@@ -148,8 +184,10 @@ class ThresholdRuntime:
 
 
 def build_group(weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], thresholds: dict[str, float],
-                scales: dict[str, torch.Tensor | None], random: dict[str, float | None], counts: Counter) -> InputGroup:
-    """An :class:`InputGroup` of ``weights`` (role -> ((out, in) weight, bias)) reading one input."""
+                scales: dict[str, torch.Tensor | None], random: dict[str, float | None], sparsities: dict[str, float],
+                counts: Counter) -> InputGroup:
+    """An :class:`InputGroup` of ``weights`` (role -> ((out, in) weight, bias)) reading one input;
+    ``sparsities``: the share of channels each threshold drops (calibration), for the kernel choice."""
     roles = list(weights)
     shared = all(scales[r] is None and random[r] is None and thresholds[r] == thresholds[roles[0]] for r in roles)
     if shared:  # one table; the members' weights are column slices of it (no second copy)
@@ -160,6 +198,6 @@ def build_group(weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], th
         slices = {r: table[:, a:b] for r, a, b in zip(roles, bounds[:-1], bounds[1:])}
     else:
         table, slices = None, {r: weights[r][0].T.contiguous() for r in roles}
-    members = {r: SparseInputProjection(weights[r][0], slices[r], weights[r][1], thresholds[r], scales[r], random[r])
-               for r in roles}
+    members = {r: SparseInputProjection(weights[r][0], slices[r], weights[r][1], thresholds[r], scales[r], random[r],
+                                        sparsities[r]) for r in roles}
     return InputGroup(members, table, counts)
