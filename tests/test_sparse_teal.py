@@ -145,6 +145,9 @@ def test_bench_reports_threads_load_range_batches_and_compaction(llama, corpus_p
     assert result["batched"][0]["batch"] == 4 and "kernel_rows_share" in result["batched"][0]
     assert result["bytes_limit"] > 1 and 0 < result["linear_share"] < 1
     assert 1 < result["step_limit"] < result["bytes_limit"]
+    assert not any("random token ids" in warning for warning in result["warnings"])  # a corpus was given
+    alone = bench(model, tokenizer, plan, runs=1, new_tokens=3, prompt_tokens=6, threads=1)
+    assert any("random token ids" in warning for warning in alone["warnings"])  # TEAL's speed on random ids: said
     core = sparsify("coreinfer", model, tokenizer, 0.5)
     assert bench(model, tokenizer, core, runs=1, new_tokens=3, prompt_tokens=6, threads=1)["compaction_s"] > 0
 
@@ -337,12 +340,12 @@ def test_greedy_block_error_is_at_most_uniforms_on_a_trained_model(trained_llama
             assert max(abs(s - target) for s in chosen.values()) > 0.05 and greedy <= flat, (target, layer.index, greedy, flat)
 
 
-def test_auto_greedy_units_and_search_follow_the_device():
+def test_auto_greedy_units_are_published_and_the_search_follows_the_device():
     import torch
 
     from neuronatlas.sparse.allocation import resolve_greedy
 
-    assert resolve_greedy("auto", "auto", torch.device("cpu")) == ("input", "lazy")
+    assert resolve_greedy("auto", "auto", torch.device("cpu")) == ("projection", "lazy")
     assert resolve_greedy("auto", "auto", torch.device("cuda", 0)) == ("projection", "exact")  # published
     assert resolve_greedy("projection", "exact", torch.device("cpu")) == ("projection", "exact")  # as asked
 

@@ -35,11 +35,11 @@ def register(commands) -> None:
     group.add_argument("--greedy-tokens", type=positive_int, default=512,
                        help="teal/wina greedy: calibration tokens whose block outputs measure the error (default: 512)")
     group.add_argument("--greedy-units", default="auto", choices=["auto", "projection", "input"],
-                       help="teal/wina greedy: allocate per projection (published) or per input (shared masks); "
-                            "auto: projection on a GPU, input on a CPU (default: auto)")
+                       help="teal/wina greedy: allocate per projection (published) or per input (q/k/v and gate/up "
+                            "share one mask: faster decode, worse perplexity); auto: projection (default: auto)")
     group.add_argument("--greedy-search", default="auto", choices=["auto", "exact", "lazy"],
                        help="teal/wina greedy: try every unit each step (published) or re-measure only the cheapest; "
-                            "auto: exact on a GPU, lazy on a CPU, where exact takes hours on a 135M model (default: auto)")
+                            "auto: exact on a GPU, lazy on a CPU, 4x faster there (default: auto)")
     group.add_argument("--greedy-error", default="channel", choices=["channel", "squared"],
                        help="teal/wina greedy: block error as TEAL's code (per-channel L2 over positions) or squared")
     group.add_argument("--greedy-last", type=float_in(0.0, 1.0, low_open=True), default=0.25,

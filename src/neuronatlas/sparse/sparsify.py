@@ -45,8 +45,9 @@ class SparsifyOptions:
     greedy_tokens: int = 512  # teal/wina greedy: calibration tokens whose block outputs measure the error
     greedy_top: float = 0.9  # teal/wina greedy: the path's last average sparsity (beyond: all inputs rise alike)
     greedy_units: str = "auto"  # teal/wina greedy: "projection" (q, k, v, o, gate, up, down; published) or
-    #   "input" (q/k/v and gate/up share one sparsity, hence one mask per token); "auto": by device (resolve_greedy)
-    greedy_search: str = "auto"  # teal/wina greedy: "exact" (every unit tried each step; published), "lazy", "auto"
+    #   "input" (q/k/v and gate/up share one sparsity, hence one mask per token); "auto": projection (resolve_greedy)
+    greedy_search: str = "auto"  # teal/wina greedy: "exact" (every unit tried each step; published), "lazy", "auto":
+    #   exact on a GPU, lazy on a CPU (resolve_greedy)
     greedy_error: str = "channel"  # teal/wina greedy: "channel" (released code: per-channel L2 over positions,
     #   averaged) or "squared" (squared error summed over tokens)
     greedy_last: float = 0.25  # teal/wina greedy: share of each calibration sequence's last tokens scored (published 0.25)
