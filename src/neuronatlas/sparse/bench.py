@@ -4,9 +4,9 @@ Speed (:mod:`.speed`): batch-1 greedy decode (one prefill, then ``new_tokens - 1
 steps with the KV cache), dense and sparse taking turns step by step, the median of ``runs`` runs
 and their range, on threads that fit the free cores; optionally the same at larger batches. The
 prompt is a held-out window, or random token ids without a corpus (a warning for TEAL and WINA,
-whose per-token thresholds skip less on them). Quality: held-out perplexity of the continuation of each window given its first ``prompt_fraction`` as the prompt
-(the prompt is prefilled first, as in generation: CoreInfer chooses its core neurons there), dense
-and sparse, on the same tokens.
+whose per-token thresholds skip less on them). Quality: held-out perplexity of the continuation
+of each window given its first ``prompt_fraction`` as the prompt (the prompt is prefilled first, as
+in generation: CoreInfer chooses its core neurons there), dense and sparse, on the same tokens.
 """
 
 from __future__ import annotations
