@@ -131,6 +131,24 @@ def test_batched_decode_goes_dense_without_counting_where_the_rows_would_exceed(
         assert torch.allclose(pair, alone[:2], atol=1e-4)
 
 
+def test_teal_roles_reading_one_input_share_one_mask_when_the_scores_are_subsampled(llama, corpus_path, monkeypatch):
+    """Quantile tables past MAX_QUANTILE_SAMPLE scores come from a subsample: q, k and v (gate, up) still
+    get one table, so a uniform plan gives each input one threshold, one mask, one kernel call."""
+    import neuronatlas.sparse.teal as teal
+
+    model, tokenizer = llama
+    monkeypatch.setattr(teal, "MAX_QUANTILE_SAMPLE", 1000)  # the 256 calibration tokens give far more scores
+    plan = teal_plan(model, tokenizer, corpus_path, scope="all", allocation="uniform")
+    for layer in range(len(plan.widths)):
+        for roles in (("q", "k", "v"), ("gate", "up")):
+            tables = [plan.tensor(f"quantiles.{role}", layer) for role in roles]
+            assert all(torch.equal(tables[0], table) for table in tables[1:]), (layer, roles)
+    runtime = apply_plan(model, plan).runtimes[0]
+    assert runtime.groups["q"].shared_mask and runtime.groups["gate"].shared_mask
+    wina = teal_plan(model, tokenizer, corpus_path, method="wina", scope="all", allocation="uniform")
+    assert not torch.equal(wina.tensor("quantiles.q", 0), wina.tensor("quantiles.k", 0))  # WINA: each weight's norms
+
+
 def test_bench_reports_threads_load_range_batches_and_compaction(llama, corpus_path):
     from neuronatlas.sparse.bench import bench
 

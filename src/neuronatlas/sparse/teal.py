@@ -129,15 +129,21 @@ def threshold_tables(layers: list[SparseLayer], atlas, sample: CalibrationSample
     tensors = {}
     generator = torch.Generator().manual_seed(0)
     for layer in layers:
+        of_input = {}  # TEAL: the roles reading one input score it alike, so one table (one threshold, one mask)
         for role, (weight, _) in role_weights(layer, scope).items():
             scale = column_norms(weight).cpu() if weighted else None
             key = f"quantiles.{role}.{layer.index}"
-            if sample is not None:
-                values = sample.inputs(GROUP_OF[role], layer.index).abs()
+            group = GROUP_OF[role]
+            if sample is not None and not weighted and group in of_input:
+                # the same table, not a second subsample of the same scores: thresholds apart by a subsample's
+                # noise gave q, k and v (gate, up) a mask apiece, so three kernel calls a decode step, not one
+                tensors[key] = of_input[group].clone()
+            elif sample is not None:
+                values = sample.inputs(group, layer.index).abs()
                 scores = (values * scale if weighted else values).reshape(-1)
                 if scores.numel() > MAX_QUANTILE_SAMPLE:
                     scores = scores[torch.randint(scores.numel(), (MAX_QUANTILE_SAMPLE,), generator=generator)]
-                tensors[key] = quantile_table(scores)
+                tensors[key] = of_input[group] = quantile_table(scores)
             elif role == "down":
                 tensors[key] = atlas_score_quantiles(atlas, layer.index, scale, QUANTILE_POINTS)
     return tensors
