@@ -30,6 +30,7 @@ from .wrap import SparseModel, apply_plan
 
 RANDOM_PROMPT_SENSITIVE = ("teal", "wina")  # per-token thresholds: what they skip depends on the text
 
+
 def eval_windows(tokenizer, corpus, text_field: str = "text", max_windows: int = 32, max_length: int = 128) -> list[torch.Tensor]:
     """The first ``max_windows`` windows (at least 4 tokens) of a corpus, each (1, T)."""
     windows = []

@@ -63,11 +63,6 @@ class SparseInputProjection:
         score = x.abs() if self.scale is None else x.abs() * self.scale
         return score > self.threshold
 
-    def same_mask_as(self, other: SparseInputProjection) -> bool:
-        """Whether both always keep the same channels of the same input (TEAL's q/k/v, gate/up)."""
-        return (self.random_sparsity is None and other.random_sparsity is None and self.scale is None
-                and other.scale is None and self.threshold == other.threshold)
-
     def masked(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) with the dropped channels zeroed: the input of the masked dense product."""
         if self.random_sparsity is None and self.scale is None:
