@@ -191,6 +191,12 @@ CASES = [
     Case("find-attribution-batch-0", "find attribution --model {model} --device cpu --corpus {corpus} --label-field lang "
          "--batch-size 0 --out {newjson}", ("--batch-size", "0")),
     Case("find-probe-out-is-a-folder", "find probe --atlas {atlas} --out {folder}", ("is a folder",)),
+    Case("find-attribution-max-length-beyond-positions", "find attribution --model {model} --device cpu --corpus {corpus} "
+         "--label-field lang --max-length 4096 --out {newjson}", ("4096", "64 positions", "--max-length 64")),
+    Case("find-probe-max-length-beyond-positions", "find probe --model {model} --device cpu --corpus {corpus} "
+         "--label-field lang --max-length 4096 --out {newjson}", ("4096", "64 positions", "--max-length 64")),
+    Case("find-universal-max-length-beyond-positions", "find universal --model {model} --other {gpt2} --device cpu "
+         "--corpus {corpus} --max-length 4096 --out {newjson}", ("4096", "64 positions", "--max-length 64")),
     Case("find-universal-max-length-1", "find universal --model {model} --other {gpt2} --device cpu --corpus {corpus} "
          "--max-length 1 --out {newjson}", ("--max-length", "1")),
     # --- vocab ---------------------------------------------------------------------------------------
@@ -210,6 +216,7 @@ CASES = [
     Case("evaluate-controls-negative", E + " --controls -1", ("controls", "-1")),
     Case("evaluate-batch-size-0", E + " --batch-size 0", ("--batch-size", "0")),
     Case("evaluate-max-length-1", E + " --max-length 1", ("--max-length", "1")),
+    Case("evaluate-max-length-beyond-positions", E + " --max-length 4096", ("4096", "64 positions", "--max-length 64")),
     Case("evaluate-max-docs-0", E + " --max-docs-per-label 0", ("max docs per label", "0")),
     Case("evaluate-op", E + " --op double", ("--op", "double")),
     Case("evaluate-value-nan", E + " --op constant --value nan", ("--value", "nan")),
@@ -288,6 +295,8 @@ CASES = [
     Case("bench-runs-0", B + " --runs 0", ("--runs", "0")),
     Case("bench-new-tokens-1", B + " --new-tokens 1", ("--new-tokens", "1")),
     Case("bench-max-length-3", B + " --max-length 3", ("--max-length", "3")),
+    Case("bench-max-length-beyond-positions", B + " --corpus {corpus} --max-length 4096",
+         ("4096", "64 positions", "--max-length 64")),
     Case("bench-max-windows-0", B + " --max-windows 0", ("--max-windows", "0")),
     Case("bench-threads-0", B + " --threads 0", ("--threads", "0")),
     Case("bench-json-is-a-folder", B + " --json {folder}", ("--json", "is a folder")),

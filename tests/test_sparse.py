@@ -276,6 +276,22 @@ def test_families_decode_like_their_multi_token_path(family, corpus_path, tmp_pa
 # ---- command line --------------------------------------------------------------------------------
 
 
+def test_bench_windows_fit_a_model_of_few_positions(tiny_gpt2, corpus_path, tmp_path):
+    """A learned position table of 64 and documents of up to 91 tokens: the default window (128)
+    shrinks to the model's positions instead of indexing past the table."""
+    model, tokenizer = load_model(str(tiny_gpt2), device="cpu", quiet=True)
+    assert model.config.n_positions == 64
+    longest = max(len(tokenizer(json.loads(line)["text"]).input_ids) for line in corpus_path.read_text().splitlines())
+    assert longest > 64
+    plan = tmp_path / "plan"
+    assert main(["sparsify", "coreinfer", "--model", str(tiny_gpt2), "--device", "cpu", "--out", str(plan)]) == 0
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_gpt2), "--device", "cpu", "--plan", str(plan), "--corpus", str(corpus_path),
+                 "--json", str(out), "--runs", "1", "--new-tokens", "2", "--max-windows", "3"]) == 0
+    result = json.loads(out.read_text())
+    assert result["eval_windows"] == 3 and result["ppl_dense"] > 1
+
+
 def test_cli_sparsify_and_bench_write_the_contract(tiny_llama, llama_atlas, corpus_path, tmp_path):
     plan = tmp_path / "plan"
     assert main(["sparsify", "hot", "--model", str(tiny_llama), "--atlas", str(llama_atlas[1]),

@@ -39,7 +39,7 @@ from .corpus import Batch, Corpus, iter_batches, iter_windows, read_corpus
 from .errors import NeuronAtlasError
 from .hooks import forward_batch, hook_sites, pad_token_id
 from .intervene import SIGNALS, Intervention, check_interventions, combine
-from .loading import max_positions, model_fingerprint
+from .loading import model_fingerprint, window_length
 from .models import check_causal, locate_neurons
 from .neuronset import NeuronSet
 
@@ -105,7 +105,7 @@ def evaluate(
     if check_fingerprint:
         neuron_set.check_model(fingerprint, neurons.widths)
     corpus = _labelled_corpus(corpus, text_field, label_field)
-    max_length = _max_length(model, max_length)
+    max_length = window_length(model.config, max_length, DEFAULT_MAX_LENGTH)
     batches, documents, tokens = _label_batches(corpus, tokenizer, max_docs_per_label, max_length, batch_size)
     labels, set_labels = sorted(batches), neuron_set.labels
     sets = _label_sets(neuron_set, labels, corpus)
@@ -301,17 +301,6 @@ def _check_arguments(neuron_set, controls, op, value, atlas, signal, neurons, ba
         raise NeuronAtlasError(f"conditions per forward must be at least 1, not {per_forward}")
     if max_docs is not None and max_docs < 1:
         raise NeuronAtlasError(f"max docs per label must be at least 1, not {max_docs}")
-
-
-def _max_length(model, requested: int | None) -> int:
-    limit = max_positions(model.config)
-    if requested is None:
-        return min(limit or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
-    if requested < 2:
-        raise NeuronAtlasError(f"max length must be at least 2 (got {requested})")
-    if limit is not None and requested > limit:
-        raise NeuronAtlasError(f"max length {requested} is beyond the model's {limit} positions; use {limit} or less")
-    return requested
 
 
 def _label_batches(corpus: Corpus, tokenizer, max_docs: int | None, max_length: int, batch_size: int):

@@ -181,6 +181,23 @@ def max_positions(config) -> int | None:
     return None
 
 
+WINDOW_LENGTH = 128  # tokens per window of the methods that run the model, where the model has as many positions
+
+
+def window_length(config, requested: int | None, default: int = WINDOW_LENGTH) -> int:
+    """Tokens per window: ``requested``, checked against the model's positions (one-line error when
+    beyond them: a learned position table would fail with an IndexError), or min(positions, ``default``)."""
+    limit = max_positions(config)
+    if requested is None:
+        return min(limit or default, default)
+    if requested < 2:
+        raise NeuronAtlasError(f"max length must be at least 2 (got {requested})")
+    if limit is not None and requested > limit:
+        raise NeuronAtlasError(f"max length {requested} is beyond the model's {limit} positions; "
+                               f"use --max-length {limit} or less")
+    return requested
+
+
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache")
 
 

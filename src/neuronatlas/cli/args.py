@@ -153,7 +153,8 @@ def invalid_text_arg(parser: argparse.ArgumentParser) -> None:
                              "U+FFFD and count it (default: error)")
 
 
-def window_args(parser: argparse.ArgumentParser, max_length: int | None = 128, default_text: str | None = None,
+def window_args(parser: argparse.ArgumentParser, max_length: int | None = None,
+                default_text: str | None = "min(model positions, 128)",
                 batch_size: bool = True, least_length: int = 2) -> None:
     """--max-length (tokens per window, at least ``least_length``) and --batch-size (windows per forward pass)."""
     shown = default_text or str(max_length)

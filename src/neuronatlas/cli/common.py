@@ -81,14 +81,6 @@ def read_corpus_from(args, path: str | None = None, label_field: str | None = No
                        on_invalid_text=getattr(args, "on_invalid_text", "error"))
 
 
-def read_windowed_corpus(args):
-    """--corpus, after checking --max-length and --batch-size (methods that window it themselves)."""
-    if args.max_length < 2 or args.batch_size < 1:
-        raise NeuronAtlasError(f"--max-length must be at least 2 and --batch-size at least 1 "
-                               f"(got {args.max_length} and {args.batch_size})")
-    return read_corpus_from(args)
-
-
 def atlas_meta(path: str | None) -> dict | None:
     """The metadata of the atlas at ``path`` (None without one): names a set after the atlas's model."""
     if path is None:

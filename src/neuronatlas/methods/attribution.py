@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..corpus import Corpus, iter_batches, iter_windows, read_corpus
 from ..errors import NeuronAtlasError
 from ..hooks import forward_batch, pad_token_id
-from ..loading import model_fingerprint
+from ..loading import model_fingerprint, window_length
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
@@ -59,14 +59,14 @@ def _pool(product: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 def corpus_attributions(model, tokenizer, corpus: Corpus, target: str = "logprob", pool: str = "max",
-                        max_docs_per_label: int | None = None, max_length: int = 128, batch_size: int = 8,
+                        max_docs_per_label: int | None = None, max_length: int | None = None, batch_size: int = 8,
                         quiet: bool = True, documents: dict | None = None) -> tuple[dict, dict]:
     """({label: (N,) mean pooled attribution over its windows}, {label: windows}); an unlabelled
     corpus gives the single label None. ``documents``, when given, is filled with {doc: [label,
     windows, (N,) float32 sum of its windows' pooled attributions]} (for the permutation null)."""
     neurons = locate_neurons(model)
     device = next(model.parameters()).device
-    windows = _windows(corpus, tokenizer, max_docs_per_label, max_length)
+    windows = _windows(corpus, tokenizer, max_docs_per_label, window_length(model.config, max_length))
     pad = pad_token_id(tokenizer)
     sums: dict = {}
     counts: dict = {}
@@ -157,15 +157,13 @@ def _windows(corpus: Corpus, tokenizer, max_docs: int | None, max_length: int) -
     return dict(sorted(out.items(), key=lambda item: str(item[0])))
 
 
-def _check_options(target, pool, top_rate, max_length, batch_size, max_docs) -> None:
+def _check_options(target, pool, top_rate, batch_size, max_docs) -> None:
     if target not in TARGETS:
         raise NeuronAtlasError(f"unknown target {target!r}; use logprob or prob")
     if pool not in POOLS:
         raise NeuronAtlasError(f"unknown pool {pool!r}; use max, mean or sum")
     if not 0 < top_rate <= 1:
         raise NeuronAtlasError(f"top rate must be in (0, 1] (got {top_rate}); 0.01 keeps 1% of all neurons per label")
-    if max_length < 2:
-        raise NeuronAtlasError(f"max length must be at least 2 (got {max_length})")
     if batch_size < 1:
         raise NeuronAtlasError(f"batch size must be at least 1 (got {batch_size})")
     if max_docs is not None and max_docs < 1:
@@ -210,13 +208,14 @@ def find_attribution(model, tokenizer, corpus: str | Path | Corpus, *, label_fie
                      text_field: str = "text", control: str | Path | Corpus | None = None,
                      labels: list[str] | None = None, top_rate: float = 0.01, target: str = "logprob",
                      pool: str = "max", clamp_control: bool = True, exclude: NeuronSet | None = None,
-                     max_docs_per_label: int | None = None, max_length: int = 128, batch_size: int = 8,
+                     max_docs_per_label: int | None = None, max_length: int | None = None, batch_size: int = 8,
                      quiet: bool = True, null: NullOptions | None = None) -> NeuronSet:
     """Per-label neurons by activation x gradient on the label's text minus a control; see the module docstring.
 
     >>> found = find_attribution(model, tokenizer, "train.jsonl", label_field="lang", top_rate=0.02)  # doctest: +SKIP
     """
-    _check_options(target, pool, top_rate, max_length, batch_size, max_docs_per_label)
+    max_length = window_length(model.config, max_length)
+    _check_options(target, pool, top_rate, batch_size, max_docs_per_label)
     corpus = _labelled(corpus, text_field, label_field)
     widths = locate_neurons(model).widths
     blocked = _excluded(exclude, model, widths)

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..hooks import capture_activations
+from ..loading import window_length
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
@@ -72,12 +73,13 @@ def cett(z: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def cett_features(model, tokenizer, records: list[dict], pool: str = "mean", max_length: int = 128) -> np.ndarray:
+def cett_features(model, tokenizer, records: list[dict], pool: str = "mean", max_length: int | None = None) -> np.ndarray:
     """(examples, N) float32: each example's CETT pooled over its answer tokens, layers concatenated."""
     if pool not in POOLS:
         raise NeuronAtlasError(f"unknown pool {pool!r}; use mean or max")
     neurons = locate_neurons(model)
     device = next(model.parameters()).device
+    max_length = window_length(model.config, max_length)
     w_outs = [layer.w_out().detach().float() for layer in neurons.layers]
     rows = []
     for number, record in enumerate(records, 1):
@@ -148,7 +150,7 @@ def cett_null(x: np.ndarray, y: np.ndarray, fit: dict, test_size: float, seed: i
 
 def find_cett(model, tokenizer, records: list[dict], positive: str, *, label_field: str = "label",
               negative: str | None = None, pool: str = "mean", c: float | None = None, c_grid=C_GRID,
-              test_size: float = 0.3, seed: int = 0, max_length: int = 128,
+              test_size: float = 0.3, seed: int = 0, max_length: int | None = None,
               null: NullOptions | None = None) -> NeuronSet:
     """Neurons whose CETT predicts the positive label, by L1 logistic regression; see the module docstring.
 

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..hooks import before, capture_activations, forward_batch, pad_token_id
+from ..loading import window_length
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import model_block_for
@@ -206,7 +207,7 @@ _EFFECTS = ("loss", "entropy", "entropy_abs", "projection", "kl_unigram", "loss_
 
 @torch.no_grad()
 def mean_ablation_effects(model, tokenizer, corpus, neurons: list[tuple[int, int]],
-                          direction: torch.Tensor | None = None, max_docs: int = 40, max_length: int = 128,
+                          direction: torch.Tensor | None = None, max_docs: int = 40, max_length: int | None = None,
                           batch_size: int = 8) -> dict:
     """Mean-ablate each neuron alone; total and direct effects averaged over next-token predictions.
 
@@ -223,7 +224,7 @@ def mean_ablation_effects(model, tokenizer, corpus, neurons: list[tuple[int, int
         raise NeuronAtlasError("no neurons to check; the neuron set is empty")
     if site.final_norm is None:
         raise NeuronAtlasError(f"this {site.model_type} model has no final norm; the direct effect needs one")
-    batches = _check_batches(tokenizer, corpus, max_docs, max_length, batch_size)
+    batches = _check_batches(tokenizer, corpus, max_docs, window_length(model.config, max_length), batch_size)
     means = _mean_activations(model, site, batches, neurons)
     readout = _Readout(model, site, direction)
     sums = {key: dict.fromkeys(_sum_keys(direction is not None), 0.0) for key in means}

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..hooks import capture_activations, forward_batch, pad_token_id
+from ..loading import window_length
 from ..neuronset import Neuron, NeuronSet, model_info
 from .nulls import NullOptions, check_support, label_null, null_block, q_values
 from .nulls import best as nulls_best
@@ -71,7 +72,7 @@ def from_atlas(atlas, pool: str = "mean") -> ProbeData:
 
 @torch.no_grad()
 def collect_samples(model, tokenizer, corpus, unit: str = "doc", pool: str = "mean", max_per_label: int = 200,
-                    tokens_per_window: int = 8, max_length: int = 128, batch_size: int = 8,
+                    tokens_per_window: int = 8, max_length: int | None = None, batch_size: int = 8,
                     seed: int = 0) -> ProbeData:
     """Run ``model`` over the labelled ``corpus`` and keep samples of z for probing.
 
@@ -100,6 +101,7 @@ def collect_samples(model, tokenizer, corpus, unit: str = "doc", pool: str = "me
         raise NeuronAtlasError(f"corpus {corpus.path} needs labelled documents of at least two labels to probe "
                                f"(found: {', '.join(sorted(taken)) or 'none'}); pass --label-field")
     collector = _Collector(neurons.num_layers, unit, pool, max_per_label, tokens_per_window, seed)
+    max_length = window_length(model.config, max_length)
     batches = iter_batches(iter_windows(chosen, tokenizer, max_length), batch_size, pad_token_id(tokenizer), "right")
     for batch in batches:
         with capture_activations(neurons, batch.input_ids.shape) as captured:

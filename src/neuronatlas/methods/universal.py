@@ -30,6 +30,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..hooks import capture_activations, forward_batch, pad_token_id
+from ..loading import window_length
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block_for
@@ -152,7 +153,7 @@ def universality(stats: PairCorrelation, threshold: float = 0.5, seed: int = 0,
 
 
 @torch.no_grad()
-def correlate_models(model_a, model_b, tokenizer, corpus, max_tokens: int = 20_000, max_length: int = 128,
+def correlate_models(model_a, model_b, tokenizer, corpus, max_tokens: int = 20_000, max_length: int | None = None,
                      batch_size: int = 8) -> PairCorrelation:
     """Run both models over the first ``max_tokens`` real, non-special tokens of ``corpus``; the streamed sums."""
     from ..corpus import iter_batches, iter_windows
@@ -162,6 +163,7 @@ def correlate_models(model_a, model_b, tokenizer, corpus, max_tokens: int = 20_0
     sites = [locate_neurons(model_a), locate_neurons(model_b)]
     stats = PairCorrelation(sites[0].widths, sites[1].widths)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    max_length = window_length(model_b.config, window_length(model_a.config, max_length))  # both models' positions
     windows = iter_windows(corpus, tokenizer, max_length)
     for batch in iter_batches(windows, batch_size, pad_token_id(tokenizer), "right"):
         keep = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, special)  # (B, T)
@@ -244,7 +246,7 @@ def _summary(values: torch.Tensor) -> dict:
 
 
 def find_universal(model_a, model_b, tokenizer, corpus, threshold: float = 0.5, seed: int = 0,
-                   max_tokens: int = 20_000, max_length: int = 128, batch_size: int = 8,
+                   max_tokens: int = 20_000, max_length: int | None = None, batch_size: int = 8,
                    atlas_meta: dict | None = None, null: NullOptions | None = None) -> NeuronSet:
     """Model A's universal neurons against model B; score = excess correlation over the rotation baseline.
 

@@ -11,7 +11,7 @@ from ..atlas import FORMAT_VERSION, default_position_edges
 from ..corpus import Corpus
 from ..errors import NeuronAtlasError
 from ..exemplar_windows import DEFAULT_BITS, DEFAULT_RADIUS
-from ..loading import max_positions, model_fingerprint
+from ..loading import model_fingerprint, window_length
 from ..models import ModelNeurons
 from ..stats import default_hist_edges
 
@@ -82,17 +82,8 @@ def check_options(options: ProfileOptions) -> None:
 
 
 def resolve_max_length(config, requested: int | None) -> int:
-    """Tokens per window: ``requested``, checked against the model's positions, or the default."""
-    limit = max_positions(config)
-    if requested is None:
-        return min(limit or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
-    if requested < 2:
-        raise NeuronAtlasError(f"max length must be at least 2 (got {requested})")
-    if limit is not None and requested > limit:
-        raise NeuronAtlasError(
-            f"max length {requested} is beyond the model's {limit} positions; use --max-length {limit} or less"
-        )
-    return requested
+    """Tokens per window: ``requested``, checked against the model's positions, or min(positions, 512)."""
+    return window_length(config, requested, DEFAULT_MAX_LENGTH)
 
 
 def _position_edges(options: ProfileOptions) -> list[int] | None:

@@ -4,7 +4,7 @@ an optional mean-ablation check on a corpus."""
 from __future__ import annotations
 
 from ..args import corpus_args, layers_arg, load_args, model_arg, out_arg, parse_layers, window_args
-from ..common import load_model_from, read_windowed_corpus
+from ..common import load_model_from, read_corpus_from
 from .base import FindMethod, write_found
 
 
@@ -42,7 +42,7 @@ def _run_entropy(args) -> int:
     from ...methods.confidence import find_entropy
 
     parse_layers(args.layers)  # fail before loading the model
-    corpus = read_windowed_corpus(args) if args.corpus is not None else None
+    corpus = read_corpus_from(args) if args.corpus is not None else None
     model, tokenizer = load_model_from(args)
     found = find_entropy(model, _layers(args, model), args.null_dims, args.top_k, args.norm_quantile,
                          args.logit_var_quantile, args.min_null_share)
@@ -66,7 +66,7 @@ def _run_frequency(args) -> int:
     from ...methods.vocab import unembedding
 
     parse_layers(args.layers)  # fail before loading the model
-    corpus = read_windowed_corpus(args)
+    corpus = read_corpus_from(args)
     model, tokenizer = load_model_from(args)
     direction = unigram_direction(tokenizer, corpus, unembedding(model).shape[0], args.smoothing, args.count_docs)
     found = find_frequency(model, direction, _layers(args, model), args.top_k, args.min_cosine)

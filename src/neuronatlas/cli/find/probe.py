@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...errors import NeuronAtlasError
 from ..args import corpus_args, int_list, load_args, model_arg, out_arg, window_args
-from ..common import check_out, load_model_from, read_windowed_corpus, write_json
+from ..common import check_out, load_model_from, read_corpus_from, write_json
 from .base import FindMethod, null_options, write_found
 
 
@@ -51,7 +51,7 @@ def _samples(args):
         raise NeuronAtlasError("--model needs --corpus and --label-field (the label of each document)")
     from ...methods import model_block
 
-    corpus = read_windowed_corpus(args)
+    corpus = read_corpus_from(args)
     model, tokenizer = load_model_from(args)
     data = collect_samples(model, tokenizer, corpus, unit=args.unit, pool=args.pool, max_per_label=args.max_per_label,
                            tokens_per_window=args.tokens_per_window, max_length=args.max_length,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...errors import NeuronAtlasError
 from ..args import corpus_args, load_args, model_arg, out_arg, window_args
-from ..common import check_out, load_model_from, read_windowed_corpus, write_json
+from ..common import check_out, load_model_from, read_corpus_from, write_json
 from .base import FindMethod, null_options, write_found
 
 
@@ -26,7 +26,7 @@ def _run(args) -> int:
     from ...methods.universal import find_universal
 
     check_out(args.report, "--report", "report JSON")
-    corpus = read_windowed_corpus(args)
+    corpus = read_corpus_from(args)
     model_a, tokenizer = load_model_from(args)
     model_b, tokenizer_b = load_model_from(args, args.other)
     if tokenizer.get_vocab() != tokenizer_b.get_vocab():
