@@ -218,6 +218,40 @@ def test_bottom_exemplars_show_when_recorded(files, tmp_path):
     assert client.get("/api/neuron/2/5").json()["bottom_exemplars"] is None
 
 
+def test_relu_model_with_no_negative_activation_has_an_empty_bottom_list(corpus_path, tmp_path):
+    """OPT's ReLU never goes below zero: its bottom list is empty yet has the top list's columns, and
+    the report and the viewer read it (they failed on the missing doc column); a file written without
+    those columns (before the fix) reads too."""
+    import torch
+    from conftest import make_tokenizer
+    from fastapi.testclient import TestClient
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from neuronatlas.cli import main
+    from neuronatlas.viewer import open_viewer
+    from neuronatlas.viewer.app import create_app
+
+    torch.manual_seed(0)
+    model = tmp_path / "opt"
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=41, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0)).save_pretrained(model)
+    make_tokenizer(model)
+    atlas = tmp_path / "atlas"
+    assert main(["profile", "--model", str(model), "--corpus", str(corpus_path), "--label-field", "lang",
+                 "--device", "cpu", "--quiet", "--out", str(atlas)]) == 0
+    top, bottom = (pq.read_table(atlas / name) for name in ("exemplars.parquet", "bottom_exemplars.parquet"))
+    assert top.num_rows > 0 and bottom.num_rows == 0
+    assert {"doc", "label"} <= set(bottom.column_names)
+    for written in ("now", "before"):
+        if written == "before":
+            pq.write_table(bottom.drop_columns(["doc", "label"]), atlas / "bottom_exemplars.parquet")
+        report = tmp_path / f"report-{written}"
+        assert main(["report", str(atlas), "--quiet", "-o", str(report)]) == 0
+        assert len(list(report.rglob("*.html"))) > 41  # a page per neuron and the overview
+        neuron = TestClient(create_app(open_viewer(atlas).data, None)).get("/api/neuron/1/3").json()
+        assert neuron["exemplars"] and neuron["bottom_exemplars"] == []
+
+
 def test_label_chart_uses_the_signal_of_the_neurons_set(files, tmp_path):
     from fastapi.testclient import TestClient
 

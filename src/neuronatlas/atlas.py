@@ -344,9 +344,12 @@ class Atlas:
         return table
 
     def _with_documents(self, table: pa.Table) -> pa.Table:
-        """Add each exemplar's document index and label from the contexts table."""
-        if self.contexts is None or table.num_rows == 0:
+        """Add each exemplar's document index and label from the contexts table (empty columns for an
+        empty list: a ReLU model's bottom exemplars, none below zero, have the columns of the top ones)."""
+        if self.contexts is None:
             return table
+        if table.num_rows == 0:
+            return table.append_column("doc", pa.array([], pa.int64())).append_column("label", pa.array([], pa.string()))
         row = pc.index_in(table["seq"], value_set=self.contexts["seq"])  # null where no context
         table = table.append_column("doc", self.contexts["doc"].take(row).cast(pa.int64()))
         return table.append_column("label", self.contexts["label"].take(row).cast(pa.string()))

@@ -73,8 +73,8 @@ class AtlasData:
         self.has_exemplars = self._exemplars_file.exists()
         columns = pq.read_schema(self._exemplars_file).names if self.has_exemplars else []
         self.has_windows = has_windows(columns)
-        self._window_sql = {file: window_sql(pq.read_schema(file).names)  # read once: schemas are not small
-                            for file in (self._exemplars_file, self._bottom_file) if file.exists()}
+        self._columns_sql = {file: _exemplar_columns_sql(pq.read_schema(file).names)  # read once: schemas are not small
+                             for file in (self._exemplars_file, self._bottom_file) if file.exists()}
         self.has_bottom = self._bottom_file.exists()
         self._db = duckdb.connect()
         self._db.execute("set parquet_metadata_cache = true")  # the atlas does not change while viewed
@@ -231,8 +231,7 @@ class AtlasData:
                 self._preloaded[(file, layer, row[0])].append(row[1:])
 
     def _exemplar_columns(self, file: Path) -> str:
-        windows = self._window_sql.get(file, "")
-        return "rank, activation, seq, pos, doc, label" + (f", {windows}" if windows else "")
+        return self._columns_sql[file]
 
     def _exemplar(self, row: tuple) -> dict:
         rank, activation, seq, pos, doc, label = row[:6]
@@ -419,3 +418,11 @@ def load_evaluation(path: str | Path) -> dict:
         raise NeuronAtlasError(f"{path} is not an evaluation file ({error}); write one with `neuronatlas evaluate --out`") from error
     data["name"] = path.stem
     return data
+
+
+def _exemplar_columns_sql(names: list[str]) -> str:
+    """The columns an exemplar row is read with, from a file's column ``names``: doc and label are null
+    where the file has none (an empty bottom list of an atlas written before they were always kept)."""
+    documents = ", ".join(name if name in names else f"null as {name}" for name in ("doc", "label"))
+    windows = window_sql(names)
+    return f"rank, activation, seq, pos, {documents}" + (f", {windows}" if windows else "")
