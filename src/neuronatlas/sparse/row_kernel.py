@@ -25,8 +25,11 @@ def supports(table: torch.Tensor) -> bool:
     return table.device.type == "cpu" and table.dtype == torch.float32 and table.is_contiguous()
 
 
-PARALLEL_FROM = 1 << 18  # weights read (kept rows x out) from which the sum is split over threads:
-# below, waking the other threads (~8 µs) costs more than it saves
+PARALLEL_FROM = 1 << 16  # weights read (kept rows x out) from which the sum is split over threads:
+# below, waking the other threads (~8 µs) costs more than it saves. In a decode step the rows come
+# from memory, not cache (the step streams every weight), and a 576 x 576 table at 50% (166k weights)
+# took ~100 µs alone: from 2^16 instead of 2^18, SmolLM2's TEAL 50% decode on 2 threads went from
+# 1.07-1.11x to 1.17-1.19x dense (2^15 and 2^17 the same within noise)
 
 
 def thresholded_rows(x: torch.Tensor, threshold: float, scale: torch.Tensor | None, table: torch.Tensor,
