@@ -381,3 +381,34 @@ def test_paired_decode_hands_the_kv_cache_under_the_current_name(llama, corpus_p
         warnings.simplefilter("error", FutureWarning)
         result = paired_decode(model, apply_plan(model, plan), ids, 4)
     assert result["dense"]["ids"].shape == result["sparse"]["ids"].shape == (4,)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_row_tables_in_huge_pages_decode_the_same(llama, corpus_path, monkeypatch, allocation):
+    """The thresholded projections' tables move into one huge-page arena (Linux): shared tables and
+    per-member ones alike; decoding reads them and gives the very logits of tables left in place."""
+    import mmap
+
+    import neuronatlas.sparse.wrap as wrap
+    from neuronatlas.sparse.thresholds import ThresholdRuntime
+
+    model, tokenizer = llama
+    plan = teal_plan(model, tokenizer, corpus_path, scope="all", allocation=allocation)
+    ids = tokenizer("the cat sat on a mat and the dog ran to the house", return_tensors="pt").input_ids
+
+    def decoded(sparse):
+        with torch.inference_mode(), sparse:
+            return prefill_then_steps(model, ids, 4)
+
+    moved = apply_plan(model, plan)
+    groups = {id(g): g for r in moved.runtimes if isinstance(r, ThresholdRuntime) for g in r.groups.values()}.values()
+    tables = [table for group in groups for table in group.row_tables()]
+    assert tables and all(group.shared_mask for group in groups) == (allocation == "uniform")  # greedy: q/k/v apart
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # one mapping: every table inside the first one's arena, cache-line aligned
+        arena = tables[0].untyped_storage()
+        assert all(t.untyped_storage().data_ptr() == arena.data_ptr() and t.data_ptr() % 64 == 0 for t in tables)
+        for group in groups:  # the members read column slices of the moved shared table
+            if group.shared_mask:
+                assert all(m.weight_t.data_ptr() >= group.table.data_ptr() for m in group.members.values())
+    monkeypatch.setattr(wrap.Arena, "sized_for", classmethod(lambda cls, tables: None))
+    assert torch.equal(decoded(moved), decoded(apply_plan(model, plan)))

@@ -123,6 +123,18 @@ class InputGroup:
     def shared_mask(self) -> bool:
         return self.table is not None
 
+    def row_tables(self) -> list[torch.Tensor]:
+        """The (in, out) tables the decode kernels read rows of: the shared one, or each member's."""
+        return [self.table] if self.shared_mask else [member.weight_t for member in self.members.values()]
+
+    def use_row_tables(self, tables: list[torch.Tensor]) -> None:
+        """Read rows from ``tables`` (copies of :meth:`row_tables`, e.g. in huge pages) from now on."""
+        if self.shared_mask:
+            self.table = tables[0]
+            tables = column_slices(self.table, self.widths)
+        for member, table in zip(self.members.values(), tables):
+            member.weight_t = table
+
     def forward(self, role: str, x: torch.Tensor) -> torch.Tensor:
         if x is self.x and role in self.waiting:
             out = self.waiting.pop(role)
@@ -187,12 +199,17 @@ def build_group(weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], th
     shared = all(scales[r] is None and random[r] is None and thresholds[r] == thresholds[roles[0]] for r in roles)
     if shared:  # one table; the members' weights are column slices of it (no second copy)
         table = torch.cat([weights[r][0] for r in roles]).T.contiguous()
-        bounds = [0]
-        for role in roles:
-            bounds.append(bounds[-1] + weights[role][0].shape[0])
-        slices = {r: table[:, a:b] for r, a, b in zip(roles, bounds[:-1], bounds[1:])}
+        slices = dict(zip(roles, column_slices(table, [weights[r][0].shape[0] for r in roles])))
     else:
         table, slices = None, {r: weights[r][0].T.contiguous() for r in roles}
     members = {r: SparseInputProjection(weights[r][0], slices[r], weights[r][1], thresholds[r], scales[r], random[r],
                                         sparsities[r]) for r in roles}
     return InputGroup(members, table, counts)
+
+
+def column_slices(table: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """Views of ``table`` (in, sum of widths): consecutive column blocks of ``widths``."""
+    bounds = [0]
+    for width in widths:
+        bounds.append(bounds[-1] + width)
+    return [table[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -26,9 +26,12 @@ from torch import nn
 from ..errors import NeuronAtlasError
 from ..models import locate_neurons
 from .attention import sparse_layers
+from . import row_kernel
 from .ffn import ModuleSwap, Projection, layer_roles
+from .hugepages import Arena
 from .plan import SparsePlan
 from .registry import check_support
+from .thresholds import ThresholdRuntime
 
 
 @dataclass
@@ -61,6 +64,7 @@ class SparseModel:
         self.model, self.plan, self.phase = model, plan, Phase()
         layers = sparse_layers(model)
         self.runtimes = [method.runtime(plan, layer, self.phase) for layer in layers]
+        tables_in_huge_pages(self.runtimes)
         replacements = {}
         for layer, runtime in zip(layers, self.runtimes):
             if runtime is None:  # this layer stays dense
@@ -108,6 +112,18 @@ class SparseModel:
         if self.phase.prefill:
             self.phase.prompt += 1
         return None
+
+
+def tables_in_huge_pages(runtimes: list) -> None:
+    """Move the row tables of the thresholded projections (TEAL, WINA) into one huge-page arena (see
+    hugepages.py), a group at a time, so that each group's old tables go as its copies arrive."""
+    groups = {id(group): group for runtime in runtimes if isinstance(runtime, ThresholdRuntime)
+              for group in runtime.groups.values()}
+    groups = [group for group in groups.values() if all(row_kernel.supports(table) for table in group.row_tables())]
+    arena = Arena.sized_for([table for group in groups for table in group.row_tables()])
+    if arena is not None:
+        for group in groups:
+            group.use_row_tables([arena.copy(table) for table in group.row_tables()])
 
 
 def apply_plan(model: nn.Module, plan: SparsePlan, check_fingerprint: bool = True) -> SparseModel:
