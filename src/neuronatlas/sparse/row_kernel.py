@@ -15,6 +15,8 @@ sparsity) nothing is summed and the caller takes the masked dense product, which
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
@@ -36,7 +38,9 @@ def thresholded_rows(x: torch.Tensor, threshold: float, scale: torch.Tensor | No
                      limit: int) -> torch.Tensor | None:
     """(B, out): token b's sum of ``x[b, i] * table[i]`` over the channels i it keeps, x (B, in), table
     (in, out); None (nothing computed) when the tokens keep more than ``limit`` rows together."""
-    values = x.detach().float().contiguous().numpy()
+    # a decode step's x is float32 and contiguous: .numpy() alone (~2 µs a call less in a step, 200 calls)
+    values = x.numpy() if x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad \
+        else x.detach().float().contiguous().numpy()
     weights = _ONES if scale is None else scale.float().contiguous().numpy()
     out = np.empty((len(values), table.shape[1]), np.float32)
     kept, counts = np.empty(values.shape, np.int64), np.zeros(len(values), np.int64)
@@ -46,10 +50,20 @@ def thresholded_rows(x: torch.Tensor, threshold: float, scale: torch.Tensor | No
     if done == TOO_MANY:
         return None
     if done == TOO_LARGE:
-        if numba.get_num_threads() != min(pieces, numba.config.NUMBA_NUM_THREADS):
-            numba.set_num_threads(min(pieces, numba.config.NUMBA_NUM_THREADS))
+        _match_numba_threads(pieces)
         _parallel_rows(values, kept, counts, table.numpy(), pieces, out)
     return torch.from_numpy(out)
+
+
+_SET = threading.local()  # the numba thread count this module last set on the calling thread
+
+
+def _match_numba_threads(pieces: int) -> None:
+    """numba's threads (per calling thread) as torch's, set only when those change: asking numba
+    each call cost ~4 µs in a decode step (2% of SmolLM2's on 2 threads)."""
+    if getattr(_SET, "pieces", None) != pieces:
+        numba.set_num_threads(min(pieces, numba.config.NUMBA_NUM_THREADS))
+        _SET.pieces = pieces
 
 
 _ONES = np.ones(1, np.float32)  # the scales of TEAL (none); WINA passes its column norms
