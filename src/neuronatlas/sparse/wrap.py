@@ -25,8 +25,8 @@ from torch import nn
 
 from ..errors import NeuronAtlasError
 from ..models import locate_neurons
-from .attention import sparse_layers
 from . import row_kernel
+from .attention import sparse_layers
 from .ffn import ModuleSwap, Projection, layer_roles
 from .hugepages import Arena
 from .plan import SparsePlan
