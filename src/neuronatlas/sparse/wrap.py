@@ -64,7 +64,7 @@ class SparseModel:
         self.model, self.plan, self.phase = model, plan, Phase()
         layers = sparse_layers(model)
         self.runtimes = [method.runtime(plan, layer, self.phase) for layer in layers]
-        tables_in_huge_pages(self.runtimes)
+        self.tables_moved = False  # into huge pages, at the first decode step (see _read_call)
         replacements = {}
         for layer, runtime in zip(layers, self.runtimes):
             if runtime is None:  # this layer stays dense
@@ -109,6 +109,11 @@ class SparseModel:
         if ids is None:
             return None
         self.phase.batch, self.phase.tokens = int(ids.shape[0]), int(ids.shape[1]) if ids.dim() > 1 else 1
+        if self.phase.tokens == 1 and not self.tables_moved:
+            # only decode steps read the row tables: prefills and perplexity never pay for the move (in
+            # this VM fresh memory cost ~3 s for SmolLM2's 425 MB of tables, once per process)
+            tables_in_huge_pages(self.runtimes)
+            self.tables_moved = True
         if self.phase.prefill:
             self.phase.prompt += 1
         return None
