@@ -406,6 +406,7 @@ def test_row_tables_in_huge_pages_decode_the_same(llama, corpus_path, monkeypatc
     with torch.inference_mode(), moved:
         model(ids)  # a prefill: the tables stay where they are
     assert not moved.tables_moved
+    assert all(group.masked_input is None for group in groups)  # its (B, T, in) masked inputs are not kept
     logits = decoded(moved)  # its decode steps move them, before the first one computes
     assert moved.tables_moved
     tables = [table for group in groups for table in group.row_tables()]

@@ -21,7 +21,7 @@ def register(commands) -> None:
     parser.add_argument("--new-tokens", type=int_at_least(2), default=32, help="greedy tokens per run (default: 32)")
     parser.add_argument("--prompt-tokens", type=positive_int, default=64, help="prompt length (default: 64)")
     parser.add_argument("--max-windows", type=positive_int, default=32, help="held-out windows for perplexity (default: 32)")
-    window_args(parser, max_length=None, default_text="min(model positions, 128)", batch_size=False, least_length=4)
+    window_args(parser, batch_size=False, least_length=4)
     parser.add_argument("--controls", action="store_true", help="also the perplexity of the random control plan")
     parser.add_argument("--sweep", default=None, help="also perplexity (plan and random) at these sparsities, e.g. 0.25,0.5,0.75")
     parser.add_argument("--batches", default=None, help="also decode speed at these batch sizes, e.g. 4,16")

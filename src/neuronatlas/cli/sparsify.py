@@ -141,11 +141,11 @@ def run(args) -> int:
 def _within_ppl(args, model, tokenizer, plan):
     """``plan`` at the highest sparsity within --ppl-within % of dense perplexity."""
     from ..loading import window_length
-    from ..sparse.bench import EVAL_MAX_LENGTH, eval_windows
+    from ..sparse.bench import eval_windows
     from ..sparse.search import ppl_p_sparsity
 
     windows = eval_windows(tokenizer, args.eval_corpus or args.corpus, args.text_field,
-                           max_length=window_length(model.config, None, EVAL_MAX_LENGTH))
+                           max_length=window_length(model.config, None))
     found = ppl_p_sparsity(model, plan, windows, args.ppl_within)
     plan = plan.at_sparsity(found["sparsity"])
     plan.calibration["ppl_p_search"] = found

@@ -26,11 +26,13 @@ correlation of each statistic with the excess over all neurons (no threshold nee
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import NeuronAtlasError
 from ..hooks import capture_activations, forward_batch, pad_token_id
-from ..loading import window_length
+from ..loading import max_positions, window_length
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block_for
@@ -163,7 +165,8 @@ def correlate_models(model_a, model_b, tokenizer, corpus, max_tokens: int = 20_0
     sites = [locate_neurons(model_a), locate_neurons(model_b)]
     stats = PairCorrelation(sites[0].widths, sites[1].widths)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    max_length = window_length(model_b.config, window_length(model_a.config, max_length))  # both models' positions
+    shorter = min((model_a.config, model_b.config), key=lambda config: max_positions(config) or math.inf)
+    max_length = window_length(shorter, max_length)  # windows both models can read
     windows = iter_windows(corpus, tokenizer, max_length)
     for batch in iter_batches(windows, batch_size, pad_token_id(tokenizer), "right"):
         keep = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, special)  # (B, T)

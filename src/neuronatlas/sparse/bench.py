@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..corpus import iter_windows
 from ..errors import NeuronAtlasError
 from ..hooks import returned_cache, with_cache
-from ..loading import max_positions, window_length
+from ..loading import WINDOW_LENGTH, max_positions, window_length
 from ..models import check_causal
 from .calibrate import as_corpus
 from .limit import bytes_limit, step_limit
@@ -29,10 +29,9 @@ from .speed import choose_threads, decode_speed, linear_share, threads_set
 from .wrap import SparseModel, apply_plan
 
 RANDOM_PROMPT_SENSITIVE = ("teal", "wina")  # per-token thresholds: what they skip depends on the text
-EVAL_MAX_LENGTH = 128  # tokens per held-out window when not given (fewer where the model has fewer positions)
 
 
-def eval_windows(tokenizer, corpus, text_field: str = "text", max_windows: int = 32, max_length: int = EVAL_MAX_LENGTH) -> list[torch.Tensor]:
+def eval_windows(tokenizer, corpus, text_field: str = "text", max_windows: int = 32, max_length: int = WINDOW_LENGTH) -> list[torch.Tensor]:
     """The first ``max_windows`` windows (at least 4 tokens) of a corpus, each (1, T)."""
     windows = []
     for window in iter_windows(as_corpus(corpus, text_field), tokenizer, max_length):
@@ -81,7 +80,7 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
     sparse = apply_plan(model, plan)
     limit = max_positions(model.config) or (prompt_tokens + new_tokens)
     prompt_tokens = max(1, min(prompt_tokens, limit - new_tokens))
-    max_length = window_length(model.config, max_length, EVAL_MAX_LENGTH)
+    max_length = window_length(model.config, max_length)
     windows = eval_windows(tokenizer, corpus, text_field, max_windows, max_length) if corpus is not None else None
     threads, note = choose_threads(threads)
     cores, load = os.cpu_count() or 1, os.getloadavg()[0]

@@ -3,7 +3,7 @@
 A decode step's row kernel reads a few hundred rows scattered over each (in, out) table; with 4 KB
 pages nearly every row is a TLB miss whose page walk also comes from memory, as the step streams
 every weight and evicts the page tables. In 2 MB pages a SmolLM2 table has one to three pages. On
-SmolLM2-135M (TEAL 50%, batch 1) a step took 3-5% less (1 and 2 threads); a table's rows alone,
+SmolLM2-135M (TEAL 50%, batch 1) a step took 2-4% less (1 and 2 threads); a table's rows alone,
 cache and TLB cold, 14-17% less. Where the kernel does not offer them (``madvise`` refused, THP set
 to ``never``, not Linux) the tables stay where they are, in the same layout. The move happens at a
 sparse model's first decode step (prefills and perplexity never read the tables): it touches fresh

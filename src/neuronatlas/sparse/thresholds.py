@@ -111,6 +111,7 @@ class InputGroup:
         self.waiting: dict[str, torch.Tensor] = {}
         self.masked_of: torch.Tensor | None = None  # the input whose shared masked copy is kept
         self.masked_input: torch.Tensor | None = None
+        self.masked_waiting: set[str] = set()  # the members yet to use it: the last one lets it go
         # tokens from which every member is expected, at its calibrated sparsity, to keep at least DENSE_AT
         # times its weight's rows (batch 6 at 50%): the dense product reads fewer bytes, and counting the
         # kept channels first (~50 µs a call at batch 16) would cost more than it could tell. Below it the
@@ -153,11 +154,15 @@ class InputGroup:
         """The dense product of the masked input; members that share their mask share one masked copy
         (q, then k and v; gate, then up). A decode step counts as "dense" once per masked input."""
         member = self.members[role]
-        if self.shared_mask and x is self.masked_of:
-            return member.forward(x, self.masked_input)
+        if x is self.masked_of and role in self.masked_waiting:
+            masked = self.masked_input
+            self.masked_waiting.discard(role)
+            if not self.masked_waiting:  # a prefill's masked input is (B, T, in): not kept past its use
+                self.masked_of = self.masked_input = None
+            return member.forward(x, masked)
         masked = member.masked(x)
-        if self.shared_mask:
-            self.masked_of, self.masked_input = x, masked
+        if self.shared_mask and len(self.members) > 1:
+            self.masked_of, self.masked_input, self.masked_waiting = x, masked, set(self.members) - {role}
         if decode:
             self.counts["dense"] += 1
         return member.forward(x, masked)

@@ -207,7 +207,7 @@ class AtlasData:
         preloaded = self._preloaded.get((file, layer, index))
         if preloaded is not None:
             return preloaded
-        query = f"select {self._exemplar_columns(file)} from read_parquet(?) where layer = ? and neuron = ? order by rank"
+        query = f"select {self._columns_sql[file]} from read_parquet(?) where layer = ? and neuron = ? order by rank"
         with self._db_lock:
             return self._db.execute(query, [str(file), layer, index]).fetchall()
 
@@ -221,7 +221,7 @@ class AtlasData:
             if not file.exists():
                 continue
             chosen = "" if neurons is None else "and neuron in (select unnest(?::bigint[])) "  # a hash semi-join
-            query = (f"select neuron, {self._exemplar_columns(file)} from read_parquet(?) where layer = ? {chosen}"
+            query = (f"select neuron, {self._columns_sql[file]} from read_parquet(?) where layer = ? {chosen}"
                      "order by neuron, rank")
             parameters = [str(file), layer] + ([wanted] if neurons is not None else [])
             with self._db_lock:
@@ -229,9 +229,6 @@ class AtlasData:
             self._preloaded.update({(file, layer, index): [] for index in wanted})
             for row in rows:
                 self._preloaded[(file, layer, row[0])].append(row[1:])
-
-    def _exemplar_columns(self, file: Path) -> str:
-        return self._columns_sql[file]
 
     def _exemplar(self, row: tuple) -> dict:
         rank, activation, seq, pos, doc, label = row[:6]
