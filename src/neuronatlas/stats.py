@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -495,29 +494,6 @@ def half_bits(z: torch.Tensor) -> np.ndarray:
     one vectorised conversion of the batch is cheaper than one per cut value (4.5M windows of 33
     values in a 60-document SmolLM2 profile)."""
     return z.half().clamp_(-FLOAT16_MAX, FLOAT16_MAX).contiguous().view(torch.int16).numpy().view(np.uint16)
-
-
-_warm = threading.Event()
-
-
-def warm_up_kernels() -> None:
-    """Load the CPU kernels (compiled once, cached on disk; loading still takes a few tenths of a
-    second) on a thread of their own, so that the first batch does not wait for them."""
-    if _warm.is_set() or not stats_kernel.enabled():
-        return
-    _warm.set()
-
-    def load() -> None:
-        stats = SignalStats([3], 1, 0.0, default_hist_edges(), 1, "cpu", 1, 1)
-        slots = torch.arange(4)
-        windows = WindowSource(slots // 2, slots % 2, torch.ones(2, 2, dtype=torch.bool), 1, torch.zeros(2, 2, 3))
-        stats.update(0, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), slots, windows,
-                     (SignalStats([3], 1, 0.0), torch.zeros(4, dtype=torch.long)))
-        pooled = torch.zeros(1, 6, dtype=torch.float64), torch.zeros(1, 6)
-        stats_kernel.pool_documents(torch.zeros(4, 3).numpy(), np.zeros(4, np.int64), pooled[0][:, :3].numpy(),
-                                    pooled[1][:, :3].numpy(), 2)
-
-    threading.Thread(target=load, name="neuronatlas-kernels", daemon=True).start()
 
 
 def auto_threads() -> int:

@@ -22,6 +22,7 @@ The parts, each importing only those before it:
 - :mod:`.worker`   the statistics on a thread beside the forward pass (FIFO: same order, same atlas)
 - :mod:`.run`      ProfileRun: the streaming pass (one batch at a time), then the atlas and its contexts
 - :mod:`.ranks`    under torchrun: every rank's run, merged into one atlas on rank 0
+- :mod:`.warm`     the CPU kernels, loaded on a thread from import, beside the model's load
 
 Shapes in comments (B, T, N, L, D, K, P, k): the legend in :mod:`neuronatlas.stats`.
 """
@@ -42,8 +43,11 @@ from .options import ProfileOptions, check_options, documents_per_label, resolve
 from .output import remove_scratch, start_output
 from .ranks import profile_on_ranks
 from .run import ProfileRun
+from .warm import warm_up_kernels
 
 __all__ = ["profile", "ProfileInterrupted", "ProfileOptions", "ProfileRun", "run_metadata"]
+
+warm_up_kernels()  # on a thread, beside the model's load: the first batch need not wait for them
 
 
 def profile(

@@ -28,7 +28,7 @@ from ..exemplar_windows import DEFAULT_BITS, window_table
 from ..hooks import capture, forward_batch, pad_token_id, window_positions
 from ..loading import input_device
 from ..models import ModelNeurons
-from ..stats import WindowSource, make_uid, warm_up_kernels
+from ..stats import WindowSource, make_uid
 from ..tokens import vocab_table
 from .options import ProfileOptions, batch_budget, check_same_run
 from .output import read_checkpoint, write_checkpoint
@@ -49,8 +49,6 @@ class ProfileRun:
         self.signals = new_signals(meta, self.device, windows=True)
         self.background, threads = placement(self.device)  # statistics on a thread of their own, or inline
         self.threads = options.stat_threads or threads  # their intra-op threads
-        if self.device.type == "cpu":
-            warm_up_kernels()
         self.worker: StatsWorker | None = None
         self.labels = meta["labels"]
         self.tokens_per_label = torch.zeros(len(self.labels), dtype=torch.int64, device=self.device)  # (K,)
