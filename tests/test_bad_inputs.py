@@ -169,6 +169,8 @@ CASES = [
          ("top-k", "got 0", "at least 1")),
     Case("find-selectivity-metric", "find selectivity --atlas {atlas} --metric f1 --out {newjson}", ("--metric", "f1")),
     Case("find-selectivity-unknown-label", "find selectivity --atlas {atlas} --no-null --label xx --out {newjson}", ("xx",)),
+    Case("find-selectivity-named-label-too-rare", "find selectivity --atlas {atlas} --label de --min-docs 10000 --out {newjson}",
+         ("label 'de'", "fewer than --min-docs 10000")),
     Case("find-tokens-corpus-without-model", "find tokens --atlas {atlas} --corpus {corpus} --out {newjson}",
          ("--corpus needs --model",)),
     Case("find-tokens-coverage-2", "find tokens --atlas {atlas} --no-null --coverage 2 --out {newjson}",

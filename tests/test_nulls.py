@@ -14,7 +14,7 @@ import torch
 
 from neuronatlas.errors import NeuronAtlasError
 from neuronatlas.methods.nulls import (NullOptions, benjamini_hochberg, check_support, pooled_p, q_values,
-                                       shuffled_labels)
+                                       shuffled_labels, supported_labels)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import cli_fails, write_corpus  # noqa: E402
@@ -57,6 +57,13 @@ def test_shuffles_move_whole_documents_and_support_is_checked():
         assert sorted({moved[0], moved[2], moved[5]}) == ["a", "b", "c"]
     with pytest.raises(NeuronAtlasError, match="label 'b' has 3 documents, fewer than --min-docs 20"):
         check_support({"a": 30, "b": 3}, 20)
+    assert supported_labels({"a": 30, "b": 3, "c": 25}, 20, total=58) == (["a", "c"], {"b": 3})
+    with pytest.raises(NeuronAtlasError, match="label 'b' has 3 documents"):
+        supported_labels({"a": 30, "b": 3, "c": 25}, 20, asked=["b"])  # named by the user: refused
+    with pytest.raises(NeuronAtlasError, match="label 'a' has 3 documents"):
+        supported_labels({"a": 3, "b": 4}, 20)  # nothing left
+    with pytest.raises(NeuronAtlasError, match="label 'a' has 30 of the 33 documents: the other labels have 3"):
+        supported_labels({"a": 30, "b": 3}, 20, total=33)  # nothing to test 'a' against
     with pytest.raises(NeuronAtlasError, match="permutations"):
         NullOptions(permutations=0)
 
@@ -219,3 +226,30 @@ def test_set_json_records_null_q_signal_and_zero_labels(atlases, tmp_path, capsy
                        "--out", str(out), "--overwrite"], "--label-field topic", "(lang)")
     cli_fails(capsys, ["find", "lape", "--atlas", str(tmp_path / "atlas"), "--out", str(out), "--min-docs", "31", "--overwrite"],
               "label 'de' has 30 documents", "--min-docs 31")
+
+
+def test_a_label_with_too_few_documents_is_left_out_and_named(corpora, tiny_llama, tmp_path, capsys):
+    """Eight of the Russian documents relabelled "xx": selectivity and LAPE test de, en and ru, leave xx
+    out with its count (JSON and summary), and refuse it when it is asked for by name."""
+    from neuronatlas.cli import main
+    from neuronatlas.profile import ProfileOptions, profile
+
+    rows = [json.loads(line) for line in corpora["real"].read_text(encoding="utf-8").splitlines()]
+    russian = [index for index, row in enumerate(rows) if row["lang"] == "ru"][:8]
+    for index in russian:
+        rows[index]["lang"] = "xx"
+    (tmp_path / "rare.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    profile(str(tiny_llama), tmp_path / "rare.jsonl", tmp_path / "atlas", label_field="lang", device="cpu", quiet=True,
+            options=ProfileOptions(max_length=48, top_k=10, batch_size=8))
+    for method in ("selectivity", "lape"):
+        out = tmp_path / f"{method}.json"
+        argv = ["find", method, "--atlas", str(tmp_path / "atlas"), "--out", str(out)]
+        assert main(argv + (["--label-field", "lang"] if method == "selectivity" else ["--top-rate", "0.05"])) == 0
+        printed = capsys.readouterr().out
+        assert "left out, fewer than --min-docs 20 documents: 'xx' (8)" in printed
+        data = json.loads(out.read_text())
+        assert data["null"]["refused_labels"] == {"xx": 8} and data["null"]["min_docs"] == 20
+        assert set(data["per_label"]) == {"de", "en", "ru"} and set(data["null"]["per_label"]) == {"de", "en", "ru"}
+        assert data["count"] > 0 and all(neuron["label"] != "xx" for neuron in data["neurons"])
+    cli_fails(capsys, ["find", "selectivity", "--atlas", str(tmp_path / "atlas"), "--label-field", "lang", "--label", "xx",
+                       "--out", str(tmp_path / "xx.json")], "label 'xx' has 8 documents", "--min-docs 20")

@@ -3,7 +3,8 @@
     {"format_version": 1, "method": "lape", "signal": "gate", "params": {...},
      "model": {"name_or_path": ..., "fingerprint": ..., "widths": [...]},
      "count": 250, "unique_neurons": 205, "labels": [...], "per_label": {"de": 52, "xx": 0, ...},
-     "null": {"method": ..., "permutations": 20, "best": ..., "null_best": ..., "chance": ...},
+     "null": {"method": ..., "permutations": 20, "best": ..., "null_best": ..., "chance": ...,
+              "min_docs": 20, "refused_labels": {"yy": 3}},
      "neurons": [{"layer": 3, "index": 17, "score": 0.12, "label": "de", "q": 0.001}, ...]}
 
 A neuron may appear once per label (LAPE assigns a neuron to every language above the cut): ``count``
@@ -11,7 +12,8 @@ counts neuron-label pairs, ``unique_neurons`` neurons. ``per_label`` lists every
 tested, 0 for a label that got no neuron. ``signal`` is the activation the neurons were selected on
 ("z" or "gate"; "z" for sets written before it was recorded): evaluate, steer, the viewer and
 explain read it. ``null`` and the per-neuron ``q`` (or ``p``) come from the permutation null of
-:mod:`neuronatlas.methods.nulls`; absent when the method ran without one.
+:mod:`neuronatlas.methods.nulls`; absent when the method ran without one. Its ``refused_labels``
+were left out for having fewer than ``min_docs`` documents (not in ``per_label``: not tested).
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class NeuronSet:
                 f"{layer}: {layers.get(layer, 0):,}" for layer in range(len(widths) or max(layers) + 1)))
         if self.null is not None:
             lines.append(null_line(self.null))
+            if self.null.get("refused_labels"):
+                lines.append(refused_line(self.null))
         return lines
 
     def per_layer(self) -> dict[int, torch.Tensor]:
@@ -191,6 +195,13 @@ def null_line(null: dict) -> str:
             f"{label} {number(e.get('best'))}/{number(e.get('null_best'))}/{number(e.get('chance'))}"
             for label, e in per_label.items())
     return line + f"; kept q < {null['fdr']:g}" if null.get("fdr") is not None else line
+
+
+def refused_line(null: dict) -> str:
+    """One line: the labels left out of the test for too few documents, with their counts."""
+    refused = ", ".join(f"{label!r} ({count})" for label, count in null["refused_labels"].items())
+    return (f"left out, fewer than --min-docs {null.get('min_docs')} documents: {refused}; add documents of them "
+            "or lower --min-docs to test them")
 
 
 def model_info(atlas_meta: dict) -> dict:

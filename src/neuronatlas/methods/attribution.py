@@ -20,6 +20,7 @@ NLL should rise most.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
 from .gradients import as_sequences, at_least_float32, flat_scores, track_neurons
-from .nulls import NullOptions, check_support, null_block, pooled_p, q_values, shuffled_labels
+from .nulls import NullOptions, null_block, pooled_p, q_values, shuffled_labels, supported_labels
 from .nulls import best as nulls_best
 
 TARGETS = ("logprob", "prob")
@@ -116,13 +117,15 @@ def label_differences(sums: torch.Tensor, windows: torch.Tensor, doc_labels: lis
     return {label: scores[label] - controls[label] for label in labels}
 
 
-def attribution_null(documents: dict, labels: list, reference, clamp: bool, options: NullOptions) -> dict:
+def attribution_null(documents: dict, labels: list, reference, clamp: bool, options: NullOptions,
+                     asked=()) -> dict:
     """{"q": {label: (N,) q}, "block"}: the label-minus-control scores again with the documents'
-    labels shuffled (control corpus fixed); pooled standardised p, BH q over all pairs."""
+    labels shuffled (control corpus fixed); pooled standardised p, BH q over all pairs. Labels with
+    fewer than ``min_docs`` documents are left out (no q), or refused when ``asked`` names them."""
     docs = sorted(documents)
     doc_labels = [documents[d][0] for d in docs]
-    counts = {label: doc_labels.count(label) for label in sorted(set(doc_labels), key=str)}
-    check_support(counts, options.min_docs)
+    labels, refused = supported_labels({label: doc_labels.count(label) for label in labels}, options.min_docs,
+                                       asked=asked, total=len(doc_labels))
     sums = torch.stack([documents[d][2] for d in docs])  # (D, N) float32
     windows = torch.tensor([documents[d][1] for d in docs])
     real = label_differences(sums, windows, doc_labels, labels, reference, clamp)
@@ -136,7 +139,7 @@ def attribution_null(documents: dict, labels: list, reference, clamp: bool, opti
         p[label] = pooled_p(real[label], stack)
         per_label[label] = {"best": nulls_best(real[label]), "null_best": nulls_best(stack.flatten()), "chance": 0.0}
     block = null_block("attribution", "the documents' labels (attributions computed once, re-averaged per shuffle)",
-                       permutations, options, per_label)
+                       permutations, options, per_label, refused=refused)
     return {"q": q_values(p), "block": block}
 
 
@@ -228,6 +231,10 @@ def find_attribution(model, tokenizer, corpus: str | Path | Corpus, *, label_fie
     if control is None and len(present) < 2:
         raise NeuronAtlasError(f"corpus {corpus.path} has only the label {present[0]!r}: give a control corpus "
                                "(control= / --control) or text of at least two labels")
+    if null is not None:  # refused before the attribution pass where the corpus alone is too small
+        counts = Counter(doc.label for doc in corpus if doc.label in chosen)
+        supported_labels({label: min(counts[label], max_docs_per_label or counts[label]) for label in chosen},
+                         null.min_docs, asked=labels or ())
     control_corpus = None
     if control is not None:
         control_corpus = control if isinstance(control, Corpus) else read_corpus(control, text_field=text_field)
@@ -248,7 +255,8 @@ def find_attribution(model, tokenizer, corpus: str | Path | Corpus, *, label_fie
     tested = None
     if null is not None:
         labelled = {doc: entry for doc, entry in documents.items() if entry[0] is not None}
-        tested = attribution_null(labelled, chosen, reference, clamp_control, null)
+        tested = attribution_null(labelled, chosen, reference, clamp_control, null, asked=labels or ())
+        chosen = [label for label in chosen if label in tested["q"]]
     keep = max(int(round(top_rate * sum(widths))), 1)
     locate = layer_of(widths)
     found = []

@@ -38,7 +38,7 @@ import torch
 from ..errors import NeuronAtlasError
 from ..neuronset import Neuron, NeuronSet, model_info
 from . import layer_of, resolve_signal
-from .nulls import NullOptions, best, check_support, null_block, q_values
+from .nulls import NullOptions, best, null_block, q_values, supported_labels
 
 TIE_DECIMALS = 12
 
@@ -134,13 +134,15 @@ def find_lape(atlas, top_rate: float = 0.01, percentile: float = 0.95, signal: s
     selection = lape_select(p, top_rate, percentile, filter, assign_percentile)
     layers, indices = layer_of(atlas.widths)(selection.kept)
     labels = atlas.labels
-    tested = lape_null(atlas, labels, null) if null is not None else None
+    tested = lape_null(atlas, labels, null) if null is not None else None  # pairs of labels it left out: not kept
     neurons = []
     for column in torch.argsort(selection.kept).tolist():  # (layer, index) order
         layer, index = int(layers[column]), int(indices[column])
         flat = int(selection.kept[column])
         score = float(selection.entropy[flat])
         for k in selection.assigned[:, column].nonzero().flatten().tolist():
+            if tested is not None and labels[k] not in tested["q"]:
+                continue
             q = None if tested is None else float(tested["q"][labels[k]][flat])
             if q is None or q < null.fdr:
                 neurons.append(Neuron(layer, index, score, labels[k], q))
@@ -152,7 +154,8 @@ def find_lape(atlas, top_rate: float = 0.01, percentile: float = 0.95, signal: s
         "excluded": selection.excluded, "labels": labels, "score": "entropy over labels (lower = more specific)",
     }
     return NeuronSet("lape", model_info(atlas.meta), neurons, params, signal,
-                     None if tested is None else tested["block"], list(labels))
+                     None if tested is None else tested["block"],
+                     [label for label in labels if tested is None or label in tested["q"]])
 
 
 def lape_null(atlas, labels: list[str], options: NullOptions) -> dict:
@@ -163,10 +166,12 @@ def lape_null(atlas, labels: list[str], options: NullOptions) -> dict:
         raise NeuronAtlasError("LAPE's permutation null needs the atlas's document sample (profile with --doc-sample N, "
                                "the default keeps 256 per label); pass --no-null to skip it")
     counts = sample_counts(atlas)
-    check_support({label: counts.get(label, 0) for label in labels}, options.min_docs, "documents in the atlas's sample")
+    labels, refused = supported_labels({label: counts.get(label, 0) for label in labels}, options.min_docs,
+                                       "documents in the atlas's sample", total=sum(counts.values()))
     result = docpool_null(atlas, labels, "auroc", "mean", options)
     per_label = {label: {"best": best(result["real"][label]), "null_best": result["null_best"][label], "chance": 0.5}
                  for label in labels}
     block = null_block("lape", "the document labels of the atlas's document sample (each kept neuron-label pair "
-                       "tested by the AUROC of the document mean of z)", result["permutations"], options, per_label)
+                       "tested by the AUROC of the document mean of z)", result["permutations"], options, per_label,
+                       refused=refused)
     return {"q": q_values(result["p"]), "block": block}

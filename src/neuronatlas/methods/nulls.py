@@ -11,7 +11,10 @@ A method scores every neuron on the real labels, then on ``permutations`` shuffl
    1/21. Under the null the real score is one more draw among the P + 1, so p is uniform.
 
 q-values: Benjamini-Hochberg over every (neuron, label) pair tested. A method keeps only pairs with
-q < ``fdr`` (0.05). :func:`check_support` refuses labels with fewer than ``min_docs`` documents.
+q < ``fdr`` (0.05). A label with fewer than ``min_docs`` documents is too small to tell a finding
+from chance: :func:`supported_labels` leaves it out (the set's ``null.refused_labels`` and its
+summary name it and its count), and refuses the run when the user asked for it by name or no label
+is left (:func:`check_support`).
 See docs/find-statistics.md for what each method shuffles.
 """
 
@@ -58,6 +61,25 @@ def check_support(counts: dict, min_docs: int, what: str = "documents") -> None:
                 f"label {label!r} has {count} {what}, fewer than --min-docs {min_docs}: too few to tell "
                 "a finding from chance; add documents of it, leave it out, or lower --min-docs"
             )
+
+
+def supported_labels(counts: dict, min_docs: int, what: str = "documents", asked=(),
+                     total: int | None = None) -> tuple[list, dict]:
+    """(the labels of ``counts`` with at least ``min_docs`` documents, {label: count} of the others).
+    A label in ``asked`` (named by the user) below it, or no label left, is refused as by :func:`check_support`;
+    so is a label tested against the rest of ``total`` documents when that rest is below it."""
+    refused = {label: count for label, count in counts.items() if count < min_docs}
+    named = {label: count for label, count in refused.items() if label in asked}
+    if named or len(refused) == len(counts):
+        check_support(named or refused, min_docs, what)
+    kept = [label for label in counts if label not in refused]
+    for label in kept if total is not None else ():
+        if total - counts[label] < min_docs:
+            raise NeuronAtlasError(
+                f"label {label!r} has {counts[label]} of the {total} {what}: the other labels have "
+                f"{total - counts[label]}, fewer than --min-docs {min_docs}, too few to test it against; "
+                "add documents of other labels, or lower --min-docs")
+    return kept, refused
 
 
 def shuffled_labels(labels: list, groups: np.ndarray | None, generator: np.random.Generator) -> list:
@@ -147,9 +169,10 @@ def best(values: torch.Tensor) -> float | None:
 
 
 def null_block(method: str, shuffles: str, permutations: int, options: NullOptions, per_label: dict,
-               test: str = "pooled standardised permutation p, Benjamini-Hochberg q") -> dict:
+               test: str = "pooled standardised permutation p, Benjamini-Hochberg q", refused: dict | None = None) -> dict:
     """The set's ``null``: what was shuffled, how often, and per label the real best, the null's best
-    and the chance level (``per_label``: {label: {"best", "null_best", "chance"}})."""
+    and the chance level (``per_label``: {label: {"best", "null_best", "chance"}}); ``refused``: the
+    labels left out for too few documents, with their counts (see :func:`supported_labels`)."""
     reals = [entry["best"] for entry in per_label.values() if entry.get("best") is not None]
     nulls = [entry["null_best"] for entry in per_label.values() if entry.get("null_best") is not None]
     chances = {entry.get("chance") for entry in per_label.values()}
@@ -158,4 +181,5 @@ def null_block(method: str, shuffles: str, permutations: int, options: NullOptio
         "fdr": options.fdr, "test": test,
         "best": max(reals) if reals else None, "null_best": max(nulls) if nulls else None,
         "chance": chances.pop() if len(chances) == 1 else None, "per_label": per_label,
+        "min_docs": options.min_docs, "refused_labels": dict(refused or {}),
     }

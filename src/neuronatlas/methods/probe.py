@@ -33,7 +33,7 @@ from ..errors import NeuronAtlasError
 from ..hooks import capture_activations, forward_batch, pad_token_id
 from ..loading import window_length
 from ..neuronset import Neuron, NeuronSet, model_info
-from .nulls import NullOptions, check_support, label_null, null_block, q_values
+from .nulls import NullOptions, check_support, label_null, null_block, q_values, supported_labels
 from .nulls import best as nulls_best
 
 RANKINGS = ("mean_diff", "f_stat", "l1")
@@ -281,7 +281,10 @@ def sparse_probe(data: ProbeData, model: dict, labels: list[str] | None = None, 
     chosen = sorted(set(data.labels)) if labels is None else list(labels)
     if against is None and len(set(data.labels)) < 2:
         raise NeuronAtlasError(f"probing needs samples of at least two labels; these have only {sorted(set(data.labels))}")
-    tested = probe_null(data, chosen, against, null) if null is not None else None
+    tested = None
+    if null is not None:
+        tested = probe_null(data, chosen, against, null, asked=labels or ())
+        chosen = [label for label in chosen if label in tested["q"]]
     neurons, report = [], {}
     for label in chosen:
         rows, y = binary_target(data.labels, label, against)
@@ -310,15 +313,19 @@ def sparse_probe(data: ProbeData, model: dict, labels: list[str] | None = None, 
     return NeuronSet("probe", model, neurons, params, "z", None if tested is None else tested["block"], chosen)
 
 
-def probe_null(data: ProbeData, chosen: list[str], against: str | None, options: NullOptions) -> dict:
+def probe_null(data: ProbeData, chosen: list[str], against: str | None, options: NullOptions, asked=()) -> dict:
     """{"q": {label: (N,) q}, "block"}: each neuron's two-sided AUROC for the label (against the rest or
     ``against``) over the samples, real labels against document-level shuffles (rows of a document
-    keep one label). The probes' own F1 is not re-fit on shuffles: the null tests the neurons."""
+    keep one label). The probes' own F1 is not re-fit on shuffles: the null tests the neurons. Labels
+    with fewer than ``min_docs`` documents are left out (no q), or refused when ``asked`` names them."""
     documents = {}
     for label, group in zip(data.labels, data.groups.tolist()):
         documents.setdefault(label, set()).add(group)
-    wanted = chosen + ([against] if against is not None else [])
-    check_support({label: len(documents.get(label, ())) for label in wanted}, options.min_docs)
+    if against is not None:
+        check_support({against: len(documents.get(against, ()))}, options.min_docs)
+    total = None if against is not None else len({group for groups in documents.values() for group in groups})
+    chosen, refused = supported_labels({label: len(documents.get(label, ())) for label in chosen}, options.min_docs,
+                                       asked=asked, total=total)
     result = {"real": {}, "p": {}, "null_best": {}, "permutations": options.count()}
     for label in chosen:
         rows, _ = binary_target(data.labels, label, against)
@@ -330,7 +337,8 @@ def probe_null(data: ProbeData, chosen: list[str], against: str | None, options:
     per_label = {label: {"best": nulls_best(result["real"][label]), "null_best": result["null_best"][label],
                          "chance": 0.5} for label in chosen}
     block = null_block("probe", "the samples' labels, a document at a time (each neuron tested by its AUROC "
-                       "for the label, either direction)", result["permutations"], options, per_label)
+                       "for the label, either direction)", result["permutations"], options, per_label,
+                       refused=refused)
     return {"q": q_values(result["p"]), "block": block}
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..neuronset import Neuron, NeuronSet, model_info
-from .nulls import NullOptions, best, check_support, label_null, null_block, q_values
+from .nulls import NullOptions, best, label_null, null_block, q_values, supported_labels
 from .ranking import Ranking, column_scores, ranked_auroc, ranked_average_precision
 
 METRICS = ("ap", "auroc", "prob_diff")
@@ -156,7 +156,13 @@ def find_selective(atlas, label: str | None = None, metric: str = "ap", pool: st
     if metric != "prob_diff":
         sampled = set(atlas.docpool.labels)
         labels = [name for name in labels if name in sampled or label is not None]
-    tested = selectivity_null(atlas, labels, metric, pool, null) if null is not None else None
+    tested = None
+    if null is not None:
+        counts = sample_counts(atlas)
+        labels, refused = supported_labels({name: counts.get(name, 0) for name in labels}, null.min_docs,
+                                           "documents in the atlas's sample", asked=[label] if label else [],
+                                           total=sum(counts.values()))
+        tested = selectivity_null(atlas, labels, metric, pool, null, refused)
     neurons, stats = [], {}
     scores = label_scores(atlas, labels, metric, pool, signal)
     for name in labels:
@@ -204,8 +210,10 @@ def _label_stats(atlas, flat: torch.Tensor, name: str, metric: str) -> dict:
     return stats
 
 
-def selectivity_null(atlas, labels: list[str], metric: str, pool: str, options: NullOptions) -> dict:
-    """{"q": {label: (N,) BH q}, "block": the set's null}: the metric again on shuffled sample labels.
+def selectivity_null(atlas, labels: list[str], metric: str, pool: str, options: NullOptions,
+                     refused: dict | None = None) -> dict:
+    """{"q": {label: (N,) BH q}, "block": the set's null}: the metric again on shuffled sample labels
+    (``labels``: those with enough documents; ``refused``: the others, recorded in the block).
 
     AP and AUROC shuffle the labels of the atlas's document sample. prob_diff is token level and the
     atlas keeps only per-label token sums, so its neurons are tested at document level instead: the
@@ -215,7 +223,6 @@ def selectivity_null(atlas, labels: list[str], metric: str, pool: str, options: 
         raise NeuronAtlasError("the permutation null needs the atlas's document sample (profile with --doc-sample N); "
                                "pass --no-null to skip it")
     counts = sample_counts(atlas)
-    check_support({name: counts.get(name, 0) for name in labels}, options.min_docs, "documents in the atlas's sample")
     test_metric, test_pool = (metric, pool) if metric != "prob_diff" else ("auroc", "mean")
     result = docpool_null(atlas, labels, test_metric, test_pool, options)
     total = sum(counts.values())
@@ -224,5 +231,6 @@ def selectivity_null(atlas, labels: list[str], metric: str, pool: str, options: 
     shuffles = "the document labels of the atlas's document sample"
     if metric == "prob_diff":
         shuffles += " (tested by the AUROC of each document's mean z)"
-    block = null_block(f"selectivity-{test_metric}", shuffles, result["permutations"], options, per_label)
+    block = null_block(f"selectivity-{test_metric}", shuffles, result["permutations"], options, per_label,
+                       refused=refused)
     return {"q": q_values(result["p"]), "block": block}
