@@ -437,3 +437,13 @@ def test_a_bad_flag_from_the_shell_is_one_line(world):
     done = _console("merge", paths["atlas"], paths["atlas"], "--out", paths["missing"], "--top", "x")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "--top" in done.stderr and "usage:" not in done.stderr
+
+
+def test_a_profile_refused_at_once_from_the_shell_exits_2_not_an_abort(world):
+    """The profiler's kernels load on a thread from its import: a process that ended during that load
+    aborted in C++ teardown (status 134, "terminate called without an active exception")."""
+    paths, root = world
+    missing = root / "no-such-corpus.jsonl"
+    done = _console("profile", "--model", paths["model"], "--corpus", str(missing), "--out", str(root / "never"))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "terminate" not in done.stderr and str(missing) in done.stderr

@@ -2,8 +2,12 @@
 
 They are compiled once and cached on disk, yet loading them (and pandas, which pyarrow imports at
 its first array built from numpy) still takes a few tenths of a second: on a tiny model that is
-more than a whole profile's forward pass. :func:`warm_up_kernels` does it on a daemon thread of its
-own, started when :mod:`neuronatlas.profile` is imported, so that it runs beside the model's load.
+more than a whole profile's forward pass. :func:`warm_up_kernels` does it on a thread of its own,
+started when :mod:`neuronatlas.profile` is imported, so that it runs beside the model's load.
+
+Not a daemon thread: a process that ends while LLVM is still loading a kernel (a CLI error within a
+second of the import) aborted in C++ teardown ("terminate called without an active exception",
+status 134). The interpreter now waits for the load (a few tenths of a second) before it exits.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def warm_up_kernels() -> None:
     if _started.is_set() or not stats_kernel.enabled():
         return
     _started.set()
-    threading.Thread(target=_load, name="neuronatlas-kernels", daemon=True).start()
+    threading.Thread(target=_load, name="neuronatlas-kernels", daemon=False).start()  # joined at exit: see above
 
 
 def _load() -> None:
