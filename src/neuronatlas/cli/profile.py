@@ -79,13 +79,15 @@ def _options(args):
 
 def run(args) -> int:
     from ..distributed import launch_from_env
-    from ..profile import profile
     from ..summary import print_summary
 
     # Existing output is profile()'s to judge (--resume, --overwrite, an interrupted run).
     preflight_output(args.out, "folder", overwrite=None, what="atlas")
+    corpus = read_corpus_from(args)
+    from ..profile import profile  # its import starts loading the kernels (profile/warm.py): inputs checked first
+
     atlas = profile(
-        args.model, read_corpus_from(args), args.out, options=_options(args), device=args.device,
+        args.model, corpus, args.out, options=_options(args), device=args.device,
         device_map=args.device_map, load_in=args.load_in, overwrite=args.overwrite, resume=args.resume,
         quiet=args.quiet, checkpoint_every=args.checkpoint_every, trust_remote_code=args.trust_remote_code,
         dist_timeout=args.dist_timeout,
