@@ -158,11 +158,8 @@ def find_selective(atlas, label: str | None = None, metric: str = "ap", pool: st
         labels = [name for name in labels if name in sampled or label is not None]
     tested = None
     if null is not None:
-        counts = sample_counts(atlas)
-        labels, refused = supported_labels({name: counts.get(name, 0) for name in labels}, null.min_docs,
-                                           "documents in the atlas's sample", asked=[label] if label else [],
-                                           total=sum(counts.values()))
-        tested = selectivity_null(atlas, labels, metric, pool, null, refused)
+        tested = selectivity_null(atlas, labels, metric, pool, null, asked=[label] if label else [])
+        labels = [name for name in labels if name in tested["q"]]  # those with too few documents are left out
     neurons, stats = [], {}
     scores = label_scores(atlas, labels, metric, pool, signal)
     for name in labels:
@@ -210,10 +207,9 @@ def _label_stats(atlas, flat: torch.Tensor, name: str, metric: str) -> dict:
     return stats
 
 
-def selectivity_null(atlas, labels: list[str], metric: str, pool: str, options: NullOptions,
-                     refused: dict | None = None) -> dict:
-    """{"q": {label: (N,) BH q}, "block": the set's null}: the metric again on shuffled sample labels
-    (``labels``: those with enough documents; ``refused``: the others, recorded in the block).
+def selectivity_null(atlas, labels: list[str], metric: str, pool: str, options: NullOptions, asked=()) -> dict:
+    """{"q": {label: (N,) BH q}, "block": the set's null}: the metric again on shuffled sample labels.
+    Labels with fewer than ``min_docs`` sampled documents are left out (no q), or refused when ``asked`` names them.
 
     AP and AUROC shuffle the labels of the atlas's document sample. prob_diff is token level and the
     atlas keeps only per-label token sums, so its neurons are tested at document level instead: the
@@ -223,9 +219,11 @@ def selectivity_null(atlas, labels: list[str], metric: str, pool: str, options: 
         raise NeuronAtlasError("the permutation null needs the atlas's document sample (profile with --doc-sample N); "
                                "pass --no-null to skip it")
     counts = sample_counts(atlas)
+    total = sum(counts.values())
+    labels, refused = supported_labels({name: counts.get(name, 0) for name in labels}, options.min_docs,
+                                       "documents in the atlas's sample", asked=asked, total=total)
     test_metric, test_pool = (metric, pool) if metric != "prob_diff" else ("auroc", "mean")
     result = docpool_null(atlas, labels, test_metric, test_pool, options)
-    total = sum(counts.values())
     per_label = {name: {"best": best(result["real"][name]), "null_best": result["null_best"][name],
                         "chance": counts[name] / total if test_metric == "ap" else 0.5} for name in labels}
     shuffles = "the document labels of the atlas's document sample"
