@@ -24,6 +24,7 @@ import pytest
 from bad_inputs_world import broken_atlases, broken_files
 
 from neuronatlas.cli import main
+from neuronatlas.neuronset import NeuronSet
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 
@@ -215,6 +216,7 @@ CASES = [
     Case("evaluate-out-exists", E.replace("{newjson}", "{file}"), ("--overwrite",)),
     Case("evaluate-heatmap-is-a-folder", E + " --heatmap {folder}", ("--heatmap", "is a folder")),
     Case("evaluate-markdown-under-a-file", E + " --markdown {file}/eval.md", ("--markdown", "is a file")),
+    Case("evaluate-set-kept-no-neuron", E.replace("{set}", "{emptyset}"), ("emptyset.json", "is empty", "--no-null")),
     Case("evaluate-controls-negative", E + " --controls -1", ("controls", "-1")),
     Case("evaluate-batch-size-0", E + " --batch-size 0", ("--batch-size", "0")),
     Case("evaluate-max-length-1", E + " --max-length 1", ("--max-length", "1")),
@@ -232,6 +234,7 @@ CASES = [
     Case("steer-prompts-0", S + " --prompts 0", ("prompts", "got 0")),
     Case("steer-max-new-tokens-0", S + " --max-new-tokens 0", ("max new tokens", "got 0")),
     Case("steer-unknown-label", S.replace("--from en", "--from xx"), ("xx",)),
+    Case("steer-label-kept-no-neuron", S.replace("{set}", "{emptyset}"), ("--from en", "kept no neuron", "--no-null")),
     Case("steer-mode", S + " --mode multiply", ("--mode", "multiply")),
     Case("steer-json-is-a-folder", S + " --json {folder}", ("--json", "is a folder")),
     Case("steer-json-under-a-file", S + " --json {file}/steer.json", ("--json", "is a file")),
@@ -336,7 +339,10 @@ def world(tmp_path_factory, tiny_llama, tiny_gpt2, corpus_path):
     assert main(["find", "lape", "--atlas", str(atlas), "--no-null", "--top-rate", "0.2", "--out",
                  str(root / "set.json")]) == 0
     assert main(["sparsify", "coreinfer", "--model", str(tiny_llama), "--device", "cpu", "--out", str(root / "plan")]) == 0
+    # what find lape writes when its null keeps nothing (a random model): labels tested, no neuron kept
+    NeuronSet("lape", {}, [], null={"method": "lape", "fdr": 0.05}, tested_labels=["de", "en"]).save(root / "emptyset.json")
     paths = {"model": tiny_llama, "gpt2": tiny_gpt2, "corpus": corpus_path, "atlas": atlas, "set": root / "set.json",
+             "emptyset": root / "emptyset.json",
              "plan": root / "plan", **broken_atlases(root, atlas), **broken_files(root)}
     yield {key: str(path) for key, path in paths.items()}, root
     (root / "readonly").chmod(0o755)

@@ -180,7 +180,7 @@ def test_evaluate_cli_bad_input(capsys, llama, tiny_llama, tiny_gpt2, corpus_pat
     unlabelled = NeuronSet("hand", {}, [Neuron(0, 1, 0.0, None)]).save(tmp_path / "unlabelled.json")
     fails(capsys, eval_args(tiny_llama, unlabelled, corpus_path, out), "no labels")
     empty = NeuronSet("hand", {}, []).save(tmp_path / "empty.json")
-    fails(capsys, eval_args(tiny_llama, empty, corpus_path, out), "no labels")
+    fails(capsys, eval_args(tiny_llama, empty, corpus_path, out), "is empty", "kept no neuron")
     french = NeuronSet("hand", {}, [Neuron(0, 1, 0.0, "fr")]).save(tmp_path / "fr.json")
     fails(capsys, eval_args(tiny_llama, french, corpus_path, out), "'fr'", "no text")
     sets = hand_set(model).save(tmp_path / "set.json")

@@ -70,6 +70,16 @@ class NeuronSet:
         return NeuronSet(self.method, self.model, chosen, dict(self.params, label=label), self.signal, self.null,
                          self.tested_labels)
 
+    def why_no_neurons(self, label: str | None = None) -> str:
+        """Why ``label`` (or the whole set, for None) has no neurons: the set kept none, or never scored it."""
+        where = f"for label {label!r}" if label is not None else "for any label"
+        if label is not None and self.tested_labels is not None and label not in self.tested_labels:
+            tested = ", ".join(self.tested_labels) or "none"
+            return f"{self.method} never scored label {label!r} (it scored: {tested})"
+        null = "" if self.null is None else f", after its permutation null (q < {self.null.get('fdr', 0.05)})"
+        fix = " (e.g. a larger corpus" + (", or find again with --no-null" if self.null is not None else "") + ")"
+        return f"{self.method} kept no neuron {where}{null}; find more neurons{fix}"
+
     @property
     def unique_neurons(self) -> int:
         """Distinct (layer, index): a neuron kept for two labels counts once."""

@@ -56,6 +56,8 @@ def run(args) -> int:
 
     neuron_set = load_neuron_set(args.sets)
     if not neuron_set.labels:
+        if not neuron_set.neurons:
+            raise NeuronAtlasError(f"neuron set {args.sets} is empty: {neuron_set.why_no_neurons()}")
         raise NeuronAtlasError(f"neuron set {args.sets} has no labels; evaluate needs labelled neurons (e.g. from find lape)")
     corpus = read_corpus_from(args)
     if args.label_field is None:
