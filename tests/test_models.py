@@ -22,6 +22,7 @@ from neuronatlas.models import locate_neurons, supported_model_types
 D, FF, LAYERS, VOCAB = 24, 37, 2, 101
 DECODER = dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # within the tiny vocabulary
 ENCODER = dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
                num_attention_heads=4, max_position_embeddings=66, hidden_act="gelu")
 
@@ -32,9 +33,10 @@ class Family:
     config: object  # () -> PretrainedConfig
     blocks: str  # path of the block list, from the model
     mlp_in: str  # module (relative to one block) whose first input is the MLP input x
-    act_key: str  # config attribute naming the activation
+    act_key: str  # config attribute naming the activation, or "=name" for a family's fixed ACT2FN[name]
     gated: bool
     final_norm: str | None
+    ff: int = 37  # neurons per layer (BLOOM and MPT fix it at 4 x d_model)
 
 
 def _gemma3_multimodal():
@@ -79,10 +81,93 @@ FAMILIES = {
                                        num_attention_heads=4, word_embed_proj_dim=D, max_position_embeddings=64,
                                        activation_function="relu"),
                   "model.decoder.layers", "fc1", "activation_function", False, "model.decoder.final_layer_norm"),
+    **{name: Family(model_class, lambda config=config: getattr(tf, config)(**DECODER, **IDS, head_dim=6), "model.layers", "mlp",
+                    "hidden_act", True, "model.norm")
+       for name, model_class, config in (
+           ("smollm3", "SmolLM3ForCausalLM", "SmolLM3Config"), ("olmo", "OlmoForCausalLM", "OlmoConfig"),
+           ("olmo2", "Olmo2ForCausalLM", "Olmo2Config"), ("olmo3", "Olmo3ForCausalLM", "Olmo3Config"),
+           ("stablelm", "StableLmForCausalLM", "StableLmConfig"), ("granite", "GraniteForCausalLM", "GraniteConfig"),
+           ("cohere", "CohereForCausalLM", "CohereConfig"), ("cohere2", "Cohere2ForCausalLM", "Cohere2Config"),
+           ("helium", "HeliumForCausalLM", "HeliumConfig"), ("exaone4", "Exaone4ForCausalLM", "Exaone4Config"),
+           ("seed_oss", "SeedOssForCausalLM", "SeedOssConfig"), ("ministral", "MinistralForCausalLM", "MinistralConfig"))},
+    "glm": Family("GlmForCausalLM", lambda: tf.GlmConfig(**DECODER, **IDS, head_dim=8), "model.layers", "mlp",
+                  "hidden_act", True, "model.norm"),
+    "glm4": Family("Glm4ForCausalLM", lambda: tf.Glm4Config(**DECODER, **IDS, head_dim=8), "model.layers", "mlp",
+                   "hidden_act", True, "model.norm"),
+    # Phi and Persimmon rotate half of each head: 2 heads of 12 (4 heads of 6 would rotate an odd 3)
+    "phi": Family("PhiForCausalLM",
+                  lambda: tf.PhiConfig(**dict(DECODER, num_attention_heads=2, num_key_value_heads=2), **IDS),
+                  "model.layers", "mlp", "hidden_act", False, "model.final_layernorm"),
+    "nemotron": Family("NemotronForCausalLM", lambda: tf.NemotronConfig(**DECODER, **IDS), "model.layers", "mlp",
+                       "hidden_act", False, "model.norm"),
+    "arcee": Family("ArceeForCausalLM", lambda: tf.ArceeConfig(**DECODER, **IDS), "model.layers", "mlp", "hidden_act",
+                    False, "model.norm"),
+    "falcon": Family("FalconForCausalLM",
+                     lambda: tf.FalconConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                             ffn_hidden_size=FF, max_position_embeddings=64, activation="gelu", **IDS),
+                     "transformer.h", "mlp", "activation", False, "transformer.ln_f"),
+    "persimmon": Family("PersimmonForCausalLM",
+                        lambda: tf.PersimmonConfig(**{k: v for k, v in DECODER.items() if k != "num_key_value_heads"} | {"num_attention_heads": 2},
+                                                   hidden_act="relu2", **IDS),
+                        "model.layers", "mlp", "hidden_act", False, "model.final_layernorm"),
+    "bloom": Family("BloomForCausalLM",
+                    lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=D, n_layer=LAYERS, n_head=4, **IDS),
+                    "transformer.h", "mlp", "=gelu_new", False, "transformer.ln_f", ff=4 * D),
+    "gptj": Family("GPTJForCausalLM",
+                   lambda: tf.GPTJConfig(vocab_size=VOCAB, n_positions=64, n_embd=D, n_layer=LAYERS, n_head=4, rotary_dim=4,
+                                         n_inner=FF, activation_function="gelu_new", **IDS),
+                   "transformer.h", "mlp", "activation_function", False, "transformer.ln_f"),
+    "codegen": Family("CodeGenForCausalLM",
+                      lambda: tf.CodeGenConfig(vocab_size=VOCAB, n_positions=64, n_ctx=64, n_embd=D, n_layer=LAYERS, n_head=4,
+                                               rotary_dim=4, n_inner=FF, activation_function="gelu_new",
+                                               bos_token_id=1, eos_token_id=2),
+                      "transformer.h", "mlp", "activation_function", False, "transformer.ln_f"),
+    "gpt_bigcode": Family("GPTBigCodeForCausalLM",
+                          lambda: tf.GPTBigCodeConfig(vocab_size=VOCAB, n_positions=64, n_embd=D, n_layer=LAYERS, n_head=4,
+                                                      n_inner=FF, activation_function="gelu_pytorch_tanh", **IDS),
+                          "transformer.h", "mlp", "activation_function", False, "transformer.ln_f"),
+    "starcoder2": Family("Starcoder2ForCausalLM",
+                         lambda: tf.Starcoder2Config(**DECODER, hidden_act="gelu_pytorch_tanh", **IDS), "model.layers",
+                         "mlp", "hidden_act", False, "model.norm"),
+    "mpt": Family("MptForCausalLM", lambda: tf.MptConfig(d_model=D, n_heads=4, n_layers=LAYERS, vocab_size=VOCAB,
+                                                         max_seq_len=64, **IDS),
+                  "transformer.blocks", "ffn", "=gelu", False, "transformer.norm_f", ff=4 * D),
+    "xglm": Family("XGLMForCausalLM",
+                   lambda: tf.XGLMConfig(vocab_size=VOCAB, d_model=D, ffn_dim=FF, num_layers=LAYERS, attention_heads=4,
+                                         max_position_embeddings=64, activation_function="gelu", **IDS),
+                   "model.layers", "fc1", "activation_function", False, "model.layer_norm"),
+    "biogpt": Family("BioGptForCausalLM",
+                     lambda: tf.BioGptConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                             intermediate_size=FF, hidden_act="gelu", max_position_embeddings=64, **IDS),
+                     "biogpt.layers", "fc1", "hidden_act", False, "biogpt.layer_norm"),
     "bert": Family("BertForMaskedLM", lambda: tf.BertConfig(**ENCODER), "bert.encoder.layer", "intermediate",
                    "hidden_act", False, None),
     "roberta": Family("RobertaForMaskedLM", lambda: tf.RobertaConfig(**ENCODER), "roberta.encoder.layer",
                       "intermediate", "hidden_act", False, None),
+    **{name: Family(model_class, lambda config=config: getattr(tf, config)(**ENCODER), blocks, mlp_in, "hidden_act", False,
+                    None)
+       for name, model_class, config, blocks, mlp_in in (
+           ("xlm-roberta", "XLMRobertaForMaskedLM", "XLMRobertaConfig", "roberta.encoder.layer", "intermediate"),
+           ("xlm-roberta-xl", "XLMRobertaXLForMaskedLM", "XLMRobertaXLConfig", "roberta.encoder.layer", "intermediate"),
+           ("camembert", "CamembertForMaskedLM", "CamembertConfig", "roberta.encoder.layer", "intermediate"),
+           ("roberta-prelayernorm", "RobertaPreLayerNormForMaskedLM", "RobertaPreLayerNormConfig",
+            "roberta_prelayernorm.encoder.layer", "intermediate.dense"),  # its intermediate starts with a LayerNorm
+           ("ernie", "ErnieForMaskedLM", "ErnieConfig", "ernie.encoder.layer", "intermediate"),
+           ("megatron-bert", "MegatronBertForMaskedLM", "MegatronBertConfig", "bert.encoder.layer", "intermediate"),
+           ("mpnet", "MPNetForMaskedLM", "MPNetConfig", "mpnet.encoder.layer", "intermediate"),
+           ("deberta-v2", "DebertaV2ForMaskedLM", "DebertaV2Config", "deberta.encoder.layer", "intermediate"))},
+    "electra": Family("ElectraForMaskedLM", lambda: tf.ElectraConfig(**ENCODER, embedding_size=D), "electra.encoder.layer",
+                      "intermediate", "hidden_act", False, None),
+    "distilbert": Family("DistilBertForMaskedLM",
+                         lambda: tf.DistilBertConfig(vocab_size=VOCAB, max_position_embeddings=66, n_layers=LAYERS, n_heads=4,
+                                                     dim=D, hidden_dim=FF, activation="gelu"),
+                         "distilbert.transformer.layer", "ffn", "activation", False, None),
+    "modernbert": Family("ModernBertForMaskedLM",
+                         lambda: tf.ModernBertConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF,
+                                                     num_hidden_layers=LAYERS, num_attention_heads=4,
+                                                     hidden_activation="gelu", max_position_embeddings=64, **IDS,
+                                                     cls_token_id=3, sep_token_id=4),
+                         "model.layers", "mlp", "hidden_activation", True, "model.final_norm"),
 }
 
 
@@ -131,15 +216,15 @@ def test_widths_and_layers_match_config(name):
     family = FAMILIES[name]
     assert neurons.model_type == model.config.model_type == name
     assert neurons.num_layers == config.num_hidden_layers == LAYERS
-    assert neurons.widths == [FF] * LAYERS
+    assert neurons.widths == [family.ff] * LAYERS
     assert neurons.gated is family.gated
     assert (neurons.layers[0].w_gate() is not None) is family.gated
     blocks = model.get_submodule(family.blocks)
     for index, layer in enumerate(neurons.layers):
         assert layer.index == index
         assert any(m is layer.down for m in blocks[index].modules())
-        assert layer.w_out().shape == (D, FF)
-        assert layer.w_in().shape == (FF, D)
+        assert layer.w_out().shape == (D, family.ff)
+        assert layer.w_in().shape == (family.ff, D)
     # one activation module per layer: a shared one would fire every layer's gate hook
     assert len({id(layer.act) for layer in neurons.layers}) == LAYERS
     expected_norm = model.get_submodule(family.final_norm) if family.final_norm else None
@@ -150,7 +235,8 @@ def test_widths_and_layers_match_config(name):
 def test_activations_match_weights(name):
     model, inputs = tiny(name)
     family = FAMILIES[name]
-    act = ACT2FN[getattr(text_config(model), family.act_key)]
+    fixed = family.act_key.startswith("=")
+    act = ACT2FN[family.act_key[1:] if fixed else getattr(text_config(model), family.act_key)]
     neurons = locate_neurons(model)
     blocks = model.get_submodule(family.blocks)
     xs, outs, zs, gs = {}, {}, {}, {}
@@ -177,7 +263,7 @@ def test_activations_match_weights(name):
     with torch.no_grad():
         for index, layer in enumerate(neurons.layers):
             x, z = xs[index], zs[index]
-            assert z.shape == (*x.shape[:-1], FF)
+            assert z.shape == (*x.shape[:-1], family.ff)
             assert z.dim() == (2 if name == "opt" else 3)  # OPT's MLP runs on (B*T, d) tokens
             gate_bias, up_bias = in_biases(layer)
             up = linear(x, layer.w_in(), up_bias)

@@ -6,12 +6,13 @@ import pytest
 import torch
 from conftest import make_gpt2
 from decode_steps import prefill_then_steps
+from test_models import FAMILIES, text_config, tiny
 
 from neuronatlas.hooks import returned_cache, with_cache
 from neuronatlas.loading import load_model
 from neuronatlas.sparse import SparsifyOptions, apply_plan, sparsify
 from neuronatlas.sparse.allocation import at_target, greedy_path, uniform
-from neuronatlas.sparse.attention import sparse_layers
+from neuronatlas.sparse.attention import projection_weight, sparse_layers
 
 GREEDY = dict(calib_tokens=256, max_length=24, greedy_tokens=96, greedy_step=0.1)
 
@@ -419,3 +420,20 @@ def test_row_tables_in_huge_pages_decode_the_same(llama, corpus_path, monkeypatc
                 assert all(m.weight_t.data_ptr() >= group.table.data_ptr() for m in group.members.values())
     monkeypatch.setattr(wrap.Arena, "sized_for", classmethod(lambda cls, tables: None))
     assert torch.equal(logits, decoded(apply_plan(model, plan)))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_has_its_attention_projections_found(name):
+    """``--scope all`` needs q/k/v (or a fused qkv) and o in every block: each a projection of that block,
+    q-like ones reading d_model, o writing d_model."""
+    model = tiny(name)[0]
+    width = text_config(model).hidden_size
+    blocks = [dict(layer.block.named_modules()) for layer in sparse_layers(model)]
+    for layer, modules in zip(sparse_layers(model), blocks):
+        roles = layer.attention
+        assert "o" in roles and ("qkv" in roles or {"q", "k", "v"} <= set(roles)), f"{name}: {sorted(roles)}"
+        assert len({id(module) for module in roles.values()}) == len(roles)
+        assert all(any(module is m for m in modules.values()) for module in roles.values())
+        reading = [roles[r] for r in ("q", "k", "v", "qkv") if r in roles]
+        assert all(projection_weight(m).shape[1] == width for m in reading)
+        assert projection_weight(roles["o"]).shape[0] == width

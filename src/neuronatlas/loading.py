@@ -173,11 +173,12 @@ def input_device(model) -> torch.device:
 
 
 def max_positions(config) -> int | None:
-    """How many positions the model can attend to, when its config says."""
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    """How many positions the model can attend to, when its config (or its text model's, e.g. Gemma 3's) says."""
+    for source in (config, getattr(config, "text_config", None)):
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "max_seq_len"):
+            value = getattr(source, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return None
 
 

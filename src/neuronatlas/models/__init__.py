@@ -13,7 +13,8 @@ from torch import nn
 from ..errors import NeuronAtlasError
 from .base import LayerNeurons, ModelNeurons, Site
 
-_ADAPTERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "bert")
+_ADAPTERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "phi", "nemotron", "gpt2", "gpt_neox", "bloom", "gptj",
+             "starcoder2", "mpt", "opt", "bert", "distilbert", "modernbert")
 
 ADDING_A_FAMILY_DOC = "docs/adding-a-family.md"
 

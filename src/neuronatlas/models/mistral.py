@@ -3,7 +3,7 @@
 from .base import Site
 
 SITE = Site(
-    model_types=("mistral",),
+    model_types=("mistral", "ministral"),
     blocks=("model.layers", "layers"),
     down="mlp.down_proj",
     act="mlp.act_fn",

@@ -21,8 +21,10 @@ from ..models import LayerNeurons, find_blocks, locate_neurons
 
 ATTENTION_CHILDREN = ("self_attn", "attn", "attention", "self_attention")
 INPUT_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "query": "q", "key": "k", "value": "v",
+               "query_proj": "q", "key_proj": "k", "value_proj": "v", "q_lin": "q", "k_lin": "k", "v_lin": "v",
+               "attn.q": "q", "attn.k": "k", "attn.v": "v",  # MPNet
                "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "Wqkv": "qkv"}
-OUTPUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "output.dense")
+OUTPUT_NAMES = ("o_proj", "out_proj", "c_proj", "out_lin", "Wo", "dense", "output.dense", "attn.o")
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 
 
@@ -47,9 +49,9 @@ def attention_roles(block: nn.Module) -> dict[str, nn.Module]:
         if not is_projection(module):
             continue
         leaf = path.rpartition(".")[2]
-        if leaf in INPUT_ROLES:
-            roles[INPUT_ROLES[leaf]] = module
-        elif path in OUTPUT_NAMES or leaf in OUTPUT_NAMES[:3]:
+        if leaf in INPUT_ROLES or path in INPUT_ROLES:
+            roles[INPUT_ROLES.get(path, INPUT_ROLES.get(leaf))] = module
+        elif path in OUTPUT_NAMES or leaf in OUTPUT_NAMES[:5]:
             roles["o"] = module
     complete = "o" in roles and ("qkv" in roles or {"q", "k", "v"} <= set(roles))
     return roles if complete else {}
