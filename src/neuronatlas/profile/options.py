@@ -11,7 +11,7 @@ from ..atlas import FORMAT_VERSION, default_position_edges
 from ..corpus import Corpus
 from ..errors import NeuronAtlasError
 from ..exemplar_windows import DEFAULT_BITS, DEFAULT_RADIUS
-from ..loading import model_fingerprint, window_length
+from ..loading import gguf_source, model_fingerprint, window_length
 from ..models import ModelNeurons
 from ..stats import default_hist_edges
 
@@ -114,6 +114,7 @@ def run_metadata(model, tokenizer, neurons: ModelNeurons, corpus: Corpus, counts
         options.position_edges = _position_edges(options)  # resolved like max_length: saved, checked on resume
     per_label = counts["documents_per_label"]
     labels = sorted(per_label) if corpus.label_field or corpus.label_from_folder else [UNLABELLED]
+    gguf = gguf_source(model)  # {file, bytes, fingerprint} of a model loaded from a GGUF file
     return {
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
@@ -124,6 +125,7 @@ def run_metadata(model, tokenizer, neurons: ModelNeurons, corpus: Corpus, counts
             "num_layers": neurons.num_layers,
             "widths": neurons.widths,
             "gated": neurons.gated,
+            **({"gguf": gguf} if gguf else {}),
         },
         "tokenizer": {
             "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
