@@ -59,7 +59,7 @@ def encode_example(tokenizer, record: dict, max_length: int) -> tuple[list[int],
         answer = list(tokenizer(record["answer"], add_special_tokens=False)["input_ids"])
         ids, mask = prompt + answer, [False] * len(prompt) + [True] * len(answer)
     else:
-        ids = list(tokenizer(record["text"])["input_ids"])
+        ids = list(tokenizer(record["text"], verbose=False)["input_ids"])  # cut below; no "longer than" warning
         special = set(tokenizer.all_special_ids)
         mask = [token not in special for token in ids]
     return ids[:max_length], mask[:max_length]
