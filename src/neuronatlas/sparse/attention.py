@@ -24,7 +24,9 @@ INPUT_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "query": "q", "key":
                "query_proj": "q", "key_proj": "k", "value_proj": "v", "q_lin": "q", "k_lin": "k", "v_lin": "v",
                "attn.q": "q", "attn.k": "k", "attn.v": "v",  # MPNet
                "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "Wqkv": "qkv"}
-OUTPUT_NAMES = ("o_proj", "out_proj", "c_proj", "out_lin", "Wo", "dense", "output.dense", "attn.o")
+OUTPUT_LEAVES = ("o_proj", "out_proj", "c_proj", "out_lin", "Wo")  # at any depth under the attention module
+OUTPUT_PATHS = ("dense", "output.dense", "attn.o")  # only at these paths: too common a name deeper down
+OUTPUT_NAMES = OUTPUT_LEAVES + OUTPUT_PATHS
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 
 
@@ -51,7 +53,7 @@ def attention_roles(block: nn.Module) -> dict[str, nn.Module]:
         leaf = path.rpartition(".")[2]
         if leaf in INPUT_ROLES or path in INPUT_ROLES:
             roles[INPUT_ROLES.get(path, INPUT_ROLES.get(leaf))] = module
-        elif path in OUTPUT_NAMES or leaf in OUTPUT_NAMES[:5]:
+        elif path in OUTPUT_PATHS or leaf in OUTPUT_LEAVES:
             roles["o"] = module
     complete = "o" in roles and ("qkv" in roles or {"q", "k", "v"} <= set(roles))
     return roles if complete else {}
