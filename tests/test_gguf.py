@@ -16,7 +16,7 @@ from gguf_files import write_gguf
 
 from neuronatlas import bundled
 from neuronatlas.cli import main
-from neuronatlas.loading import file_fingerprint, load_model
+from neuronatlas.loading import file_fingerprint, load_model, load_tokenizer
 
 pytest.importorskip("gguf")
 
@@ -104,7 +104,7 @@ def test_a_qwen2_gguf_profiles_its_text_tokens_and_the_atlas_records_the_file(fi
 
 
 def test_every_verb_takes_a_gguf_model(files, corpus, tmp_path, capsys):
-    """profile, find, evaluate, steer, sparsify, bench, explain and export with ``--model x.gguf``."""
+    """profile, find, evaluate, steer, sparsify, bench, explain, export and serve with ``--model x.gguf``."""
     gguf = str(files["llama-Q8_0"])
     atlas, lape = tmp_path / "atlas", tmp_path / "lape.json"
     common = ["--device", "cpu", "--quiet"]
@@ -134,3 +134,15 @@ def test_every_verb_takes_a_gguf_model(files, corpus, tmp_path, capsys):
     assert plan["model"]["fingerprint"] == json.loads((atlas / "atlas.json").read_text())["model"]["fingerprint"]
     assert json.loads((tmp_path / "bench.json").read_text())["speedup"] > 0
     shutil.rmtree(tmp_path / "np")
+
+    # serve: the viewer reloads the model from the atlas (the GGUF file) for live text
+    from fastapi.testclient import TestClient
+
+    from neuronatlas.viewer import open_viewer
+    from neuronatlas.viewer.app import create_app
+
+    viewer = open_viewer(atlas)
+    reply = TestClient(create_app(viewer.data, viewer.model)).post("/api/live", json={"text": TEXTS[0], "layer": 1,
+                                                                                     "index": 3})
+    assert reply.status_code == 200
+    assert reply.json()["token_ids"] == load_tokenizer(gguf)(TEXTS[0]).input_ids
