@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from bad_inputs_world import broken_atlases, broken_files
+from conftest import make_tokenizer
+from test_models import tiny
 
 from neuronatlas.cli import main
 from neuronatlas.neuronset import NeuronSet
@@ -281,6 +283,9 @@ CASES = [
     Case("sparsify-sparsity-1.5", Z + " --sparsity 1.5", ("--sparsity", "1.5", "[0, 1)")),
     Case("sparsify-sparsity-nan", Z + " --sparsity nan", ("--sparsity", "nan", "[0, 1)")),
     Case("sparsify-sparsity-1", Z + " --sparsity 1", ("--sparsity", "[0, 1)")),
+    Case("sparsify-ppl-within-on-an-encoder",
+         "sparsify teal --model {bert} --device cpu --corpus {corpus} --ppl-within 1 --out {new}",
+         ("--ppl-within", "bert", "encoder")),
     Case("sparsify-out-holds-a-plan", Z.replace("{new}", "{plan}"), ("not empty", "--overwrite")),
     Case("sparsify-out-is-a-file", Z.replace("{new}", "{file}"), ("is a file",)),
     Case("sparsify-out-under-a-file", Z.replace("{new}", "{file}/plan"), ("is a file",)),
@@ -339,10 +344,13 @@ def world(tmp_path_factory, tiny_llama, tiny_gpt2, corpus_path):
     assert main(["find", "lape", "--atlas", str(atlas), "--no-null", "--top-rate", "0.2", "--out",
                  str(root / "set.json")]) == 0
     assert main(["sparsify", "coreinfer", "--model", str(tiny_llama), "--device", "cpu", "--out", str(root / "plan")]) == 0
+    bert = root / "bert"  # an encoder: the verbs that need next-token loss refuse it
+    tiny("bert")[0].save_pretrained(bert)
+    make_tokenizer(bert)
     # what find lape writes when its null keeps nothing (a random model): labels tested, no neuron kept
     NeuronSet("lape", {}, [], null={"method": "lape", "fdr": 0.05}, tested_labels=["de", "en"]).save(root / "emptyset.json")
     paths = {"model": tiny_llama, "gpt2": tiny_gpt2, "corpus": corpus_path, "atlas": atlas, "set": root / "set.json",
-             "emptyset": root / "emptyset.json",
+             "emptyset": root / "emptyset.json", "bert": bert,
              "plan": root / "plan", **broken_atlases(root, atlas), **broken_files(root)}
     yield {key: str(path) for key, path in paths.items()}, root
     (root / "readonly").chmod(0o755)

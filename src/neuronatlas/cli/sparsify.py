@@ -118,6 +118,11 @@ def run(args) -> int:
         raise NeuronAtlasError("--ppl-within measures perplexity: pass --eval-corpus FILE (or --corpus FILE)")
     layers = parse_layers(args.layers)
     preflight_output(args.out, "folder", overwrite=args.overwrite, what="plan")
+    if args.ppl_within is not None:
+        from ..loading import load_config
+        from ..models import check_causal
+
+        check_causal(load_config(args.model), "--ppl-within", needs="next-token perplexity")
     model, tokenizer = load_speed_model(args)
     atlas = load_atlas(args.atlas) if args.atlas else None
     options = SparsifyOptions(calib_tokens=args.calib_tokens, hot_score=args.hot_score, hot_signal=args.hot_signal,
