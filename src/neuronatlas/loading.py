@@ -78,14 +78,13 @@ def load_model(
     and the CPU instead; ``load_in`` ("8bit" or "4bit") quantises the linear layers with bitsandbytes.
     Sharded safetensors checkpoints load like single files.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
     config = load_config(name_or_path, trust_remote_code)
     site_for(config.model_type)  # unsupported families fail here, before loading weights
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     placement = _placement(device_map, load_in, torch_device)
-    auto = AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
+    auto = auto_class(config)
     gguf = gguf_file(name_or_path)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if quiet:
@@ -107,6 +106,13 @@ def load_model(
         model.to(torch_device)
     model.eval()
     return model, load_tokenizer(name_or_path, trust_remote_code)
+
+
+def auto_class(config):
+    """The transformers Auto class a model of ``config`` loads with: masked LM for encoders, else causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if is_encoder(config) else AutoModelForCausalLM
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

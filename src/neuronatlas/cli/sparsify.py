@@ -90,15 +90,14 @@ def load_speed_model(args):
 
 def _random_model(args):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from ..loading import load_config, load_tokenizer, resolve_device, resolve_dtype
+    from ..loading import auto_class, load_config, load_tokenizer, resolve_device, resolve_dtype
     from ..models import site_for
 
     config = load_config(args.model)
     site_for(config.model_type)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(args.dtype))
+    model = auto_class(config).from_config(config, dtype=resolve_dtype(args.dtype))  # as load_model would
     model.to(resolve_device(args.device)).eval()
     try:
         tokenizer = load_tokenizer(args.model)
