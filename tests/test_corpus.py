@@ -162,7 +162,8 @@ def test_folder_fingerprint_covers_names_and_contents(tmp_path):
 
 
 def _tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer whose post-processor adds bos ("llama"), nothing ("gpt2") or [CLS]/[SEP] ("bert")."""
+    """A WordLevel tokenizer whose post-processor adds bos ("llama"), nothing ("gpt2"), [CLS]/[SEP] ("bert")
+    or eos after the text only ("eos", as T5's tokenizer does)."""
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
@@ -171,19 +172,22 @@ def _tokenizer(kind: str) -> PreTrainedTokenizerFast:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     elif kind == "bert":
         tok.post_processor = processors.BertProcessing(("</s>", eos), ("<s>", bos))
+    elif kind == "eos":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "bert"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "bert", "eos"])
 def tokenizer(request):
     return request.param, _tokenizer(request.param)
 
 
 def _content(kind, input_ids):
     """The content tokens of a window: its ids without the special tokens the tokenizer added."""
-    return list(input_ids[1:] if kind == "llama" else input_ids[1:-1] if kind == "bert" else input_ids)
+    cut = {"llama": slice(1, None), "bert": slice(1, -1), "eos": slice(None, -1)}.get(kind, slice(None))
+    return list(input_ids[cut])
 
 
 def test_iter_windows_splits_long_documents(tokenizer):
@@ -222,7 +226,7 @@ def test_iter_windows_uses_build_inputs_when_present():
     assert [w.start for w in windows] == [0, 2, 4]
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "eos"])
 def test_iter_windows_ignores_padding_and_truncation_the_tokenizer_file_switches_on(kind):
     plain, padded = _tokenizer(kind), _tokenizer(kind)
     padded.backend_tokenizer.enable_padding(length=16, pad_id=0, pad_token="<pad>")  # as all-MiniLM-L6-v2 ships
@@ -429,7 +433,7 @@ def test_invalid_text_is_an_error_naming_its_line_or_replaced_with_a_count(tmp_p
     _error(lambda: read_corpus(text, on_invalid_text="skip"), "on_invalid_text", "'skip'")
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "eos"])
 def test_iter_windows_tokenises_in_groups_as_one_document_at_a_time(kind):
     tokenizer = _tokenizer(kind)
     docs = [Document(i, " ".join(TEXTS[: i % len(TEXTS) + 1]), None) for i in range(150)]  # groups 1, 2 ... 64
