@@ -81,8 +81,9 @@ FAMILIES = {
                                        num_attention_heads=4, word_embed_proj_dim=D, max_position_embeddings=64,
                                        activation_function="relu"),
                   "model.decoder.layers", "fc1", "activation_function", False, "model.decoder.final_layer_norm"),
-    **{name: Family(model_class, lambda config=config: getattr(tf, config)(**DECODER, **IDS, head_dim=6), "model.layers", "mlp",
-                    "hidden_act", True, "model.norm")
+    # the families that copy Llama's MLP, blocks and final norm
+    **{name: Family(model_class, lambda config=config: getattr(tf, config)(**DECODER, **IDS, head_dim=6),
+                    "model.layers", "mlp", "hidden_act", True, "model.norm")
        for name, model_class, config in (
            ("smollm3", "SmolLM3ForCausalLM", "SmolLM3Config"), ("olmo", "OlmoForCausalLM", "OlmoConfig"),
            ("olmo2", "Olmo2ForCausalLM", "Olmo2Config"), ("olmo3", "Olmo3ForCausalLM", "Olmo3Config"),
