@@ -127,7 +127,11 @@ CASES = [
     Case("info-truncated-stats", "info {atlas_truncated_stats}", ("not a complete atlas",)),
     Case("info-no-stats", "info {atlas_no_stats}", ("stats.safetensors",)),
     Case("info-unknown-flag", "info {atlas} --csv", ("--csv",)),
-    Case("info-no-atlas", "info", ("required", "atlas")),
+    Case("info-no-atlas", "info", ("needs an atlas", "ATLAS or --atlas ATLAS")),
+    Case("info-two-atlases", "info {atlas} --atlas {folder}", ("two atlases", "give one")),
+    Case("info-atlas-flag-missing", "info --atlas {missing}", ("missing",)),
+    Case("serve-no-atlas", "serve --port 0", ("needs an atlas",)),
+    Case("export-two-atlases", "export neuronpedia {atlas} --atlas {folder} --out {new}", ("two atlases",)),
     # --- merge ---------------------------------------------------------------------------------------
     Case("merge-the-same-atlas-twice", "merge {atlas} {atlas} --out {new}", ("twice",)),
     Case("merge-the-same-atlas-by-another-path", "merge {atlas} {atlas}/../atlas --out {new}", ("twice",)),

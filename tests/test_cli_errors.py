@@ -158,3 +158,14 @@ def test_quiet_hides_progress_but_not_the_summary(capsys, tiny_llama, corpus_pat
     captured = capsys.readouterr()
     assert "atlas written to" in captured.out and "tokens in" in captured.out
     assert "it/s" not in captured.err
+
+
+def test_atlas_verbs_take_the_atlas_as_argument_or_flag(capsys, made_atlas):
+    """info, serve, report and export take ATLAS, or --atlas ATLAS as find, steer and explain do."""
+    outputs = []
+    for argv in (["info", str(made_atlas), "--json"], ["info", "--atlas", str(made_atlas), "--json"],
+                 ["info", str(made_atlas), "--atlas", str(made_atlas), "--json"]):
+        capsys.readouterr()
+        assert main(argv) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] == outputs[2] and outputs[0]["tokens"] > 0

@@ -15,7 +15,7 @@ import sys
 from .. import __version__
 from ..errors import NeuronAtlasError
 from . import bench, demo, evaluate, explain, export, find, info, merge, profile, report, serve, sparsify, steer, vocab
-from .args import Parser
+from .args import Parser, resolve_atlas
 
 # The order of `neuronatlas --help`.
 VERBS = (profile, info, merge, demo, find, vocab, evaluate, steer, serve, report, explain, export, sparsify, bench)
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        resolve_atlas(args)
         status = args.handler(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return status

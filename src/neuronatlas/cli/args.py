@@ -91,6 +91,24 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 
 
+def atlas_positional(parser: argparse.ArgumentParser, help: str = "an atlas folder") -> None:
+    """ATLAS as the first argument, or ``--atlas ATLAS`` as find, steer and explain take it."""
+    parser.add_argument("atlas", nargs="?", default=None, help=f"{help}; or --atlas ATLAS")
+    parser.add_argument("--atlas", dest="atlas_option", default=None, metavar="ATLAS", help=argparse.SUPPRESS)
+
+
+def resolve_atlas(args: argparse.Namespace) -> None:
+    """Set ``args.atlas`` from ATLAS or --atlas (commands that take it either way); one of them, once."""
+    if not hasattr(args, "atlas_option"):
+        return
+    given = [path for path in (args.atlas, args.atlas_option) if path is not None]
+    if not given:
+        raise NeuronAtlasError(f"{args.command} needs an atlas folder: give it as ATLAS or --atlas ATLAS")
+    if len(given) == 2 and given[0] != given[1]:
+        raise NeuronAtlasError(f"two atlases given ({given[0]} and --atlas {given[1]}); give one")
+    args.atlas = given[0]
+
+
 def debug_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 

@@ -7,14 +7,14 @@ See docs/export.md.
 
 from __future__ import annotations
 
-from .args import debug_arg, load_args, model_arg
+from .args import atlas_positional, debug_arg, load_args, model_arg
 
 
 def register(commands) -> None:
     parser = commands.add_parser("export", help="write an atlas (and its explanations) in another tool's format")
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
     neuronpedia = formats.add_parser("neuronpedia", help="Neuronpedia's import folders: neurons, activations, explanations")
-    neuronpedia.add_argument("atlas", help="an atlas folder")
+    atlas_positional(neuronpedia)
     neuronpedia.add_argument("--out", required=True, help="the folder to write (made when missing)")
     neuronpedia.add_argument("--explanations", default=None, help="an explanations JSON from `neuronatlas explain`")
     neuronpedia.add_argument("--neurons", default=None,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from .args import debug_arg
+from .args import atlas_positional, debug_arg
 
 
 def register(commands) -> None:
     parser = commands.add_parser("info", help="metadata and per-layer summary of an atlas")
-    parser.add_argument("atlas", help="an atlas folder")
+    atlas_positional(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
     debug_arg(parser)
     parser.set_defaults(handler=run)

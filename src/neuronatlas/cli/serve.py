@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..errors import NeuronAtlasError
-from .args import debug_arg, device_arg, quiet_arg
+from .args import atlas_positional, debug_arg, device_arg, quiet_arg
 
 
 def register(commands) -> None:
@@ -19,7 +19,7 @@ def register(commands) -> None:
 
 def source_args(parser) -> None:
     """The atlas and what the viewer shows with it."""
-    parser.add_argument("atlas", help="an atlas folder (from `neuronatlas profile`)")
+    atlas_positional(parser, "an atlas folder (from `neuronatlas profile`)")
     parser.add_argument("--sets", nargs="+", default=[], metavar="SET.json", help="neuron sets to show (from `neuronatlas find`)")
     parser.add_argument("--explanations", nargs="+", default=[], metavar="EXPL.json",
                         help="explanations to show (from `neuronatlas explain`)")
