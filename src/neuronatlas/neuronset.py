@@ -64,18 +64,25 @@ class NeuronSet:
 
     def for_label(self, label: str | None) -> NeuronSet:
         """The neurons assigned to one label (all of them for None)."""
-        if label is not None and label not in self.labels:
-            raise NeuronAtlasError(f"unknown label {label!r}; this neuron set has labels: {', '.join(self.labels) or 'none'}")
+        if label is not None:
+            self.require_label(label)
         chosen = [n for n in self.neurons if label is None or n.label == label]
         return NeuronSet(self.method, self.model, chosen, dict(self.params, label=label), self.signal, self.null,
                          self.tested_labels)
 
+    def require_label(self, label: str, flag: str | None = None) -> None:
+        """Refuse, in one line, a label without neurons: one the set never had, or one whose neurons its
+        method (or its null) kept none of; ``flag`` names the option that gave the label."""
+        if label in self.labels:
+            return
+        if label in (self.tested_labels or ()):
+            raise NeuronAtlasError(f"{flag or 'label'} {label}: {self.why_no_neurons(label)}")
+        raise NeuronAtlasError(f"unknown label {label!r}{f' for {flag}' if flag else ''}; this neuron set has labels: "
+                               f"{', '.join(self.labels) or 'none'}")
+
     def why_no_neurons(self, label: str | None = None) -> str:
-        """Why ``label`` (or the whole set, for None) has no neurons: the set kept none, or never scored it."""
+        """Why ``label`` (a tested one), or the whole set for None, has no neurons, and what to try."""
         where = f"for label {label!r}" if label is not None else "for any label"
-        if label is not None and self.tested_labels is not None and label not in self.tested_labels:
-            tested = ", ".join(self.tested_labels) or "none"
-            return f"{self.method} never scored label {label!r} (it scored: {tested})"
         null = "" if self.null is None else f", after its permutation null (q < {self.null.get('fdr', 0.05)})"
         fix = " (e.g. a larger corpus" + (", or find again with --no-null" if self.null is not None else "") + ")"
         return f"{self.method} kept no neuron {where}{null}; find more neurons{fix}"

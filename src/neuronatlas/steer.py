@@ -116,10 +116,7 @@ def steering_interventions(neuron_set: NeuronSet, source: str, target: str, mode
     if mode not in MODES:
         raise NeuronAtlasError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
     for label, role in ((source, "source"), (target, "target")):
-        if label not in neuron_set.labels:
-            raise NeuronAtlasError(
-                f"unknown {role} label {label!r}; the neuron set has labels: {', '.join(neuron_set.labels) or 'none'}"
-            )
+        neuron_set.require_label(label, role)
     if source == target:
         raise NeuronAtlasError(f"source and target are the same label {source!r}; steer to another language")
     items = []

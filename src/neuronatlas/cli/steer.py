@@ -92,12 +92,7 @@ def run(args) -> int:
     neuron_set = load_neuron_set(args.sets)
     atlas = load_atlas(args.atlas)
     for label, flag in ((args.source, "--from"), (args.target, "--to")):
-        if label in (neuron_set.tested_labels or ()) and label not in neuron_set.labels:
-            raise NeuronAtlasError(f"{flag} {label}: {args.sets} has no neurons for it: {neuron_set.why_no_neurons(label)}")
-        if label not in neuron_set.labels:
-            raise NeuronAtlasError(
-                f"unknown label {label!r} for {flag}; the neuron set has labels: {', '.join(neuron_set.labels) or 'none'}"
-            )
+        neuron_set.require_label(label, flag)
         atlas.label_index(label)
     steering_interventions(neuron_set, args.source, args.target, args.mode,  # checks before the prompts
                            PAPER_DEACTIVATE if deactivate == "auto" else deactivate)
