@@ -401,3 +401,14 @@ def _bert(directory):
                                num_attention_heads=4, max_position_embeddings=64)).eval().save_pretrained(directory)
     make_tokenizer(directory)
     return directory
+
+
+def test_ppl_p_search_refuses_an_encoder_in_python_too():
+    """The CLI refuses before calibrating; the library function refuses what it cannot measure."""
+    from test_models import tiny
+
+    from neuronatlas.sparse.search import ppl_p_sparsity
+
+    bert = tiny("bert")[0]
+    with pytest.raises(NeuronAtlasError, match="bert is an encoder"):
+        ppl_p_sparsity(bert, plan=None, windows=[torch.tensor([[1, 2, 3]])])

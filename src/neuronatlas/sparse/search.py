@@ -8,6 +8,7 @@ perplexity grows with sparsity.
 from __future__ import annotations
 
 from ..errors import NeuronAtlasError
+from ..models import check_causal
 from .bench import perplexity
 from .plan import SparsePlan
 from .wrap import SparseModel
@@ -17,6 +18,7 @@ def ppl_p_sparsity(model, plan: SparsePlan, windows, p: float = 1.0, high: float
     """{"sparsity", "ppl", "ppl_dense", "tried": [(sparsity, ppl), ...]} for a rise of at most ``p`` percent."""
     if p <= 0:
         raise NeuronAtlasError(f"the perplexity budget must be a positive percentage, not {p}")
+    check_causal(model.config, "the PPL-p% search", needs="next-token perplexity")  # the CLI checks before calibrating
     dense = perplexity(model, windows)
     budget = dense * (1 + p / 100)
     low, best, tried = 0.0, (0.0, dense), []
