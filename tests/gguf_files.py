@@ -37,17 +37,15 @@ def _tokenizer_metadata(writer, folder: Path) -> None:
     writer.add_token_types([3 if index in special else 1 for index in range(len(tokens))])  # 3: control
     writer.add_token_merges([" ".join(pair) if isinstance(pair, list) else pair for pair in spec["model"]["merges"]])
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    ids = {token: index for token, index in vocab.items()}
+    named = {key: value.get("content") if isinstance(value, dict) else value for key, value in config.items()
+             if key in ("bos_token", "eos_token", "pad_token", "unk_token")}
     for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
                      ("pad_token", writer.add_pad_token_id), ("unk_token", writer.add_unk_token_id)):
-        token = config.get(key)
-        token = token.get("content") if isinstance(token, dict) else token
-        if token in ids:
-            add(ids[token])
+        if named.get(key) in vocab:
+            add(vocab[named[key]])
     processor = json.dumps(spec.get("post_processor") or {})
-    bos = config.get("bos_token")
-    bos = bos.get("content") if isinstance(bos, dict) else bos
-    writer.add_add_bos_token(bos is not None and json.dumps(bos) in processor)  # the converter's add_bos_token
+    bos = named.get("bos_token")  # the converter's add_bos_token: the post-processor puts it in
+    writer.add_add_bos_token(bos is not None and json.dumps(bos) in processor)
 
 
 def write_gguf(folder: Path, path: Path, quantisation: str = "F32") -> Path:
