@@ -480,20 +480,23 @@ class SignalStats:
 
 
 def _kernel_windows(windows: WindowSource | None, tokens: int, radius: int) -> tuple:
-    """slots (N,), real (B * T,), columns T and z as float16 bits (B * T, D) of ``windows`` for
+    """slots (N,), real (B * T,), columns T and z (B * T, D) float32 of ``windows`` for
     :func:`~neuronatlas.stats_kernel.enter_candidates`; without a source, every window NaN."""
     if windows is None or not radius:
-        return np.zeros(tokens, np.int64), np.zeros(tokens, np.bool_), max(tokens, 1), np.zeros((tokens, 1), np.uint16)
+        return np.zeros(tokens, np.int64), np.zeros(tokens, np.bool_), max(tokens, 1), np.zeros((tokens, 1), np.float32)
     columns = windows.real.shape[1]
     slots = (windows.rows * columns + windows.columns).numpy()
-    return slots, windows.real.reshape(-1).numpy(), columns, half_bits(windows.z.reshape(-1, windows.z.shape[-1]))
+    z = windows.z.reshape(-1, windows.z.shape[-1]).float().contiguous()  # no copy for the float32 z of a profile
+    return slots, windows.real.reshape(-1).numpy(), columns, z.numpy()
 
 
 def half_bits(z: torch.Tensor) -> np.ndarray:
-    """z (..., D) as float16 bits (uint16), clamped to +-65504 as the windows store it (NaN stays):
-    one vectorised conversion of the batch is cheaper than one per cut value (4.5M windows of 33
-    values in a 60-document SmolLM2 profile)."""
-    return z.half().clamp_(-FLOAT16_MAX, FLOAT16_MAX).contiguous().view(torch.int16).numpy().view(np.uint16)
+    """z (...) as the float16 bits (uint16, flattened) a window stores, clamped to +-65504 (NaN stays):
+    :func:`~neuronatlas.stats_kernel.half_of`, which the kernels apply to each value they cut."""
+    values = z.reshape(-1).float().contiguous().numpy()
+    out = np.empty(len(values), np.uint16)
+    stats_kernel.half_bits(values, out)
+    return out
 
 
 def auto_threads() -> int:

@@ -190,7 +190,7 @@ def dense_best(values, sign, counted, neurons, k):  # pragma: no cover (compiled
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def enter_candidates(values, sign, counts, rows, dense, dense_values, dense_rows, dense_filled, neurons, uids,
-                     slots, real, columns, z_half, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover
+                     slots, real, columns, z, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover
     """Merge the candidates of each neuron in ``neurons`` (F,) into its exemplar list, in place.
 
     values (M, D) float32 of one layer; counts (D,), rows (D, cap) from :func:`layer_pass`; a neuron
@@ -198,20 +198,20 @@ def enter_candidates(values, sign, counts, rows, dense, dense_values, dense_rows
     dense_values, dense_rows (., k), dense_filled; uids (M,) int64. The list: kept_values (D, k) float32 as stored (ranked by sign * value, best first,
     ties by lower uid, NaN first, empty slots uid -1 last), kept_uid (D, k), kept_windows (D, k,
     2 * radius + 1) uint16, float16 bits (D = 0: none). A token that enters takes its window, cut
-    from the padded batch: token m sits in slot slots[m] of z_half (B * T, D) uint16 (the float16
-    bits of z, clamped to +-65504: :func:`neuronatlas.stats.half_bits`), column slots[m] % ``columns``;
+    from the padded batch: token m sits in slot slots[m] of z (B * T, D) float32 (a window keeps
+    float16 bits, clamped to +-65504: :func:`half_of`), column slots[m] % ``columns``;
     real (B * T,) bool marks the slots that hold a token; NaN outside the window.
     """
     chunks = (len(neurons) + ENTER_CHUNK - 1) // ENTER_CHUNK
     for chunk in numba.prange(chunks):
         _enter_chunk(values, sign, counts, rows, dense, dense_values, dense_rows, dense_filled,
-                     neurons[chunk * ENTER_CHUNK: (chunk + 1) * ENTER_CHUNK], uids, slots, real, columns, z_half,
+                     neurons[chunk * ENTER_CHUNK: (chunk + 1) * ENTER_CHUNK], uids, slots, real, columns, z,
                      kept_values, kept_uid, kept_windows, radius)
 
 
 @numba.njit(nogil=True)
 def _enter_chunk(values, sign, counts, rows, dense, dense_values, dense_rows, dense_filled, neurons, uids, slots,
-                 real, columns, z_half, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover (compiled)
+                 real, columns, z, kept_values, kept_uid, kept_windows, radius):  # pragma: no cover (compiled)
     """:func:`enter_candidates` for some of the neurons."""
     k = kept_uid.shape[1]
     with_windows = kept_windows.shape[0] > 0
@@ -247,7 +247,7 @@ def _enter_chunk(values, sign, counts, rows, dense, dense_values, dense_rows, de
                 row = best_rows[j]
                 kept_values[d, slot], kept_uid[d, slot] = sign * best_values[j], uids[row]
                 if with_windows:
-                    _cut_window(z_half, real, columns, slots[row], d, radius, kept_windows[d, slot])
+                    _cut_window(z, real, columns, slots[row], d, radius, kept_windows[d, slot])
                 j -= 1
 
 
@@ -282,15 +282,52 @@ def _ranks_before(value_a, uid_a, value_b, uid_b):  # pragma: no cover (compiled
 
 
 @numba.njit(inline="always")
-def _cut_window(z_half, real, columns, slot, d, radius, out):  # pragma: no cover (compiled)
-    """out (2R + 1,) uint16: neuron d's float16 z around ``slot``, NaN outside its window."""
+def _cut_window(z, real, columns, slot, d, radius, out):  # pragma: no cover (compiled)
+    """out (2R + 1,) uint16: neuron d's z (float32 (B * T, D)) around ``slot`` as float16 bits
+    (:func:`half_of`), NaN outside its window."""
     column = slot % columns
     for o in range(-radius, radius + 1):
         c = column + o
         if 0 <= c < columns and real[slot + o]:
-            out[o + radius] = z_half[slot + o, d]
+            out[o + radius] = half_of(z[slot + o, d])
         else:
             out[o + radius] = HALF_NAN
 
 
 HALF_NAN = 0x7E00  # the float16 NaN: outside a window
+HALF_MAX_BITS = 0x7BFF  # 65504, the largest float16: window values beyond it are clamped to it
+
+
+@numba.njit(inline="always")
+def half_of(x):  # pragma: no cover (compiled)
+    """The float16 bits (uint16) of float32 ``x`` clamped to +-65504, rounded to nearest even, as
+    ``torch.clamp(x, -65504, 65504).half()`` gives them; NaN stays NaN. Converting only the values
+    cut into windows saves a conversion of every batch (a window holds 33 of them; most tokens none)."""
+    bits = np.int64(np.float32(x).view(np.uint32))
+    sign = (bits >> 16) & 0x8000
+    exponent = (bits >> 23) & 0xFF
+    mantissa = bits & 0x7FFFFF
+    if exponent == 0xFF and mantissa:
+        return np.uint16(sign | HALF_NAN)
+    if exponent >= 143 or (exponent == 142 and mantissa > 0x7FE000):  # beyond 65504 (inf included): clamped
+        return np.uint16(sign | HALF_MAX_BITS)
+    if exponent >= 113:  # a normal float16: drop 13 mantissa bits, ties to even (a carry may raise the exponent)
+        half = ((exponent - 112) << 10) | (mantissa >> 13)
+        rest = mantissa & 0x1FFF
+        half += rest > 0x1000 or (rest == 0x1000 and half & 1)
+        return np.uint16(sign | half)
+    shift = 126 - exponent  # a subnormal float16 (or zero): value = m * 2**-24, m of 10 bits
+    if exponent == 0 or shift > 24:
+        return np.uint16(sign)
+    full = mantissa | 0x800000
+    half = full >> shift
+    rest, midpoint = full & ((1 << shift) - 1), 1 << (shift - 1)
+    half += rest > midpoint or (rest == midpoint and half & 1)
+    return np.uint16(sign | half)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def half_bits(values, out):  # pragma: no cover (compiled)
+    """out (n,) uint16: :func:`half_of` of each of values (n,) float32."""
+    for i in numba.prange(len(values)):
+        out[i] = half_of(values[i])
