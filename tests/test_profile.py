@@ -146,6 +146,30 @@ def test_padding_side_batch_size_and_length_buckets_do_not_change_statistics(tin
         np.testing.assert_allclose(other.docpool.matrix("mean"), atlas.docpool.matrix("mean"), rtol=2e-3, atol=1e-3)
 
 
+def test_contexts_kept_from_the_pass_equal_the_re_tokenised_ones(tiny_llama, corpus_path, atlas, tmp_path, monkeypatch):
+    # over the limit the pass keeps nothing and the end re-tokenises the corpus: the same table
+    import neuronatlas.profile.contexts as contexts
+    from neuronatlas.profile.run import ProfileRun
+
+    passes = []
+    all_windows = ProfileRun.all_windows
+    monkeypatch.setattr(ProfileRun, "all_windows", lambda run: passes.append(1) or all_windows(run))
+    run_profile(tiny_llama, corpus_path, tmp_path / "kept", batch_size=4)
+    assert len(passes) == 1  # the pass only: the contexts came from its windows
+    monkeypatch.setattr(contexts, "MAX_TOKENS", 30)
+    again = run_profile(tiny_llama, corpus_path, tmp_path / "re-tokenised", batch_size=4)
+    assert len(passes) == 3  # the pass, then the corpus again for the contexts
+    assert again.contexts.num_rows > 1
+    assert again.contexts.equals(atlas.contexts)
+    assert pq.read_table(again.path / "contexts.parquet").equals(pq.read_table(atlas.path / "contexts.parquet"))
+    windows = {w.seq: w for w in iter_windows(read_corpus(corpus_path, label_field="lang"),
+                                              load_model(str(tiny_llama), device="cpu")[1], MAX_LENGTH)}
+    for row in atlas.contexts.to_pylist():  # and both are the corpus's windows
+        window = windows[row["seq"]]
+        assert (row["doc"], row["label"], row["start"], tuple(row["token_ids"])) == (
+            window.doc, window.label, window.start, window.input_ids)
+
+
 def test_halves_merge_into_the_whole(tiny_llama, corpus_rows_and_path, tmp_path):
     rows, corpus = corpus_rows_and_path
     # corpus order (bucket_batches=1): the halves run the whole's very batches, so even near-ties rank alike

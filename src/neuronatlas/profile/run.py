@@ -3,8 +3,8 @@
 Hooks on every block's FFN output projection feed each batch's activations straight into
 :class:`~neuronatlas.stats.SignalStats`, so no activation outlives its batch (shapes: the legend in
 :mod:`neuronatlas.stats`); the z around each token that enters a neuron's exemplars is cut from
-the batch then and carried with it. At the end the windows that hold an exemplar are re-tokenised
-(no model) for the contexts.
+the batch then and carried with it. At the end the windows that hold an exemplar give the
+contexts: their ids kept from the pass, or the corpus re-tokenised (no model; see :mod:`.contexts`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..loading import input_device
 from ..models import ModelNeurons
 from ..stats import WindowSource, make_uid
 from ..tokens import vocab_table
+from .contexts import SeenWindows, context_table
 from .options import ProfileOptions, batch_budget, check_same_run
 from .output import read_checkpoint, write_checkpoint
 from .shards import Shard
@@ -67,6 +68,7 @@ class ProfileRun:
         self.documents_done = shard.first_doc if shard else 0
         self.base = neurons.model.base_model if hasattr(neurons.model, "base_model") else neurons.model
         self.pad_id = pad_token_id(tokenizer)  # padded slots are masked: any id gives the same atlas
+        self.seen = SeenWindows()  # the pass's windows, for the contexts
 
     # -- checkpoints
 
@@ -90,6 +92,7 @@ class ProfileRun:
             self.docpool.reopen()
         self.windows_done, self.documents_done = progress["windows_done"], progress["documents_done"]
         self.finished = bool(progress.get("finished", False))
+        self.seen = SeenWindows(complete=False)  # the windows before the checkpoint were another process's
         return True
 
     def checkpoint(self, path: Path) -> None:
@@ -132,7 +135,7 @@ class ProfileRun:
         if self.docpool is not None and not self.docpool.arrays:
             self.docpool.create()  # a fresh run (a resumed one reopened its files in restore)
         with torch.inference_mode(), self.stats_worker():
-            for buffer in buffers(self.windows(), options.batch_size * options.bucket_batches):
+            for buffer in buffers(self.seen.record(self.windows()), options.batch_size * options.bucket_batches):
                 if stopping():  # every buffer counted is whole in the statistics (step waits for the worker)
                     break
                 if self.docpool is not None:  # documents sampled, and their rows, in corpus order
@@ -280,23 +283,10 @@ class ProfileRun:
         return contexts, self.vocab_of(contexts)
 
     def context_rows(self, atlas: Atlas) -> pa.Table:
-        """seq, doc, label, start, token_ids of this run's windows that hold one of ``atlas``'s exemplars."""
-        wanted = atlas.exemplar_seqs()
-        rows = {"seq": [], "doc": [], "label": [], "start": [], "token_ids": []}
-        for window in self.all_windows():
-            if window.seq in wanted and (self.shard is None or self.shard.owns(window.seq)):
-                rows["seq"].append(window.seq)
-                rows["doc"].append(window.doc)
-                rows["label"].append(window.label)
-                rows["start"].append(window.start)
-                rows["token_ids"].append(list(window.input_ids))
-        return pa.table({
-            "seq": pa.array(rows["seq"], pa.int64()),
-            "doc": pa.array(rows["doc"], pa.int64()),
-            "label": pa.array(rows["label"], pa.string()),
-            "start": pa.array(rows["start"], pa.int64()),
-            "token_ids": pa.array(rows["token_ids"], pa.list_(pa.int32())),
-        })
+        """seq, doc, label, start, token_ids of this run's windows that hold one of ``atlas``'s exemplars:
+        kept from the pass when it kept them all, else the corpus re-tokenised."""
+        windows = self.seen.rows() if self.seen.complete else self.all_windows()
+        return context_table(windows, atlas.exemplar_seqs(), lambda seq: self.shard is None or self.shard.owns(seq))
 
     def vocab_of(self, contexts: pa.Table) -> pa.Table:
         """id -> readable text and exact bytes of every token id in ``contexts`` (see :mod:`neuronatlas.tokens`)."""
