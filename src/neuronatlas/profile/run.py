@@ -247,7 +247,7 @@ class ProfileRun:
             if stopping():
                 return None
             atlas.windows, atlas.bottom_windows = take_windows(atlas)
-            steps.set_description("re-reading the exemplars' contexts", refresh=False)
+            steps.set_description("collecting the exemplars' contexts", refresh=False)
             steps.update()
             if stopping():
                 return None
@@ -278,7 +278,7 @@ class ProfileRun:
         return atlas
 
     def exemplar_contexts(self, atlas: Atlas) -> tuple[pa.Table, pa.Table]:
-        """Re-tokenise the corpus (no model) to keep the windows that hold an exemplar."""
+        """The windows that hold an exemplar (see :meth:`context_rows`) and the vocabulary of their ids."""
         contexts = self.context_rows(atlas)
         return contexts, self.vocab_of(contexts)
 
