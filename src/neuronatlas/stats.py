@@ -209,10 +209,11 @@ class SignalStats:
         for the moments, the bucket moments, the histogram and the exemplar candidates; then each
         exemplar list takes its candidates (:meth:`_enter`). Numpy views throughout: no copies."""
         array, label_array, uid_array = values.numpy(), labels.numpy(), uids.numpy()
-        counted = np.flatnonzero(label_array >= 0)  # (N,) the rows counted
-        if not len(counted):
-            return
         ends, width = self.ends(), array.shape[1]
+        # (N,) the rows counted, which the exemplar lists need (the kernel itself skips label -1)
+        counted = np.flatnonzero(label_array >= 0) if ends else None
+        if counted is not None and not len(counted):
+            return
         floors = np.empty((len(ends), width), np.float32)  # (E, D) the least value that may enter each list
         for e, end in enumerate(ends):
             stats_kernel.entry_floors(*self._list_arrays(layer, end)[:2], SIGN[end], uid_array[counted[0]], floors[e])
