@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ..corpus import Window
 
-MAX_TOKENS = 4_000_000  # 16 MB of ids (and ~100 bytes a window) at most
+MAX_TOKENS = 4_000_000  # 16 MB of ids (and ~170 bytes a window besides) at most
 
 
 class SeenWindows:
