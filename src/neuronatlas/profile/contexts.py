@@ -10,6 +10,7 @@ another process), re-tokenises the corpus at the end instead: the same windows, 
 
 from __future__ import annotations
 
+import dataclasses
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 
 from ..corpus import Window
 
-MAX_TOKENS = 4_000_000  # 16 MB of ids (and ~170 bytes a window besides) at most
+MAX_TOKENS = 4_000_000  # 16 MB of ids (and ~200 bytes a window besides) at most
 
 
 class SeenWindows:
@@ -30,44 +31,32 @@ class SeenWindows:
     def __init__(self, complete: bool = True, max_tokens: int | None = None):
         self.complete, self.max_tokens = complete, MAX_TOKENS if max_tokens is None else max_tokens
         self.tokens = 0
-        self.kept: list[tuple[int, int, str | None, int, array]] = []  # (seq, doc, label, start, ids) in corpus order
+        self.windows: list[Window] = []  # in corpus order, their ids an int32 array instead of a tuple of ints
 
     def record(self, windows: Iterable[Window]) -> Iterator[Window]:
-        """``windows`` unchanged, noting each one's ids on the way."""
+        """``windows`` unchanged, noting each one on the way."""
         for window in windows:
             if self.complete:
                 self.tokens += len(window.input_ids)
                 if self.tokens <= self.max_tokens:
-                    self.kept.append((window.seq, window.doc, window.label, window.start, array("i", window.input_ids)))
+                    self.windows.append(dataclasses.replace(window, input_ids=array("i", window.input_ids)))
                 else:
-                    self.complete, self.kept = False, []
+                    self.complete, self.windows = False, []
             yield window
 
-    def rows(self) -> Iterator[tuple[int, int, str | None, int, array]]:
-        return iter(self.kept)
 
-
-def context_table(windows: Iterable, wanted: set[int], owns: Callable[[int], bool]) -> pa.Table:
-    """seq, doc, label, start, token_ids of the ``windows`` (Window objects or SeenWindows rows)
-    whose seq is ``wanted`` and that this run ``owns``, in their order."""
-    rows = {"seq": [], "doc": [], "label": [], "start": [], "token_ids": []}
-    for window in windows:
-        seq, doc, label, start, ids = (window if isinstance(window, tuple) else
-                                       (window.seq, window.doc, window.label, window.start, window.input_ids))
-        if seq in wanted and owns(seq):
-            rows["seq"].append(seq)
-            rows["doc"].append(doc)
-            rows["label"].append(label)
-            rows["start"].append(start)
-            rows["token_ids"].append(np.asarray(ids, np.int32))
-    lengths = np.array([len(ids) for ids in rows["token_ids"]], np.int64)
-    offsets = np.zeros(len(lengths) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.concatenate(rows["token_ids"]) if rows["token_ids"] else np.zeros(0, np.int32)
+def context_table(windows: Iterable[Window], wanted: set[int], owns: Callable[[int], bool]) -> pa.Table:
+    """seq, doc, label, start, token_ids of the ``windows`` whose seq is ``wanted`` and that this run
+    ``owns``, in their order."""
+    chosen = [window for window in windows if window.seq in wanted and owns(window.seq)]
+    ids = [np.asarray(window.input_ids, np.int32) for window in chosen]
+    offsets = np.zeros(len(ids) + 1, np.int32)
+    np.cumsum([len(part) for part in ids], out=offsets[1:])
     return pa.table({
-        "seq": pa.array(rows["seq"], pa.int64()),
-        "doc": pa.array(rows["doc"], pa.int64()),
-        "label": pa.array(rows["label"], pa.string()),
-        "start": pa.array(rows["start"], pa.int64()),
-        "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids, pa.int32())),
+        "seq": pa.array([window.seq for window in chosen], pa.int64()),
+        "doc": pa.array([window.doc for window in chosen], pa.int64()),
+        "label": pa.array([window.label for window in chosen], pa.string()),
+        "start": pa.array([window.start for window in chosen], pa.int64()),
+        "token_ids": pa.ListArray.from_arrays(pa.array(offsets),
+                                              pa.array(np.concatenate(ids) if ids else np.zeros(0, np.int32))),
     })

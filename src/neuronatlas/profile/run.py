@@ -285,7 +285,7 @@ class ProfileRun:
     def context_rows(self, atlas: Atlas) -> pa.Table:
         """seq, doc, label, start, token_ids of this run's windows that hold one of ``atlas``'s exemplars:
         kept from the pass when it kept them all, else the corpus re-tokenised."""
-        windows = self.seen.rows() if self.seen.complete else self.all_windows()
+        windows = self.seen.windows if self.seen.complete else self.all_windows()
         return context_table(windows, atlas.exemplar_seqs(), lambda seq: self.shard is None or self.shard.owns(seq))
 
     def vocab_of(self, contexts: pa.Table) -> pa.Table:
