@@ -491,15 +491,6 @@ def _kernel_windows(windows: WindowSource | None, tokens: int, radius: int) -> t
     return slots, windows.real.reshape(-1).numpy(), columns, z.numpy()
 
 
-def half_bits(z: torch.Tensor) -> np.ndarray:
-    """z (...) as the float16 bits (uint16, flattened) a window stores, clamped to +-65504 (NaN stays):
-    :func:`~neuronatlas.stats_kernel.half_of`, which the kernels apply to each value they cut."""
-    values = z.reshape(-1).float().contiguous().numpy()
-    out = np.empty(len(values), np.uint16)
-    stats_kernel.half_bits(values, out)
-    return out
-
-
 def auto_threads() -> int:
     """Intra-op threads for the statistics: the cores the machine's load leaves free (at least 1).
 
