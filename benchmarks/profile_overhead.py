@@ -199,26 +199,32 @@ def pack_corpus(source: Path, out: Path, text_field: str, label_field: str, toke
 # ---- throughput ---------------------------------------------------------------------------------
 
 
+def timed(function, note):
+    """``function``, calling ``note(seconds)`` with the wall time of each call."""
+    def call(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            note(time.perf_counter() - started)
+
+    return call
+
+
 @contextlib.contextmanager
 def timers(seconds: dict[str, float]):
     """Adds the wall time of the profiler's hook callbacks to ``seconds["hooks"]`` (selecting the
     real tokens, then the statistics) and of ``SignalStats.update`` to ``seconds["stats"]``."""
     update, capture = SignalStats.update, profile_module.capture
 
-    def timed(function, key):
-        def call(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                seconds[key] += time.perf_counter() - started
-
-        return call
+    def add(key):
+        return lambda elapsed: seconds.__setitem__(key, seconds[key] + elapsed)
 
     def timed_capture(neurons, on_activation=None, on_gate=None):
-        return capture(neurons, on_activation and timed(on_activation, "hooks"), on_gate and timed(on_gate, "hooks"))
+        return capture(neurons, on_activation and timed(on_activation, add("hooks")),
+                       on_gate and timed(on_gate, add("hooks")))
 
-    SignalStats.update, profile_module.capture = timed(update, "stats"), timed_capture
+    SignalStats.update, profile_module.capture = timed(update, add("stats")), timed_capture
     try:
         yield
     finally:
@@ -362,15 +368,7 @@ def measure_whole(model_path: Path, corpus_path: Path, args, tmp: Path) -> dict:
 def timed_finish(into: list[float]):
     """Appends to ``into`` the wall time of ProfileRun.finish during the block."""
     finish = profile_module.ProfileRun.finish
-
-    def timed(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return finish(self, *args, **kwargs)
-        finally:
-            into.append(time.perf_counter() - started)
-
-    profile_module.ProfileRun.finish = timed
+    profile_module.ProfileRun.finish = timed(finish, into.append)
     try:
         yield
     finally:
