@@ -86,9 +86,10 @@ def load_model(
     placement = _placement(device_map, load_in, torch_device)
     auto = auto_class(config)
     gguf = gguf_file(name_or_path)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if quiet:
+    bars_were_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    if quiet:  # no bars, and no load report (a sentence-transformers checkpoint's missing head is expected)
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         # Weights a checkpoint lacks (all-MiniLM-L6-v2 has no masked-LM head) are initialised at random:
         # seeded, every load gives the same model and the same model_fingerprint.
@@ -100,6 +101,7 @@ def load_model(
             else:
                 model = _load_gguf_model(auto, gguf, config, torch_dtype, placement, quiet)
     finally:
+        hf_logging.set_verbosity(verbosity)
         if quiet and bars_were_on:
             hf_logging.enable_progress_bar()
     if not placement:
