@@ -74,7 +74,8 @@ def make_plan(config: str, model, tokenizer, train: Path, atlas, args):
                               scope=scope or "mlp", allocation=allocation or "uniform",
                               greedy_tokens=args.greedy_tokens, greedy_step=args.greedy_step, greedy_top=args.greedy_top,
                               greedy_units=args.greedy_units, greedy_search=args.greedy_search,
-                              greedy_error=args.greedy_error, greedy_last=args.greedy_last)
+                              greedy_error=args.greedy_error, greedy_last=args.greedy_last,
+                              prefill=args.prefill)
     return sparsify(method, model, tokenizer, 0.5, atlas=atlas if method == "hot" else None,
                     corpus=train if method in ("teal", "wina") else None, options=options)
 
@@ -126,6 +127,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--greedy-search", default="exact", choices=["exact", "lazy"])
     parser.add_argument("--greedy-error", default="channel", choices=["channel", "squared"])
     parser.add_argument("--greedy-last", type=float, default=0.25, help="share of each sequence's last tokens scored")
+    parser.add_argument("--prefill", default="sparse", choices=["sparse", "dense"],
+                        help="teal/wina: prompts thresholded too, or dense (TEAL's released evaluation)")
     parser.add_argument("--windows", type=int, default=32, help="held-out windows")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per window")
     parser.add_argument("--agreement-prompts", type=int, default=8, help="held-out prompts for greedy agreement (0: none)")

@@ -304,6 +304,7 @@ CASES = [
     Case("sparsify-hot-without-atlas", "sparsify hot --model {model} --device cpu --out {new}", ("--atlas",)),
     Case("sparsify-method", "sparsify fast --model {model} --out {new}", ("fast",)),
     Case("sparsify-layers-backwards", Z + " --layers 5-2", ("5-2", "backwards")),
+    Case("sparsify-prefill", Z + " --prefill none", ("--prefill", "none")),
     Case("sparsify-missing-model", "sparsify coreinfer --model {missing} --device cpu --out {new}", ("missing",)),
     # --- bench ---------------------------------------------------------------------------------------
     Case("bench-runs-0", B + " --runs 0", ("--runs", "0")),

@@ -165,10 +165,12 @@ def test_bench_reports_threads_load_range_batches_and_compaction(llama, corpus_p
     assert result["bytes_limit"] > 1 and 0 < result["linear_share"] < 1
     assert 1 < result["step_limit"] < result["bytes_limit"]
     assert not any("random token ids" in warning for warning in result["warnings"])  # a corpus was given
+    assert result["prefill"] == "sparse"  # what the plan does to the prompt's tokens (thresholded)
     alone = bench(model, tokenizer, plan, runs=1, new_tokens=3, prompt_tokens=6, threads=1)
     assert any("random token ids" in warning for warning in alone["warnings"])  # TEAL's speed on random ids: said
     core = sparsify("coreinfer", model, tokenizer, 0.5)
-    assert bench(model, tokenizer, core, runs=1, new_tokens=3, prompt_tokens=6, threads=1)["compaction_s"] > 0
+    core_result = bench(model, tokenizer, core, runs=1, new_tokens=3, prompt_tokens=6, threads=1)
+    assert core_result["compaction_s"] > 0 and "prefill" not in core_result
 
 
 def test_bytes_limit_counts_the_weights_a_decode_step_reads(llama, corpus_path):
@@ -192,7 +194,7 @@ def test_bytes_limit_counts_the_weights_a_decode_step_reads(llama, corpus_path):
 
 
 def test_linear_share_times_the_linear_layers_of_a_decode_step(llama):
-    """A step's linear layers made slow (10 ms more in the LM head) take most of its time; Amdahl's law
+    """A step's linear layers made slow (50 ms more in the LM head) take most of its time; Amdahl's law
     over that share bounds the speedup between 1 and the bytes limit."""
     import time
 
@@ -202,7 +204,7 @@ def test_linear_share_times_the_linear_layers_of_a_decode_step(llama):
     model, _ = llama
     prompt = torch.arange(1, 7)[None]
     plain = linear_share(model, prompt, new_tokens=4)
-    handle = model.lm_head.register_forward_hook(lambda module, args, output: time.sleep(0.01))
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: time.sleep(0.05))  # 10 ms: 0.78 at load 2
     try:
         slowed = linear_share(model, prompt, new_tokens=4)
     finally:
@@ -231,6 +233,54 @@ def test_moe_mlp_router_trains_on_a_calibration_corpus(llama, corpus_path):
     assert plan.has("router_w1", 0)
 
 
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_dense_prefill_leaves_the_prompt_dense_and_thresholds_what_follows(llama, corpus_path, method):
+    """prefill "dense": a prompt's logits and KV cache are the dense model's; the decode steps and a
+    continuation are thresholded as with prefill "sparse", which changes the prompt's too."""
+    from neuronatlas.sparse.plan import SparsePlan
+
+    model, tokenizer = llama
+    ids = tokenizer("the cat sat on a mat and the dog ran to the house", return_tensors="pt").input_ids
+    dense_prompt = model(ids[:, :6]).logits
+    dense_steps = prefill_then_steps(model, ids, 6)
+    plans = {prefill: teal_plan(model, tokenizer, corpus_path, method=method, scope="all", prefill=prefill)
+             for prefill in ("dense", "sparse")}
+    assert plans["dense"].options["prefill"] == "dense"
+    with apply_plan(model, plans["dense"]) as sparse:
+        assert torch.equal(model(ids[:, :6]).logits, dense_prompt)
+        steps = prefill_then_steps(model, ids, 6)
+        first = model(input_ids=ids[:, :6], use_cache=True)
+        with sparse.continuation():
+            rest = model(input_ids=ids[:, 6:], **with_cache(model, returned_cache(first))).logits
+    assert torch.equal(steps[:, 0], dense_steps[:, 0])  # the prompt's last logits: dense
+    assert not torch.allclose(steps[:, 1:], dense_steps[:, 1:], atol=1e-3)  # each step thresholded
+    assert torch.allclose(steps, torch.cat([first.logits[:, -1:], rest[:, :-1]], 1), atol=1e-4)
+    with apply_plan(model, plans["sparse"]):
+        assert not torch.allclose(model(ids[:, :6]).logits, dense_prompt, atol=1e-3)
+    before = SparsePlan(**{**vars(plans["dense"]), "options": {k: v for k, v in plans["dense"].options.items()
+                                                                 if k != "prefill"}})
+    with apply_plan(model, before):  # a plan made before the option: prompts thresholded, as they were
+        assert not torch.allclose(model(ids[:, :6]).logits, dense_prompt, atol=1e-3)
+
+
+def test_greedy_replay_with_dense_prefill_thresholds_each_sequences_last_half(llama, corpus_path):
+    """As TEAL's released replay: the first half of each calibration sequence stays dense, so the block's
+    output there is exact while the masks drop every channel; the last half changes."""
+    from neuronatlas.sparse.calibrate import calibration_pass
+    from neuronatlas.sparse.teal import replay_error
+
+    model, tokenizer = llama
+    sample = calibration_pass(model, tokenizer, corpus_path, "text", 128, 24, attention=True, block_tokens=64)
+    layer = sparse_layers(model)[1]
+    nothing = {role: (lambda x: torch.zeros_like(x)) for role in ("q", "k", "v", "o", "gate", "up", "down")}
+    first_half = {"up": lambda x: torch.zeros_like(x)}
+    calls = sample.blocks[layer.index]
+    assert replay_error(layer, calls, nothing, "squared", 0.25, dense_first=True) > 0  # the scored last quarter
+    # scored over every real token, the dense first half adds no error: the mean falls below the sparse replay's
+    assert (replay_error(layer, calls, first_half, "squared", 1.0, dense_first=True)
+            < replay_error(layer, calls, first_half, "squared", 1.0))
+
+
 def test_scope_and_allocation_are_checked(llama, corpus_path):
     from neuronatlas.errors import NeuronAtlasError
 
@@ -243,6 +293,8 @@ def test_scope_and_allocation_are_checked(llama, corpus_path):
         teal_plan(model, tokenizer, corpus_path, allocation="greedy", greedy_units="layer")
     with pytest.raises(NeuronAtlasError, match="greedy_last"):
         teal_plan(model, tokenizer, corpus_path, allocation="greedy", greedy_last=0.0)
+    with pytest.raises(NeuronAtlasError, match="unknown prefill 'none'"):
+        teal_plan(model, tokenizer, corpus_path, prefill="none")
     with pytest.raises(NeuronAtlasError, match="--corpus"):
         sparsify("teal", model, tokenizer, 0.5, atlas=object(), options=SparsifyOptions(allocation="greedy"))
 

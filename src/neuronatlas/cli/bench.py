@@ -83,7 +83,8 @@ def _print_bench(result: dict) -> None:
     print(f"{result['method']} at sparsity {result['sparsity']:g}, median of {result['runs']} runs of "
           f"{result['new_tokens']} tokens")
     print("\n".join(line for line in speed_lines(result) if not line.startswith("warning:")))
-    print(f"prefill ({result['prompt_tokens']} tokens): dense {1e3 * result['dense_prefill_s']:.1f} ms, "
+    run_dense = ", run dense by the plan" if result.get("prefill") == "dense" else ""
+    print(f"prefill ({result['prompt_tokens']} tokens{run_dense}): dense {1e3 * result['dense_prefill_s']:.1f} ms, "
           f"sparse {1e3 * result['sparse_prefill_s']:.1f} ms")
     if "ppl_dense" in result:
         line = f"perplexity: dense {result['ppl_dense']:.3f}, sparse {result['ppl_sparse']:.3f} (x{result['ppl_ratio']:.3f})"

@@ -44,6 +44,10 @@ def register(commands) -> None:
                        help="teal/wina greedy: block error as TEAL's code (per-channel L2 over positions) or squared")
     group.add_argument("--greedy-last", type=float_in(0.0, 1.0, low_open=True), default=0.25,
                        help="teal/wina greedy: share of each sequence's last tokens scored (default: 0.25, published)")
+    group.add_argument("--prefill", default="sparse", choices=["sparse", "dense"],
+                       help="teal/wina: threshold a prompt's own tokens too, or run them dense and threshold only "
+                            "the decode steps (TEAL's released evaluation; its greedy replay then thresholds each "
+                            "sequence's last half) (default: sparse)")
     group.add_argument("--hot-score", default="rms", choices=["rms", "rate"], help="hot: rank by rms of z or activation rate")
     group.add_argument("--hot-signal", default="z", choices=["z", "gate"], help="hot: signal of the atlas to rank")
     group.add_argument("--alpha", type=float_in(0.0, 1.0, low_open=True), default=0.2, help="coreinfer: top share of positive activations per token")
@@ -130,7 +134,8 @@ def run(args) -> int:
                               split=args.split, router=args.router, seed=args.seed, scope=args.scope,
                               allocation=args.allocation, greedy_step=args.greedy_step, greedy_tokens=args.greedy_tokens,
                               greedy_units=args.greedy_units, greedy_search=args.greedy_search,
-                              greedy_error=args.greedy_error, greedy_last=args.greedy_last)
+                              greedy_error=args.greedy_error, greedy_last=args.greedy_last,
+                              prefill=args.prefill)
     plan = sparsify(args.method, model, tokenizer, args.sparsity, atlas=atlas, corpus=args.corpus,
                     text_field=args.text_field, options=options, name_or_path=args.model)
     if args.ppl_within is not None:

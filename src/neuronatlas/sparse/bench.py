@@ -86,6 +86,8 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
     cores, load = os.cpu_count() or 1, os.getloadavg()[0]
     result = {"method": plan.method, "sparsity": plan.sparsity, "threads": threads, "threads_note": note,
               "load_average_before": load, "warnings": []}
+    if plan.method in RANDOM_PROMPT_SENSITIVE:  # what the plan does to a prompt's own tokens (see teal.py)
+        result["prefill"] = plan.options.get("prefill", "sparse")
     limit = bytes_limit(model, plan)
     if limit is not None:
         result["bytes_limit"] = limit  # batch 1: dense weight bytes read a step over the plan's

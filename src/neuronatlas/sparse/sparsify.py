@@ -51,6 +51,8 @@ class SparsifyOptions:
     greedy_error: str = "channel"  # teal/wina greedy: "channel" (released code: per-channel L2 over positions,
     #   averaged) or "squared" (squared error summed over tokens)
     greedy_last: float = 0.25  # teal/wina greedy: share of each calibration sequence's last tokens scored (published 0.25)
+    prefill: str = "sparse"  # teal/wina: "sparse" (a prompt's tokens thresholded too) or "dense" (only decode steps and
+    #   continuations: TEAL's released evaluation, dense first half; the greedy replay thresholds each sequence's last half)
     seed: int = 0
 
 
@@ -100,7 +102,7 @@ def _check_counts(options: SparsifyOptions, num_layers: int) -> None:
 
 
 CLI_FLAGS = {"calib_tokens", "experts", "clusters", "alpha", "layers", "cluster_layer", "scope", "allocation",
-             "greedy_step", "greedy_tokens", "greedy_units", "greedy_search", "greedy_error", "greedy_last"}  # options `sparsify` exposes
+             "greedy_step", "greedy_tokens", "greedy_units", "greedy_search", "greedy_error", "greedy_last", "prefill"}  # options `sparsify` exposes
 
 
 def _option(name: str) -> str:

@@ -12,6 +12,13 @@ probabilities ``linspace(0, 1, Q)``), calibrated on a corpus or, for ``down`` al
 atlas's per-neuron histograms of z; with greedy allocation ``allocation.<layer>`` (S, G), the
 greedy path over the scope's input groups. The threshold of a role at sparsity s is its table
 interpolated at its group's sparsity.
+
+``prefill`` says what happens to a prompt's own tokens (a call of several new tokens that starts a
+prompt): ``"sparse"`` thresholds them like every other token; ``"dense"`` runs them dense and
+thresholds only decode steps and continuations, as TEAL's released evaluation does (each sequence's
+first half dense, its second half sparse; the paper's section on prefill sparsification) and as a
+deployment would (a prefill is compute-bound: masks there save no time). Its greedy replay then
+thresholds only the last half of each calibration sequence (``DENSE_SHARE``), as released.
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from .thresholds import ThresholdRuntime, build_group, threshold_at
 QUANTILE_POINTS = 1001
 MAX_QUANTILE_SAMPLE = 2_000_000  # scores sorted per table; a random subsample beyond this
 OPTIONS = ("scope", "allocation", "greedy_step", "greedy_tokens", "greedy_top", "greedy_units", "greedy_search",
-           "greedy_error", "greedy_last")
+           "greedy_error", "greedy_last", "prefill")
 ERRORS = ("channel", "squared")  # greedy block-output error: the released code's, or the summed squares
+PREFILLS = ("sparse", "dense")  # a prompt's own tokens thresholded, or run dense (see dense_prefill)
+DENSE_SHARE = 0.5  # prefill "dense" in the greedy replay: each sequence's first half stays dense, as released
 
 
 def quantile_table(scores: torch.Tensor) -> torch.Tensor:
@@ -113,7 +122,12 @@ def threshold_runtime(plan, layer, weighted: bool, phase=None):
         random = {role: sparsity[role] if plan.control == "random" else None for role in members}
         built = build_group(members, thresholds, scales, random, {role: sparsity[role] for role in members}, counts)
         groups |= {role: built for role in members}
-    return ThresholdRuntime(groups, {role: modules[role] for role in roles})
+    return ThresholdRuntime(groups, {role: modules[role] for role in roles}, phase if dense_prefill(plan) else None)
+
+
+def dense_prefill(plan) -> bool:
+    """Whether a prompt's own tokens run dense (``prefill="dense"``; plans made before the option: sparse)."""
+    return plan.options.get("prefill", "sparse") == "dense"
 
 
 # ---- calibration --------------------------------------------------------------------------------
@@ -171,15 +185,26 @@ def block_error(difference: torch.Tensor, scored: torch.Tensor, measure: str) ->
 
 
 @torch.inference_mode()
-def replay_error(layer: SparseLayer, calls, masks: dict, measure: str = "squared", last: float = 1.0) -> float:
+def replay_error(layer: SparseLayer, calls, masks: dict, measure: str = "squared", last: float = 1.0,
+                 dense_first: bool = False) -> float:
     """The block's output error over the recorded calls (mean of :func:`block_error`) with ``masks``
-    (role -> fn(x) -> keep mask) applied to the projections' inputs, on the last ``last`` of each sequence."""
+    (role -> fn(x) -> keep mask) applied to the projections' inputs, on the last ``last`` of each sequence;
+    ``dense_first``: the masks apply to the last half of each sequence only (prefill "dense")."""
     modules = layer_roles(layer) | layer.attention
-    handles = [modules[role].register_forward_pre_hook(lambda _, args, keep=keep: (args[0] * keep(args[0]), *args[1:]))
+    masked_at: list[torch.Tensor | None] = [None]  # (B, T, 1) bool: the current call's thresholded tokens
+
+    def masked(args, keep):
+        x, kept = args[0], keep(args[0])
+        if masked_at[0] is not None:
+            kept = torch.where(masked_at[0], kept, torch.ones_like(kept))
+        return (x * kept, *args[1:])
+
+    handles = [modules[role].register_forward_pre_hook(lambda _, args, keep=keep: masked(args, keep))
                for role, keep in masks.items()]
     total, count = 0.0, 0
     try:
         for call in calls:
+            masked_at[0] = scored_positions(call.real, DENSE_SHARE)[..., None] if dense_first else None
             out = layer.block(*call.args, **call.kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
             error, items = block_error(hidden - call.output, scored_positions(call.real, last), measure)
@@ -204,7 +229,8 @@ def greedy_tables(layers: list[SparseLayer], sample: CalibrationSample, quantile
 
         def error(state: torch.Tensor, roles=roles, units=units, keeps=keeps, layer=layer) -> float:
             masks = {role: keeps[role](float(state[units.index(unit_of(role, options.greedy_units))])) for role in roles}
-            return replay_error(layer, sample.blocks[layer.index], masks, options.greedy_error, options.greedy_last)
+            return replay_error(layer, sample.blocks[layer.index], masks, options.greedy_error, options.greedy_last,
+                                dense_first=options.prefill == "dense")
 
         weights = {role: weight for role, (weight, _) in role_weights(layer, "all").items()}
         sizes = unit_sizes({role: weights[role] for role in roles}, units, options.greedy_units)
@@ -248,7 +274,8 @@ def check_options(method: str, options, atlas, corpus) -> None:
                                f"{options.greedy_step}, {options.greedy_top} and {options.greedy_last}")
     for name, value, choices in (("greedy_units", options.greedy_units, UNITS + (AUTO,)),
                                  ("greedy_search", options.greedy_search, SEARCHES + (AUTO,)),
-                                 ("greedy_error", options.greedy_error, ERRORS)):
+                                 ("greedy_error", options.greedy_error, ERRORS),
+                                 ("prefill", options.prefill, PREFILLS)):
         if value not in choices:
             raise NeuronAtlasError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
     if atlas is None and corpus is None:

@@ -184,15 +184,19 @@ class InputGroup:
 
 
 class ThresholdRuntime:
-    """One layer: each sparsified role's group; other roles run their original module."""
+    """One layer: each sparsified role's group; other roles run their original module, and so do all
+    roles during a prompt's prefill when ``dense_prefill`` (the model's Phase) is given."""
 
-    def __init__(self, groups: dict[str, InputGroup], roles: dict):
+    def __init__(self, groups: dict[str, InputGroup], roles: dict, dense_prefill=None):
         self.groups = groups  # role -> its group
         self.roles = roles  # role -> module to swap (FFN and attention projections this runtime computes)
+        self.dense_prefill = dense_prefill  # the Phase of the model's calls, or None: prefills thresholded too
 
     def forward(self, role, x, original):
         group = self.groups.get(role)
-        return original(x) if group is None else group.forward(role, x)
+        if group is None or (self.dense_prefill is not None and self.dense_prefill.prefill):
+            return original(x)
+        return group.forward(role, x)
 
 
 def build_group(weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], thresholds: dict[str, float],
