@@ -199,6 +199,8 @@ CASES = [
          "--label-field lang --out {newjson}", ("surrogate.jsonl", "line 2")),
     Case("find-attribution-batch-0", "find attribution --model {model} --device cpu --corpus {corpus} --label-field lang "
          "--batch-size 0 --out {newjson}", ("--batch-size", "0")),
+    Case("find-attribution-on-an-encoder", "find attribution --model {bert} --device cpu --corpus {corpus} "
+         "--label-field lang --out {newjson}", ("find attribution", "next token", "encoder")),
     Case("find-probe-out-is-a-folder", "find probe --atlas {atlas} --out {folder}", ("is a folder",)),
     Case("find-attribution-max-length-beyond-positions", "find attribution --model {model} --device cpu --corpus {corpus} "
          "--label-field lang --max-length 4096 --out {newjson}", ("4096", "64 positions", "--max-length 64")),

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..hooks import capture_activations
-from ..models import ModelNeurons, locate_neurons
+from ..models import ModelNeurons, check_causal, locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
 from .gradients import (at_least_float32, drop_block_gradient, first_token, flat_scores, patch_per_row, prompt_ids,
@@ -162,6 +162,7 @@ def find_atp(model, tokenizer, pairs: list[dict], metric: str | None = None, top
     if verify < 0:
         raise NeuronAtlasError(f"verify must be 0 (off) or a number of neurons (got {verify})")
     encoded = encode_pairs(tokenizer, pairs, metric)
+    check_causal(model.config, "find atp", needs="the next token's logits after each prompt")
     widths = locate_neurons(model).widths
     estimates, dropped = [], []
     progress = None if quiet else _progress(len(encoded))

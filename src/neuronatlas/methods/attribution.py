@@ -31,7 +31,7 @@ from ..corpus import Corpus, iter_batches, iter_windows, read_corpus
 from ..errors import NeuronAtlasError
 from ..hooks import forward_batch, pad_token_id
 from ..loading import model_fingerprint, window_length
-from ..models import locate_neurons
+from ..models import check_causal, locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
 from .gradients import as_sequences, at_least_float32, flat_scores, track_neurons
@@ -219,6 +219,7 @@ def find_attribution(model, tokenizer, corpus: str | Path | Corpus, *, label_fie
     """
     max_length = window_length(model.config, max_length)
     _check_options(target, pool, top_rate, batch_size, max_docs_per_label)
+    check_causal(model.config, "find attribution", needs="the probability of each next token")
     corpus = _labelled(corpus, text_field, label_field)
     widths = locate_neurons(model).widths
     blocked = _excluded(exclude, model, widths)

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..hooks import hook_sites
-from ..models import locate_neurons
+from ..models import check_causal, locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import layer_of, model_block
 from .gradients import answer_logprob, as_sequences, prompt_ids, read_jsonl
@@ -154,6 +154,7 @@ def find_knowledge_neurons(model, tokenizer, facts: list[dict], steps: int = 20,
 
     >>> found = find_knowledge_neurons(model, tokenizer, read_facts("facts.jsonl"), layers=[2])  # doctest: +SKIP
     """
+    check_causal(model.config, "find ig", needs="the probability of the answer after each prompt")
     neurons = locate_neurons(model)
     chosen_layers = _check_options(steps, threshold, share, min_paraphrases, target_count, layers, neurons.num_layers)
     grouped = group_facts(facts, min_paraphrases)
