@@ -201,6 +201,8 @@ CASES = [
          "--batch-size 0 --out {newjson}", ("--batch-size", "0")),
     Case("find-attribution-on-an-encoder", "find attribution --model {bert} --device cpu --corpus {corpus} "
          "--label-field lang --out {newjson}", ("find attribution", "next token", "encoder")),
+    Case("find-entropy-check-on-an-encoder", "find entropy --model {bert} --device cpu --corpus {corpus} --out {newjson}",
+         ("mean-ablation check", "encoder", "--check-docs 0")),
     Case("find-probe-out-is-a-folder", "find probe --atlas {atlas} --out {folder}", ("is a folder",)),
     Case("find-attribution-max-length-beyond-positions", "find attribution --model {model} --device cpu --corpus {corpus} "
          "--label-field lang --max-length 4096 --out {newjson}", ("4096", "64 positions", "--max-length 64")),

@@ -172,15 +172,18 @@ def test_every_method_runs_on_gpt2(gpt2, tmp_path, corpus_path):
 
 
 def test_next_token_methods_refuse_an_encoder(gpt2, corpus_path):
-    """attribution, ig and atp differentiate next-token probabilities: a masked LM's outputs are not
-    those (and a sentence-transformers checkpoint's MLM head is not even trained), so they refuse it."""
+    """attribution, ig, atp and the confidence neurons' check read next-token probabilities: a masked LM's
+    outputs are not those (and a sentence-transformers checkpoint's MLM head is not even trained)."""
     from test_models import tiny
+
+    from neuronatlas.methods.confidence import mean_ablation_effects
 
     bert, _ = tiny("bert")
     _, tokenizer = gpt2
     for verb, call in (("find attribution", lambda: find_attribution(bert, tokenizer, corpus_path, label_field="lang")),
                        ("find ig", lambda: find_knowledge_neurons(bert, tokenizer, TINY_FACTS, steps=2)),
-                       ("find atp", lambda: find_atp(bert, tokenizer, TINY_PAIRS, top_k=2))):
+                       ("find atp", lambda: find_atp(bert, tokenizer, TINY_PAIRS, top_k=2)),
+                       ("the mean-ablation check", lambda: mean_ablation_effects(bert, tokenizer, corpus_path, [(0, 0)]))):
         with pytest.raises(NeuronAtlasError, match=f"{verb} needs .* bert is an encoder"):
             call()
 

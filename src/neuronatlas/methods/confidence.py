@@ -41,7 +41,7 @@ import torch
 from ..errors import NeuronAtlasError
 from ..hooks import before, capture_activations, forward_batch, pad_token_id
 from ..loading import window_length
-from ..models import locate_neurons
+from ..models import check_causal, locate_neurons
 from ..neuronset import Neuron, NeuronSet
 from . import model_block_for
 from .vocab import norm_scale, unembedding
@@ -219,6 +219,7 @@ def mean_ablation_effects(model, tokenizer, corpus, neurons: list[tuple[int, int
     (of entropy_abs for entropy); projection_slope = the per-token least-squares slope of the projection's
     change on the activation's change (mean − a): its sign says which way more activation moves the output.
     """
+    check_causal(model.config, "the mean-ablation check", needs="next-token loss and entropy")
     site = locate_neurons(model)
     if not neurons:
         raise NeuronAtlasError("no neurons to check; the neuron set is empty")

@@ -185,16 +185,16 @@ class InputGroup:
 
 class ThresholdRuntime:
     """One layer: each sparsified role's group; other roles run their original module, and so do all
-    roles during a prompt's prefill when ``dense_prefill`` (the model's Phase) is given."""
+    roles during a prompt's prefill when ``dense_prefill_phase`` (the model's Phase) is given."""
 
-    def __init__(self, groups: dict[str, InputGroup], roles: dict, dense_prefill=None):
+    def __init__(self, groups: dict[str, InputGroup], roles: dict, dense_prefill_phase=None):
         self.groups = groups  # role -> its group
         self.roles = roles  # role -> module to swap (FFN and attention projections this runtime computes)
-        self.dense_prefill = dense_prefill  # the Phase of the model's calls, or None: prefills thresholded too
+        self.phase = dense_prefill_phase  # the Phase of the model's calls when prompts run dense, else None
 
     def forward(self, role, x, original):
         group = self.groups.get(role)
-        if group is None or (self.dense_prefill is not None and self.dense_prefill.prefill):
+        if group is None or (self.phase is not None and self.phase.prefill):
             return original(x)
         return group.forward(role, x)
 
