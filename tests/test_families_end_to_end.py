@@ -44,7 +44,7 @@ def test_family_runs_every_verb(name, corpus_path, tmp_path, capsys):
          "none", "--max-new-tokens", "3", *common],
         ["sparsify", "teal", "--model", model, "--corpus", str(corpus_path), "--sparsity", "0.5", "--scope", "all",
          "--allocation", "greedy", "--greedy-tokens", "32", "--calib-tokens", "256", "--out", str(plan),
-         "--device", "cpu"],
+         "--device", "cpu", "--quiet"],
         ["bench", "--model", model, "--plan", str(plan), "--corpus", str(corpus_path), "--runs", "1",
          "--new-tokens", "2", "--max-windows", "2", "--max-length", "24", "--json", str(tmp_path / "bench.json"),
          "--device", "cpu"],
@@ -57,6 +57,7 @@ def test_family_runs_every_verb(name, corpus_path, tmp_path, capsys):
 
     loaded, _ = load_model(model, device="cpu", quiet=True)
     sparse = load_plan(plan)
+    assert sparse.options["prefill"] == "sparse" and "progress" not in sparse.options  # a display choice: not the plan's
     ids = torch.tensor([[1, 5, 9, 14, 7, 22, 30, 11]])
     with torch.no_grad():
         dense = loaded(ids).logits

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..errors import NeuronAtlasError
 from .args import (debug_arg, float_in, layers_arg, load_args, model_arg, nonnegative_int, out_arg,
-                   overwrite_arg, parse_layers, positive_float, positive_int)
+                   overwrite_arg, parse_layers, positive_float, positive_int, quiet_arg)
 from .common import preflight_output
 
 METHOD_CHOICES = ("teal", "wina", "coreinfer", "hot", "moe")
@@ -24,6 +24,7 @@ def register(commands) -> None:
     parser.add_argument("--eval-corpus", default=None, help="held-out corpus for --ppl-within (default: --corpus)")
     out_arg(parser, "the plan folder to write")
     overwrite_arg(parser, "replace a plan already in --out")
+    quiet_arg(parser, "no progress bar (the greedy allocation's)")
     group = parser.add_argument_group("method options")
     group.add_argument("--calib-tokens", type=positive_int, default=4096, help="calibration tokens read from --corpus")
     group.add_argument("--scope", default="mlp", choices=["mlp", "all"],
@@ -135,7 +136,7 @@ def run(args) -> int:
                               allocation=args.allocation, greedy_step=args.greedy_step, greedy_tokens=args.greedy_tokens,
                               greedy_units=args.greedy_units, greedy_search=args.greedy_search,
                               greedy_error=args.greedy_error, greedy_last=args.greedy_last,
-                              prefill=args.prefill)
+                              prefill=args.prefill, progress=not args.quiet)
     plan = sparsify(args.method, model, tokenizer, args.sparsity, atlas=atlas, corpus=args.corpus,
                     text_field=args.text_field, options=options, name_or_path=args.model)
     if args.ppl_within is not None:

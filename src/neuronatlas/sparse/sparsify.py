@@ -54,6 +54,7 @@ class SparsifyOptions:
     prefill: str = "sparse"  # teal/wina: "sparse" (a prompt's tokens thresholded too) or "dense" (only decode steps and
     #   continuations: TEAL's released evaluation, dense first half; the greedy replay thresholds each sequence's last half)
     seed: int = 0
+    progress: bool = True  # a progress bar on a terminal for the long steps (TEAL's greedy search); not in the plan
 
 
 def sparsify(method: str, model, tokenizer=None, sparsity: float = 0.5, *, atlas=None, corpus=None,

@@ -220,7 +220,8 @@ def greedy_tables(layers: list[SparseLayer], sample: CalibrationSample, quantile
     """{"allocation.<layer>": (S, U)} TEAL's greedy path of every layer, on the sample's recorded block calls
     (a progress bar on a terminal: seconds to minutes per layer on a CPU)."""
     tensors = {}
-    for layer in tqdm(layers, desc="greedy allocation", unit="layer", disable=None, dynamic_ncols=True):
+    bar_off = None if options.progress else True  # None: on a terminal only
+    for layer in tqdm(layers, desc="greedy allocation", unit="layer", disable=bar_off, dynamic_ncols=True):
         roles = {role: wb for role, wb in role_weights(layer, options.scope).items()
                  if f"quantiles.{role}.{layer.index}" in quantiles}
         units = unit_order(roles, options.greedy_units)
