@@ -237,7 +237,7 @@ def test_moe_mlp_router_trains_on_a_calibration_corpus(llama, corpus_path):
 def test_dense_prefill_leaves_the_prompt_dense_and_thresholds_what_follows(llama, corpus_path, method):
     """prefill "dense": a prompt's logits and KV cache are the dense model's; the decode steps and a
     continuation are thresholded as with prefill "sparse", which changes the prompt's too."""
-    from neuronatlas.sparse.plan import SparsePlan
+    from dataclasses import replace
 
     model, tokenizer = llama
     ids = tokenizer("the cat sat on a mat and the dog ran to the house", return_tensors="pt").input_ids
@@ -257,8 +257,7 @@ def test_dense_prefill_leaves_the_prompt_dense_and_thresholds_what_follows(llama
     assert torch.allclose(steps, torch.cat([first.logits[:, -1:], rest[:, :-1]], 1), atol=1e-4)
     with apply_plan(model, plans["sparse"]):
         assert not torch.allclose(model(ids[:, :6]).logits, dense_prompt, atol=1e-3)
-    before = SparsePlan(**{**vars(plans["dense"]), "options": {k: v for k, v in plans["dense"].options.items()
-                                                                 if k != "prefill"}})
+    before = replace(plans["dense"], options={k: v for k, v in plans["dense"].options.items() if k != "prefill"})
     with apply_plan(model, before):  # a plan made before the option: prompts thresholded, as they were
         assert not torch.allclose(model(ids[:, :6]).logits, dense_prompt, atol=1e-3)
 

@@ -71,6 +71,15 @@ def load_model_from(args, name_or_path: str | None = None):
                       trust_remote_code=getattr(args, "trust_remote_code", False), quiet=True)
 
 
+def check_causal_model(args, verb: str, needs: str, **fix) -> None:
+    """Refuse --model when it is an encoder and ``verb`` needs next-token predictions: from its config,
+    before the weights load (see :func:`neuronatlas.models.check_causal`)."""
+    from ..loading import load_config
+    from ..models import check_causal
+
+    check_causal(load_config(args.model, getattr(args, "trust_remote_code", False)), verb, needs, **fix)
+
+
 def read_corpus_from(args, path: str | None = None, label_field: str | None = None):
     """The corpus at ``path`` (default: --corpus), read with the corpus flags the verb has."""
     from ..corpus import read_corpus

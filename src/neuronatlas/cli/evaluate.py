@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import NeuronAtlasError
 from .args import corpus_args, debug_arg, finite_float, model_args, out_arg, overwrite_arg, quiet_arg, window_args
-from .common import load_model_from, preflight_output, read_corpus_from, write_json
+from .common import check_causal_model, load_model_from, preflight_output, read_corpus_from, write_json
 
 
 def register(commands) -> None:
@@ -50,8 +50,8 @@ def run(args) -> int:
     preflight_output(args.markdown, "file", overwrite=args.overwrite, what="markdown table", flag="--markdown")
     preflight_output(args.heatmap, "file", overwrite=args.overwrite, what="heatmap PNG", flag="--heatmap")
     from ..evaluate import evaluate, format_matrix, plot_heatmap, to_markdown
-    from ..loading import load_config, model_fingerprint
-    from ..models import check_causal, locate_neurons
+    from ..loading import model_fingerprint
+    from ..models import locate_neurons
     from ..neuronset import load_neuron_set
 
     neuron_set = load_neuron_set(args.sets)
@@ -62,7 +62,7 @@ def run(args) -> int:
     corpus = read_corpus_from(args)
     if args.label_field is None:
         raise NeuronAtlasError("evaluate needs labelled text: pass --label-field (e.g. --label-field lang)")
-    check_causal(load_config(args.model, args.trust_remote_code), "evaluate", needs="next-token NLL")
+    check_causal_model(args, "evaluate", "next-token NLL")
     model, tokenizer = load_model_from(args)
     neuron_set.check_model(model_fingerprint(model), locate_neurons(model).widths)
     atlas = None

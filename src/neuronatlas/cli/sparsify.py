@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..errors import NeuronAtlasError
 from .args import (debug_arg, float_in, layers_arg, load_args, model_arg, nonnegative_int, out_arg,
                    overwrite_arg, parse_layers, positive_float, positive_int, quiet_arg)
-from .common import preflight_output
+from .common import check_causal_model, preflight_output
 
 METHOD_CHOICES = ("teal", "wina", "coreinfer", "hot", "moe")
 SPARSITY = float_in(0.0, 1.0, high_open=True, name="sparsity")  # as sparse.plan.check_sparsity says it
@@ -123,10 +123,7 @@ def run(args) -> int:
     layers = parse_layers(args.layers)
     preflight_output(args.out, "folder", overwrite=args.overwrite, what="plan")
     if args.ppl_within is not None:
-        from ..loading import load_config
-        from ..models import check_causal
-
-        check_causal(load_config(args.model), "--ppl-within", needs="next-token perplexity")
+        check_causal_model(args, "--ppl-within", "next-token perplexity")
     model, tokenizer = load_speed_model(args)
     atlas = load_atlas(args.atlas) if args.atlas else None
     options = SparsifyOptions(calib_tokens=args.calib_tokens, hot_score=args.hot_score, hot_signal=args.hot_signal,

@@ -51,13 +51,14 @@ def is_encoder(config) -> bool:
     return site is not None and site.encoder
 
 
-def check_causal(config, verb: str, needs: str = "next-token prediction") -> None:
+def check_causal(config, verb: str, needs: str = "next-token prediction",
+                 fix: str = "use a decoder model such as llama or gpt2") -> None:
     """Refuse encoders and encoder-decoders where ``verb`` needs a causal (decoder-only) LM."""
     if is_encoder(config):
         raise NeuronAtlasError(
             f"{verb} needs {needs}, so a causal (decoder-only) language model; {config.model_type} is an "
             f"encoder (masked LM){' or encoder-decoder' if getattr(config, 'is_encoder_decoder', False) else ''}: "
-            f"use a decoder model such as llama or gpt2"
+            f"{fix}"
         )
 
 

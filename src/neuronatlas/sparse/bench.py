@@ -26,9 +26,10 @@ from .calibrate import as_corpus
 from .limit import bytes_limit, step_limit
 from .plan import SparsePlan
 from .speed import choose_threads, decode_speed, linear_share, threads_set
+from .teal import dense_prefill
 from .wrap import SparseModel, apply_plan
 
-RANDOM_PROMPT_SENSITIVE = ("teal", "wina")  # per-token thresholds: what they skip depends on the text
+THRESHOLD_METHODS = ("teal", "wina")  # per-token thresholds: what they skip depends on the text; prefill an option
 
 
 def eval_windows(tokenizer, corpus, text_field: str = "text", max_windows: int = 32, max_length: int = WINDOW_LENGTH) -> list[torch.Tensor]:
@@ -86,14 +87,14 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
     cores, load = os.cpu_count() or 1, os.getloadavg()[0]
     result = {"method": plan.method, "sparsity": plan.sparsity, "threads": threads, "threads_note": note,
               "load_average_before": load, "warnings": []}
-    if plan.method in RANDOM_PROMPT_SENSITIVE:  # what the plan does to a prompt's own tokens (see teal.py)
-        result["prefill"] = plan.options.get("prefill", "sparse")
+    if plan.method in THRESHOLD_METHODS:  # what the plan does to a prompt's own tokens (see teal.py)
+        result["prefill"] = "dense" if dense_prefill(plan) else "sparse"
     limit = bytes_limit(model, plan)
     if limit is not None:
         result["bytes_limit"] = limit  # batch 1: dense weight bytes read a step over the plan's
     if load > cores:
         result["warnings"].append(f"load average {load:.1f} is above the {cores} cores: timings are unreliable")
-    if windows is None and plan.method in RANDOM_PROMPT_SENSITIVE:
+    if windows is None and plan.method in THRESHOLD_METHODS:
         result["warnings"].append(
             f"no corpus: the prompt is random token ids, and {plan.method} keeps channels by their size per token, "
             "which random ids do not share with text (SmolLM2, TEAL 50%: 1.17x on random ids, 1.39x on held-out "

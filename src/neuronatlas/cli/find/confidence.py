@@ -4,7 +4,7 @@ an optional mean-ablation check on a corpus."""
 from __future__ import annotations
 
 from ..args import corpus_args, layers_arg, load_args, model_arg, out_arg, parse_layers, window_args
-from ..common import load_model_from, read_corpus_from
+from ..common import check_causal_model, load_model_from, read_corpus_from
 from .base import FindMethod, write_found
 
 
@@ -19,16 +19,9 @@ def _shared_options(parser, corpus_required: bool) -> None:
     window_args(parser)
 
 
-def _refuse_an_encoder_check(args) -> None:
-    """Before the weights load: the check's next-token loss and entropy mean nothing for a masked LM."""
-    from ...errors import NeuronAtlasError
-    from ...loading import load_config
-    from ...models import is_encoder
-
-    config = load_config(args.model, getattr(args, "trust_remote_code", False))
-    if is_encoder(config):
-        raise NeuronAtlasError(f"the mean-ablation check measures next-token loss and entropy, which a {config.model_type} "
-                               "encoder (masked LM) does not predict: pass --check-docs 0 for the set from the weights alone")
+def _check_needs_a_causal_model(args) -> None:
+    check_causal_model(args, "the mean-ablation check", "next-token loss and entropy",
+                       fix="pass --check-docs 0 for the set from the weights alone")
 
 
 def _layers(args, model) -> list[int] | None:
@@ -56,7 +49,7 @@ def _run_entropy(args) -> int:
     parse_layers(args.layers)  # fail before loading the model
     corpus = read_corpus_from(args) if args.corpus is not None else None
     if corpus is not None and args.check_docs:
-        _refuse_an_encoder_check(args)
+        _check_needs_a_causal_model(args)
     model, tokenizer = load_model_from(args)
     found = find_entropy(model, _layers(args, model), args.null_dims, args.top_k, args.norm_quantile,
                          args.logit_var_quantile, args.min_null_share)
@@ -82,7 +75,7 @@ def _run_frequency(args) -> int:
     parse_layers(args.layers)  # fail before loading the model
     corpus = read_corpus_from(args)
     if args.check_docs:
-        _refuse_an_encoder_check(args)
+        _check_needs_a_causal_model(args)
     model, tokenizer = load_model_from(args)
     direction = unigram_direction(tokenizer, corpus, unembedding(model).shape[0], args.smoothing, args.count_docs)
     found = find_frequency(model, direction, _layers(args, model), args.top_k, args.min_cosine)

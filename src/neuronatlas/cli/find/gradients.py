@@ -4,16 +4,8 @@ neurons. Each loads a model and writes a neuron set."""
 from __future__ import annotations
 
 from ..args import corpus_args, layers_arg, model_args, out_arg, parse_layers, quiet_arg, window_args
-from ..common import load_model_from, read_corpus_from
+from ..common import check_causal_model, load_model_from, read_corpus_from
 from .base import FindMethod, null_options, save
-
-
-def _refuse_encoders(args, verb: str, needs: str) -> None:
-    """Before the weights load: a next-token method on an encoder (masked LM) would score noise."""
-    from ...loading import load_config
-    from ...models import check_causal
-
-    check_causal(load_config(args.model, args.trust_remote_code), verb, needs=needs)
 
 
 def _model_options(parser) -> None:
@@ -46,7 +38,7 @@ def _run_attribution(args) -> int:
     corpus = read_corpus_from(args)
     exclude = load_neuron_set(args.exclude) if args.exclude else None
     labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
-    _refuse_encoders(args, "find attribution", "the probability of each next token")
+    check_causal_model(args, "find attribution", "the probability of each next token")
     model, tokenizer = load_model_from(args)
     found = find_attribution(model, tokenizer, corpus, control=args.control, labels=labels, top_rate=args.top_rate,
                              target=args.target, pool=args.pool, clamp_control=not args.no_clamp_control,
@@ -78,7 +70,7 @@ def _run_ig(args) -> int:
     layers = parse_layers(args.layers)
     facts = read_facts(args.facts)
     group_facts(facts, args.min_paraphrases)  # fail before loading the model
-    _refuse_encoders(args, "find ig", "the probability of the answer after each prompt")
+    check_causal_model(args, "find ig", "the probability of the answer after each prompt")
     model, tokenizer = load_model_from(args)
     found = find_knowledge_neurons(model, tokenizer, facts, steps=args.steps, threshold=args.threshold,
                                    share=args.share, layers=layers, min_paraphrases=args.min_paraphrases,
@@ -110,7 +102,7 @@ def _run_atp(args) -> int:
     from ...methods.atp import find_atp, read_pairs
 
     pairs = read_pairs(args.pairs)
-    _refuse_encoders(args, "find atp", "the next token's logits after each prompt")
+    check_causal_model(args, "find atp", "the next token's logits after each prompt")
     model, tokenizer = load_model_from(args)
     found = find_atp(model, tokenizer, pairs, metric=args.metric, top_k=args.top_k, graddrop=args.graddrop,
                      verify=args.verify, quiet=args.quiet)
