@@ -104,7 +104,8 @@ def test_a_qwen2_gguf_profiles_its_text_tokens_and_the_atlas_records_the_file(fi
 
 
 def test_every_verb_takes_a_gguf_model(files, corpus, tmp_path, capsys):
-    """profile, find, evaluate, steer, sparsify, bench, explain, export and serve with ``--model x.gguf``."""
+    """profile, find, evaluate, steer, sparsify, bench, explain, export and serve with ``--model x.gguf``;
+    ``--quiet`` hides the dequantisation bar."""
     gguf = str(files["llama-Q8_0"])
     atlas, lape = tmp_path / "atlas", tmp_path / "lape.json"
     common = ["--device", "cpu", "--quiet"]
@@ -128,6 +129,8 @@ def test_every_verb_takes_a_gguf_model(files, corpus, tmp_path, capsys):
     ]
     for argv in runs:
         assert main(argv) == 0, argv[:2]
+        if "--quiet" in argv:  # no dequantisation bar, the explainer's load included
+            assert "de-quantizing" not in capsys.readouterr().err, argv[:2]
         capsys.readouterr()
     assert json.loads((tmp_path / "eval.json").read_text())["params"]["controls"] == 2
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())

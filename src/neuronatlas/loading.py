@@ -78,13 +78,24 @@ def load_model(
     and the CPU instead; ``load_in`` ("8bit" or "4bit") quantises the linear layers with bitsandbytes.
     Sharded safetensors checkpoints load like single files.
     """
-    from transformers.utils import logging as hf_logging
-
     config = load_config(name_or_path, trust_remote_code)
     site_for(config.model_type)  # unsupported families fail here, before loading weights
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     placement = _placement(device_map, load_in, torch_device)
-    auto = auto_class(config)
+    model = load_weights(auto_class(config), name_or_path, config, torch_dtype, trust_remote_code, quiet, placement)
+    if not placement:
+        model.to(torch_device)
+    model.eval()
+    return model, load_tokenizer(name_or_path, trust_remote_code)
+
+
+def load_weights(auto, name_or_path: str, config, dtype: torch.dtype, trust_remote_code: bool = False,
+                 quiet: bool = False, placement: dict | None = None):
+    """``auto.from_pretrained`` on a folder, hub id or GGUF file (dequantised to ``dtype``), on the CPU
+    unless ``placement`` (device_map, quantisation) says otherwise; ``quiet``: no bars, no load report."""
+    from transformers.utils import logging as hf_logging
+
+    placement = placement or {}
     gguf = gguf_file(name_or_path)
     bars_were_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     if quiet:  # no bars, and no load report (a sentence-transformers checkpoint's missing head is expected)
@@ -96,18 +107,13 @@ def load_model(
         with torch.random.fork_rng(devices=[]):  # the CPU generator only: no CUDA context for a CPU run
             torch.default_generator.manual_seed(0)
             if gguf is None:
-                model = auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                             **placement)
-            else:
-                model = _load_gguf_model(auto, gguf, config, torch_dtype, placement, quiet)
+                return auto.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                            **placement)
+            return _load_gguf_model(auto, gguf, config, dtype, placement, quiet)
     finally:
         hf_logging.set_verbosity(verbosity)
         if quiet and bars_were_on:
             hf_logging.enable_progress_bar()
-    if not placement:
-        model.to(torch_device)
-    model.eval()
-    return model, load_tokenizer(name_or_path, trust_remote_code)
 
 
 def auto_class(config):

@@ -16,7 +16,7 @@ from ..errors import NeuronAtlasError
 
 DTYPES = ("float32", "bfloat16", "float16")
 CORPUS_FORMATS = ("txt", "jsonl", "csv", "parquet", "dataset", "folder")
-MODEL_HELP = "a Hugging Face model id or a local model folder"
+MODEL_HELP = "a Hugging Face model id, a local model folder, or a .gguf file (or a folder holding one)"
 CORPUS_HELP = "a .txt/.jsonl/.csv/.parquet file, a datasets folder or a folder of .txt files"
 SET_OUT_HELP = "the neuron set JSON to write"
 

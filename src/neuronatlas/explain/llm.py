@@ -22,7 +22,7 @@ import torch
 
 from ..errors import NeuronAtlasError
 from ..hooks import forward_batch, pad_token_id
-from ..loading import load_config, load_tokenizer, max_positions, pretrained_source, resolve_device, resolve_dtype
+from ..loading import load_config, load_tokenizer, load_weights, max_positions, resolve_device, resolve_dtype
 from ..models import is_encoder
 from .prompts import (
     EXPLAIN_SYSTEM, JUDGE_SYSTEM, SIMULATE_SYSTEM, SLOT, Excerpt, chat_judge_prompt, chat_simulation_prompt,
@@ -42,25 +42,16 @@ class LocalModel:
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 24,
                  trust_remote_code: bool = False, quiet: bool = False, batch_size: int = 8):
         from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
 
         config = load_config(name_or_path, trust_remote_code)  # a clear error for a wrong path or id
         self.name = str(name_or_path)
         if is_encoder(config):
             raise _not_causal(self.name)
-        bars_were_on = hf_logging.is_progress_bar_enabled()
-        if quiet:
-            hf_logging.disable_progress_bar()
         try:
-            source, gguf = pretrained_source(name_or_path)  # a GGUF file loads from its folder
-            self.model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **gguf
-            ).to(resolve_device(device)).eval()
+            self.model = load_weights(AutoModelForCausalLM, name_or_path, config, resolve_dtype(dtype),
+                                      trust_remote_code, quiet).to(resolve_device(device)).eval()
         except (ValueError, OSError):  # a family without a causal LM class, or no weights for one
             raise _not_causal(self.name) from None
-        finally:
-            if quiet and bars_were_on:
-                hf_logging.enable_progress_bar()
         self.device = next(self.model.parameters()).device
         _check_attends_back_only(self.model, self.device, self.name)
         try:
