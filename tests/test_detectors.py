@@ -172,6 +172,10 @@ def test_cli_commands_write_neuron_sets(planted, atlas, corpus_path, tmp_path, c
     assert run_cli(["find", "positional", "--atlas", str(tmp_path / "atlas"), "--out", str(tmp_path / "pos.json"),
                     "--min-vr", "0", "--no-null"]) == 0
     assert json.loads((tmp_path / "pos.json").read_text())["count"] == sum(atlas.widths)
+    assert run_cli(["find", "positional", "--atlas", str(tmp_path / "atlas"), "--out", str(tmp_path / "pos5.json"),
+                    "--no-null"]) == 0
+    only_first = json.loads((tmp_path / "pos5.json").read_text())["params"]["first_token_only"]
+    assert (f"{only_first:,} of them only through position 0" in capsys.readouterr().out) == (only_first > 0)
     assert run_cli(["find", "tokens", "--atlas", str(tmp_path / "planted"), "--out", str(tmp_path / "tok.json"),
                     "--model", str(model_dir), "--corpus", str(corpus_path), "--max-tokens", "400", "--no-null"]) == 0
     data = json.loads((tmp_path / "tok.json").read_text())

@@ -64,6 +64,30 @@ def test_positional_variance_reduction_on_a_hand_made_atlas():
     assert (0, 3) not in {(n.layer, n.index) for n in later.neurons}
 
 
+def test_positional_counts_the_neurons_that_only_the_first_token_makes_positional():
+    """A first-token neuron (real models have many) is found, flagged by its VR without position 0, and
+    counted in first_token_only; a range neuron keeps its VR without position 0."""
+    from neuronatlas.methods.positional import find_positional, position_variance_reduction
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [20, 20, 20, 20, 80, 160]
+    buckets = []
+    for b, n in enumerate(sizes):
+        first = torch.full((n,), 6.0 if b == 0 else 0.0) + 0.1 * torch.randn(n, generator=generator)
+        ranged = b + 0.1 * torch.randn(n, generator=generator)  # rises with the position
+        buckets.append(torch.stack([first, ranged], 1))
+    atlas = hand_made_atlas(buckets, [0, 1, 2, 3, 4, 8])
+    found = find_positional(atlas, min_variance_explained=0.5)
+    assert {(n.layer, n.index) for n in found.neurons} == {(0, 0), (0, 1)}
+    details = found.params["details"]
+    without_first = position_variance_reduction(atlas, 0, min_position=1)["vr"]
+    assert details["0:0"]["vr_after_first"] == pytest.approx(float(without_first[0])) and without_first[0] < 0.1
+    assert details["0:1"]["vr_after_first"] == pytest.approx(float(without_first[1])) and without_first[1] > 0.9
+    assert found.params["first_token_only"] == 1
+    later = find_positional(atlas, min_variance_explained=0.5, min_position=1)
+    assert [(n.layer, n.index) for n in later.neurons] == [(0, 1)] and "first_token_only" not in later.params
+
+
 def test_find_positional_on_a_profiled_atlas(atlas, reference):
     from neuronatlas.methods.positional import find_positional
 

@@ -18,8 +18,11 @@ shuffle of the positions gives when tokens are independent. Tokens of one window
 p-values are optimistic; VR ≥ ``min_variance_explained`` stays the effect-size cut. Chance VR of a
 shuffle: (P − 1) / (N − 1).
 
-Position 0 of a window is ``<s>`` for Llama-like tokenizers: a neuron that only reacts to that token
-looks positional. ``min_position=1`` leaves out the buckets starting below 1 to rule that out.
+Position 0 of a window is ``<s>`` for Llama-like tokenizers, or a document's first token for those
+that add none (SmolLM2): real models have many neurons that react to that token alone (it draws
+attention as ``<s>`` does), and they look positional. With position 0 in, each kept neuron's
+details also give its VR without it ("vr_after_first"), and ``params["first_token_only"]`` counts
+those below the cut then; ``min_position=1`` leaves out the buckets starting below 1.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def find_positional(atlas, min_variance_explained: float = 0.5, min_position: in
         if not 0 <= layer < atlas.num_layers:
             raise NeuronAtlasError(f"layer {layer} is out of range: the atlas has {atlas.num_layers} layers")
     results = {layer: position_variance_reduction(atlas, layer, min_position) for layer in chosen_layers}
+    after_first = _vr_after_first_token(atlas, results, min_position)
     tested = positional_null(atlas, results, min_position, null) if null is not None else None
     neurons, details = [], {}
     for layer, result in results.items():
@@ -97,6 +101,8 @@ def find_positional(atlas, min_variance_explained: float = 0.5, min_position: in
                                                                 / max(int(atlas.position_tokens[peak]), 1)),
                 "lowest_mean": float(column[~column.isnan()].min()),
             }
+            if after_first is not None:
+                details[f"{layer}:{index}"]["vr_after_first"] = float(after_first[layer][index])
     neurons.sort(key=lambda n: -n.score)
     params = {
         "min_variance_explained": min_variance_explained, "min_position": min_position, "layers": layers,
@@ -104,8 +110,19 @@ def find_positional(atlas, min_variance_explained: float = 0.5, min_position: in
         "score": "variance of z explained by the position bucket (1 - within-bucket / total variance)",
         "details": details,
     }
+    if after_first is not None:  # neurons positional only through the first token: below the cut without it
+        params["first_token_only"] = sum(detail["vr_after_first"] < min_variance_explained for detail in details.values())
     return NeuronSet("positional", model_info(atlas.meta), neurons, params, "z",
                      None if tested is None else tested["block"])
+
+
+def _vr_after_first_token(atlas, results: dict, min_position: int) -> dict | None:
+    """{layer: (D,) VR without position 0} when position 0 is in, and other positions hold tokens; else None.
+    Real models have many first-token neurons (the window's first token draws attention like <s>)."""
+    if min_position > 0 or not any(edge >= 1 for edge, tokens in zip(atlas.position_edges, atlas.position_tokens)
+                                   if tokens > 0):
+        return None
+    return {layer: position_variance_reduction(atlas, layer, 1)["vr"] for layer in results}
 
 
 def positional_null(atlas, results: dict, min_position: int, options: NullOptions) -> dict:

@@ -88,7 +88,7 @@ def _positional_options(parser) -> None:
     parser.add_argument("--min-vr", type=float, default=0.5,
                         help="variance explained by the position bucket at least this (default: 0.5)")
     parser.add_argument("--min-position", type=int, default=0,
-                        help="leave out buckets starting below this position (1 drops position 0, the <s> token)")
+                        help="leave out buckets starting below this position (1 drops position 0, the window's first token: <s>, or the document's first token, where real models have many first-token neurons; default: 0)")
 
 
 def _run_positional(args) -> int:
@@ -97,8 +97,17 @@ def _run_positional(args) -> int:
 
     found = find_positional(load_atlas(args.atlas), min_variance_explained=args.min_vr, min_position=args.min_position,
                             null=null_options(args))
-    save(found, args, f"VR by position bucket >= {args.min_vr:g}")
+    save(found, args, f"VR by position bucket >= {args.min_vr:g}" + _first_token_note(found))
     return 0
+
+
+def _first_token_note(found) -> str:
+    """How many found neurons are positional only through position 0 (see methods.positional)."""
+    only_first = found.params.get("first_token_only", 0)
+    if not only_first:
+        return ""
+    return (f"; {only_first:,} of them only through position 0, the window's first token "
+            "(--min-position 1 leaves it out)")
 
 
 METHODS = (
