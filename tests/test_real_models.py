@@ -108,6 +108,36 @@ def test_smollm2_gguf_profiles_end_to_end_through_the_cli(tmp_path, capsys):
     source = gguf_source(SimpleNamespace(name_or_path=str(gguf)))
     assert source["file"] == str(gguf.resolve()) and source["bytes"] == gguf.stat().st_size
     assert len(source["fingerprint"]) == 16
+    check_exemplars_show_whole_characters(out)
+
+
+def check_exemplars_show_whole_characters(atlas):
+    """The viewer's exemplar windows of a byte-level BPE (Arabic letters are two one-byte tokens) start
+    and end on whole characters: a window cut inside one is widened by a token without a value."""
+    from neuronatlas.viewer import open_viewer
+
+    data = open_viewer(atlas).data
+    data.preload_layer(0, list(range(200)))
+    widened = 0
+    for index in range(200):
+        for item in data.exemplars(0, index):
+            whole = len(data.window_tokens(item["seq"]))
+            inner = 0 < item["start"] and item["start"] + len(item["token_ids"]) < whole
+            assert not inner or "<0x" not in item["text"][:6] + item["text"][-6:], item["text"]
+            assert len(item["activations"]) == len(item["token_ids"])
+            widened += item["activations"][0] is None or item["activations"][-1] is None
+    assert widened > 0
+    from neuronatlas.atlas import load_atlas
+    from neuronatlas.exemplar_windows import neuron_exemplars
+    from neuronatlas.tokens import decode_bytes, vocab_bytes
+
+    loaded = load_atlas(atlas)
+    pieces = vocab_bytes(loaded.vocab)
+    for index in range(50):  # the library's exemplars alike
+        for item in neuron_exemplars(loaded, 0, index):
+            text, start = decode_bytes([pieces[i] for i in item["token_ids"]]), item["pos"] - item["focus"]
+            inner = 0 < start and start + len(item["token_ids"]) < len(data.window_tokens(item["seq"]))
+            assert not inner or "<0x" not in text[:6] + text[-6:], text
 
 
 # ---- GGUF errors (tiny files written here) ----------------------------------------------------

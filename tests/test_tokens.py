@@ -19,7 +19,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from neuronatlas import bundled
 from neuronatlas.real_models import real_model_path
 from neuronatlas.tokens import (
-    decode_bytes, display_spans, piece_text, scheme_of, token_bytes, token_texts, vocab_bytes, vocab_table,
+    character_bounds, decode_bytes, display_spans, piece_text, scheme_of, token_bytes, token_texts, vocab_bytes,
+    vocab_table,
 )
 
 TEXTS = [
@@ -173,6 +174,35 @@ def test_display_spans_of_a_window_cut_inside_characters():
     assert spans[1].pieces == ["<0xD1>", "<0x91>"] and spans[1].activations == [None, 3.0]
     assert display_spans([b"\xd0"], None)[0].activation is None
     assert piece_text(b"\xd0") == "<0xD0>" and piece_text("ok".encode()) == "ok"
+
+
+def test_character_bounds_widen_a_window_cut_inside_characters():
+    data = "Пётр 🎉 x".encode()
+    pieces = [data[0:1], data[1:2], data[2:3], data[3:4], data[4:9], data[9:11], data[11:12], data[12:13], data[13:]]
+    at = pieces.__getitem__
+    # starts after П's first byte, ends inside 🎉: one token more on the left, two on the right
+    assert character_bounds(at, 1, 6, len(pieces)) == (0, 8)
+    assert decode_bytes(pieces[0:8]) == "Пётр 🎉"
+    assert character_bounds(at, 0, 4, len(pieces)) == (0, 4)  # whole characters: unchanged
+    assert character_bounds(at, 1, 6, 6) == (0, 6)  # the window's last token: nothing to add
+    assert character_bounds(at, 1, 6, len(pieces), most=1) == (0, 7)  # at most one token each way
+    assert character_bounds(lambda i: [b"", b"\x91"][i], 1, 2, 2) == (0, 2)  # an empty piece is no character
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", pytest.param("smollm2-135m", marks=pytest.mark.real)])
+def test_every_window_of_a_byte_level_text_widens_to_whole_characters(name):
+    """Every cut of Arabic, Cyrillic, CJK and emoji text into windows of 1 to 6 tokens widens to whole characters."""
+    tokenizer = real_tokenizer(name) if name == "smollm2-135m" else AutoTokenizer.from_pretrained(str(bundled.model_path(name)))
+    cut_inside = 0
+    for text in TEXTS:
+        pieces = token_bytes(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+        for lo in range(len(pieces)):
+            for hi in range(lo + 1, min(lo + 7, len(pieces) + 1)):
+                cut_inside += "<0x" in decode_bytes(pieces[lo:hi])
+                wide_lo, wide_hi = character_bounds(pieces.__getitem__, lo, hi, len(pieces))
+                assert wide_lo <= lo and hi <= wide_hi
+                assert "<0x" not in decode_bytes(pieces[wide_lo:wide_hi]), (text, lo, hi)
+    assert cut_inside > 0  # some cut falls inside a character (emoji, CJK; Arabic and Cyrillic too on SmolLM2)
 
 
 def test_vocab_table_and_older_tables():

@@ -36,6 +36,7 @@ import torch
 
 from .files import BOTTOM_EXEMPLARS_FILE, EXEMPLARS_FILE
 from .stats import split_uid
+from .tokens import character_bounds, vocab_bytes
 
 DEFAULT_RADIUS = 16
 DEFAULT_BITS = 6  # bits a window value: codes in [-31, 31]
@@ -262,6 +263,7 @@ def neuron_exemplars(atlas, layer: int, neuron: int, end: str = "top") -> list[d
     table = _exemplar_rows(atlas, layer, neuron, end)
     contexts = {} if atlas.contexts is None else dict(zip(atlas.contexts["seq"].to_pylist(), atlas.contexts["token_ids"].to_pylist()))
     strings = {} if atlas.vocab is None else dict(zip(atlas.vocab["id"].to_pylist(), atlas.vocab["token"].to_pylist()))
+    pieces = vocab_bytes(atlas.vocab)
     out = []
     for row in with_window_values(table).sort_by("rank").to_pylist():
         ids = contexts.get(row["seq"], [])
@@ -271,10 +273,13 @@ def neuron_exemplars(atlas, layer: int, neuron: int, end: str = "top") -> list[d
             start, values = row["pos"], [row["activation"]]
         values = exact_peak(values, start, row["pos"], row["activation"])
         lo, hi = max(start, 0), min(start + len(values), len(ids))
+        if lo < hi:  # whole characters at the edges: the tokens added have no value (None)
+            lo, hi = character_bounds(lambda i: pieces.get(ids[i], b""), lo, hi, len(ids))
         out.append({
             "activation": row["activation"], "seq": row["seq"], "pos": row["pos"], "doc": row.get("doc"),
             "label": row.get("label"), "token_ids": ids[lo:hi], "tokens": [strings.get(i, "") for i in ids[lo:hi]],
-            "activations": values[lo - start:hi - start], "focus": row["pos"] - lo,
+            "activations": [values[i - start] if 0 <= i - start < len(values) else None for i in range(lo, hi)],
+            "focus": row["pos"] - lo,
         })
     return out
 

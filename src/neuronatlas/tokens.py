@@ -225,6 +225,41 @@ def vocab_bytes(vocab: pa.Table | None) -> dict[int, bytes]:
     return {i: (token or "").encode("utf-8") for i, token in zip(ids, vocab["token"].to_pylist())}
 
 
+# ---- whole characters at a window's edges ---------------------------------------------------------------
+
+
+def character_bounds(piece_at, lo: int, hi: int, length: int, most: int = 3) -> tuple[int, int]:
+    """[lo, hi) of a window of ``length`` tokens widened by at most ``most`` tokens each way until it
+    starts and ends on whole UTF-8 characters. A byte-level BPE splits an Arabic or CJK character over
+    tokens, and an exemplar window cut inside one shows its orphan bytes as ``<0xNN>``.
+    ``piece_at(i)``: token i's bytes."""
+    for _ in range(most):
+        if lo == 0 or not _opens_inside_character(piece_at(lo)):
+            break
+        lo -= 1
+    for _ in range(most):
+        if hi >= length or not _ends_inside_character(b"".join(piece_at(i) for i in range(max(lo, hi - 4), hi))):
+            break
+        hi += 1
+    return lo, hi
+
+
+def _opens_inside_character(data: bytes) -> bool:
+    """Whether ``data`` starts with a UTF-8 continuation byte (its character began before it)."""
+    return bool(data) and 0x80 <= data[0] <= 0xBF
+
+
+def _ends_inside_character(data: bytes) -> bool:
+    """Whether ``data`` ends with the first bytes of a UTF-8 character that needs more."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return False
+        if byte >= 0xC0:  # a lead byte: its character takes 2, 3 or 4 bytes
+            return back < (2 if byte < 0xE0 else 3 if byte < 0xF0 else 4)
+    return False
+
+
 # ---- display spans -----------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from ..exemplar_windows import exact_peak, has_windows, window_sql
 from ..files import BOTTOM_EXEMPLARS_FILE, EXEMPLARS_FILE
 from ..methods.lape import find_lape
 from ..neuronset import NeuronSet, load_neuron_set
-from ..tokens import decode_bytes, piece_text, vocab_bytes
+from ..tokens import character_bounds, decode_bytes, piece_text, vocab_bytes
 
 EXEMPLAR_RADIUS = 16  # tokens shown either side of an exemplar when the atlas has no activation windows
 EXPLANATIONS_FORMAT = "neuronatlas.explanations"
@@ -239,6 +239,11 @@ class AtlasData:
             start = max(0, pos - EXEMPLAR_RADIUS)
             stop = min(len(ids), pos + EXEMPLAR_RADIUS + 1) if ids else pos + 1
             values = [activation if p == pos else None for p in range(start, stop)]
+        if 0 <= start < len(ids):  # whole characters at the edges: the tokens added show no value
+            stop = min(start + len(values), len(ids))
+            lo, hi = character_bounds(lambda i: self.pieces([ids[i]])[0], start, stop, len(ids))
+            values = [None] * (start - lo) + values[: stop - start] + [None] * (hi - stop)
+            start = lo
         window_ids = ids[start : start + len(values)] if ids else []
         pieces = self.pieces(window_ids)
         return {
