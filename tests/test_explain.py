@@ -18,7 +18,7 @@ from neuronatlas.explain.clusters import cluster_exemplars
 from neuronatlas.explain.exemplars import (
     Exemplar, TokenStrings, contexts_of, discretise, exemplar_rows, random_spans, top_exemplars,
 )
-from neuronatlas.explain.explain import clean_explanation
+from neuronatlas.explain.explain import clean_explanation, explain
 from neuronatlas.explain.neuron import explain_neuron, material_of, split_exemplars
 from neuronatlas.explain.run import atlas_corpus
 from neuronatlas.neuronset import Neuron, NeuronSet, model_info
@@ -220,6 +220,33 @@ class TableSimulator:
         return self.table[tuple(tokens)]
 
 
+def test_explainer_and_simulator_read_byte_tokens_as_whole_characters():
+    """A byte-level BPE writes an Arabic letter as two tokens, each alone <0xD8>: the explainer's
+    excerpt and the simulator's tokens are whole characters, each with the max of its tokens' values."""
+    text = "سلام ok"
+    data = text.encode()
+    pieces = [data[i:i + 1] for i in range(8)] + [data[8:]]  # every Arabic byte a token of its own
+    values = np.arange(len(pieces), dtype=np.float32)
+    exemplar = Exemplar(list(range(len(pieces))), ["<0x%02X>" % b[0] if b[0] > 0x7F else b.decode() for b in pieces],
+                        values, seq=0, start=0, kind="top", pieces=pieces)
+    texts, shown = exemplar.readable()
+    assert texts == ["س", "ل", "ا", "م", " ok"] and shown.tolist() == [1, 3, 5, 7, 8]
+
+    class Recorder:
+        name = "recorder"
+        excerpts: list = []
+
+        def explain(self, excerpts):
+            self.excerpts.extend(excerpts)
+            return "Arabic letters"
+
+    recorder = Recorder()
+    assert explain(recorder, [exemplar], scale=8.0) == "Arabic letters"
+    assert recorder.excerpts == [(texts, [1, 4, 6, 9, 10])]
+    plain = Exemplar([1, 2], ["a", "b"], np.array([0.0, 2.0], np.float32), seq=0, start=0, kind="top")
+    assert plain.readable()[0] == ["a", "b"]  # no bytes known: the tokens as they are
+
+
 def test_perfect_simulator_scores_one_shuffled_scores_zero(run):
     options = ExplainOptions(top=5, holdout=4, random=4, scorers=("simulation",))
     randoms = randoms_of(run, 4)
@@ -227,11 +254,11 @@ def test_perfect_simulator_scores_one_shuffled_scores_zero(run):
     rng = np.random.default_rng(0)
     for layer, index in run["neurons"]:
         _, tops = exemplars_of(run, layer, index)
-        excerpts = tops + randoms[(layer, index)]
-        truth = {tuple(e.tokens): e.activations for e in excerpts}
-        pooled = rng.permutation(np.concatenate([e.activations for e in excerpts]))
-        cuts = np.cumsum([len(e.activations) for e in excerpts])[:-1]
-        mixed = {tuple(e.tokens): part for e, part in zip(excerpts, np.split(pooled, cuts))}
+        readable = [e.readable() for e in tops + randoms[(layer, index)]]  # what the simulator reads
+        truth = {tuple(texts): values for texts, values in readable}
+        pooled = rng.permutation(np.concatenate([values for _, values in readable]))
+        cuts = np.cumsum([len(values) for _, values in readable])[:-1]
+        mixed = {tuple(texts): part for (texts, _), part in zip(readable, np.split(pooled, cuts))}
         material = material_of(tops, randoms[(layer, index)], options)
         perfect.append(explain_neuron(layer, index, material, TableSimulator(truth), TableSimulator(truth), options))
         shuffled.append(explain_neuron(layer, index, material, TableSimulator(mixed), TableSimulator(mixed), options))

@@ -29,7 +29,7 @@ from ..exemplar_windows import exact_peak, window_sql
 from ..hooks import capture, forward_batch
 from ..loading import load_model, load_tokenizer, model_fingerprint
 from ..models import locate_neurons
-from ..tokens import token_bytes, token_texts, vocab_bytes
+from ..tokens import display_spans, token_bytes, token_texts, vocab_bytes
 
 DEFAULT_CONTEXT = 16  # tokens either side of the exemplar token
 
@@ -45,6 +45,16 @@ class Exemplar:
     start: int  # position of the span's first token within that window
     kind: str  # "top" or "random"
     pieces: list[bytes] | None = None  # each token's bytes, to show the span as whole characters
+
+    def readable(self) -> tuple[list[str], np.ndarray]:
+        """(texts, activations) of the span as an explainer or simulator reads it: tokens joined into
+        whole characters where their bytes are known (a byte-level BPE writes an Arabic letter as two
+        tokens, each alone ``<0xD8>``), each piece with the max of its tokens' activations (S,)."""
+        if self.pieces is None:
+            return list(self.tokens), np.asarray(self.activations, np.float32)
+        spans = display_spans(self.pieces)
+        values = np.asarray(self.activations, np.float32)
+        return [span.text for span in spans], np.array([values[span.tokens].max() for span in spans], np.float32)
 
 
 class SubjectModel:

@@ -13,7 +13,7 @@ MAX_CHARACTERS = 200
 
 def explain(explainer, exemplars: list[Exemplar], scale: float) -> str:
     """The explainer's phrase for these exemplars; activations shown as 0-10 with 10 = ``scale``."""
-    excerpts = [(e.tokens, discretise(e.activations, scale)) for e in exemplars]
+    excerpts = excerpts_of(exemplars, scale)
     text = clean_explanation(explainer.explain(excerpts))
     if not text:
         raise NeuronAtlasError(f"the explainer {explainer.name} wrote an empty explanation; use a larger explainer model")
@@ -26,13 +26,19 @@ def explain_candidates(explainer, exemplars: list[Exemplar], scale: float, count
     when it has one); empty replies are dropped, and all of them empty is the error of :func:`explain`."""
     if count <= 1:
         return [explain(explainer, exemplars, scale)]
-    excerpts = [(e.tokens, discretise(e.activations, scale)) for e in exemplars]
+    excerpts = excerpts_of(exemplars, scale)
     sampler = getattr(explainer, "explain_samples", None)
     replies = sampler(excerpts, count, temperature, seed) if sampler else [explainer.explain(excerpts) for _ in range(count)]
     texts = [text for text in map(clean_explanation, replies) if text]
     if not texts:
         raise NeuronAtlasError(f"the explainer {explainer.name} wrote {count} empty explanations; use a larger explainer model")
     return texts
+
+
+def excerpts_of(exemplars: list[Exemplar], scale: float) -> list[tuple[list[str], list[int]]]:
+    """(pieces of whole characters, levels 0-10 with 10 = ``scale``) of each exemplar, as the explainer reads it."""
+    readable = [e.readable() for e in exemplars]
+    return [(texts, discretise(values, scale)) for texts, values in readable]
 
 
 def clean_explanation(reply: str) -> str:

@@ -92,12 +92,14 @@ def material_from_samples(tops: list[Exemplar], samples, strings, options, thres
 
 
 def simulate_pairs(simulator, explanation: str, exemplars: list[Exemplar]) -> list[Pair]:
+    """(simulated, real) per exemplar, over its pieces of whole characters (see Exemplar.readable)."""
+    readable = [e.readable() for e in exemplars]
     many = getattr(simulator, "simulate_many", None)
     if many is not None:
-        simulated = many(explanation, [e.tokens for e in exemplars]) if exemplars else []
+        simulated = many(explanation, [texts for texts, _ in readable]) if exemplars else []
     else:
-        simulated = [simulator.simulate(explanation, e.tokens) for e in exemplars]
-    return [(values, e.activations) for values, e in zip(simulated, exemplars)]
+        simulated = [simulator.simulate(explanation, texts) for texts, _ in readable]
+    return [(values, real) for values, (_, real) in zip(simulated, readable)]
 
 
 def score_explanation(explanation: str, material: Material, simulator, scorers, seed: int = 0) -> dict:
