@@ -243,6 +243,8 @@ def test_explainer_and_simulator_read_byte_tokens_as_whole_characters():
     recorder = Recorder()
     assert explain(recorder, [exemplar], scale=8.0) == "Arabic letters"
     assert recorder.excerpts == [(texts, [1, 4, 6, 9, 10])]
+    cut = Exemplar(exemplar.token_ids[1:-2], [], values[1:-2], seq=0, start=1, kind="top", pieces=pieces[1:-2])
+    assert cut.readable()[0] == ["ل", "ا"] and cut.readable()[1].tolist() == [3, 5]  # the edges' lone bytes left out
     plain = Exemplar([1, 2], ["a", "b"], np.array([0.0, 2.0], np.float32), seq=0, start=0, kind="top")
     assert plain.readable()[0] == ["a", "b"]  # no bytes known: the tokens as they are
 

@@ -14,6 +14,7 @@ for every neuron of a set.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from ..models import locate_neurons
 from ..tokens import display_spans, token_bytes, token_texts, vocab_bytes
 
 DEFAULT_CONTEXT = 16  # tokens either side of the exemplar token
+LONE_BYTES = re.compile(r"(<0x[0-9A-F]{2}>)+")  # how a piece of bytes that completes no character reads
 
 
 @dataclass
@@ -49,10 +51,15 @@ class Exemplar:
     def readable(self) -> tuple[list[str], np.ndarray]:
         """(texts, activations) of the span as an explainer or simulator reads it: tokens joined into
         whole characters where their bytes are known (a byte-level BPE writes an Arabic letter as two
-        tokens, each alone ``<0xD8>``), each piece with the max of its tokens' activations (S,)."""
+        tokens, each alone ``<0xD8>``), each piece with the max of its tokens' activations (S,); the
+        lone bytes of a character the span's edge cuts are left out."""
         if self.pieces is None:
             return list(self.tokens), np.asarray(self.activations, np.float32)
         spans = display_spans(self.pieces)
+        while len(spans) > 1 and LONE_BYTES.fullmatch(spans[0].text):  # a character cut by the span's start
+            spans = spans[1:]
+        while len(spans) > 1 and LONE_BYTES.fullmatch(spans[-1].text):  # ... or by its end
+            spans = spans[:-1]
         values = np.asarray(self.activations, np.float32)
         return [span.text for span in spans], np.array([values[span.tokens].max() for span in spans], np.float32)
 
