@@ -11,7 +11,8 @@ Layout (read by Neuronpedia's importer, apps/webapp/app/api/admin/import/route.t
 
 Every row follows :mod:`.schema`. Tokens are readable text: a token's bytes are joined with its
 neighbours into whole characters (:func:`neuronatlas.tokens.display_spans`), each span carrying the
-largest activation of its tokens, so a Cyrillic word never shows as U+FFFD.
+largest activation of its tokens, so a Cyrillic word never shows as U+FFFD, and the lone bytes of a
+character cut by the exemplar's edge are left out (:meth:`~neuronatlas.explain.exemplars.Exemplar.readable`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import numpy as np
 from ..atlas import Atlas
 from ..errors import NeuronAtlasError
 from ..explain.exemplars import DEFAULT_CONTEXT, Exemplar, TokenStrings, contexts_of, exemplar_rows, top_exemplars
-from ..tokens import display_spans
 
 BATCH = 1024  # neurons per features/activations file
 FILES = {  # file name pattern under a source folder -> the table its rows go to
@@ -104,12 +104,10 @@ class Export:
 
 
 def readable(exemplar: Exemplar) -> tuple[list[str], list[float]]:
-    """The exemplar's tokens as text spans of whole characters, each with its tokens' largest value."""
-    values = [float(v) for v in exemplar.activations]
-    if exemplar.pieces is None:
-        return list(exemplar.tokens), values
-    spans = display_spans(exemplar.pieces, values)
-    return [span.text for span in spans], [float(span.activation) for span in spans]
+    """The exemplar's tokens as text spans of whole characters, each with its tokens' largest value
+    (:meth:`Exemplar.readable`: what the explainer read)."""
+    texts, values = exemplar.readable()
+    return texts, [float(value) for value in values]
 
 
 def histogram(atlas: Atlas, layer: int, index: int) -> tuple[list[float], list[float]]:
