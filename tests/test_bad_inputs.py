@@ -249,6 +249,7 @@ CASES = [
     Case("steer-json-is-a-folder", S + " --json {folder}", ("--json", "is a folder")),
     Case("steer-json-under-a-file", S + " --json {file}/steer.json", ("--json", "is a file")),
     Case("steer-sets-missing", S.replace("{set}", "{missing}"), ("missing",)),
+    Case("steer-on-an-encoder", S.replace("--model {model}", "--model {bert}"), ("steer", "text generation", "encoder")),
     Case("steer-corpus-surrogate", S.replace("{corpus}", "{surrogate}"), ("surrogate.jsonl", "line 2")),
     # --- explain -------------------------------------------------------------------------------------
     Case("explain-not-an-atlas", X.replace("{atlas}", "{folder}"), ("not an atlas",)),

@@ -14,7 +14,7 @@ import math
 
 from ..errors import NeuronAtlasError
 from .args import corpus_args, debug_arg, model_args, quiet_arg
-from .common import load_model_from, preflight_output, read_corpus_from, write_json
+from .common import check_causal_model, load_model_from, preflight_output, read_corpus_from, write_json
 
 # The defaults of neuronatlas.steer, repeated here so that building the parser imports no torch
 # (a test checks they agree).
@@ -88,6 +88,7 @@ def run(args) -> int:
     from ..steer import PAPER_DEACTIVATE, format_steering, prompts_from_corpus, steer, steering_interventions
 
     preflight_output(args.json, "file", overwrite=True, what="steering JSON", flag="--json")
+    check_causal_model(args, "steer", "text generation")  # from the config: before the corpus and the weights
     deactivate = _deactivate_value(args.deactivate)
     neuron_set = load_neuron_set(args.sets)
     atlas = load_atlas(args.atlas)
