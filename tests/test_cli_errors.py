@@ -160,6 +160,17 @@ def test_quiet_hides_progress_but_not_the_summary(capsys, tiny_llama, corpus_pat
     assert "it/s" not in captured.err
 
 
+def test_every_find_method_takes_quiet(capsys, made_atlas, tmp_path):
+    """Scripts pass --quiet to every verb: each find method accepts it, shown or not."""
+    from neuronatlas.cli.find import methods
+
+    for method in methods():
+        capsys.readouterr()
+        assert main(["find", method.name, "--help"]) == 0
+        assert "--quiet" in capsys.readouterr().out, method.name
+    assert main(["find", "dead", "--atlas", str(made_atlas), "--out", str(tmp_path / "dead.json"), "--quiet"]) == 0
+
+
 def test_atlas_verbs_take_the_atlas_as_argument_or_flag(capsys, made_atlas):
     """info, serve, report and export take ATLAS, or --atlas ATLAS as find, steer and explain do."""
     outputs = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..args import debug_arg, overwrite_arg
+from ..args import debug_arg, overwrite_arg, quiet_arg
 from ..common import preflight_output
 from . import activation, confidence, detectors, gradients, probe, universal, weights
 from .base import FindMethod, null_args
@@ -42,6 +42,8 @@ def add_methods(subparsers) -> None:
         if method.permutations is not None:
             null_args(parser, method.permutations)
         overwrite_arg(parser, "replace the neuron set already at --out")
+        if "--quiet" not in parser._option_string_actions:  # every method takes it, as the other verbs do
+            quiet_arg(parser, "no progress bar (this method shows none: accepted for scripts that pass it to all)")
         debug_arg(parser)
         parser.set_defaults(handler=_preflighted(method.run))
 
