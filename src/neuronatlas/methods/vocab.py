@@ -93,17 +93,26 @@ def vocab_projection(model, layer: int, index: int, top: int = 30, through_norm:
 
 
 def _moments(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Population mean, variance, skew and Pearson kurtosis of each column of x (V, c)."""
+    """Population mean, variance, skew and Pearson kurtosis (c,) float64 of each column of x (V, c)
+    float32, which is overwritten. In float32 (torch sums in blocks), the moments from the sums in
+    float64: kurtosis within 1e-6 of an all-float64 pass, in a quarter of its time (SmolLM2's 30
+    layers x 49k tokens took 2.5 minutes in float64)."""
     mean = x.mean(0)
-    centred = x - mean
-    var = (centred * centred).mean(0)
-    std = var.sqrt()
-    z = centred / std.clamp(min=1e-30)
-    skew = (z ** 3).mean(0)
-    kurt = (z ** 4).mean(0)
-    flat = std <= 0
-    skew[flat], kurt[flat] = 0.0, 0.0
-    return {"mean": mean, "var": var, "skew": skew, "kurtosis": kurt}
+    x.sub_(mean)
+    drift = x.mean(0).double()  # what the float32 centring left: ~1e-9
+    square = x * x
+    e2 = square.mean(0).double()
+    e3 = square.mul_(x).mean(0).double()
+    e4 = square.mul_(x).mean(0).double()
+    mean = mean.double()
+    var = e2 - drift ** 2  # central moments about the exact mean (binomial expansion in the drift)
+    m3 = e3 - 3 * drift * e2 + 2 * drift ** 3
+    m4 = e4 - 4 * drift * e3 + 6 * drift ** 2 * e2 - 3 * drift ** 4
+    flat = var <= 0
+    safe = var.where(~flat, torch.ones_like(var))
+    skew = (m3 / safe ** 1.5).masked_fill(flat, 0.0)
+    kurt = (m4 / safe ** 2).masked_fill(flat, 0.0)
+    return {"mean": mean, "var": var.clamp(min=0), "skew": skew, "kurtosis": kurt}
 
 
 @torch.no_grad()
@@ -122,7 +131,7 @@ def vocab_statistics(model, layers: list[int] | None = None, max_elements: int =
         w_out = w_out / w_out.norm(dim=0, keepdim=True).clamp(min=1e-12)
         parts = []
         for start in range(0, w_out.shape[1], chunk):
-            cosines = (w_unembed @ w_out[:, start : start + chunk]).double()  # (V, c)
+            cosines = w_unembed @ w_out[:, start : start + chunk]  # (V, c) float32
             parts.append(_moments(cosines))
         out[layer] = {name: torch.cat([part[name] for part in parts]).cpu() for name in parts[0]}
     return out
