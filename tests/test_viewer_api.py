@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,23 @@ def test_search_by_token_finds_neurons_that_peak_on_it(client, files):
         exemplars = client.get(f"/api/neuron/{row['layer']}/{row['index']}").json()["exemplars"]
         peaks = [item["tokens"][item["peak"]].strip().casefold() for item in exemplars]
         assert peaks.count("the") == row["exemplars"]
+
+
+def test_search_by_token_says_why_it_found_nothing(client, files):
+    import pyarrow.parquet as pq
+
+    reply = client.get("/api/search", params={"by": "token", "q": "zzqqxx"}).json()
+    assert reply["total"] == 0 and "No token of the atlas's exemplar windows reads 'zzqqxx'" in reply["note"]
+    atlas = Path(files["atlas"])
+    windows = dict(zip(*pq.read_table(atlas / "contexts.parquet", columns=["seq", "token_ids"]).to_pydict().values()))
+    exemplars = pq.read_table(atlas / "exemplars.parquet", columns=["seq", "pos"]).to_pydict()
+    peaks = {windows[seq][pos] for seq, pos in zip(exemplars["seq"], exemplars["pos"])}
+    vocab = pq.read_table(atlas / "vocab.parquet").to_pydict()
+    texts = [token.strip().casefold() for token in vocab["token"]]
+    peak_texts = {text for i, text in zip(vocab["id"], texts) if i in peaks}
+    never = next(text for text in texts if text and text not in peak_texts)  # in a window, never a peak
+    reply = client.get("/api/search", params={"by": "token", "q": never}).json()
+    assert reply["total"] == 0 and "but no exemplar peaks on them" in reply["note"]
 
 
 def test_search_by_label_method_and_explanation(client, files, viewer_lape):

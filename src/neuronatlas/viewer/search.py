@@ -48,7 +48,8 @@ class Searcher:
         pages = max(1, math.ceil(len(found) / self.per_page))
         page = min(max(1, page), pages)
         rows = found[(page - 1) * self.per_page : page * self.per_page]
-        return dict(result, page=page, pages=pages, total=len(found), results=rows, note=self._note(by))
+        note = self._nothing_found(q) if by == "token" and not found else self._note(by)
+        return dict(result, page=page, pages=pages, total=len(found), results=rows, note=note)
 
     def _found(self, by: str, q: str) -> list[dict]:
         key = (by, q.casefold())
@@ -82,6 +83,15 @@ class Searcher:
         if by == "promotes":
             return f"Neurons whose value vector gives the token the highest logit (W_U[t] · w_out), at most {PROMOTING_LIMIT}."
         return None
+
+    def _nothing_found(self, q: str) -> str:
+        """Why a token search found no neuron: no such token in the atlas's windows, or no exemplar peak on it."""
+        ids = self.data.token_ids_matching(q)
+        if ids:
+            return (f"{len(ids)} token(s) of the atlas's exemplar windows read {q!r}, but no exemplar peaks on "
+                    "them: no neuron's top exemplars are on this token.")
+        return (f"No token of the atlas's exemplar windows reads {q!r}: a word may be split into several "
+                "tokens (search one of them), or never be in an exemplar's window.")
 
     def _sets_note(self) -> str:
         """Which sets a label or method search looks in."""
