@@ -178,6 +178,12 @@ def returned_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+def activation_module(model):
+    """The model without its LM head: the forward that reading activations needs (the head's logits,
+    (B, T, V), are a sixth of SmolLM2's compute and its largest tensor). The hooks sit inside it."""
+    return model.base_model if hasattr(model, "base_model") else model
+
+
 def forward_batch(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
     """Run ``module`` (a model or its base) on one padded batch as the profiler does.
 
@@ -192,4 +198,4 @@ def forward_batch(module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 __all__ = ["hook_sites", "before", "after", "capture", "capture_activations", "pad_token_id", "window_positions",
-           "takes_position_ids", "forward_batch", "with_cache", "returned_cache"]
+           "takes_position_ids", "activation_module", "forward_batch", "with_cache", "returned_cache"]

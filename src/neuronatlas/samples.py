@@ -35,7 +35,7 @@ import torch
 
 from .corpus import Corpus, iter_batches, iter_windows, read_corpus
 from .errors import NeuronAtlasError
-from .hooks import capture, forward_batch, pad_token_id
+from .hooks import activation_module, capture, forward_batch, pad_token_id
 from .tokens import decode_bytes, display_spans, piece_text, token_bytes
 
 SCANNED_PER_DOC = 50  # documents read per document kept: the sample is drawn from the first 50 x max_docs
@@ -162,7 +162,7 @@ def _run_pass(model, tokenizer, corpus: Corpus, wanted: list[tuple[int, int]], m
 
     with capture(neurons, on_activation=keep):
         for current in iter_batches(windows, batch_size, pad_token_id(tokenizer)):
-            forward_batch(model, current.input_ids.to(device), current.attention_mask.to(device))
+            forward_batch(activation_module(model), current.input_ids.to(device), current.attention_mask.to(device))
     for layer, indices in per_layer.items():
         stacked = torch.cat(chunks[layer]).half().numpy() if chunks[layer] else np.zeros((0, context_length, len(indices)), np.float16)
         for column, index in enumerate(indices):

@@ -27,7 +27,7 @@ from ..atlas import Atlas
 from ..corpus import Corpus, iter_windows
 from ..errors import NeuronAtlasError
 from ..exemplar_windows import exact_peak, window_sql
-from ..hooks import capture, forward_batch
+from ..hooks import activation_module, capture, forward_batch
 from ..loading import load_model, load_tokenizer, model_fingerprint
 from ..models import locate_neurons
 from ..tokens import display_spans, token_bytes, token_texts, vocab_bytes
@@ -70,7 +70,7 @@ class SubjectModel:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.neurons = locate_neurons(model)
-        self.base = model.base_model if hasattr(model, "base_model") else model
+        self.base = activation_module(model)
         self.device = next(model.parameters()).device
 
     def activations(self, token_ids: list[int], wanted: dict[int, list[int]]) -> dict[int, np.ndarray]:

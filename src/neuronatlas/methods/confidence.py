@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import NeuronAtlasError
-from ..hooks import before, capture_activations, forward_batch, pad_token_id
+from ..hooks import activation_module, before, capture_activations, forward_batch, pad_token_id
 from ..loading import window_length
 from ..models import check_causal, locate_neurons
 from ..neuronset import Neuron, NeuronSet
@@ -259,7 +259,7 @@ def _mean_activations(model, site, batches, neurons) -> dict[tuple[int, int], fl
     device = next(model.parameters()).device
     for batch in batches:
         with capture_activations(site, batch.input_ids.shape) as captured:
-            forward_batch(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+            forward_batch(activation_module(model), batch.input_ids.to(device), batch.attention_mask.to(device))
         real = batch.attention_mask.bool().to(device)
         for number, (layer, index) in enumerate(wanted):
             sums[number] += float(captured[layer][..., index][real].double().sum())

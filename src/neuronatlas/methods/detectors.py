@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..errors import NeuronAtlasError
-from ..hooks import capture, forward_batch, pad_token_id
+from ..hooks import activation_module, capture, forward_batch, pad_token_id
 from ..neuronset import Neuron, NeuronSet, model_info
 from .nulls import NullOptions, null_block, pooled_p, q_values
 from .nulls import best as nulls_best
@@ -294,7 +294,7 @@ def variance_explained(atlas, model, tokenizer, corpus, neurons: list[tuple[int,
         corpus = read_corpus(Path(corpus), text_field=text_field, label_field=label_field)
     windows, total = _first_windows(corpus, tokenizer, atlas.meta["options"].get("max_length") or 512, max_tokens)
     located = locate_neurons(model)
-    base = model.base_model if hasattr(model, "base_model") else model
+    base = activation_module(model)
     per_pass = max(1, max_elements // total)  # neurons per pass: (groups <= total tokens) x neurons accumulators
     results = {}
     for start in range(0, len(neurons), per_pass):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import NeuronAtlasError
-from ..hooks import capture_activations, forward_batch, pad_token_id
+from ..hooks import activation_module, capture_activations, forward_batch, pad_token_id
 from ..loading import window_length
 from ..neuronset import Neuron, NeuronSet, model_info
 from .nulls import NullOptions, check_support, label_null, null_block, q_values, supported_labels
@@ -105,7 +105,7 @@ def collect_samples(model, tokenizer, corpus, unit: str = "doc", pool: str = "me
     batches = iter_batches(iter_windows(chosen, tokenizer, max_length), batch_size, pad_token_id(tokenizer), "right")
     for batch in batches:
         with capture_activations(neurons, batch.input_ids.shape) as captured:
-            forward_batch(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+            forward_batch(activation_module(model), batch.input_ids.to(device), batch.attention_mask.to(device))
         collector.add(batch, [captured[layer].float().cpu() for layer in range(neurons.num_layers)])
         if unit == "token" and all(collector.taken.get(label, 0) >= max_per_label for label in taken):
             break  # every label has its tokens: the remaining documents are not needed

@@ -31,7 +31,7 @@ import math
 import torch
 
 from ..errors import NeuronAtlasError
-from ..hooks import capture_activations, forward_batch, pad_token_id
+from ..hooks import activation_module, capture_activations, forward_batch, pad_token_id
 from ..loading import max_positions, window_length
 from ..models import locate_neurons
 from ..neuronset import Neuron, NeuronSet
@@ -186,7 +186,7 @@ def _activations(model, site, batch, keep: torch.Tensor) -> torch.Tensor:
     """(n kept tokens, all neurons) float64 z of one model, layers concatenated."""
     device = next(model.parameters()).device
     with capture_activations(site, batch.input_ids.shape) as captured:
-        forward_batch(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+        forward_batch(activation_module(model), batch.input_ids.to(device), batch.attention_mask.to(device))
     mask = keep.to(device)
     return torch.cat([captured[layer][mask].double().cpu() for layer in range(site.num_layers)], 1)
 

@@ -25,7 +25,7 @@ from ..corpus import Batch, Corpus, buffers, by_length, iter_windows, token_batc
 from ..docpool import DocPoolWriter
 from ..errors import NeuronAtlasError
 from ..exemplar_windows import DEFAULT_BITS, window_table
-from ..hooks import capture, forward_batch, pad_token_id, window_positions
+from ..hooks import activation_module, capture, forward_batch, pad_token_id, window_positions
 from ..loading import input_device
 from ..models import ModelNeurons
 from ..stats import WindowSource, make_uid
@@ -66,7 +66,7 @@ class ProfileRun:
         self.windows_done = shard.batches_from if shard else 0  # the first window of its first batch
         self.finished = False  # every batch counted: a resume goes straight to writing the atlas
         self.documents_done = shard.first_doc if shard else 0
-        self.base = neurons.model.base_model if hasattr(neurons.model, "base_model") else neurons.model
+        self.base = activation_module(neurons.model)
         self.pad_id = pad_token_id(tokenizer)  # padded slots are masked: any id gives the same atlas
         self.seen = SeenWindows()  # the pass's windows, for the contexts
 
