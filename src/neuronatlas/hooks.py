@@ -180,7 +180,7 @@ def returned_cache(output):
 
 def activation_module(model):
     """The model without its LM head: the forward that reading activations needs (the head's logits,
-    (B, T, V), are a sixth of SmolLM2's compute and its largest tensor). The hooks sit inside it."""
+    (B, T, V), are the largest tensor and a fifth of a SmolLM2 forward's time). The hooks sit inside it."""
     return model.base_model if hasattr(model, "base_model") else model
 
 
