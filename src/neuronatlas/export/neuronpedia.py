@@ -86,7 +86,8 @@ class Export:
         }
 
     def activation(self, layer: int, index: int, rank: int, exemplar: Exemplar) -> dict:
-        tokens, values = readable(exemplar)
+        tokens, values = exemplar.readable()  # whole characters, what the explainer read
+        values = [float(value) for value in values]
         peak = int(np.argmax(values))
         return {"id": f"na-{self.model_id}-{layer}-{index}-{rank}", "tokens": tokens, "values": values,
                 "modelId": self.model_id, "layer": self.source_id(layer), "index": str(index),
@@ -101,13 +102,6 @@ class Export:
                 "sourceSetName": self.source_set, "creatorId": self.creator_id, "createdAt": self.now,
                 "maxActApprox": top, "frac_nonzero": active / tokens if tokens else 0.0,
                 "freq_hist_data_bar_heights": heights, "freq_hist_data_bar_values": values}
-
-
-def readable(exemplar: Exemplar) -> tuple[list[str], list[float]]:
-    """The exemplar's tokens as text spans of whole characters, each with its tokens' largest value
-    (:meth:`Exemplar.readable`: what the explainer read)."""
-    texts, values = exemplar.readable()
-    return texts, [float(value) for value in values]
 
 
 def histogram(atlas: Atlas, layer: int, index: int) -> tuple[list[float], list[float]]:

@@ -42,8 +42,7 @@ def add_methods(subparsers) -> None:
         if method.permutations is not None:
             null_args(parser, method.permutations)
         overwrite_arg(parser, "replace the neuron set already at --out")
-        if "--quiet" not in parser._option_string_actions:  # every method takes it, as the other verbs do
-            quiet_arg(parser, "no progress bar (this method shows none: accepted for scripts that pass it to all)")
+        quiet_arg(parser)  # every method takes it, as the other verbs do (the atlas-only ones show no bar)
         debug_arg(parser)
         parser.set_defaults(handler=_preflighted(method.run))
 

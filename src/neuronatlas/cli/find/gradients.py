@@ -3,16 +3,15 @@ neurons. Each loads a model and writes a neuron set."""
 
 from __future__ import annotations
 
-from ..args import corpus_args, layers_arg, model_args, out_arg, parse_layers, quiet_arg, window_args
+from ..args import corpus_args, layers_arg, model_args, out_arg, parse_layers, window_args
 from ..common import check_causal_model, load_model_from, read_corpus_from
 from .base import FindMethod, null_options, save
 
 
 def _model_options(parser) -> None:
-    """What every gradient method takes: the model, --out and --quiet."""
+    """What every gradient method takes: the model and --out (--quiet: every find method)."""
     model_args(parser)
     out_arg(parser)
-    quiet_arg(parser)
 
 
 def _attribution_options(parser) -> None:
