@@ -39,3 +39,16 @@ def test_runs_on_float32_cpu_tables_only():
     _, table, _ = inputs(1)
     assert row_kernel.supports(table)
     assert not row_kernel.supports(table.bfloat16()) and not row_kernel.supports(table.T)
+
+
+@pytest.mark.parametrize("parallel_from", [1, 1 << 30])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_kept_row_products_equal_the_masked_dense_product(monkeypatch, parallel_from, tokens):
+    """CATS's up projection: out[b, r] = W[r] · x[b] on the kept (b, r), 0 elsewhere; None beyond the limit."""
+    monkeypatch.setattr(row_kernel, "PARALLEL_FROM", parallel_from)
+    generator = torch.Generator().manual_seed(tokens)
+    x, weight = torch.randn(tokens, 96, generator=generator), torch.randn(40, 96, generator=generator)  # weight (out, in)
+    keep = torch.rand(tokens, 40, generator=generator) > 0.5
+    out = row_kernel.kept_row_products(x, weight, keep, limit=40 * tokens)
+    assert torch.allclose(out, (x @ weight.T) * keep, atol=1e-5)
+    assert row_kernel.kept_row_products(x, weight, keep, limit=int(keep.sum()) - 1) is None

@@ -33,12 +33,12 @@ def bundled_setup(tmp_path_factory):
 
 
 @needs_bundled
-@pytest.mark.parametrize("method", ["coreinfer", "hot", "teal", "wina", "moe"])
+@pytest.mark.parametrize("method", ["coreinfer", "hot", "teal", "wina", "cats", "moe"])
 def test_half_sparsity_beats_random_control(bundled_setup, method):
     model, tokenizer, atlas, train, windows = bundled_setup
     options = SparsifyOptions(calib_tokens=2048, max_length=MAX_LENGTH)
     plan = sparsify(method, model, tokenizer, 0.5, atlas=atlas if method == "hot" else None,
-                    corpus=train if method in ("teal", "wina") else None, options=options)
+                    corpus=train if method in ("teal", "wina", "cats") else None, options=options)
     result = quality(model, plan, windows, controls=True)
     print(f"\n{method} at 50%: " + json.dumps({k: round(v, 3) for k, v in result.items()}))
     assert result["ppl_sparse"] > result["ppl_dense"]  # skipping half the FFN costs something...

@@ -8,16 +8,16 @@ from .args import (debug_arg, float_in, layers_arg, load_args, model_arg, nonneg
                    overwrite_arg, parse_layers, positive_float, positive_int, quiet_arg)
 from .common import check_causal_model, preflight_output
 
-METHOD_CHOICES = ("teal", "wina", "coreinfer", "hot", "moe")
+METHOD_CHOICES = ("teal", "wina", "cats", "coreinfer", "hot", "moe")
 SPARSITY = float_in(0.0, 1.0, high_open=True, name="sparsity")  # as sparse.plan.check_sparsity says it
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("sparsify", help="calibrate a sparse plan (teal, wina, coreinfer, hot, moe)")
+    parser = commands.add_parser("sparsify", help="calibrate a sparse plan (teal, wina, cats, coreinfer, hot, moe)")
     parser.add_argument("method", choices=METHOD_CHOICES)
     speed_model_args(parser)
     parser.add_argument("--atlas", default=None, help="an atlas of this model (hot needs one; teal/wina use its histograms)")
-    sparse_corpus_args(parser, "a calibration corpus (teal/wina thresholds, coreinfer clusters, moe co-activation/router)")
+    sparse_corpus_args(parser, "a calibration corpus (teal/wina/cats thresholds, coreinfer clusters, moe co-activation/router)")
     parser.add_argument("--sparsity", type=SPARSITY, default=0.5, help="share of FFN work skipped, in [0, 1) (default: 0.5)")
     parser.add_argument("--ppl-within", type=positive_float, default=None, metavar="P",
                         help="instead of --sparsity: the highest sparsity within P%% of dense perplexity on --eval-corpus")
@@ -46,7 +46,7 @@ def register(commands) -> None:
     group.add_argument("--greedy-last", type=float_in(0.0, 1.0, low_open=True), default=0.25,
                        help="teal/wina greedy: share of each sequence's last tokens scored (default: 0.25, published)")
     group.add_argument("--prefill", default="sparse", choices=["sparse", "dense"],
-                       help="teal/wina: threshold a prompt's own tokens too, or run them dense and threshold only "
+                       help="teal/wina/cats: threshold a prompt's own tokens too, or run them dense and threshold only "
                             "the decode steps (TEAL's released evaluation; its greedy replay then thresholds each "
                             "sequence's last half) (default: sparse)")
     group.add_argument("--hot-score", default="rms", choices=["rms", "rate"], help="hot: rank by rms of z or activation rate")
@@ -140,7 +140,8 @@ def run(args) -> int:
         plan = _within_ppl(args, model, tokenizer, plan)
     plan.save(args.out)
     calibrated = sorted({key.split(".")[1] for key in plan.tensors if key.startswith("quantiles.")})
-    note = f", thresholds on the inputs of {', '.join(calibrated)}" if calibrated else ""
+    note = (", thresholds on the gate's activation" if calibrated == ["act"]  # cats
+            else f", thresholds on the inputs of {', '.join(calibrated)}" if calibrated else "")
     print(f"{args.method} plan at sparsity {plan.sparsity:g}{note} written to {args.out}")
     return 0
 

@@ -5,7 +5,7 @@
     >>> with apply_plan(model, plan):                                         # doctest: +SKIP
     ...     model.generate(**inputs, max_new_tokens=32)
 
-Methods (:data:`METHOD_NAMES`): ``teal``, ``wina``, ``coreinfer``, ``hot``, ``moe``, one module
+Methods (:data:`METHOD_NAMES`): ``teal``, ``wina``, ``cats``, ``coreinfer``, ``hot``, ``moe``, one module
 each, listed in :mod:`.registry`; to add one see :mod:`.method` and docs/sparse.md.
 """
 

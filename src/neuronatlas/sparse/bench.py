@@ -29,7 +29,7 @@ from .speed import choose_threads, decode_speed, linear_share, threads_set
 from .teal import dense_prefill
 from .wrap import SparseModel, apply_plan
 
-THRESHOLD_METHODS = ("teal", "wina")  # per-token thresholds: what they skip depends on the text; prefill an option
+THRESHOLD_METHODS = ("teal", "wina", "cats")  # per-token thresholds: what they skip depends on the text; prefill an option
 
 
 def eval_windows(tokenizer, corpus, text_field: str = "text", max_windows: int = 32, max_length: int = WINDOW_LENGTH) -> list[torch.Tensor]:

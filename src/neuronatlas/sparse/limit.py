@@ -5,8 +5,8 @@ Batch-1 decode is memory-bound: a step reads every weight once (the LM head incl
 embedding only one row, so it is left out unless it is the LM head's own, tied, matrix). A plan
 skips a share of some projections' bytes: TEAL/WINA the byte-weighted sparsity of each thresholded
 input's projections, hot and CoreInfer ``sparsity`` of the FFN's gate/up/down bytes in the layers
-they convert. The limit is ``read / (read - skipped)`` (METHODS.md, "Bytes limit"). MoE plans (an
-expert share plus a router) get none.
+they convert, CATS ``sparsity`` of their up/down bytes. The limit is ``read / (read - skipped)``
+(METHODS.md, "Bytes limit"). MoE plans (an expert share plus a router) get none.
 
 The bytes limit holds for the linear layers alone. On a CPU, eager PyTorch spends a good part of a
 small model's step elsewhere (SmolLM2-135M at 1 thread: 73-76% in its linear layers, the rest in
@@ -57,15 +57,23 @@ def skipped_bytes(model: nn.Module, plan: SparsePlan) -> float | None:
                 sparsity = role_sparsities(plan, layer.index, roles)
                 total += sum(sparsity[role] * weight.numel() * weight.element_size() for role, (weight, _) in roles.items())
         return total
+    if plan.method == "cats":  # up's rows and down's columns of the skipped neurons; the gate is read whole
+        return sum(plan.sparsity * _ffn_bytes(layer, ("up", "down")) for layer in layers)
     if plan.method in ("hot", "coreinfer"):
         converted = plan.options.get("layers")
         return sum(plan.sparsity * _ffn_bytes(layer) for layer in layers if converted is None or layer.index in converted)
     return None
 
 
-def _ffn_bytes(layer) -> int:
+def _ffn_bytes(layer, roles: tuple[str, ...] = ("up", "gate", "down")) -> int:
+    """Bytes of the FFN's weights of ``roles`` (a fused gate/up weight counts half for each of them)."""
     weights = layer_weights(layer)
-    return sum(w.numel() * w.element_size() for w in (weights.up, weights.gate, weights.down) if w is not None)
+    total = 0
+    for role in roles:
+        weight = weights.gate if role == "gate" and not weights.fused else weights.up if role in ("up", "gate") else weights.down
+        if weight is not None:
+            total += weight.numel() * weight.element_size() // (2 if weights.fused and role in ("up", "gate") else 1)
+    return total
 
 
 def step_limit(bytes_limit: float, linear_share: float) -> float:

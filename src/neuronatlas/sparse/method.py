@@ -1,10 +1,11 @@
 """What a sparse method declares: how ``sparsify`` builds its plan and how ``apply_plan`` runs it.
 
-Each method module (``teal``, ``wina``, ``coreinfer``, ``hot``, ``moe``) ends with one
+Each method module (``teal``, ``wina``, ``cats``, ``coreinfer``, ``hot``, ``moe``) ends with one
 ``METHOD = SparseMethod(...)``; :mod:`.registry` lists the modules once. To add a method, write
 its module (plan tensors, a layer runtime, a builder) and add the module to ``registry.MODULES``
-(and a row to docs/sparse.md): ``sparsify``, ``apply_plan``, plan loading, ``bench`` and the
-command line's choices all read the registry.
+(and a row to docs/sparse.md): ``sparsify``, ``apply_plan``, plan loading and ``bench`` read the
+registry; the command line lists the names itself (``cli/sparsify.py``, so that ``--help`` imports
+no torch), and a test checks that the two agree.
 
 Shapes: plan tensors are keyed ``"<name>.<layer>"``; a runtime's ``forward(role, x, original)``
 gets x (..., d_model) for ``up``/``gate`` and z (..., d_ff) for ``down``, and ``original(x)`` is
@@ -55,6 +56,7 @@ class SparseMethod:
     check: Callable[[Any, Any, Any], None] = needs_nothing  # (options, atlas, corpus): refuse what is missing
     uses_corpus: Callable[[Any], bool] = never  # (options): whether a given corpus is read (a calibration pass)
     needs_decoding: str = ""  # why the method needs a decode phase ("" = it does not); such methods refuse encoders
+    needs_gate: str = ""  # why the method needs a gated MLP ("" = it does not); such methods refuse ungated families
     record: Callable[[Any, int], dict] | None = None  # (options, num_layers) -> plan options, when not just `options`
     calibration: Callable[[Any], dict] = nothing_more  # (options) -> extra keyword arguments of calibration_pass
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..errors import NeuronAtlasError
-from ..models import is_encoder
-from . import coreinfer, hot, moe, teal, wina
+from ..models import is_encoder, site_for
+from . import cats, coreinfer, hot, moe, teal, wina
 from .method import SparseMethod
 
-MODULES = (teal, wina, coreinfer, hot, moe)  # the CLI lists the methods in this order
+MODULES = (teal, wina, cats, coreinfer, hot, moe)  # the CLI lists the methods in this order
 
 METHODS: dict[str, SparseMethod] = {module.METHOD.name: module.METHOD for module in MODULES}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
@@ -27,5 +27,12 @@ def check_support(name: str, config) -> SparseMethod:
         raise NeuronAtlasError(
             f"{name} {method.needs_decoding}; {config.model_type} is an encoder with no decoding: "
             f"use {', '.join(others[:-1])} or {others[-1]} for it"
+        )
+    if method.needs_gate and not site_for(config.model_type).gated:
+        others = [other for other, candidate in METHODS.items()
+                  if not candidate.needs_gate and not (candidate.needs_decoding and is_encoder(config))]
+        raise NeuronAtlasError(
+            f"{name} {method.needs_gate}; {config.model_type}'s MLP has no gate: use {', '.join(others[:-1])} "
+            f"or {others[-1]} for it"
         )
     return method

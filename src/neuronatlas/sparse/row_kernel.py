@@ -11,6 +11,9 @@ many pieces as threads, summed into partial outputs, then added up.
 
 When the tokens' kept rows together outnumber ``limit`` (the table's rows: batched decode at low
 sparsity) nothing is summed and the caller takes the masked dense product, which reads fewer bytes.
+
+:func:`kept_row_products` is the other side, CATS's up projection: for each token the dot products
+of the kept *output* rows of a (out, in) weight with x, 0 for the others, reading only those rows.
 """
 
 from __future__ import annotations
@@ -120,3 +123,48 @@ def _accumulate(values, kept, start, stop, table, accumulated):  # pragma: no co
         row, weight = table[kept[r]], values[kept[r]]
         for c in range(table.shape[1]):
             accumulated[c] += weight * row[c]
+
+
+# ---- kept output rows (CATS: the up projection's rows of the neurons the gate keeps) ----
+
+
+def kept_row_products(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, limit: int) -> torch.Tensor | None:
+    """(B, R): ``weight[r] · x[b]`` where ``keep[b, r]``, else 0, reading only the kept rows of the
+    (R, in) ``weight``; x (B, in), keep (B, R) bool. None (nothing computed) when the tokens keep
+    more than ``limit`` rows together (the dense product then reads fewer bytes)."""
+    if int(keep.sum()) > limit:
+        return None
+    values = x.numpy() if x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad \
+        else x.detach().float().contiguous().numpy()
+    out = np.zeros((len(values), weight.shape[0]), np.float32)
+    pieces = torch.get_num_threads()
+    if pieces > 1 and int(keep.sum()) * weight.shape[1] >= PARALLEL_FROM:
+        _match_numba_threads(pieces)
+        _parallel_products(values, weight.numpy(), keep.contiguous().numpy(), out)
+    else:
+        _serial_products(values, weight.numpy(), keep.contiguous().numpy(), out)
+    return torch.from_numpy(out)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _serial_products(values, weight, keep, out):  # pragma: no cover (compiled)
+    for r in range(weight.shape[0]):
+        for b in range(values.shape[0]):
+            if keep[b, r]:
+                out[b, r] = _dot(weight[r], values[b])
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _parallel_products(values, weight, keep, out):  # pragma: no cover (compiled)
+    for r in numba.prange(weight.shape[0]):
+        for b in range(values.shape[0]):
+            if keep[b, r]:
+                out[b, r] = _dot(weight[r], values[b])
+
+
+@numba.njit(inline="always", fastmath=True)
+def _dot(row, x):  # pragma: no cover (compiled)
+    total = np.float32(0)
+    for i in range(row.shape[0]):
+        total += row[i] * x[i]
+    return total

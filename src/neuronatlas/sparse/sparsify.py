@@ -4,7 +4,7 @@
     >>> plan.save("PLAN"); plan.at_sparsity(0.3)                                 # doctest: +SKIP
 
 What each method needs: ``hot`` an atlas; ``teal``/``wina`` a corpus (all inputs) or an atlas
-(the down projection's input z only); ``coreinfer`` nothing (its similarity-guided variant a
+(the down projection's input z only); ``cats`` a corpus (gated families only); ``coreinfer`` nothing (its similarity-guided variant a
 corpus); ``moe`` nothing (co-activation experts and the MLP router a corpus).
 """
 
@@ -51,7 +51,7 @@ class SparsifyOptions:
     greedy_error: str = "channel"  # teal/wina greedy: "channel" (released code: per-channel L2 over positions,
     #   averaged) or "squared" (squared error summed over tokens)
     greedy_last: float = 0.25  # teal/wina greedy: share of each calibration sequence's last tokens scored (published 0.25)
-    prefill: str = "sparse"  # teal/wina: "sparse" (a prompt's tokens thresholded too) or "dense" (only decode steps and
+    prefill: str = "sparse"  # teal/wina/cats: "sparse" (a prompt's tokens thresholded too) or "dense" (only decode steps and
     #   continuations: TEAL's released evaluation, dense first half; the greedy replay thresholds each sequence's last half)
     seed: int = 0
     progress: bool = True  # a progress bar on a terminal for the long steps (TEAL's greedy search); not in the plan
