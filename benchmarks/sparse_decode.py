@@ -1,16 +1,16 @@
 """End-to-end greedy decode of a randomly initialised Llama (or a real model), dense vs each sparse plan.
 
-    python benchmarks/sparse_decode.py [--layers 8] [--threads 2] [--runs 3] [--methods hot,coreinfer,teal,wina,moe]
+    python benchmarks/sparse_decode.py [--layers 8] [--threads 2] [--runs 3] [--methods hot,coreinfer,teal,wina,cats,moe]
     python benchmarks/sparse_decode.py --model SmolLM2.gguf --methods teal,coreinfer --scope all [--batches 4,16]
 
-With ``--model`` the plans are calibrated on the bundled training corpus (TEAL/WINA with
+With ``--model`` the plans are calibrated on the bundled training corpus (TEAL/WINA/CATS; TEAL/WINA with
 ``--scope`` and uniform allocation: speed depends on the bytes skipped, not on how they are
 shared) and measured by ``neuronatlas.sparse.bench.bench``: threads fitted to the free cores
 unless ``--threads`` is given, per-run range, batched decode, CoreInfer's compaction time.
 
 The model (hidden 2048, FFN 5632, vocabulary 8192 tied: about 430M parameters, FFN ~65% of the
 weight bytes) is built from a config with seeded random weights: no download. Speed does not depend
-on which neurons a plan keeps, so hot scores are random and TEAL/WINA calibrate on random token ids.
+on which neurons a plan keeps, so hot scores are random and TEAL/WINA/CATS calibrate on random token ids.
 Dense and sparse decode take turns step by step (`neuronatlas.sparse.bench.paired_decode`), so
 load from other processes hits both alike; CoreInfer's per-prompt compaction is in its decode
 time. Prints one JSON line per plan (the fields of `neuronatlas bench`, with each run's speedup
@@ -27,6 +27,7 @@ import torch
 from neuronatlas.sparse import SparsifyOptions, sparsify
 from neuronatlas.sparse.speed import decode_speed
 from neuronatlas.sparse.calibrate import CalibrationSample
+from neuronatlas.sparse.cats import gate_quantiles
 from neuronatlas.sparse.plan import SparsePlan, model_info
 from neuronatlas.sparse.attention import sparse_layers
 from neuronatlas.sparse.teal import threshold_tables
@@ -63,13 +64,17 @@ def random_sample(model, tokens: int) -> CalibrationSample:
 
 def plans(model, methods: list[str], sparsity: float, moe_sparsity: float):
     neurons, info = locate_neurons(model), model_info(model, "random-llama")
-    sample = random_sample(model, 128) if {"teal", "wina"} & set(methods) else None
+    sample = random_sample(model, 128) if {"teal", "wina", "cats"} & set(methods) else None
     for method in methods:
         if method == "hot":
             scores = {f"score.{i}": torch.rand(w) for i, w in enumerate(neurons.widths)}
             yield SparsePlan("hot", sparsity, info, {"seed": 0}, scores)
         elif method in ("teal", "wina"):
             yield SparsePlan(method, sparsity, info, {}, threshold_tables(sparse_layers(model), None, sample, method == "wina"))
+        elif method == "cats":
+            yield SparsePlan("cats", sparsity, info, {"prefill": "sparse", "seed": 0},
+                             {f"quantiles.act.{layer.index}": gate_quantiles(layer, sample.x[layer.index])
+                              for layer in neurons.layers})
         else:
             yield sparsify(method, model, None, moe_sparsity if method == "moe" else sparsity,
                            options=SparsifyOptions(experts=16))
@@ -86,7 +91,7 @@ def real_model(args) -> None:
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     for method in args.methods.split(","):
         options = SparsifyOptions(calib_tokens=1024, scope=args.scope)
-        corpus = bundled.CORPUS_TRAIN if method in ("teal", "wina") else None
+        corpus = bundled.CORPUS_TRAIN if method in ("teal", "wina", "cats") else None
         plan = sparsify(method, model, tokenizer, args.sparsity, corpus=corpus, options=options)
         result = bench(model, tokenizer, plan, bundled.CORPUS_HELDOUT, runs=args.runs, new_tokens=args.new_tokens,
                        prompt_tokens=args.prompt_tokens, max_windows=1, threads=args.threads, batches=batches)

@@ -4,7 +4,7 @@
         [--configs teal-uniform-mlp,teal-greedy-all,...] [--windows 32] [--agreement-prompts 8]
 
 Calibration on the bundled training corpus (every n-th of ``--train-docs`` documents, all
-languages alike): an atlas (hot), a calibration pass (TEAL, WINA: ``--calib-windows`` windows of
+languages alike): an atlas (hot), a calibration pass (TEAL, WINA, CATS: ``--calib-windows`` windows of
 ``--max-length`` tokens; greedy allocation on the first ``--greedy-tokens`` of them), nothing
 (CoreInfer; MoE with 16 experts split by k-means of W_in rows, centroid router). Each plan is
 calibrated once and re-targeted to every sparsity. Held-out perplexity as in ``neuronatlas bench``
@@ -32,7 +32,7 @@ from neuronatlas.sparse.bench import eval_windows, perplexity
 from neuronatlas.sparse.wrap import SparseModel
 
 CONFIGS = ("teal-uniform-mlp", "teal-greedy-mlp", "teal-uniform-all", "teal-greedy-all", "wina-greedy-all",
-           "hot", "coreinfer", "moe")
+           "cats", "hot", "coreinfer", "moe")
 
 
 def training_slice(path: Path, documents: int) -> Path:
@@ -77,7 +77,7 @@ def make_plan(config: str, model, tokenizer, train: Path, atlas, args):
                               greedy_error=args.greedy_error, greedy_last=args.greedy_last,
                               prefill=args.prefill)
     return sparsify(method, model, tokenizer, 0.5, atlas=atlas if method == "hot" else None,
-                    corpus=train if method in ("teal", "wina") else None, options=options)
+                    corpus=train if method in ("teal", "wina", "cats") else None, options=options)
 
 
 def measure(config, model, plan, windows, sparsities, dense, prompts, reference, args) -> list[dict]:
@@ -119,7 +119,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--sparsities", default="0.25,0.4,0.5,0.65")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"any of {', '.join(CONFIGS)}")
     parser.add_argument("--train-docs", type=int, default=80)
-    parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows (TEAL, WINA)")
+    parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows (TEAL, WINA, CATS)")
     parser.add_argument("--greedy-tokens", type=int, default=512, help="calibration tokens replayed by greedy allocation")
     parser.add_argument("--greedy-step", type=float, default=0.05)
     parser.add_argument("--greedy-top", type=float, default=0.9)
@@ -128,7 +128,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--greedy-error", default="channel", choices=["channel", "squared"])
     parser.add_argument("--greedy-last", type=float, default=0.25, help="share of each sequence's last tokens scored")
     parser.add_argument("--prefill", default="sparse", choices=["sparse", "dense"],
-                        help="teal/wina: prompts thresholded too, or dense (TEAL's released evaluation)")
+                        help="teal/wina/cats: prompts thresholded too, or dense (TEAL's released evaluation)")
     parser.add_argument("--windows", type=int, default=32, help="held-out windows")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per window")
     parser.add_argument("--agreement-prompts", type=int, default=8, help="held-out prompts for greedy agreement (0: none)")
