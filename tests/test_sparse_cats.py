@@ -156,19 +156,9 @@ def test_the_command_line_offers_every_registered_method():
 @pytest.mark.real
 def test_smollm2_cats_at_half_sparsity_beats_its_control():
     """On the real SmolLM2-135M (GGUF): CATS at 50% costs far less perplexity than dropping random neurons."""
-    from test_sparse_teal import smollm2_gguf
+    from test_sparse_teal import smollm2_quality
 
-    from neuronatlas import bundled
-    from neuronatlas.sparse.bench import eval_windows, quality
-
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("SmolLM2-135M GGUF is not in the cache: run `make real-models`")
-    model, tokenizer = load_model(str(path), device="cpu", quiet=True)
-    plan = sparsify("cats", model, tokenizer, 0.5, corpus=bundled.CORPUS_TRAIN,
-                    options=SparsifyOptions(calib_tokens=1024, max_length=128))
-    windows = eval_windows(tokenizer, bundled.CORPUS_HELDOUT, max_windows=4, max_length=96)
-    result = quality(model, plan, windows, controls=True)
+    result = smollm2_quality("cats", 0.5, SparsifyOptions(calib_tokens=1024, max_length=128))
     assert result["ppl_dense"] < result["ppl_sparse"] < 3 * result["ppl_dense"]  # measured ×1.77 on 32 windows
     assert result["ppl_random"] > 10 * result["ppl_sparse"]  # measured ×5.8e3
 

@@ -311,9 +311,9 @@ def smollm2_gguf():
     return found or (fallback if fallback.exists() else None)
 
 
-@pytest.mark.real
-def test_smollm2_teal_greedy_all_at_40_percent_beats_its_control():
-    """On the real SmolLM2-135M (GGUF): TEAL, greedy allocation over every linear layer, 40%."""
+def smollm2_quality(method: str, sparsity: float, options: SparsifyOptions) -> dict:
+    """``bench``'s quality (with the random control) of a plan of the real SmolLM2-135M (GGUF), calibrated
+    on the bundled training corpus, on 4 held-out windows; skips the test when the model is not fetched."""
     from neuronatlas import bundled
     from neuronatlas.sparse.bench import eval_windows, quality
 
@@ -321,11 +321,17 @@ def test_smollm2_teal_greedy_all_at_40_percent_beats_its_control():
     if path is None:
         pytest.skip("SmolLM2-135M GGUF is not in the cache: run `make real-models`")
     model, tokenizer = load_model(str(path), device="cpu", quiet=True)
+    plan = sparsify(method, model, tokenizer, sparsity, corpus=bundled.CORPUS_TRAIN, options=options)
+    windows = eval_windows(tokenizer, bundled.CORPUS_HELDOUT, max_windows=4, max_length=96)
+    return quality(model, plan, windows, controls=True)
+
+
+@pytest.mark.real
+def test_smollm2_teal_greedy_all_at_40_percent_beats_its_control():
+    """On the real SmolLM2-135M (GGUF): TEAL, greedy allocation over every linear layer, 40%."""
     options = SparsifyOptions(calib_tokens=512, max_length=128, scope="all", allocation="greedy", greedy_tokens=64,
                               greedy_step=0.2, greedy_top=0.5, greedy_units="input", greedy_search="lazy")  # ~3 replays a step
-    plan = sparsify("teal", model, tokenizer, 0.4, corpus=bundled.CORPUS_TRAIN, options=options)
-    windows = eval_windows(tokenizer, bundled.CORPUS_HELDOUT, max_windows=4, max_length=96)
-    result = quality(model, plan, windows, controls=True)
+    result = smollm2_quality("teal", 0.4, options)
     assert result["ppl_sparse"] < 1.5 * result["ppl_dense"] and result["ppl_sparse"] < result["ppl_random"]  # crude calibration
 
 

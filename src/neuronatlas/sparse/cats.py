@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import NeuronAtlasError
 from . import row_kernel
-from .ffn import layer_roles, layer_weights, tokens_of
+from .ffn import layer_weights, tokens_of
 from .method import SparseMethod, always
 from .teal import MAX_QUANTILE_SAMPLE, PREFILLS, dense_prefill, quantile_table
 from .thresholds import MAX_BAG_TOKENS, threshold_at
@@ -50,7 +50,6 @@ class CatsRuntime:
         self.counts = phase.kernel_calls if phase is not None else None
         self.phase = dense_prefill_phase  # the Phase of the model's calls when prompts run dense, else None
         self.kernel = row_kernel.supports(self.up_weight) and row_kernel.supports(self.down_t)
-        self.roles = layer_roles(layer)
         self.x: torch.Tensor | None = None  # the input whose other output is waiting
         self.waiting: dict[str, torch.Tensor] = {}
 
