@@ -66,14 +66,17 @@ def skipped_bytes(model: nn.Module, plan: SparsePlan) -> float | None:
 
 
 def _ffn_bytes(layer, roles: tuple[str, ...] = ("up", "gate", "down")) -> int:
-    """Bytes of the FFN's weights of ``roles`` (a fused gate/up weight counts half for each of them)."""
+    """Bytes of the FFN's weights of ``roles``; a fused gate/up weight (Phi-3) is half gate, half up."""
     weights = layer_weights(layer)
-    total = 0
-    for role in roles:
-        weight = weights.gate if role == "gate" and not weights.fused else weights.up if role in ("up", "gate") else weights.down
-        if weight is not None:
-            total += weight.numel() * weight.element_size() // (2 if weights.fused and role in ("up", "gate") else 1)
-    return total
+
+    def size(weight) -> int:
+        return 0 if weight is None else weight.numel() * weight.element_size()
+
+    if weights.fused:
+        per_role = {"up": size(weights.up) // 2, "gate": size(weights.up) // 2, "down": size(weights.down)}
+    else:
+        per_role = {"up": size(weights.up), "gate": size(weights.gate), "down": size(weights.down)}
+    return sum(per_role[role] for role in roles)
 
 
 def step_limit(bytes_limit: float, linear_share: float) -> float:
