@@ -1,7 +1,7 @@
 """Perplexity against sparsity for every sparse method and its random control, plus greedy agreement.
 
     python benchmarks/sparse_quality.py [--model tiny-llama | PATH.gguf | DIR] [--sparsities 0.25,0.4,0.5,0.65]
-        [--configs teal-uniform-mlp,teal-greedy-all,...] [--windows 32] [--agreement-prompts 8]
+        [--configs teal-uniform-mlp,teal-greedy-all,...] [--windows 32] [--agreement-prompts 8] [--languages en]
 
 Calibration on the bundled training corpus (every n-th of ``--train-docs`` documents, all
 languages alike): an atlas (hot), a calibration pass (TEAL, WINA, CATS: ``--calib-windows`` windows of
@@ -35,9 +35,16 @@ CONFIGS = ("teal-uniform-mlp", "teal-greedy-mlp", "teal-uniform-all", "teal-gree
            "cats", "hot", "coreinfer", "moe")
 
 
-def training_slice(path: Path, documents: int) -> Path:
-    """Every n-th training document, ``documents`` of them, all languages alike."""
-    lines = bundled.CORPUS_TRAIN.read_text(encoding="utf-8").splitlines()
+def in_languages(source: Path, languages: str | None) -> list[str]:
+    """The corpus's jsonl lines, only those whose "lang" is one of ``languages`` (comma-separated) if given."""
+    lines = source.read_text(encoding="utf-8").splitlines()
+    wanted = set(languages.split(",")) if languages else None
+    return [line for line in lines if wanted is None or json.loads(line)["lang"] in wanted]
+
+
+def training_slice(path: Path, documents: int, languages: str | None = None) -> Path:
+    """Every n-th training document, ``documents`` of them, all languages alike (or only ``languages``)."""
+    lines = in_languages(bundled.CORPUS_TRAIN, languages)
     path.write_text("\n".join(lines[:: max(1, len(lines) // documents)][:documents]) + "\n", encoding="utf-8")
     return path
 
@@ -130,6 +137,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--prefill", default="sparse", choices=["sparse", "dense"],
                         help="teal/wina/cats: prompts thresholded too, or dense (TEAL's released evaluation)")
     parser.add_argument("--windows", type=int, default=32, help="held-out windows")
+    parser.add_argument("--languages", default=None, help="only these languages of the bundled corpora, for calibration "
+                        "and held-out text alike (e.g. en: TEAL's evaluation is English); default: all")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per window")
     parser.add_argument("--agreement-prompts", type=int, default=8, help="held-out prompts for greedy agreement (0: none)")
     parser.add_argument("--agreement-tokens", type=int, default=16)
@@ -144,14 +153,18 @@ def main() -> None:
     path = Path(args.model)
     model_name = str(path if path.exists() else bundled.model_path(args.model))
     model, tokenizer = load_model(model_name, device="cpu", quiet=True)
-    windows = eval_windows(tokenizer, bundled.CORPUS_HELDOUT, max_windows=args.windows, max_length=args.max_length)
+    heldout = bundled.CORPUS_HELDOUT
+    if args.languages:
+        heldout = Path(tempfile.mkdtemp()) / "heldout.jsonl"
+        heldout.write_text("\n".join(in_languages(bundled.CORPUS_HELDOUT, args.languages)) + "\n", encoding="utf-8")
+    windows = eval_windows(tokenizer, heldout, max_windows=args.windows, max_length=args.max_length)
     dense = perplexity(model, windows)
     later = windows[len(windows) // 2 :] if len(windows) > 1 else windows  # prompts from other windows than the first
     prompts = [w[:, : min(32, w.shape[1] // 2)] for w in later[: args.agreement_prompts]]
     reference = agreement(model, prompts, args.agreement_tokens)[1] if prompts else None
     points = []
     with tempfile.TemporaryDirectory() as root:
-        train = training_slice(Path(root) / "train.jsonl", args.train_docs)
+        train = training_slice(Path(root) / "train.jsonl", args.train_docs, args.languages)
         atlas = None
         for config in args.configs.split(","):
             if config == "hot" and atlas is None:
@@ -165,7 +178,7 @@ def main() -> None:
             plan = make_plan(config, model, tokenizer, train, atlas, args)
             print(json.dumps({"config": config, "calibration_s": round(time.perf_counter() - started, 1)}), flush=True)
             points += measure(config, model, plan, windows, sparsities, dense, prompts, reference, args)
-    print(f"\n{model_name}, {len(windows)} held-out windows of <= {args.max_length} tokens, dense perplexity {dense:.2f}; "
+    print(f"\n{model_name}, {len(windows)} held-out windows ({args.languages or 'all languages'}) of <= {args.max_length} tokens, dense perplexity {dense:.2f}; "
           f"agreement over {len(prompts)} prompts x {args.agreement_tokens} tokens")
     print(table(points, sparsities))
 

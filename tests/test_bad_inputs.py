@@ -321,6 +321,8 @@ CASES = [
     Case("bench-max-length-beyond-positions", B + " --corpus {corpus} --max-length 4096",
          ("4096", "64 positions", "--max-length 64")),
     Case("bench-max-windows-0", B + " --max-windows 0", ("--max-windows", "0")),
+    Case("bench-label-field-without-corpus", B + " --label-field lang", ("--label-field", "--corpus")),
+    Case("bench-label-field-missing", B + " --corpus {corpus} --label-field topic", ("topic", "--label-field", "lang")),
     Case("bench-threads-0", B + " --threads 0", ("--threads", "0")),
     Case("bench-json-is-a-folder", B + " --json {folder}", ("--json", "is a folder")),
     Case("bench-json-exists", B + " --json {file}", ("--json", "--overwrite")),

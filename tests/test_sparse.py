@@ -307,6 +307,20 @@ def test_cli_sparsify_and_bench_write_the_contract(tiny_llama, llama_atlas, corp
     assert len(result["speedup_per_run"]) == 1 and result["new_tokens"] == 4
 
 
+def test_cli_bench_by_label_measures_each_label_on_its_own_windows(tiny_llama, corpus_rows_and_path, tmp_path):
+    rows, corpus_path = corpus_rows_and_path
+    plan, out = tmp_path / "plan", tmp_path / "bench.json"
+    assert main(["sparsify", "coreinfer", "--model", str(tiny_llama), "--out", str(plan)]) == 0
+    assert main(["bench", "--model", str(tiny_llama), "--plan", str(plan), "--corpus", str(corpus_path), "--label-field",
+                 "lang", "--json", str(out), "--runs", "1", "--new-tokens", "2", "--max-windows", "3",
+                 "--max-length", "24"]) == 0
+    by_label = json.loads(out.read_text())["by_label"]
+    assert list(by_label) == list(dict.fromkeys(row["lang"] for row in rows))  # every label, in corpus order
+    for point in by_label.values():
+        assert point["eval_windows"] == 3 and point["ppl_ratio"] == pytest.approx(point["ppl_sparse"] / point["ppl_dense"])
+    assert len({round(point["ppl_dense"], 3) for point in by_label.values()}) == len(by_label)  # each on its own text
+
+
 def test_cli_bench_sweep_writes_a_point_per_sparsity(tiny_llama, corpus_path, tmp_path):
     plan = tmp_path / "plan"
     assert main(["sparsify", "coreinfer", "--model", str(tiny_llama), "--out", str(plan)]) == 0

@@ -22,6 +22,8 @@ def register(commands) -> None:
     parser.add_argument("--prompt-tokens", type=positive_int, default=64, help="prompt length (default: 64)")
     parser.add_argument("--max-windows", type=positive_int, default=32, help="held-out windows for perplexity (default: 32)")
     window_args(parser, batch_size=False, least_length=4)
+    parser.add_argument("--label-field", default=None,
+                        help="also perplexity per label of --corpus (up to --max-windows windows of each), e.g. lang")
     parser.add_argument("--controls", action="store_true", help="also the perplexity of the random control plan")
     parser.add_argument("--sweep", default=None, help="also perplexity (plan and random) at these sparsities, e.g. 0.25,0.5,0.75")
     parser.add_argument("--batches", default=None, help="also decode speed at these batch sizes, e.g. 4,16")
@@ -32,8 +34,8 @@ def run(args) -> int:
     from ..sparse import load_plan
     from ..sparse.bench import bench
 
-    if (args.controls or args.sweep) and args.corpus is None:
-        raise NeuronAtlasError("--controls and --sweep measure perplexity: pass --corpus HELDOUT.jsonl")
+    if (args.controls or args.sweep or args.label_field) and args.corpus is None:
+        raise NeuronAtlasError("--controls, --sweep and --label-field measure perplexity: pass --corpus HELDOUT.jsonl")
     sweep = _sweep(args.sweep)
     batches = _batches(args.batches)
     preflight_output(args.json, "file", overwrite=args.overwrite, what="bench JSON", flag="--json")
@@ -44,7 +46,7 @@ def run(args) -> int:
     result = bench(model, tokenizer, plan, args.corpus, text_field=args.text_field, runs=args.runs,
                    new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, max_windows=args.max_windows,
                    max_length=args.max_length, controls=args.controls, sweep=sweep, threads=args.threads,
-                   batches=batches)
+                   batches=batches, label_field=args.label_field)
     _print_bench(result)
     if args.json:
         write_json(args.json, result)
@@ -87,10 +89,14 @@ def _print_bench(result: dict) -> None:
     print(f"prefill ({result['prompt_tokens']} tokens{run_dense}): dense {1e3 * result['dense_prefill_s']:.1f} ms, "
           f"sparse {1e3 * result['sparse_prefill_s']:.1f} ms")
     if "ppl_dense" in result:
-        line = f"perplexity: dense {result['ppl_dense']:.3f}, sparse {result['ppl_sparse']:.3f} (x{result['ppl_ratio']:.3f})"
-        if "ppl_random" in result:
-            line += f", random control {result['ppl_random']:.3f}"
-        print(line)
+        print(_perplexity_line("perplexity", result))
+    for label, point in result.get("by_label", {}).items():
+        print(_perplexity_line(f"  {label} ({point['eval_windows']} windows)", point))
     for point in result.get("sweep", []):
         print(f"  sparsity {point['sparsity']:.2f}: ppl x{point['ppl_ratio']:.3f}, random x{point['ppl_random'] / point['ppl_dense']:.3f}")
 
+
+
+def _perplexity_line(name: str, point: dict) -> str:
+    line = f"{name}: dense {point['ppl_dense']:.3f}, sparse {point['ppl_sparse']:.3f} (x{point['ppl_ratio']:.3f})"
+    return line + (f", random control {point['ppl_random']:.3f}" if "ppl_random" in point else "")

@@ -6,7 +6,9 @@ and their range, on threads that fit the free cores; optionally the same at larg
 prompt is a held-out window, or random token ids without a corpus (a warning for TEAL and WINA,
 whose per-token thresholds skip less on them). Quality: held-out perplexity of the continuation
 of each window given its first ``prompt_fraction`` as the prompt (the prompt is prefilled first, as
-in generation: CoreInfer chooses its core neurons there), dense and sparse, on the same tokens.
+in generation: CoreInfer chooses its core neurons there), dense and sparse, on the same tokens;
+with a label field also per label (``by_label``: up to ``max_windows`` windows of each label), since
+a plan calibrated on one mix of text can cost one kind of text far more than another.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ..corpus import iter_windows
+from ..corpus import Corpus, iter_windows, read_corpus
 from ..errors import NeuronAtlasError
 from ..hooks import returned_cache, with_cache
 from ..loading import WINDOW_LENGTH, max_positions, window_length
@@ -30,6 +32,19 @@ from .teal import dense_prefill
 from .wrap import SparseModel, apply_plan
 
 THRESHOLD_METHODS = ("teal", "wina", "cats")  # per-token thresholds: what they skip depends on the text; prefill an option
+
+
+def windows_by_label(tokenizer, corpus, label_field: str, text_field: str = "text", per_label: int = 32,
+                     max_length: int = WINDOW_LENGTH) -> dict[str, list[torch.Tensor]]:
+    """Up to ``per_label`` windows (at least 4 tokens) of each label of a labelled corpus, each (1, T),
+    labels in the order they first appear (the whole corpus is read, so that every label is found)."""
+    corpus = read_corpus(corpus, text_field=text_field, label_field=label_field) if not isinstance(corpus, Corpus) else corpus
+    groups: dict[str, list[torch.Tensor]] = {}
+    for window in iter_windows(corpus, tokenizer, max_length):
+        kept = groups.setdefault(window.label, [])
+        if len(window.input_ids) >= 4 and len(kept) < per_label:
+            kept.append(torch.tensor([window.input_ids]))
+    return {label: windows for label, windows in groups.items() if windows}
 
 
 def eval_windows(tokenizer, corpus, text_field: str = "text", max_windows: int = 32, max_length: int = WINDOW_LENGTH) -> list[torch.Tensor]:
@@ -71,11 +86,12 @@ def perplexity(model, windows: list[torch.Tensor], sparse: SparseModel | None = 
 def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = "text", runs: int = 5,
           new_tokens: int = 32, prompt_tokens: int = 64, max_windows: int = 32, max_length: int | None = None,
           controls: bool = False, sweep: list[float] | None = None, threads: int | None = None,
-          batches: list[int] | None = None) -> dict:
+          batches: list[int] | None = None, label_field: str | None = None) -> dict:
     """Speed (always) and quality (with a corpus) of ``plan`` against the dense model.
 
     ``threads``: torch threads for the run (None: the free cores, :func:`.speed.choose_threads`);
-    ``batches``: also decode speed at these batch sizes (e.g. [4, 16]) under ``"batched"``.
+    ``batches``: also decode speed at these batch sizes (e.g. [4, 16]) under ``"batched"``;
+    ``label_field``: also the quality of up to ``max_windows`` windows of each label, under ``"by_label"``.
     """
     check_causal(model.config, "bench", needs="decoding and next-token perplexity")
     sparse = apply_plan(model, plan)
@@ -83,6 +99,8 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
     prompt_tokens = max(1, min(prompt_tokens, limit - new_tokens))
     max_length = window_length(model.config, max_length)
     windows = eval_windows(tokenizer, corpus, text_field, max_windows, max_length) if corpus is not None else None
+    groups = (windows_by_label(tokenizer, corpus, label_field, text_field, max_windows, max_length)
+              if corpus is not None and label_field is not None else None)  # read before the timed runs: bad fields fail fast
     threads, note = choose_threads(threads)
     cores, load = os.cpu_count() or 1, os.getloadavg()[0]
     result = {"method": plan.method, "sparsity": plan.sparsity, "threads": threads, "threads_note": note,
@@ -114,6 +132,8 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
         if sweep:
             result["sweep"] = [quality(model, plan.at_sparsity(s), windows, True, result["ppl_dense"]) | {"sparsity": s}
                                for s in sweep]
+        if groups is not None:
+            result["by_label"] = {label: quality(model, plan, group, controls) for label, group in groups.items()}
     return result
 
 
