@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import NeuronAtlasError
 from . import row_kernel
-from .ffn import layer_weights, tokens_of
+from .ffn import FFNWeights, layer_weights, tokens_of
 from .method import SparseMethod, always
 from .teal import MAX_QUANTILE_SAMPLE, PREFILLS, dense_prefill, quantile_table
 from .thresholds import MAX_BAG_TOKENS, threshold_at
@@ -33,17 +33,23 @@ from .thresholds import MAX_BAG_TOKENS, threshold_at
 OPTIONS = ("prefill", "seed")
 
 
+def gate_and_up(weights: FFNWeights) -> tuple[tuple, tuple]:
+    """((gate weight, bias), (up weight, bias)), each weight (d_ff, d_model): a fused gate/up weight
+    (Phi-3: gate rows, then up rows) split into its halves (views)."""
+    if not weights.fused:
+        return (weights.gate, weights.gate_bias), (weights.up, weights.up_bias)
+    width, bias = weights.width, weights.up_bias
+    return ((weights.up[:width], None if bias is None else bias[:width]),
+            (weights.up[width:], None if bias is None else bias[width:]))
+
+
 class CatsRuntime:
     """One layer: the gate dense, up and down on the neurons whose |act(gate(x))| passes the threshold."""
 
     def __init__(self, layer, threshold: float, random_sparsity: float | None, phase, dense_prefill_phase=None):
         weights = layer_weights(layer)
-        width = weights.width
         self.fused = weights.fused
-        self.gate_weight = weights.up[:width] if self.fused else weights.gate  # (d_ff, d_model)
-        self.gate_bias = (None if weights.up_bias is None else weights.up_bias[:width]) if self.fused else weights.gate_bias
-        self.up_weight = weights.up[width:] if self.fused else weights.up  # (d_ff, d_model)
-        self.up_bias = (None if weights.up_bias is None else weights.up_bias[width:]) if self.fused else weights.up_bias
+        (self.gate_weight, self.gate_bias), (self.up_weight, self.up_bias) = gate_and_up(weights)  # (d_ff, d_model)
         self.down_t = weights.down.T.contiguous()  # (d_ff, d_model): row j is neuron j's value vector
         self.down_bias = weights.down_bias
         self.act, self.threshold, self.random_sparsity = layer.act, threshold, random_sparsity
@@ -119,10 +125,7 @@ def runtime(plan, layer, phase):
 @torch.inference_mode()
 def gate_quantiles(layer, x: torch.Tensor) -> torch.Tensor:
     """(QUANTILE_POINTS,) quantiles of |act(gate(x))| over the calibration inputs x (N, d_model)."""
-    weights = layer_weights(layer)
-    width = weights.width
-    weight = weights.up[:width] if weights.fused else weights.gate
-    bias = (None if weights.up_bias is None else weights.up_bias[:width]) if weights.fused else weights.gate_bias
+    (weight, bias), _ = gate_and_up(layer_weights(layer))
     scores = torch.cat([layer.act(F.linear(rows.to(weight), weight, bias)).abs().float().cpu().reshape(-1)
                         for rows in x.split(1024)])
     if scores.numel() > MAX_QUANTILE_SAMPLE:
