@@ -233,7 +233,7 @@ def test_moe_mlp_router_trains_on_a_calibration_corpus(llama, corpus_path):
     assert plan.has("router_w1", 0)
 
 
-@pytest.mark.parametrize("method", ["teal", "wina"])
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 def test_dense_prefill_leaves_the_prompt_dense_and_thresholds_what_follows(llama, corpus_path, method):
     """prefill "dense": a prompt's logits and KV cache are the dense model's; the decode steps and a
     continuation are thresholded as with prefill "sparse", which changes the prompt's too."""
