@@ -305,6 +305,7 @@ def test_cli_sparsify_and_bench_write_the_contract(tiny_llama, llama_atlas, corp
         assert result[key] > 0, key
     assert result["speedup"] == pytest.approx(result["sparse_tokens_per_s"] / result["dense_tokens_per_s"])
     assert len(result["speedup_per_run"]) == 1 and result["new_tokens"] == 4
+    assert "kernel_only" not in result  # hot runs the dense model's kernels on compacted weights
 
 
 def test_cli_bench_by_label_measures_each_label_on_its_own_windows(tiny_llama, corpus_rows_and_path, tmp_path):

@@ -179,5 +179,23 @@ def test_cli_sparsify_cats_then_bench_with_controls(tmp_path, capsys):
                  "--max-length", "64"]) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "cats" and result["prefill"] == "sparse" and 1 < result["bytes_limit"] < 1.5
+    assert result["skipping_speedup"] == pytest.approx(result["speedup"] / result["kernel_only"]["speedup"])
     # CATS at 50% is within 1% of dense there (×1.009 on 24 windows), random neurons ×3.2
     assert result["ppl_sparse"] < 1.1 * result["ppl_dense"] and 2 * result["ppl_dense"] < result["ppl_random"]
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
+def test_kernel_control_runs_the_kernels_and_computes_the_dense_model(llama, corpus_path, method):
+    """The "kernel" control: the plan's decode kernels with nothing skipped, so its logits are dense's
+    and only the kernels differ (bench's kernel_only); methods on the dense model's kernels refuse it."""
+    model, tokenizer = llama
+    plan = sparsify(method, model, tokenizer, 0.5, corpus=corpus_path, options=SparsifyOptions(calib_tokens=256, max_length=24))
+    ids = tokenizer("the cat sat on a mat and the dog ran to the house", return_tensors="pt").input_ids
+    dense = prefill_then_steps(model, ids, 4)
+    sparse = apply_plan(model, plan.as_control("kernel"))
+    with sparse:
+        stepped = prefill_then_steps(model, ids, 4)
+    assert sparse.phase.kernel_calls["rows"] > 0  # the decode steps ran the row kernels
+    assert torch.allclose(stepped, dense, atol=1e-4)
+    with pytest.raises(NeuronAtlasError, match="kernel control is for teal, wina, cats"):
+        sparsify("coreinfer", model, tokenizer, 0.5).as_control("kernel")

@@ -2,7 +2,10 @@
 
 Speed (:mod:`.speed`): batch-1 greedy decode (one prefill, then ``new_tokens - 1`` single-token
 steps with the KV cache), dense and sparse taking turns step by step, the median of ``runs`` runs
-and their range, on threads that fit the free cores; optionally the same at larger batches. The
+and their range, on threads that fit the free cores; optionally the same at larger batches. For
+the methods with kernels of their own (TEAL, WINA, CATS) also the same decode with nothing skipped
+(the "kernel" control: ``kernel_only``), and ``skipping_speedup``, the speedup over that: on a CPU
+a row kernel that reads every weight can itself beat the dense model's matrix-vector product. The
 prompt is a held-out window, or random token ids without a corpus (a warning for TEAL and WINA,
 whose per-token thresholds skip less on them). Quality: held-out perplexity of the continuation
 of each window given its first ``prompt_fraction`` as the prompt (the prompt is prefilled first, as
@@ -26,12 +29,11 @@ from ..loading import WINDOW_LENGTH, max_positions, window_length
 from ..models import check_causal
 from .calibrate import as_corpus
 from .limit import bytes_limit, step_limit
-from .plan import SparsePlan
+from .plan import THRESHOLD_METHODS, SparsePlan
 from .speed import choose_threads, decode_speed, linear_share, threads_set
 from .teal import dense_prefill
 from .wrap import SparseModel, apply_plan
 
-THRESHOLD_METHODS = ("teal", "wina", "cats")  # per-token thresholds: what they skip depends on the text; prefill an option
 
 
 def windows_by_label(tokenizer, corpus, label_field: str, text_field: str = "text", per_label: int = 32,
@@ -123,6 +125,10 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
         if share is not None and limit is not None:
             result["linear_share"], result["step_limit"] = share, step_limit(limit, share)
         result |= decode_speed(model, sparse, prompt, new_tokens, runs)
+        if plan.method in THRESHOLD_METHODS:  # how much of the speedup the kernels give with nothing skipped
+            result["kernel_only"] = kernel_only(decode_speed(model, apply_plan(model, plan.as_control("kernel")), prompt,
+                                                             new_tokens, runs))
+            result["skipping_speedup"] = result["speedup"] / result["kernel_only"]["speedup"]
         result["batched"] = [decode_speed(model, sparse, _prompt(model, windows, prompt_tokens, batch), new_tokens, runs)
                              for batch in batches or []]
     if not result["batched"]:
@@ -135,6 +141,12 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
         if groups is not None:
             result["by_label"] = {label: quality(model, plan, group, controls) for label, group in groups.items()}
     return result
+
+
+def kernel_only(speed: dict) -> dict:
+    """The fields of a decode-speed result that describe the kernel control's run."""
+    return {key: speed[key] for key in ("dense_tokens_per_s", "sparse_tokens_per_s", "speedup", "speedup_range",
+                                        "speedup_reliable")}
 
 
 def quality(model, plan: SparsePlan, windows, controls: bool = False, ppl_dense: float | None = None) -> dict:

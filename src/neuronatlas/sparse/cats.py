@@ -112,9 +112,10 @@ class CatsRuntime:
 
 
 def runtime(plan, layer, phase):
-    if plan.sparsity == 0:
+    kernel_only = plan.control == "kernel"  # the kernels at threshold -inf: every neuron computed, none skipped
+    if plan.sparsity == 0 and not kernel_only:
         return None
-    threshold = threshold_at(plan.tensor("quantiles.act", layer.index), plan.sparsity)
+    threshold = threshold_at(plan.tensor("quantiles.act", layer.index), 0.0 if kernel_only else plan.sparsity)
     random = plan.sparsity if plan.control == "random" else None
     return CatsRuntime(layer, threshold, random, phase, phase if dense_prefill(plan) else None)
 

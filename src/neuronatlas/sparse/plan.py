@@ -30,7 +30,11 @@ from .registry import METHOD_NAMES
 FORMAT_VERSION = 1
 META_FILE = "plan.json"
 TENSORS_FILE = "tensors.safetensors"
-CONTROLS = (None, "random")  # "random": the same plan with random choices, the baseline to beat
+# "random": the same plan with random choices, the baseline to beat; "kernel": the plan's kernels with
+# nothing skipped (TEAL, WINA, CATS), which tells a faster kernel from the work skipped
+CONTROLS = (None, "random", "kernel")
+# per-token thresholds run by kernels of their own: what they skip depends on the text; prefill an option
+THRESHOLD_METHODS = ("teal", "wina", "cats")
 
 
 @dataclass
@@ -41,7 +45,7 @@ class SparsePlan:
     options: dict = field(default_factory=dict)  # the method's options (JSON)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "<name>.<layer>" -> tensor
     calibration: dict = field(default_factory=dict)  # atlas / corpus it was calibrated from
-    control: str | None = None  # None, or "random" for the random baseline of the same sparsity
+    control: str | None = None  # None, "random" (the random baseline of the same sparsity) or "kernel" (see CONTROLS)
 
     def tensor(self, name: str, layer: int) -> torch.Tensor:
         key = f"{name}.{layer}"
@@ -63,6 +67,9 @@ class SparsePlan:
     def as_control(self, control: str | None = "random") -> SparsePlan:
         if control not in CONTROLS:
             raise NeuronAtlasError(f"unknown control {control!r}; use one of {', '.join(map(str, CONTROLS))}")
+        if control == "kernel" and self.method not in THRESHOLD_METHODS:
+            raise NeuronAtlasError(f"the kernel control is for {', '.join(THRESHOLD_METHODS)}, whose decode runs kernels "
+                                   f"of their own; {self.method} runs the dense model's")
         return replace(self, control=control)
 
     def check_model(self, model) -> None:

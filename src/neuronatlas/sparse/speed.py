@@ -175,6 +175,9 @@ def speed_lines(result: dict) -> list[str]:
         limit = f" (bytes limit {result['bytes_limit']:.2f}x{step})"
     lines.append(f"decode (batch {result.get('batch', 1)}): dense {result['dense_tokens_per_s']:.1f} tok/s, sparse "
                  f"{result['sparse_tokens_per_s']:.1f} tok/s, speedup {speedup_text(result)}{limit}")
+    if "kernel_only" in result:
+        lines.append(f"  of which the kernels alone, nothing skipped: {speedup_text(result['kernel_only'])}; "
+                     f"skipping: {result['skipping_speedup']:.2f}x")
     if "compaction_s" in result:
         lines.append(f"CoreInfer compaction per prompt: {1e3 * result['compaction_s']:.1f} ms "
                      f"({result['compaction_share']:.0%} of the sparse decode time)")

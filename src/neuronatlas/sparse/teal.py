@@ -105,13 +105,14 @@ def group_sparsities(plan, layer: int, roles: dict) -> dict[str, float]:
 
 
 def threshold_runtime(plan, layer, weighted: bool, phase=None):
-    if plan.sparsity == 0:
+    kernel_only = plan.control == "kernel"  # the kernels at threshold -inf: every channel read, none skipped
+    if plan.sparsity == 0 and not kernel_only:
         return None
     roles = {role: weight_bias for role, weight_bias in role_weights(layer).items()
              if plan.has(f"quantiles.{role}", layer.index)}
     if not roles:  # no input was calibrated (e.g. x from an atlas alone): the layer stays dense
         return None
-    sparsity = role_sparsities(plan, layer.index, roles)
+    sparsity = {role: 0.0 for role in roles} if kernel_only else role_sparsities(plan, layer.index, roles)
     counts = phase.kernel_calls if phase is not None else Counter()
     modules = layer_roles(layer) | getattr(layer, "attention", {})
     groups = {}
