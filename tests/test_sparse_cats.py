@@ -199,3 +199,15 @@ def test_kernel_control_runs_the_kernels_and_computes_the_dense_model(llama, cor
     assert torch.allclose(stepped, dense, atol=1e-4)
     with pytest.raises(NeuronAtlasError, match="kernel control is for teal, wina, cats"):
         sparsify("coreinfer", model, tokenizer, 0.5).as_control("kernel")
+
+
+@pytest.mark.parametrize("name, method, usable", [
+    ("bert", "coreinfer", "use teal, wina, hot or moe for it"),  # an encoder without a gate: neither cats nor coreinfer
+    ("modernbert", "coreinfer", "use teal, wina, cats, hot or moe for it"),  # a gated encoder: cats works
+    ("gpt2", "cats", "use teal, wina, coreinfer, hot or moe for it"),
+])
+def test_a_refused_method_names_only_the_methods_the_model_can_run(name, method, usable):
+    from neuronatlas.sparse.registry import check_support
+
+    with pytest.raises(NeuronAtlasError, match=usable):
+        check_support(method, tiny(name)[0].config)

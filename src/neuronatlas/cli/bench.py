@@ -96,7 +96,6 @@ def _print_bench(result: dict) -> None:
         print(f"  sparsity {point['sparsity']:.2f}: ppl x{point['ppl_ratio']:.3f}, random x{point['ppl_random'] / point['ppl_dense']:.3f}")
 
 
-
 def _perplexity_line(name: str, point: dict) -> str:
     line = f"{name}: dense {point['ppl_dense']:.3f}, sparse {point['ppl_sparse']:.3f} (x{point['ppl_ratio']:.3f})"
     return line + (f", random control {point['ppl_random']:.3f}" if "ppl_random" in point else "")

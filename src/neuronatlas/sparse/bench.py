@@ -34,31 +34,33 @@ from .speed import choose_threads, decode_speed, linear_share, threads_set
 from .teal import dense_prefill
 from .wrap import SparseModel, apply_plan
 
+MIN_WINDOW_TOKENS = 4  # a window of fewer tokens has too little continuation to score
 
 
 def windows_by_label(tokenizer, corpus, label_field: str, text_field: str = "text", per_label: int = 32,
                      max_length: int = WINDOW_LENGTH) -> dict[str, list[torch.Tensor]]:
-    """Up to ``per_label`` windows (at least 4 tokens) of each label of a labelled corpus, each (1, T),
+    """Up to ``per_label`` windows (at least MIN_WINDOW_TOKENS tokens) of each label of a labelled corpus, each (1, T),
     labels in the order they first appear (the whole corpus is read, so that every label is found)."""
     corpus = read_corpus(corpus, text_field=text_field, label_field=label_field) if not isinstance(corpus, Corpus) else corpus
     groups: dict[str, list[torch.Tensor]] = {}
     for window in iter_windows(corpus, tokenizer, max_length):
         kept = groups.setdefault(window.label, [])
-        if len(window.input_ids) >= 4 and len(kept) < per_label:
+        if len(window.input_ids) >= MIN_WINDOW_TOKENS and len(kept) < per_label:
             kept.append(torch.tensor([window.input_ids]))
     return {label: windows for label, windows in groups.items() if windows}
 
 
 def eval_windows(tokenizer, corpus, text_field: str = "text", max_windows: int = 32, max_length: int = WINDOW_LENGTH) -> list[torch.Tensor]:
-    """The first ``max_windows`` windows (at least 4 tokens) of a corpus, each (1, T)."""
+    """The first ``max_windows`` windows (at least MIN_WINDOW_TOKENS tokens) of a corpus, each (1, T)."""
     windows = []
     for window in iter_windows(as_corpus(corpus, text_field), tokenizer, max_length):
-        if len(window.input_ids) >= 4:
+        if len(window.input_ids) >= MIN_WINDOW_TOKENS:
             windows.append(torch.tensor([window.input_ids]))
         if len(windows) == max_windows:
             break
     if not windows:
-        raise NeuronAtlasError("the evaluation corpus has no window of 4 tokens or more; give a corpus with text")
+        raise NeuronAtlasError(f"the evaluation corpus has no window of {MIN_WINDOW_TOKENS} tokens or more; give a "
+                               "corpus with text")
     return windows
 
 
@@ -125,12 +127,13 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
         if share is not None and limit is not None:
             result["linear_share"], result["step_limit"] = share, step_limit(limit, share)
         result |= decode_speed(model, sparse, prompt, new_tokens, runs)
-        if plan.method in THRESHOLD_METHODS:  # how much of the speedup the kernels give with nothing skipped
-            result["kernel_only"] = kernel_only(decode_speed(model, apply_plan(model, plan.as_control("kernel")), prompt,
-                                                             new_tokens, runs))
-            result["skipping_speedup"] = result["speedup"] / result["kernel_only"]["speedup"]
         result["batched"] = [decode_speed(model, sparse, _prompt(model, windows, prompt_tokens, batch), new_tokens, runs)
                              for batch in batches or []]
+        del sparse  # its row tables go before the kernel control builds its own
+        if plan.method in THRESHOLD_METHODS:  # how much of the speedup the kernels give with nothing skipped
+            control = apply_plan(model, plan.as_control("kernel"))
+            result["kernel_only"] = kernel_only(decode_speed(model, control, prompt, new_tokens, runs))
+            result["skipping_speedup"] = result["speedup"] / result["kernel_only"]["speedup"]
     if not result["batched"]:
         del result["batched"]
     if windows is not None:

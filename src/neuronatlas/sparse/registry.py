@@ -22,17 +22,13 @@ def method_named(name: str) -> SparseMethod:
 def check_support(name: str, config) -> SparseMethod:
     """The method called ``name``, refusing method/family pairs that cannot work (``config``: the model's)."""
     method = method_named(name)
-    if method.needs_decoding and is_encoder(config):
-        others = [other for other, candidate in METHODS.items() if not candidate.needs_decoding]
-        raise NeuronAtlasError(
-            f"{name} {method.needs_decoding}; {config.model_type} is an encoder with no decoding: "
-            f"use {', '.join(others[:-1])} or {others[-1]} for it"
-        )
-    if method.needs_gate and not site_for(config.model_type).gated:
-        others = [other for other, candidate in METHODS.items()
-                  if not candidate.needs_gate and not (candidate.needs_decoding and is_encoder(config))]
-        raise NeuronAtlasError(
-            f"{name} {method.needs_gate}; {config.model_type}'s MLP has no gate: use {', '.join(others[:-1])} "
-            f"or {others[-1]} for it"
-        )
-    return method
+    encoder, gated = is_encoder(config), site_for(config.model_type).gated
+    if method.needs_decoding and encoder:
+        why = f"{name} {method.needs_decoding}; {config.model_type} is an encoder with no decoding"
+    elif method.needs_gate and not gated:
+        why = f"{name} {method.needs_gate}; {config.model_type}'s MLP has no gate"
+    else:
+        return method
+    usable = [other for other, candidate in METHODS.items()
+              if not (candidate.needs_decoding and encoder) and not (candidate.needs_gate and not gated)]
+    raise NeuronAtlasError(f"{why}: use {', '.join(usable[:-1])} or {usable[-1]} for it")
