@@ -1,7 +1,7 @@
 """End-to-end greedy decode of a randomly initialised Llama (or a real model), dense vs each sparse plan.
 
     python benchmarks/sparse_decode.py [--layers 8] [--threads 2] [--runs 3] [--methods hot,coreinfer,teal,wina,cats,moe]
-    python benchmarks/sparse_decode.py --model SmolLM2.gguf --methods teal,coreinfer --scope all [--batches 4,16]
+    python benchmarks/sparse_decode.py --model SmolLM2.gguf --methods teal,coreinfer,hot --scope all [--batches 4,16]
 
 With ``--model`` the plans are calibrated on the bundled training corpus (TEAL/WINA/CATS; TEAL/WINA with
 ``--scope`` and uniform allocation: speed depends on the bytes skipped, not on how they are
@@ -89,15 +89,41 @@ def real_model(args) -> None:
 
     model, tokenizer = load_model(args.model, device="cpu", dtype=args.dtype, quiet=True)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
-    for method in args.methods.split(","):
+    methods = args.methods.split(",")
+    atlas = hot_atlas(model, tokenizer, args.atlas) if "hot" in methods else None
+    for method in methods:
         options = SparsifyOptions(calib_tokens=1024, scope=args.scope)
         corpus = bundled.CORPUS_TRAIN if method in ("teal", "wina", "cats") else None
-        plan = sparsify(method, model, tokenizer, args.sparsity, corpus=corpus, options=options)
+        plan = sparsify(method, model, tokenizer, args.sparsity, corpus=corpus, atlas=atlas, options=options)
         result = bench(model, tokenizer, plan, bundled.CORPUS_HELDOUT, runs=args.runs, new_tokens=args.new_tokens,
                        prompt_tokens=args.prompt_tokens, max_windows=1, threads=args.threads, batches=batches)
         result.pop("ppl_dense", None), result.pop("ppl_sparse", None), result.pop("ppl_ratio", None)
         print("\n".join(speed_lines(result)), flush=True)
         print(json.dumps({"scope": args.scope, "dtype": args.dtype} | {k: rounded(v) for k, v in result.items()}), flush=True)
+
+
+def hot_atlas(model, tokenizer, path: str | None):
+    """The atlas hot neurons are scored from: ``path``, or a small one profiled here (the first 40
+    training documents of each bundled language, 128-token windows, no exemplars)."""
+    import tempfile
+    from pathlib import Path
+
+    from neuronatlas import bundled
+    from neuronatlas.atlas import load_atlas
+    from neuronatlas.corpus import read_corpus
+    from neuronatlas.profile import ProfileOptions, profile
+
+    if path:
+        return load_atlas(path)
+    rows, seen = [], {}
+    for row in map(json.loads, Path(bundled.CORPUS_TRAIN).read_text(encoding="utf-8").splitlines()):
+        if seen.setdefault(row["lang"], 0) < 40:
+            seen[row["lang"]] += 1
+            rows.append(row)
+    folder = Path(tempfile.mkdtemp(prefix="hot-atlas-"))
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return profile(model, read_corpus(folder / "corpus.jsonl", label_field="lang"), folder / "atlas", tokenizer=tokenizer,
+                   quiet=True, options=ProfileOptions(max_length=128, top_k=0, doc_sample=0))
 
 
 def main() -> None:
@@ -106,6 +132,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="with --model: float32 or bfloat16")
     parser.add_argument("--scope", default="all", help="with --model: TEAL/WINA scope, mlp or all")
     parser.add_argument("--batches", default=None, help="with --model: also these batch sizes, e.g. 4,16")
+    parser.add_argument("--atlas", default=None, help="with --model: the atlas of hot's scores (default: profiled here)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="default: 2 (random model), the free cores (--model)")
     parser.add_argument("--runs", type=int, default=3)

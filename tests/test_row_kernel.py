@@ -52,3 +52,21 @@ def test_kept_row_products_equal_the_masked_dense_product(monkeypatch, parallel_
     out = row_kernel.kept_row_products(x, weight, keep, limit=40 * tokens)
     assert torch.allclose(out, (x @ weight.T) * keep, atol=1e-5)
     assert row_kernel.kept_row_products(x, weight, keep, limit=int(keep.sum()) - 1) is None
+
+
+@pytest.mark.parametrize("parallel_from", [1, 1 << 30])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_row_products_equal_the_dense_product(monkeypatch, parallel_from, tokens):
+    """The compacted weights of hot and CoreInfer: every row's dot products with every token."""
+    monkeypatch.setattr(row_kernel, "PARALLEL_FROM", parallel_from)
+    generator = torch.Generator().manual_seed(tokens)
+    x, weight = torch.randn(tokens, 96, generator=generator), torch.randn(40, 96, generator=generator)
+    assert torch.allclose(row_kernel.row_products(x, weight), x @ weight.T, atol=1e-5)
+
+
+def test_row_products_run_only_where_they_pay():
+    """Large float32 CPU weights only: a small one sits in the cache, where torch's product is faster."""
+    large = torch.randn(row_kernel.MIN_PRODUCT_WEIGHTS // 64, 64)
+    assert row_kernel.products_pay(large)
+    assert not row_kernel.products_pay(large[:-1]) and not row_kernel.products_pay(large.bfloat16())
+    assert not row_kernel.products_pay(None)

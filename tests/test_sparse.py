@@ -75,7 +75,13 @@ def test_plans_change_the_logits_at_half_sparsity(llama, llama_atlas, corpus_pat
             assert not torch.allclose(prefill_then_steps(model, ids, 4), dense, atol=1e-3), method
 
 
-def test_hot_compacted_equals_masked_dense(llama, llama_atlas):
+@pytest.mark.parametrize("kernel", [False, True])  # decode steps on F.linear, or on the compiled row products
+def test_hot_compacted_equals_masked_dense(llama, llama_atlas, monkeypatch, kernel):
+    """Hot neurons' compacted weights compute the dense model with the other neurons zeroed, at the
+    prompt (many tokens) and at the decode steps (the kernel forced on the tiny model's small weights)."""
+    from neuronatlas.sparse import row_kernel
+
+    monkeypatch.setattr(row_kernel, "MIN_PRODUCT_WEIGHTS", 0 if kernel else 1 << 62)
     model, tokenizer = llama
     plan = make_plan("hot", model, tokenizer, 0.5, atlas=llama_atlas[0])
     ids = ids_of(tokenizer)
@@ -86,17 +92,41 @@ def test_hot_compacted_equals_masked_dense(llama, llama_atlas):
         mask[kept] = False
         dropped[layer] = mask.nonzero().squeeze(1)
     with intervene(model, [Intervention(dropped, "zero")]):
-        masked = model(ids).logits
-    with apply_plan(model, plan):
-        compact = model(ids).logits
+        masked, masked_steps = model(ids).logits, prefill_then_steps(model, ids, 5)
+    with apply_plan(model, plan) as sparse:
+        compact, compact_steps = model(ids).logits, prefill_then_steps(model, ids, 5)
     assert torch.allclose(compact, masked, atol=DENSE_TOL)
+    assert torch.allclose(compact_steps, masked_steps, atol=DENSE_TOL)
+    assert (sparse.phase.kernel_calls["rows"] > 0) == kernel
 
 
-def test_coreinfer_decode_equals_masked_dense(llama):
-    """Prefill chooses the core set; decoding on compacted weights equals zeroing the other neurons."""
+@pytest.mark.parametrize("method", ["hot", "coreinfer"])
+def test_kernel_control_of_compacted_weights_computes_the_dense_model(llama, llama_atlas, monkeypatch, method):
+    """The "kernel" control of hot and CoreInfer keeps every neuron on the compacted path's kernel:
+    its decode steps are the dense model's, on the kernel (bench's kernel_only)."""
+    from neuronatlas.sparse import row_kernel
+
+    monkeypatch.setattr(row_kernel, "MIN_PRODUCT_WEIGHTS", 0)
+    model, tokenizer = llama
+    plan = make_plan(method, model, tokenizer, 0.5, atlas=llama_atlas[0] if method == "hot" else None)
+    ids = ids_of(tokenizer)
+    dense = prefill_then_steps(model, ids, 4)
+    with apply_plan(model, plan.as_control("kernel")) as sparse:
+        stepped = prefill_then_steps(model, ids, 4)
+    assert sparse.phase.kernel_calls["rows"] > 0
+    assert torch.allclose(stepped, dense, atol=DENSE_TOL)
+    with pytest.raises(NeuronAtlasError, match="kernel control is for teal, wina, cats, hot, coreinfer"):
+        make_plan("moe", model, tokenizer, 0.5, experts=4).as_control("kernel")
+
+
+def test_coreinfer_decode_equals_masked_dense(llama, monkeypatch):
+    """Prefill chooses the core set; decoding on compacted weights (on the compiled row products,
+    forced on the tiny model's small weights) equals zeroing the other neurons."""
     from neuronatlas.models import locate_neurons
+    from neuronatlas.sparse import row_kernel
     from neuronatlas.sparse.coreinfer import core_frequency, core_neurons
 
+    monkeypatch.setattr(row_kernel, "MIN_PRODUCT_WEIGHTS", 0)
     model, tokenizer = llama
     plan = make_plan("coreinfer", model, tokenizer, 0.5)
     ids, split = ids_of(tokenizer), 5
@@ -119,6 +149,7 @@ def test_coreinfer_decode_equals_masked_dense(llama):
         stepped = prefill_then_steps(model, ids, split)  # refills the same buffers with this prompt's core set
     assert any(not torch.equal(runtime.compact.keep, old) for runtime, old in zip(sparse.runtimes, other_core))
     assert torch.allclose(stepped[:, 1:], masked[:, :-1], atol=DENSE_TOL)
+    assert sparse.phase.kernel_calls["rows"] > 0
 
 
 def test_paired_decode_gives_the_tokens_of_each_side_alone(llama):
@@ -305,7 +336,8 @@ def test_cli_sparsify_and_bench_write_the_contract(tiny_llama, llama_atlas, corp
         assert result[key] > 0, key
     assert result["speedup"] == pytest.approx(result["sparse_tokens_per_s"] / result["dense_tokens_per_s"])
     assert len(result["speedup_per_run"]) == 1 and result["new_tokens"] == 4
-    assert "kernel_only" not in result  # hot runs the dense model's kernels on compacted weights
+    # hot's kernel control: every neuron on the compacted path (F.linear here: the tiny model's weights are small)
+    assert result["skipping_speedup"] == pytest.approx(result["speedup"] / result["kernel_only"]["speedup"])
 
 
 def test_cli_bench_by_label_measures_each_label_on_its_own_windows(tiny_llama, corpus_rows_and_path, tmp_path):

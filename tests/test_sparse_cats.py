@@ -54,8 +54,12 @@ def thresholds_of(plan: SparsePlan, layers: int) -> dict[int, float]:
     return {layer: threshold_at(plan.tensor("quantiles.act", layer), plan.sparsity) for layer in range(layers)}
 
 
-def test_decode_steps_compute_the_dense_model_with_the_dropped_neurons_zeroed(llama, corpus_path):
+@pytest.mark.parametrize("gate_kernel", [False, True])  # the gate on F.linear, or on the row products (forced)
+def test_decode_steps_compute_the_dense_model_with_the_dropped_neurons_zeroed(llama, corpus_path, monkeypatch, gate_kernel):
     """The kernels (kept up rows, down's rows of the nonzero z) give what masking z in the dense model gives."""
+    from neuronatlas.sparse import row_kernel
+
+    monkeypatch.setattr(row_kernel, "MIN_PRODUCT_WEIGHTS", 0 if gate_kernel else 1 << 62)
     model, tokenizer = llama
     plan = sparsify("cats", model, tokenizer, 0.5, corpus=corpus_path, options=SparsifyOptions(calib_tokens=256, max_length=24))
     ids = tokenizer("the cat sat on a mat and the dog ran to the house", return_tensors="pt").input_ids
@@ -65,6 +69,7 @@ def test_decode_steps_compute_the_dense_model_with_the_dropped_neurons_zeroed(ll
     with sparse:
         stepped = prefill_then_steps(model, ids, 4)
     assert sparse.phase.kernel_calls["rows"] > 0  # the kernels ran, not the masked dense product
+    assert all(runtime.gate_kernel == gate_kernel for runtime in sparse.runtimes)
     assert torch.allclose(stepped, expected, atol=1e-4)
     assert not torch.allclose(stepped, prefill_then_steps(model, ids, 4), atol=1e-3)  # it changed something
 
@@ -187,7 +192,7 @@ def test_cli_sparsify_cats_then_bench_with_controls(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["teal", "wina", "cats"])
 def test_kernel_control_runs_the_kernels_and_computes_the_dense_model(llama, corpus_path, method):
     """The "kernel" control: the plan's decode kernels with nothing skipped, so its logits are dense's
-    and only the kernels differ (bench's kernel_only); methods on the dense model's kernels refuse it."""
+    and only the kernels differ (bench's kernel_only)."""
     model, tokenizer = llama
     plan = sparsify(method, model, tokenizer, 0.5, corpus=corpus_path, options=SparsifyOptions(calib_tokens=256, max_length=24))
     ids = tokenizer("the cat sat on a mat and the dog ran to the house", return_tensors="pt").input_ids
@@ -197,8 +202,6 @@ def test_kernel_control_runs_the_kernels_and_computes_the_dense_model(llama, cor
         stepped = prefill_then_steps(model, ids, 4)
     assert sparse.phase.kernel_calls["rows"] > 0  # the decode steps ran the row kernels
     assert torch.allclose(stepped, dense, atol=1e-4)
-    with pytest.raises(NeuronAtlasError, match="kernel control is for teal, wina, cats"):
-        sparsify("coreinfer", model, tokenizer, 0.5).as_control("kernel")
 
 
 @pytest.mark.parametrize("name, method, usable", [

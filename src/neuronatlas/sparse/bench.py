@@ -3,7 +3,7 @@
 Speed (:mod:`.speed`): batch-1 greedy decode (one prefill, then ``new_tokens - 1`` single-token
 steps with the KV cache), dense and sparse taking turns step by step, the median of ``runs`` runs
 and their range, on threads that fit the free cores; optionally the same at larger batches. For
-the methods with kernels of their own (TEAL, WINA, CATS) also the same decode with nothing skipped
+the methods with kernels of their own (TEAL, WINA, CATS, hot, CoreInfer) also the same decode with nothing skipped
 (the "kernel" control: ``kernel_only``), and ``skipping_speedup``, the speedup over that: on a CPU
 a row kernel that reads every weight can itself beat the dense model's matrix-vector product. The
 prompt is a held-out window, or random token ids without a corpus (a warning for TEAL and WINA,
@@ -29,7 +29,7 @@ from ..loading import WINDOW_LENGTH, max_positions, window_length
 from ..models import check_causal
 from .calibrate import as_corpus
 from .limit import bytes_limit, step_limit
-from .plan import THRESHOLD_METHODS, SparsePlan
+from .plan import KERNEL_METHODS, THRESHOLD_METHODS, SparsePlan
 from .speed import choose_threads, decode_speed, linear_share, threads_set
 from .teal import dense_prefill
 from .wrap import SparseModel, apply_plan
@@ -130,7 +130,7 @@ def bench(model, tokenizer, plan: SparsePlan, corpus=None, *, text_field: str = 
         result["batched"] = [decode_speed(model, sparse, _prompt(model, windows, prompt_tokens, batch), new_tokens, runs)
                              for batch in batches or []]
         del sparse  # its row tables go before the kernel control builds its own
-        if plan.method in THRESHOLD_METHODS:  # how much of the speedup the kernels give with nothing skipped
+        if plan.method in KERNEL_METHODS:  # how much of the speedup the kernels give with nothing skipped
             control = apply_plan(model, plan.as_control("kernel"))
             result["kernel_only"] = kernel_only(decode_speed(model, control, prompt, new_tokens, runs))
             result["skipping_speedup"] = result["speedup"] / result["kernel_only"]["speedup"]

@@ -11,7 +11,8 @@ Plan tensors: ``quantiles.act.<layer>`` ((Q,) quantiles of |act(gate(x))| at pro
 ``linspace(0, 1, Q)``). The random control skips a random share ``sparsity`` of each token's neurons.
 
 At inference, on a decode step (at most ``MAX_BAG_TOKENS`` tokens) the first of gate/up to be
-called computes both: the gate dense, then up on the kept rows only (:func:`.row_kernel.kept_row_products`);
+called computes both: the gate dense (on :func:`.row_kernel.row_products` for a few tokens of a
+large float32 weight), then up on the kept rows only (:func:`.row_kernel.kept_row_products`);
 down reads only the rows of Wᵀ of the neurons whose z is not 0 (:func:`.row_kernel.thresholded_rows`
 at threshold 0). When the tokens keep more rows together than the weight has (batched decode at
 low sparsity), or on a CPU's other dtypes and on GPUs, the masked dense product runs instead. A
@@ -56,6 +57,7 @@ class CatsRuntime:
         self.counts = phase.kernel_calls if phase is not None else None
         self.phase = dense_prefill_phase  # the Phase of the model's calls when prompts run dense, else None
         self.kernel = row_kernel.supports(self.up_weight) and row_kernel.supports(self.down_t)
+        self.gate_kernel = row_kernel.products_pay(self.gate_weight)
         self.x: torch.Tensor | None = None  # the input whose other output is waiting
         self.waiting: dict[str, torch.Tensor] = {}
 
@@ -75,13 +77,19 @@ class CatsRuntime:
             if not self.waiting:
                 self.x = None
             return out
-        gate = F.linear(x, self.gate_weight, self.gate_bias)  # (..., d_ff), dense
+        gate = self._gate(x)  # (..., d_ff), dense
         up = self._up(x, self.keep(gate))
         if self.fused:
             return torch.cat([gate, up], -1)  # the MLP's chunk(2) splits them
         outputs = {"gate": gate, "up": up}
         self.x, self.waiting = x, {name: out for name, out in outputs.items() if name != role}
         return outputs[role]
+
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        """gate(x) (..., d_ff), every neuron: on the compiled row products for a decode step's few tokens."""
+        if self.gate_kernel and tokens_of(x) <= row_kernel.MAX_PRODUCT_TOKENS:
+            return row_kernel.linear(x, self.gate_weight, self.gate_bias)
+        return F.linear(x, self.gate_weight, self.gate_bias)
 
     def _up(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """up(x) (..., d_ff) on the kept neurons, 0 elsewhere."""

@@ -4,8 +4,10 @@ At prefill, per token, the top ``limit`` neurons of z are marked (``limit = alph
 number of positive activations per token; signed z by default, ``score="abs"`` ranks |z|); the
 ``d_ff - round(s * d_ff)`` neurons marked on most of the prompt's tokens are the core set. At the
 first decode step the core rows of W_in / W_gate and columns of W_out are compacted once; decode
-runs dense products on them. With several sequences in a batch each keeps its own core set and
-decode multiplies z by each sequence's mask instead (same numbers, no compaction).
+runs dense products on them (the compiled kernel of hot neurons, :class:`.hot.CompactFFN`). With
+several sequences in a batch each keeps its own core set and decode multiplies z by each
+sequence's mask instead (same numbers, no compaction). The "kernel" control's core set is every
+neuron: the compacted path's kernel with nothing skipped.
 
 Similarity-guided variant (``clusters > 0``, calibrated on a corpus): core sets of the calibration
 documents at one layer are clustered (k-means over multi-hot vectors); each cluster stores, per
@@ -85,6 +87,9 @@ class CoreInferRuntime:
         batch = self.phase.batch
         z = z.reshape(batch, -1, z.shape[-1])  # (B, T, d_ff), also for OPT's flattened tokens
         self.prompt, self.keep = self.phase.prompt, None
+        if self.plan.control == "kernel":
+            self.keep = torch.arange(z.shape[-1], device=z.device).expand(batch, -1)
+            return
         if self.plan.options.get("clusters", 0) and self.plan.control is None:
             if self.layer.index == int(self.plan.options["cluster_layer"]):
                 self.phase.clusters = [self._nearest_cluster(z[b]) for b in range(batch)]
@@ -95,7 +100,7 @@ class CoreInferRuntime:
     def _compact(self, keep: torch.Tensor) -> None:
         started = time.perf_counter()
         if self.compact is None:
-            self.compact = CompactFFN(self.weights, keep)
+            self.compact = CompactFFN(self.weights, keep, self.phase.kernel_calls)
         else:
             self.compact.refill(keep)
         self.compacted = self.prompt
@@ -128,7 +133,7 @@ class CoreInferRuntime:
 
 def runtime(plan, layer, phase):
     layers = plan.options.get("layers")
-    if plan.sparsity == 0 or (layers is not None and layer.index not in layers):
+    if (plan.sparsity == 0 and plan.control != "kernel") or (layers is not None and layer.index not in layers):
         return None
     return CoreInferRuntime(plan, layer, phase)
 

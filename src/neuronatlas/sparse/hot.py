@@ -7,7 +7,10 @@ The plan stores a score per neuron (``score.<layer>``, (d_ff,)), read from the a
 
 optionally of the gate signal (``signal="gate"``). At sparsity s the ``d_ff - round(s * d_ff)``
 best-scoring neurons are kept; their rows of W_in / W_gate and columns of W_out are compacted once
-into dense weights, so there is no per-token or per-prompt work at all.
+into dense weights, so there is no per-token or per-prompt work at all. A decode step on a CPU in
+float32 multiplies them with the compiled :func:`.row_kernel.row_products`, other calls with
+``F.linear``. The "kernel" control keeps every neuron on the same kernel: the kernel's own share
+of the speedup.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NeuronAtlasError
-from .ffn import FFNWeights, layer_weights
+from . import row_kernel
+from .ffn import FFNWeights, layer_weights, tokens_of
 from .method import SparseMethod
 
 SCORES = ("rate", "rms")
@@ -42,8 +46,11 @@ def hot_scores(atlas, score: str = "rms", signal: str = "z") -> dict[str, torch.
 
 
 def chosen_neurons(scores: torch.Tensor, sparsity: float, control: str | None, seed: int, layer: int) -> torch.Tensor:
-    """Sorted indices of the kept neurons: the best scores, or a random same-size set for the control."""
+    """Sorted indices of the kept neurons: the best scores, a random same-size set for the random
+    control, or every neuron for the kernel control."""
     width = scores.numel()
+    if control == "kernel":
+        return torch.arange(width)
     k = kept_count(width, sparsity)
     if control == "random":
         generator = torch.Generator().manual_seed(seed * 1009 + layer)
@@ -56,10 +63,12 @@ class CompactFFN:
 
     :meth:`refill` gathers another subset of the same size into the same buffers (CoreInfer, once
     per prompt): no new allocation, so no page faults on half the layer's weight bytes per prompt.
+    ``counts`` (the Phase's ``kernel_calls``) counts the calls on the compiled kernel ("rows") and, where it
+    could run but the call has too many tokens for it, on ``F.linear`` ("dense").
     """
 
-    def __init__(self, weights: FFNWeights, keep: torch.Tensor):
-        self.weights = weights
+    def __init__(self, weights: FFNWeights, keep: torch.Tensor, counts=None):
+        self.weights, self.counts = weights, counts
         self.up = self.gate = self.down = None  # buffers, allocated by the first refill
         self.refill(keep)
 
@@ -74,13 +83,16 @@ class CompactFFN:
         self.gate, self.gate_bias = weights.rows("gate", keep, out=self.gate) if weights.gate is not None else (None, None)
         self.down = torch.index_select(weights.down, 1, keep, out=self.down)  # (d_model, k)
         self.down_bias = weights.down_bias
+        self.products = {role: (weight, bias, row_kernel.products_pay(weight)) for role, weight, bias in
+                         (("up", self.up, self.up_bias), ("gate", self.gate, self.gate_bias),
+                          ("down", self.down, self.down_bias))}  # role: (weight, bias, on the kernel when few tokens)
 
     def forward(self, role: str, x: torch.Tensor) -> torch.Tensor:
-        if role == "up":
-            return F.linear(x, self.up, self.up_bias)
-        if role == "gate":
-            return F.linear(x, self.gate, self.gate_bias)
-        return F.linear(x, self.down, self.down_bias)
+        weight, bias, kernel = self.products[role]
+        on_kernel = kernel and tokens_of(x) <= row_kernel.MAX_PRODUCT_TOKENS
+        if self.counts is not None and kernel:
+            self.counts["rows" if on_kernel else "dense"] += 1
+        return row_kernel.linear(x, weight, bias) if on_kernel else F.linear(x, weight, bias)
 
 
 class HotRuntime:
@@ -92,11 +104,12 @@ class HotRuntime:
 
 
 def runtime(plan, layer, phase):
-    if plan.sparsity == 0:
+    if plan.sparsity == 0 and plan.control != "kernel":
         return None
     scores = plan.tensor("score", layer.index)
     keep = chosen_neurons(scores, plan.sparsity, plan.control, plan.options.get("seed", 0), layer.index)
-    return HotRuntime(CompactFFN(layer_weights(layer), keep.to(layer.down.weight.device)))
+    counts = phase.kernel_calls if phase is not None else None
+    return HotRuntime(CompactFFN(layer_weights(layer), keep.to(layer.down.weight.device), counts))
 
 
 def build(neurons, options, atlas, sample, plan) -> dict[str, torch.Tensor]:

@@ -31,10 +31,12 @@ FORMAT_VERSION = 1
 META_FILE = "plan.json"
 TENSORS_FILE = "tensors.safetensors"
 # "random": the same plan with random choices, the baseline to beat; "kernel": the plan's kernels with
-# nothing skipped (TEAL, WINA, CATS), which tells a faster kernel from the work skipped
+# nothing skipped (KERNEL_METHODS), which tells a faster kernel from the work skipped
 CONTROLS = (None, "random", "kernel")
 # per-token thresholds run by kernels of their own: what they skip depends on the text; prefill an option
 THRESHOLD_METHODS = ("teal", "wina", "cats")
+# decode steps on compiled kernels of their own: the thresholds', and the compacted weights of hot and CoreInfer
+KERNEL_METHODS = (*THRESHOLD_METHODS, "hot", "coreinfer")
 
 
 @dataclass
@@ -67,8 +69,8 @@ class SparsePlan:
     def as_control(self, control: str | None = "random") -> SparsePlan:
         if control not in CONTROLS:
             raise NeuronAtlasError(f"unknown control {control!r}; use one of {', '.join(map(str, CONTROLS))}")
-        if control == "kernel" and self.method not in THRESHOLD_METHODS:
-            raise NeuronAtlasError(f"the kernel control is for {', '.join(THRESHOLD_METHODS)}, whose decode runs kernels "
+        if control == "kernel" and self.method not in KERNEL_METHODS:
+            raise NeuronAtlasError(f"the kernel control is for {', '.join(KERNEL_METHODS)}, whose decode runs kernels "
                                    f"of their own; {self.method} runs the dense model's")
         return replace(self, control=control)
 

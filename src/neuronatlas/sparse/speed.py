@@ -183,7 +183,7 @@ def speed_lines(result: dict) -> list[str]:
                      f"({result['compaction_share']:.0%} of the sparse decode time)")
     for point in result.get("batched", []):
         kernel = point.get("kernel_rows_share")
-        note = "" if kernel is None else ("; row kernel" if kernel >= 0.5 else "; dense fallback (the row kernel reads more than dense)")
+        note = "" if kernel is None else ("; row kernel" if kernel >= 0.5 else "; dense fallback (the kernel would be slower here)")
         lines.append(f"decode (batch {point['batch']}): dense {point['dense_tokens_per_s']:.1f} tok/s, sparse "
                      f"{point['sparse_tokens_per_s']:.1f} tok/s, speedup {speedup_text(point)}{note}")
     return lines
