@@ -119,3 +119,33 @@ def test_bad_counts_are_refused(model, corpus):
 
     with pytest.raises(NeuronAtlasError, match="bands must be at least 1"):
         sample_contexts(*model, corpus, NEURONS, bands=0)
+
+
+def test_a_cached_sample_file_is_never_read_half_written(tmp_path):
+    """The viewer draws a neuron's samples on one server thread and reads the cache (read_cached) on
+    another: a file written in place was read half-written there (a JSON error, an HTTP 500). Written
+    whole, a reader polling during 40 rewrites of a 1.5 MB file never sees part of one (written in
+    place, it saw a partial file hundreds of times in the same loop)."""
+    import threading
+
+    from neuronatlas.files import write_text_whole
+
+    path = tmp_path / "samples.json"
+    write_text_whole(path, json.dumps({"values": list(range(200_000))}))
+    stop, errors = threading.Event(), []
+
+    def read_while_written():
+        while not stop.is_set():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                errors.append(error)
+
+    reader = threading.Thread(target=read_while_written)
+    reader.start()
+    for step in range(40):
+        write_text_whole(path, json.dumps({"values": list(range(200_000 + step))}))
+    stop.set()
+    reader.join()
+    assert not errors
+    assert [item.name for item in tmp_path.iterdir()] == ["samples.json"]  # no temporary file left behind

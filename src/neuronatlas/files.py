@@ -1,4 +1,5 @@
-"""The names of the files in an atlas folder and of those a profile in progress keeps there.
+"""The names of the files in an atlas folder and of those a profile in progress keeps there, and
+writing a small file whole or not at all.
 
 What each file holds: :mod:`neuronatlas.atlas` (the atlas) and :mod:`neuronatlas.docpool` (the
 document sample). The profiler's scratch files are removed when the atlas is complete.
@@ -64,3 +65,18 @@ def current_umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
+
+
+def write_text_whole(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it (named for this process
+    and thread, so concurrent writers never share one), then renamed onto it. A reader never sees
+    half a file, which a server's other thread reading the same file while it is written would."""
+    import threading
+
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ import torch
 
 from .corpus import Corpus, iter_batches, iter_windows, read_corpus
 from .errors import NeuronAtlasError
+from .files import write_text_whole
 from .hooks import activation_module, capture, forward_batch, pad_token_id
 from .tokens import decode_bytes, display_spans, piece_text, token_bytes
 
@@ -235,7 +236,8 @@ def cached_samples(atlas_path: str | Path, atlas_meta: dict, neurons, draw, **op
         for (layer, index), samples in drawn.items():
             try:
                 (folder / str(layer)).mkdir(parents=True, exist_ok=True)
-                (folder / str(layer) / f"{index}.json").write_text(json.dumps(samples.to_json()), encoding="utf-8")
+                write_text_whole(folder / str(layer) / f"{index}.json", json.dumps(samples.to_json()))  # the viewer's
+                # other threads read this file (read_cached) while it is written: never half of it
             except OSError:
                 pass  # a read-only atlas: drawn again next time
         found.update(drawn)

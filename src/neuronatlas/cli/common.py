@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import NeuronAtlasError
+from ..files import write_text_whole
 
 OUTPUT_KINDS = ("file", "folder")
 
@@ -105,12 +106,7 @@ def write_json(path: str | Path, data: dict, indent: int = 2) -> None:
     if path.is_dir():  # a verb that did not preflight its output: still one line, not a traceback
         raise NeuronAtlasError(f"{path} is a folder; give the path of the JSON file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_text_whole(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
 def write_set(found, out: str, extra: str = "") -> None:
