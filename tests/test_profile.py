@@ -302,6 +302,22 @@ def test_info_json_has_the_contract_keys(atlas, tmp_path, capsys):
     assert info["disk"]["bytes_per_neuron"] == pytest.approx(sum(on_disk.values()) / 74, abs=0.1)
 
 
+def test_the_summary_names_the_document_sample_when_it_dominates_the_bytes():
+    """The sample grows with the corpus (4 bytes a neuron per document): on a few hundred documents it
+    is the atlas's largest part, and the summary says so, with the option that shrinks it."""
+    from neuronatlas.summary import document_sample_line
+
+    def summary(sample_bytes: int) -> dict:
+        files = {"exemplars.parquet": 3000, "stats.safetensors": 1000, "docpool_mean.npy": sample_bytes,
+                 "docpool_max.npy": sample_bytes}
+        return {"neurons_per_layer": [2, 2], "doc_sample_documents": sample_bytes // 8,
+                "disk": {"bytes": sum(files.values()), "files": files}}
+
+    line = document_sample_line(summary(2048))
+    assert "document sample (256 documents" in line and "1.00 KiB a neuron" in line and "--doc-sample" in line
+    assert document_sample_line(summary(100)) is None  # a small sample: nothing to say
+
+
 def test_import_loads_nothing_heavy():
     code = "import sys, neuronatlas; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

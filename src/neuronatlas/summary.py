@@ -17,6 +17,9 @@ def print_summary(summary: dict) -> None:
         largest = sorted(disk["files"].items(), key=lambda item: -item[1])[:4]
         print(f"on disk: {disk['bytes'] / 2**20:,.1f} MiB, {disk['bytes_per_neuron'] / 1024:.2f} KiB a neuron ("
               + ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in largest) + ")")
+        sample_line = document_sample_line(summary)
+        if sample_line:
+            print(sample_line)
     gate = summary.get("gate_dead_fraction_per_layer")
     header = f"{'layer':>5} {'neurons':>8} {'active %':>9} {'dead %':>7}" + (f" {'gate dead %':>11}" if gate else "")
     print(header)
@@ -26,3 +29,16 @@ def print_summary(summary: dict) -> None:
         if gate:
             line += f" {100 * gate[layer]:>11.2f}"
         print(line)
+
+
+def document_sample_line(summary: dict, share: float = 0.25) -> str | None:
+    """A line naming the document sample's bytes when they are more than ``share`` of the atlas: it
+    grows with the corpus (up to --doc-sample documents a label, 4 bytes a neuron each), the rest does not."""
+    disk = summary["disk"]
+    sample = sum(size for name, size in disk["files"].items() if name.startswith("docpool"))
+    if not disk["bytes"] or sample <= share * disk["bytes"]:
+        return None
+    neurons = max(sum(summary["neurons_per_layer"]), 1)
+    return (f"  of which the document sample ({summary.get('doc_sample_documents', 0):,} documents, 4 bytes a neuron "
+            f"each) {sample / neurons / 1024:.2f} KiB a neuron: a smaller --doc-sample N (documents per label) "
+            "shrinks it, --doc-sample 0 drops it, and with it find's document-level scores and permutation nulls")
