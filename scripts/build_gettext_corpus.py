@@ -2,7 +2,7 @@
 gettext catalogs (PyPI wheels): text of another domain (software interfaces) than the bundled
 corpus, which the project never trained or tuned anything on.
 
-    python scripts/build_gettext_corpus.py [--languages en,de,fr,es,it,pt] [--heldout 12] [--out DIR]
+    python scripts/build_gettext_corpus.py [--languages en,de,fr,es,it,pt] [--heldout 8] [--out DIR]
 
 The wheels are downloaded with ``pip download --no-deps`` (nothing is installed); each language's
 compiled catalogs (``locale/<lang>/LC_MESSAGES/*.mo``) are read with the standard library's
@@ -39,7 +39,9 @@ DOCUMENT_CHARS = 500
 
 
 def catalog_pairs(wheels: list[zipfile.ZipFile], language: str) -> list[tuple[str, str]]:
-    """(source, translation) of every singular message of ``language``'s catalogs, in file order."""
+    """(source, translation) of every singular message of ``language``'s catalogs, in catalog order (a
+    compiled catalog is sorted by message id). ``gettext`` exposes a catalog's messages only as the
+    ``_catalog`` dict: plural forms are keyed by (id, n) and left out, as is the header (id "")."""
     pairs = []
     for wheel in wheels:
         names = sorted(name for name in wheel.namelist()
