@@ -115,14 +115,9 @@ def hot_atlas(model, tokenizer, path: str | None):
 
     if path:
         return load_atlas(path)
-    rows, seen = [], {}
-    for row in map(json.loads, Path(bundled.CORPUS_TRAIN).read_text(encoding="utf-8").splitlines()):
-        if seen.setdefault(row["lang"], 0) < 40:
-            seen[row["lang"]] += 1
-            rows.append(row)
     folder = Path(tempfile.mkdtemp(prefix="hot-atlas-"))
-    (folder / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return profile(model, read_corpus(folder / "corpus.jsonl", label_field="lang"), folder / "atlas", tokenizer=tokenizer,
+    corpus = bundled.first_per_label(bundled.CORPUS_TRAIN, folder / "corpus.jsonl", 40)
+    return profile(model, read_corpus(corpus, label_field="lang"), folder / "atlas", tokenizer=tokenizer,
                    quiet=True, options=ProfileOptions(max_length=128, top_k=0, doc_sample=0))
 
 

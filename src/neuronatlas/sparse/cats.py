@@ -121,7 +121,7 @@ class CatsRuntime:
 
 def runtime(plan, layer, phase):
     kernel_only = plan.control == "kernel"  # the kernels at threshold -inf: every neuron computed, none skipped
-    if plan.sparsity == 0 and not kernel_only:
+    if plan.leaves_dense:
         return None
     threshold = threshold_at(plan.tensor("quantiles.act", layer.index), 0.0 if kernel_only else plan.sparsity)
     random = plan.sparsity if plan.control == "random" else None

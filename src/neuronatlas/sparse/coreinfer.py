@@ -133,7 +133,7 @@ class CoreInferRuntime:
 
 def runtime(plan, layer, phase):
     layers = plan.options.get("layers")
-    if (plan.sparsity == 0 and plan.control != "kernel") or (layers is not None and layer.index not in layers):
+    if plan.leaves_dense or (layers is not None and layer.index not in layers):
         return None
     return CoreInferRuntime(plan, layer, phase)
 

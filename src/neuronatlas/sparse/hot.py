@@ -104,7 +104,7 @@ class HotRuntime:
 
 
 def runtime(plan, layer, phase):
-    if plan.sparsity == 0 and plan.control != "kernel":
+    if plan.leaves_dense:
         return None
     scores = plan.tensor("score", layer.index)
     keep = chosen_neurons(scores, plan.sparsity, plan.control, plan.options.get("seed", 0), layer.index)

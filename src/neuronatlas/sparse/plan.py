@@ -55,6 +55,12 @@ class SparsePlan:
             raise NeuronAtlasError(f"plan ({self.method}) has no tensor {key!r}; make it again with `neuronatlas sparsify`")
         return self.tensors[key]
 
+    @property
+    def leaves_dense(self) -> bool:
+        """Whether the layers have nothing to run: sparsity 0, unless this is the kernel control (its
+        kernels run with nothing skipped)."""
+        return self.sparsity == 0 and self.control != "kernel"
+
     def has(self, name: str, layer: int) -> bool:
         return f"{name}.{layer}" in self.tensors
 

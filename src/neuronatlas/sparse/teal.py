@@ -106,7 +106,7 @@ def group_sparsities(plan, layer: int, roles: dict) -> dict[str, float]:
 
 def threshold_runtime(plan, layer, weighted: bool, phase=None):
     kernel_only = plan.control == "kernel"  # the kernels at threshold -inf: every channel read, none skipped
-    if plan.sparsity == 0 and not kernel_only:
+    if plan.leaves_dense:
         return None
     roles = {role: weight_bias for role, weight_bias in role_weights(layer).items()
              if plan.has(f"quantiles.{role}", layer.index)}
