@@ -17,10 +17,13 @@ from neuronatlas.profile import ProfileOptions, profile
 
 MAX_LENGTH = 24
 CAP = 4  # documents per label in the sample of the main atlas
+# the sample's values (float16, both pools), checked against a brute-force pooling; the default rank
+# codes are checked against these values' ranks (test_atlas_positions)
+SAMPLE_AS_VALUES = {"doc_sample": CAP, "doc_pools": ["mean", "max"], "doc_format": "float16"}
 
 
 def options(**changes) -> ProfileOptions:
-    return ProfileOptions(**{"max_length": MAX_LENGTH, "top_k": 5, "batch_size": 4, "doc_sample": CAP, **changes})
+    return ProfileOptions(**{"max_length": MAX_LENGTH, "top_k": 5, "batch_size": 4, **SAMPLE_AS_VALUES, **changes})
 
 
 def run_profile(model_dir, corpus, out, **changes):

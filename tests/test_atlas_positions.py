@@ -13,7 +13,9 @@ import torch
 from neuronatlas.atlas import Atlas, default_position_edges, load_atlas
 from neuronatlas.atlas_merge import merge_atlases
 from neuronatlas.corpus import read_corpus
+from neuronatlas.docpool import decode, rank_codes, rank_knots
 from neuronatlas.errors import NeuronAtlasError
+from neuronatlas.methods.selectivity import auroc, label_scores
 from neuronatlas.profile import ProfileRun, profile
 from neuronatlas.stats import SignalStats
 
@@ -94,10 +96,54 @@ def test_doc_pooled_mean_and_max_equal_brute_force(atlas, reference):
     assert np.load(Path(atlas.docpool.parts[0]["mean"].filename), mmap_mode="r").dtype == np.float16
 
 
+def test_the_default_sample_holds_the_ranks_of_the_values(tiny_llama, corpus_path, atlas, tmp_path):
+    """The default format keeps each document's rank among the sample (a byte) instead of its value:
+    with up to 256 documents the exact ranks, ties shared, so AUROC and AP are those of the values."""
+    ranked = load_atlas(run_profile(tiny_llama, corpus_path, tmp_path / "ranked", doc_format="ranks").path)
+    assert ranked.docpool.ranked and not atlas.docpool.ranked
+    for pool in ("mean", "max"):
+        assert np.load(tmp_path / "ranked" / f"docpool_{pool}.npy", mmap_mode="r").dtype == np.uint8
+        values, codes = atlas.docpool.matrix(pool), ranked.docpool.scores(pool)  # (12, 74) both
+        assert np.array_equal(codes, rank_codes(values)) and np.array_equal(atlas.docpool.scores(pool), values)
+        decoded = ranked.docpool.matrix(pool)  # values again, from each neuron's 17 knots
+        for column in range(values.shape[1]):  # the same order, the same ties
+            lower = values[:, column][:, None] < values[:, column][None, :]
+            assert np.array_equal(lower, codes[:, column][:, None] < codes[:, column][None, :])
+            assert not (decoded[:, column][:, None] > decoded[:, column][None, :])[lower].any()  # never reversed
+        np.testing.assert_allclose(decoded, values, rtol=2e-3, atol=1e-6)  # 12 documents: every rank is a knot
+    assert (ranked.docpool.scores("mean").max(0) == len(ranked.docpool) - 1).any()  # ranks 0..11, not rescaled
+    for metric in ("auroc", "ap"):
+        mine = label_scores(ranked, ranked.labels, metric)
+        theirs = label_scores(atlas, atlas.labels, metric)
+        for label in atlas.labels:
+            torch.testing.assert_close(torch.cat(mine[label]), torch.cat(theirs[label]), rtol=0, atol=1e-12)
+
+
+def test_rank_codes_beyond_256_documents_are_quantiles_within_a_thousandth_of_auroc():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_t(2, (1000, 40)), np.zeros((1000, 1))], axis=1).astype(np.float16)
+    values[:500, :20] += 1.0  # the first 500 documents (the label) score higher on half the neurons
+    codes = rank_codes(values)
+    assert codes.dtype == np.uint8 and codes.min() == 0 and codes[:, :40].max() == 255
+    assert (codes[:, 40] == 0).all()  # a column of ties: one code
+    order = np.argsort(values[:, 0].astype(np.float32), kind="stable")
+    assert (np.diff(codes[order, 0].astype(int)) >= 0).all()  # monotone in the value
+    positive = torch.arange(1000) < 500
+    exact = auroc(torch.from_numpy(values.astype(np.float32)), positive)
+    coded = auroc(torch.from_numpy(codes.astype(np.float32)), positive)
+    assert exact[:20].min() > 0.55  # the effect is there to be kept
+    assert (coded - exact).abs().max() < 1e-3
+    decoded = decode(codes, rank_knots(values), len(values))  # (1000, 41) from 17 values a neuron
+    ordered = np.sort(values.astype(np.float32), axis=0)
+    assert np.array_equal(decoded.min(0), ordered[0]) and np.array_equal(decoded.max(0), ordered[-1])
+    middle = np.abs(decoded - values)[(values > ordered[50]) & (values < ordered[-50])]  # off the tails
+    assert np.median(middle) < 0.05 * np.median(np.abs(values))
+
+
 def test_resume_gives_the_uninterrupted_atlas(tiny_llama, corpus_path, tmp_path, monkeypatch):
     """Interrupted several batches after its last checkpoint (rows written past it), then resumed;
     buffers of 4 windows batched by length (one window a batch), so the checkpoints fall between them."""
-    bucketed = options(batch_size=1, bucket_batches=4)
+    bucketed = options(batch_size=1, bucket_batches=4, doc_format="ranks")
     atlas = profile(str(tiny_llama), corpus_path, tmp_path / "whole", label_field="lang", options=bucketed,
                     device="cpu", quiet=True)
     out = tmp_path / "resumed"
@@ -204,3 +250,49 @@ def test_profile_cli_flags_and_bad_options(tiny_llama, corpus_path, tmp_path, ca
     with pytest.raises(NeuronAtlasError, match="position edges"):
         profile(str(tiny_llama), corpus_path, tmp_path / "c", options=options(position_edges=[1, 4]), device="cpu",
                 quiet=True)
+
+
+def test_sums_are_saved_as_float32_with_squares_about_the_mean():
+    """A neuron whose mean is large beside its spread: its variance survives the float32 file (M2),
+    where a float32 sum of squares would lose it to cancellation."""
+    from neuronatlas.atlas import centred_moments, raw_moments
+
+    rng = np.random.default_rng(0)
+    z = torch.from_numpy(1000.0 + 0.01 * rng.standard_normal((5000, 3)))  # (tokens, neurons) float64
+    state = {"tokens_per_label": torch.tensor([5000, 0]), "z.sum.0": torch.stack([z.sum(0), torch.zeros(3)]),
+             "z.sumsq.0": torch.stack([(z * z).sum(0), torch.zeros(3)])}
+    saved = centred_moments(dict(state))
+    assert set(saved) == {"tokens_per_label", "z.sum.0", "z.m2.0"}
+    assert saved["z.sum.0"].dtype == saved["z.m2.0"].dtype == torch.float32
+    read = raw_moments(dict(saved))
+    variance = read["z.sumsq.0"][0] / 5000 - (read["z.sum.0"][0] / 5000) ** 2
+    torch.testing.assert_close(variance, z.var(0, unbiased=False), rtol=1e-4, atol=0)
+    assert torch.equal(read["z.sumsq.0"][1], torch.zeros(3))  # a label without tokens stays zero
+    naive = state["z.sumsq.0"][0].float().double() / 5000 - (state["z.sum.0"][0].float().double() / 5000) ** 2
+    assert ((naive - z.var(0, unbiased=False)).abs() > 0.5 * z.var(0, unbiased=False)).all()  # off by half or more
+
+
+def test_the_default_sample_is_bounded_and_merge_says_when_it_drops_one(tiny_llama, corpus_rows_and_path, tmp_path,
+                                                                        capsys):
+    """By default 512 documents are shared by the labels (3 labels: 170 each); two atlases of rank
+    codes (each ranked within its own sample) merge without a sample, and merge says why."""
+    from neuronatlas.cli import main
+    from neuronatlas.profile.options import auto_doc_sample
+
+    assert [auto_doc_sample(k) for k in (1, 2, 3, 5, 16, 100)] == [256, 256, 170, 102, 32, 32]
+    rows, _ = corpus_rows_and_path
+    parts = []
+    for name, part in (("first", rows[:13]), ("second", rows[13:])):
+        write_jsonl(tmp_path / f"{name}.jsonl", part)
+        parts.append(str(tmp_path / name))
+        assert main(["profile", "--model", str(tiny_llama), "--corpus", str(tmp_path / f"{name}.jsonl"), "--label-field",
+                     "lang", "--out", parts[-1], "--device", "cpu", "--quiet", "--max-length", "24"]) == 0
+    first = load_atlas(parts[0])
+    assert first.meta["options"]["doc_sample"] == 170 and first.meta["options"]["doc_pools"] == ["mean"]
+    assert first.docpool.ranked and len(first.docpool) == 13
+    capsys.readouterr()
+    assert main(["merge", *parts, "--out", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "no document sample" in out and "--doc-format float16" in out
+    merged = load_atlas(tmp_path / "merged")
+    assert merged.docpool is None and merged.meta["options"]["doc_sample"] == 0

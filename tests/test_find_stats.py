@@ -108,7 +108,8 @@ def test_probe_bad_input():
 def test_collected_documents_match_the_atlas_sample(tiny_llama, corpus_path, tmp_path):
     """collect_samples pools z per document exactly as the profiler's document sample does."""
     atlas = profile(str(tiny_llama), corpus_path, tmp_path / "atlas", label_field="lang", device="cpu", quiet=True,
-                    options=ProfileOptions(max_length=24, top_k=0, batch_size=4, doc_sample=5))
+                    options=ProfileOptions(max_length=24, top_k=0, batch_size=4, doc_sample=5,
+                                           doc_pools=["mean", "max"], doc_format="float16"))
     model, tokenizer = load_model(str(tiny_llama), device="cpu", quiet=True)
     corpus = read_corpus(corpus_path, label_field="lang")
     for pool in ("mean", "max"):

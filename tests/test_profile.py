@@ -200,8 +200,12 @@ def test_halves_merge_into_the_whole(tiny_llama, corpus_rows_and_path, tmp_path)
 def test_atlas_round_trips_and_exemplars_are_queryable_with_duckdb(atlas, tmp_path):
     atlas.save(tmp_path / "copy")
     loaded = load_atlas(tmp_path / "copy")
-    for name in ("active", "sum", "top_uid"):
+    for name in ("active", "top_uid"):
         assert torch.equal(loaded.stat(name, 1), atlas.stat(name, 1))
+    for name in ("sum", "sumsq"):  # saved as float32 (the squares about the mean): within its precision
+        torch.testing.assert_close(loaded.stat(name, 1), atlas.stat(name, 1), rtol=1e-6, atol=1e-6)
+    loaded.save(tmp_path / "again")  # and a loaded atlas saves and loads again unchanged
+    assert all(torch.equal(tensor, load_atlas(tmp_path / "again").tensors()[key]) for key, tensor in loaded.tensors().items())
     # the exemplar lists are saved once, in the exemplar tables, and read back from there
     assert not any(".top_" in key or ".bottom_" in key for key in load_file(str(tmp_path / "copy" / "stats.safetensors")))
     # the histograms are in their own compressed table, and come back exact
@@ -224,17 +228,20 @@ def test_atlas_round_trips_and_exemplars_are_queryable_with_duckdb(atlas, tmp_pa
 
 
 def test_an_atlas_of_format_two_loads(atlas, tmp_path):
-    """Format 2 kept the histograms in stats.safetensors and 8-bit window codes without window_bits."""
+    """Format 2 kept the histograms in stats.safetensors and 8-bit window codes without window_bits
+    (and, as format 3, sums and sums of squares in float64)."""
     import json
 
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
 
+    from neuronatlas.atlas import raw_moments
     from neuronatlas.exemplar_windows import with_window_values
 
     atlas.save(tmp_path / "old")
     old = tmp_path / "old"
-    state = load_file(str(old / "stats.safetensors"))
+    state = raw_moments(load_file(str(old / "stats.safetensors")))  # float64 "sumsq" instead of float32 "m2"
+    assert state["z.sumsq.1"].dtype == torch.float64 and "z.m2.1" not in state
     state.update({f"z.hist.{layer}": atlas.stat("hist", layer).int() for layer in range(atlas.num_layers)})
     save_file(state, str(old / "stats.safetensors"))
     (old / "histograms.parquet").unlink()
@@ -246,11 +253,13 @@ def test_an_atlas_of_format_two_loads(atlas, tmp_path):
     loaded = load_atlas(old)
     for layer in range(atlas.num_layers):
         assert torch.equal(loaded.stat("hist", layer), atlas.stat("hist", layer))
+        torch.testing.assert_close(loaded.stat("sumsq", layer), atlas.stat("sumsq", layer), rtol=1e-6, atol=1e-6)
     six = with_window_values(table)["window_activations"].to_pylist()
     eight = with_window_values(loaded.exemplar_table())["window_activations"].to_pylist()
     assert len(six) == len(eight) and six != eight  # the same codes read as 8 bits: other values
-    loaded.save(tmp_path / "new")  # saved again in format 3, the codes keep their 8-bit meaning
-    assert json.loads((tmp_path / "new" / "atlas.json").read_text())["format_version"] == 3
+    loaded.save(tmp_path / "new")  # saved again in format 4, the codes keep their 8-bit meaning
+    assert json.loads((tmp_path / "new" / "atlas.json").read_text())["format_version"] == 4
+    assert "z.m2.1" in load_file(str(tmp_path / "new" / "stats.safetensors"))
     assert (tmp_path / "new" / "histograms.parquet").exists()
     assert with_window_values(pq.read_table(tmp_path / "new" / "exemplars.parquet"))["window_activations"].to_pylist() == eight
 
@@ -303,18 +312,18 @@ def test_info_json_has_the_contract_keys(atlas, tmp_path, capsys):
 
 
 def test_the_summary_names_the_document_sample_when_it_dominates_the_bytes():
-    """The sample grows with the corpus (4 bytes a neuron per document): on a few hundred documents it
-    is the atlas's largest part, and the summary says so, with the option that shrinks it."""
+    """The sample grows with --doc-sample (a byte a neuron per document and pool): a large one is the
+    atlas's largest part, and the summary says so, with the option that shrinks it."""
     from neuronatlas.summary import document_sample_line
 
     def summary(sample_bytes: int) -> dict:
         files = {"exemplars.parquet": 3000, "stats.safetensors": 1000, "docpool_mean.npy": sample_bytes,
                  "docpool_max.npy": sample_bytes}
-        return {"neurons_per_layer": [2, 2], "doc_sample_documents": sample_bytes // 8,
+        return {"neurons_per_layer": [2, 2], "doc_sample_documents": sample_bytes // 4,
                 "disk": {"bytes": sum(files.values()), "files": files}}
 
     line = document_sample_line(summary(2048))
-    assert "document sample (256 documents" in line and "1.00 KiB a neuron" in line and "--doc-sample" in line
+    assert "document sample (512 documents, 2 bytes a neuron each) 1.00 KiB a neuron" in line and "--doc-sample" in line
     assert document_sample_line(summary(100)) is None  # a small sample: nothing to say
 
 

@@ -6,7 +6,9 @@ An atlas is a directory::
     stats.safetensors    dense statistics, keys "<signal>.<stat>.<layer>" (see stats.SignalStats)
                          plus "tokens_per_label" (K,) and "hist_edges" (B - 1,); not the exemplar
                          lists (format 2): load_atlas reads them back from the exemplar tables;
-                         nor the histograms (format 3)
+                         nor the histograms (format 3); the sums as float32 and, for the sums of
+                         squares, "<signal>.m2.<layer>" = sumsq - sum² / tokens in float32 (format
+                         4; load_atlas gives sumsq back in float64, see centred_moments)
     histograms.parquet   the histograms "<signal>.hist.<layer>" (D, B) int32, one row per neuron: key,
                          counts; zstd packs their many empty bins (61 bytes a neuron on SmolLM2
                          over 60 documents, against 256 in stats.safetensors)
@@ -21,8 +23,10 @@ An atlas is a directory::
     contexts.parquet     the token ids of every window an exemplar points to: seq, doc, label,
                          start, token_ids
     vocab.parquet        token id -> the string it decodes to, to show contexts without the model
-    docpool_mean.npy     (optional) float16 (docs, total neurons): each sampled document's mean z
-    docpool_max.npy      (optional) float16 (docs, total neurons): each sampled document's max z
+    docpool_mean.npy     (optional) uint8 (docs, total neurons): each sampled document's rank among
+                         the sample by its mean z (or, with --doc-format float16, the float16 mean)
+    docpool_mean_knots.npy  (with rank codes) float16 (17, total neurons): the values that decode them
+    docpool_max.npy      (with --doc-pools mean,max) the same for each document's max z, and its knots
     docpool.parquet      (optional) the sampled documents, one row per matrix row: doc, label, tokens
 
 Position statistics (unless profiled with ``--no-positions``): stats.safetensors also holds
@@ -34,11 +38,13 @@ atlas.json: by default 0, 1, 2, 3, 4, 8, 16, ... (powers of two below ``max_leng
 are 0, 1, 2, 3, 4-7, 8-15, ... and the last one ends at ``max_length - 1``.
 
 The document sample (unless profiled with ``--doc-sample 0``): the first ``options.doc_sample``
-documents of each label in corpus order (among documents with at least one token); for each, the
-mean and max of z over all its real tokens (all its windows), for every neuron. Columns are
+documents of each label in corpus order (among documents with at least one token; by default 512
+documents shared by the labels, 32 to 256 a label); for each, the mean (and with ``--doc-pools
+mean,max`` the max) of z over all its real tokens (all its windows), for every neuron. Columns are
 layer-major (layer 0's neurons, then layer 1's ...). See :mod:`neuronatlas.docpool`. Merging two
-atlases concatenates their samples (the second's documents renumbered after the first's; the
-per-label cap is not applied again, so a label may hold up to twice ``doc_sample`` documents).
+atlases concatenates samples of float16 values (the second's documents renumbered after the
+first's; the per-label cap is not applied again, so a label may hold up to twice ``doc_sample``
+documents); samples of rank codes, ranked each within its own, are dropped.
 
 File names: :mod:`neuronatlas.files`. Merging two atlases: :mod:`neuronatlas.atlas_merge`. Shapes (K labels,
 D neurons, P buckets ...): the legend in :mod:`neuronatlas.stats`.
@@ -72,7 +78,8 @@ from .files import (ATLAS_FILES, BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, DOCPOOL_F
 from .exemplar_windows import WINDOW_COLUMNS, has_windows, with_window_codes
 from .stats import REDUCTIONS, SignalStats, make_uid, split_uid
 
-FORMAT_VERSION = 3  # 2: the exemplar lists live in the exemplar tables; 3: histograms.parquet, window_bits
+FORMAT_VERSION = 4  # 2: the exemplar lists live in the exemplar tables; 3: histograms.parquet, window_bits;
+# 4: float32 sums and M2, the document sample as rank codes (its max pool optional)
 EXEMPLAR_ROW_GROUP = 16_384  # rows are sorted by (layer, neuron): small groups let one neuron's query skip the rest
 SIGNALS = ("z", "gate")
 WINDOW_KEYS = ("layer", "neuron", "seq", "pos")
@@ -249,7 +256,7 @@ class Atlas:
         for stats in self.signals.values():
             if stats.hist_edges is not None:
                 out["hist_edges"] = stats.hist_edges.cpu()
-        return out
+        return centred_moments(out)
 
     def save(self, path: str | Path) -> Path:
         """Write the atlas into ``path`` atomically: a complete atlas or nothing."""
@@ -379,7 +386,7 @@ def load_atlas(path: str | Path) -> Atlas:
         )
     check_exemplars_file(path, meta)
     try:
-        state = load_file(str(path / STATS_FILE))
+        state = raw_moments(load_file(str(path / STATS_FILE)))
         if (path / HISTOGRAMS_FILE).exists():  # format 3
             state.update(read_histograms(path / HISTOGRAMS_FILE))
         atlas = from_state(meta, state)
@@ -394,6 +401,35 @@ def load_atlas(path: str | Path) -> Atlas:
         raise _incomplete(path, error) from None
     atlas.path = path
     return atlas
+
+
+def _moment_keys(state: dict[str, torch.Tensor], moment: str):
+    """(key, its sum's key, the token counts of its rows) of every "<prefix>.<moment>.<layer>" in state."""
+    for key in [key for key in state if key.count(".") == 2 and key.split(".")[1] == moment]:
+        prefix, _, layer = key.split(".")
+        tokens = state["position_tokens" if prefix == POSITION else "tokens_per_label"]
+        yield key, f"{prefix}.sum.{layer}", tokens.double().clamp(min=1)[:, None]
+
+
+def centred_moments(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sums as float32 and, instead of each sum of squares, the squares about the mean (M2 =
+    sumsq - sum² / n) as float32 under "<prefix>.m2.<layer>": half the bytes, and a variance
+    (M2 / n) as precise as float32 makes it (sumsq in float32 would lose it to cancellation
+    wherever the mean is large beside the spread)."""
+    for key, sum_key, tokens in list(_moment_keys(state, "sumsq")):
+        total = state[sum_key].double()
+        state[key.replace(".sumsq.", ".m2.")] = (state.pop(key).double() - total * total / tokens).clamp(min=0).float()
+        state[sum_key] = total.float()
+    return state
+
+
+def raw_moments(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`centred_moments` (format 4); a format 3 state (float64 sumsq) as it is."""
+    for key, sum_key, tokens in list(_moment_keys(state, "m2")):
+        total = state[sum_key].double()
+        state[key.replace(".m2.", ".sumsq.")] = state.pop(key).double() + total * total / tokens
+        state[sum_key] = total
+    return state
 
 
 def _is_exemplar_list(key: str) -> bool:

@@ -2,34 +2,46 @@
 
 For label selectivity (average precision / AUROC of a neuron's response to a document as a score
 for the document's label) the profiler keeps, for a deterministic sample of documents, each
-document's **mean** and **max** of ``z`` over its real tokens (all its windows; special tokens such
-as Llama's ``<s>`` included, padding never), for every neuron.
+document's **mean** (and, with ``--doc-pools mean,max``, its **max**) of ``z`` over its real tokens
+(all its windows; special tokens such as Llama's ``<s>`` included, padding never), for every neuron.
 
 The sample: the first ``doc_sample`` documents of each label in corpus order, among documents
 that give at least one token (a document with no tokens has no windows and is never seen).
 
-On disk, in the atlas folder::
+On disk, in the atlas folder (format 4)::
 
-    docpool_mean.npy     float16 (docs, total neurons): mean of z over the document's tokens
-    docpool_max.npy      float16 (docs, total neurons): max of z over the document's tokens
+    docpool_mean.npy     uint8 (docs, total neurons): the rank code of each document's mean z
+    docpool_mean_knots.npy  float16 (17, total neurons): each neuron's mean z at 17 evenly spaced
+                         ranks of the sample (the lowest, the highest and 15 between)
+    docpool_max.npy      (with the max pool) the same for each document's max z, and its knots
     docpool.parquet      one row per document, in the rows' order: doc (index in the corpus),
                          label, tokens (real tokens pooled)
 
-Columns are layer-major: layer 0's neurons, then layer 1's ... (offsets = cumulative widths).
-Values beyond float16's range are clamped to ±65504. Read them with
-``numpy.load(path, mmap_mode="r")``: nothing is loaded until a column block is read.
+A **rank code** orders a neuron's documents as their pooled z does: the document's rank among
+the sample's R documents (0 = the lowest; equal values share the lowest rank), scaled by
+``min(R, 256) / R`` and rounded down. Up to 256 documents the codes are the exact ranks, so
+AUROC, average precision and their permutation nulls come out as from the values; beyond, 256
+quantile levels (AUROC within 0.001 of the values' on SmolLM2 over 349 documents). One byte a
+document and neuron where float16 values took two (atlases of format 3, still read).
+:meth:`DocPool.scores` gives the codes (what the rank statistics use); :meth:`DocPool.matrix`
+decodes them into approximate values, interpolating each neuron's knots in rank (exact at the
+knots; a probe fit on them finds what one fit on the values finds, which one fit on bare ranks
+does not: a logistic probe depends on the values' scale and tails).
 
-While profiling, :class:`DocPoolWriter` writes completed documents' rows straight into
+Columns are layer-major: layer 0's neurons, then layer 1's ... (offsets = cumulative widths).
+Read them with ``numpy.load(path, mmap_mode="r")``: nothing is loaded until a column block is read.
+
+While profiling, :class:`DocPoolWriter` writes completed documents' float16 values straight into
 preallocated ``.npy`` memmaps under ``<out>/docpool.partial/``; only the sampled documents of the
 current buffer of batches (whose windows may run in any order, batched by length) are held in
 memory, and between buffers at most one, straddling the boundary. Its state (which
 documents are sampled, the partial sums of the open document) goes into the profiler's
-checkpoint, so a resumed run rewrites the same rows with the same values.
+checkpoint, so a resumed run rewrites the same rows with the same values. The values become
+rank codes when the atlas is written (:meth:`DocPool.write`), after every rank's rows are in.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +50,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from scipy.stats import rankdata
 
 from . import stats_kernel
 from .errors import NeuronAtlasError
-from .files import DOCPOOL_FILES, DOCPOOL_MAX_FILE, DOCPOOL_MEAN_FILE, DOCPOOL_TABLE_FILE
+from .files import DOCPOOL_KNOTS, DOCPOOL_MAX_FILE, DOCPOOL_MEAN_FILE, DOCPOOL_TABLE_FILE
 
 POOLS = ("mean", "max")
 _FILE_OF_POOL = {"mean": DOCPOOL_MEAN_FILE, "max": DOCPOOL_MAX_FILE}
 FLOAT16_MAX = 65504.0
-_COPY_BYTES = 1 << 26  # rows copied per chunk when concatenating or trimming: ~64 MiB
+CODE_LEVELS = 256  # rank codes are exact ranks up to this many documents, quantile levels beyond
+KNOTS = 17  # per neuron and pool, the values at 17 evenly spaced ranks (min, max and 15 between) decode the codes
+_COPY_BYTES = 1 << 26  # bytes handled per chunk when concatenating, trimming or ranking: ~64 MiB
 
 
 @dataclass
@@ -57,29 +72,60 @@ class DocPool:
     docs: np.ndarray  # (R,) int64 document index in the corpus
     labels: list[str]  # (R,)
     tokens: np.ndarray  # (R,) int64 real tokens pooled
-    parts: list[dict[str, np.ndarray]] = field(default_factory=list)  # row blocks {"mean", "max"}: (r_i, N) float16
-    temporary: bool = False  # parts are scratch files of the profiler that save() may move
+    parts: list[dict[str, np.ndarray]] = field(default_factory=list)  # row blocks {pool: (r_i, N)}: float16
+    # values while profiling (and in atlases of format 3), uint8 rank codes once written
+    temporary: bool = False  # parts are scratch files of the profiler
+    encoding: str = "ranks"  # how write() stores the pools: "ranks" (uint8 rank codes) or "float16" (values)
 
     def __len__(self) -> int:
         return len(self.docs)
+
+    @property
+    def pools(self) -> list[str]:
+        """The pools kept ("mean", and "max" when profiled with it), in POOLS' order."""
+        return [pool for pool in POOLS if self.parts and pool in self.parts[0]]
+
+    @property
+    def ranked(self) -> bool:
+        """Whether the sample is (or is written as) rank codes rather than float16 values."""
+        return self.encoding == "ranks"
 
     @property
     def offsets(self) -> list[int]:
         return np.concatenate([[0], np.cumsum(self.widths)]).astype(int).tolist()
 
     def matrix(self, pool: str = "mean", layer: int | None = None) -> np.ndarray:
-        """(docs, neurons of ``layer`` — or all neurons for None) float32, read from disk."""
+        """(docs, neurons of ``layer`` — or all neurons for None) float32 pooled z, read from disk: the
+        values, or those decoded from rank codes (see the module's docstring)."""
+        columns = self._columns(pool, layer)
+        blocks = [_decoded(part, pool, columns, len(self)) for part in self.parts]
+        return np.concatenate(blocks) if blocks else np.zeros((0, self._width(layer)), np.float32)
+
+    def scores(self, pool: str = "mean", layer: int | None = None) -> np.ndarray:
+        """(docs, neurons) float32 that order each neuron's documents as their pooled z does, ties
+        included: the rank codes as they are, or the values. What rank statistics (AP, AUROC) read."""
+        columns = self._columns(pool, layer)
+        blocks = [np.asarray(part[pool][:, columns], dtype=np.float32) for part in self.parts]
+        return np.concatenate(blocks) if blocks else np.zeros((0, self._width(layer)), np.float32)
+
+    def _width(self, layer: int | None) -> int:
+        return self.widths[layer] if layer is not None else sum(self.widths)
+
+    def _columns(self, pool: str, layer: int | None) -> slice:
         if pool not in POOLS:
             raise NeuronAtlasError(f"unknown pool {pool!r}; use mean or max")
+        if pool not in self.pools:
+            raise NeuronAtlasError(
+                f"this atlas's document sample has no {pool} pool (it has: {', '.join(self.pools)}); "
+                f"profile again with --doc-pools mean,{pool} or use --pool {self.pools[0]}"
+            )
         if layer is None:
             columns = slice(None)
         else:
             if not 0 <= layer < len(self.widths):
                 raise NeuronAtlasError(f"layer {layer} is out of range: the atlas has {len(self.widths)} layers")
             columns = slice(self.offsets[layer], self.offsets[layer + 1])
-        blocks = [np.asarray(part[pool][:, columns], dtype=np.float32) for part in self.parts]
-        width = self.widths[layer] if layer is not None else sum(self.widths)
-        return np.concatenate(blocks) if blocks else np.zeros((0, width), np.float32)
+        return columns
 
     def table(self) -> pa.Table:
         return pa.table({
@@ -89,15 +135,18 @@ class DocPool:
         })
 
     def write(self, folder: Path) -> None:
-        """Write the three files into ``folder``: hard-linked when temporary single files, else copied in chunks."""
+        """Write the pools' files and the table into ``folder``: values become rank codes (unless the
+        encoding is float16); a sample already coded (read from an atlas) is copied."""
         folder = Path(folder)
-        for pool, name in _FILE_OF_POOL.items():
+        for pool in self.pools:
             arrays = [part[pool] for part in self.parts]
-            source = _file_of(arrays[0]) if len(arrays) == 1 else None
-            if self.temporary and source is not None and len(arrays[0]) == len(self):
-                _link_or_copy(source, folder / name)  # linked, not moved: the scratch stays whole until the atlas is
+            path = folder / _FILE_OF_POOL[pool]
+            if self.ranked and arrays[0].dtype != np.uint8:
+                _write_rank_codes(arrays, len(self), sum(self.widths), path, _knots_file(path))
             else:
-                _concatenate_to(arrays, len(self), sum(self.widths), folder / name)
+                _concatenate_to(arrays, len(self), sum(self.widths), path)
+                if arrays[0].dtype == np.uint8:
+                    _concatenate_to([self.parts[0][pool + DOCPOOL_KNOTS]], KNOTS, sum(self.widths), _knots_file(path))
         pq.write_table(self.table(), folder / DOCPOOL_TABLE_FILE)
 
     def reopen(self, folder: Path) -> None:
@@ -108,14 +157,16 @@ class DocPool:
 
 def load_docpool(folder: Path, widths: list[int]) -> DocPool | None:
     folder = Path(folder)
-    if not all((folder / name).exists() for name in DOCPOOL_FILES):
+    if not (folder / DOCPOOL_TABLE_FILE).exists() or not _open_parts(folder):
         return None
     table = pq.read_table(folder / DOCPOOL_TABLE_FILE)
     pool = DocPool(list(widths), np.asarray(table["doc"].to_numpy(), np.int64), table["label"].to_pylist(),
                    np.asarray(table["tokens"].to_numpy(), np.int64), [_open_parts(folder)])
-    for pool_name in POOLS:
+    pool.encoding = "ranks" if pool.parts[0][pool.pools[0]].dtype == np.uint8 else "float16"
+    for pool_name in pool.pools:
         shape = pool.parts[0][pool_name].shape
-        if shape != (len(pool), sum(widths)):
+        knots = pool.parts[0].get(pool_name + DOCPOOL_KNOTS)
+        if shape != (len(pool), sum(widths)) or (knots is not None and knots.shape != (KNOTS, sum(widths))):
             raise NeuronAtlasError(
                 f"{folder / _FILE_OF_POOL[pool_name]} has shape {shape}, expected "
                 f"({len(pool)}, {sum(widths)}); the atlas is damaged: profile again"
@@ -124,41 +175,109 @@ def load_docpool(folder: Path, widths: list[int]) -> DocPool | None:
 
 
 def merge_docpools(first: DocPool | None, second: DocPool | None, doc_offset: int) -> DocPool | None:
-    """Both samples one after the other (second's documents renumbered); None unless both have one.
+    """Both samples one after the other (second's documents renumbered); None unless both have one,
+    with the same pools, of values (rank codes of two samples rank each within its own: see
+    :func:`why_not_merged`).
 
     The per-label cap of the profile is not applied again: a merge may hold up to twice as many
     documents per label.
     """
-    if first is None or second is None:
+    if why_not_merged(first, second) is not None:
         return None
     return DocPool(
         list(first.widths), np.concatenate([first.docs, second.docs + doc_offset]), first.labels + second.labels,
-        np.concatenate([first.tokens, second.tokens]), first.parts + second.parts,
+        np.concatenate([first.tokens, second.tokens]), first.parts + second.parts, encoding="float16",
     )
 
 
+def why_not_merged(first: DocPool | None, second: DocPool | None) -> str | None:
+    """Why two atlases' samples cannot be joined into one (None: they can)."""
+    if first is None or second is None:
+        return "only one of the atlases has a document sample"
+    if first.pools != second.pools:
+        return f"their samples keep different pools ({', '.join(first.pools)} and {', '.join(second.pools)})"
+    if first.ranked or second.ranked:
+        return ("their samples hold rank codes, each ranked within its own sample, which do not compare across "
+                "the two; profile the parts with --doc-format float16 to merge their samples")
+    return None
+
+
+def rank_codes(values: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """(R, C) values -> (R, C) uint8 rank codes: each value's rank in its column (ties share the
+    lowest), times ``min(R, CODE_LEVELS) / R``, rounded down (``rows``: R, when ``values`` is a block)."""
+    rows = rows or len(values)
+    ranks = rankdata(np.nan_to_num(np.asarray(values, np.float32)), axis=0, method="min") - 1  # (R, C) int64
+    return (ranks * min(rows, CODE_LEVELS) // rows).astype(np.uint8)
+
+
+def knot_ranks(rows: int) -> np.ndarray:
+    """(KNOTS,) int64: the ranks (0 = lowest) of R documents whose values are a neuron's knots."""
+    return np.round(np.linspace(0, max(rows - 1, 0), KNOTS)).astype(np.int64)
+
+
+def rank_knots(values: np.ndarray) -> np.ndarray:
+    """(R, C) values -> (KNOTS, C) float16: each column's values at :func:`knot_ranks`."""
+    ordered = np.sort(np.nan_to_num(np.asarray(values, np.float32)), axis=0)
+    return ordered[knot_ranks(len(values))].astype(np.float16)
+
+
+def decode(codes: np.ndarray, knots: np.ndarray, rows: int) -> np.ndarray:
+    """(R', C) rank codes of a sample of ``rows`` documents and their (KNOTS, C) knots -> (R', C)
+    float32 values: each code's rank interpolated linearly between the knots around it."""
+    levels = min(rows, CODE_LEVELS)
+    at = knot_ranks(rows) * levels // max(rows, 1)  # (KNOTS,) the codes of the knots, non-decreasing
+    code = np.arange(levels)
+    right = np.clip(np.searchsorted(at, code, side="right"), 1, KNOTS - 1)  # (levels,) the knot above each code
+    span = np.maximum(at[right] - at[right - 1], 1)
+    weight = np.clip((code - at[right - 1]) / span, 0, 1)  # (levels,)
+    index = codes.astype(np.int64)
+    low = np.take_along_axis(knots.astype(np.float32), right[index] - 1, axis=0)  # (R', C)
+    high = np.take_along_axis(knots.astype(np.float32), right[index], axis=0)
+    return (low + weight[index] * (high - low)).astype(np.float32)
+
+
+def _decoded(part: dict, pool: str, columns: slice, rows: int) -> np.ndarray:
+    block = np.asarray(part[pool][:, columns])
+    if block.dtype != np.uint8:
+        return block.astype(np.float32)
+    return decode(block, np.asarray(part[pool + DOCPOOL_KNOTS][:, columns]), rows)
+
+
+def _knots_file(path: Path) -> Path:
+    return path.with_name(path.stem + DOCPOOL_KNOTS + path.suffix)
+
+
+def _write_rank_codes(arrays: list[np.ndarray], rows: int, width: int, path: Path, knots_path: Path) -> None:
+    """The first ``rows`` rows of the arrays (values, in order) as rank codes in a new uint8 .npy and
+    their knots in another, a block of columns at a time."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows, width))
+    knots = np.lib.format.open_memmap(knots_path, mode="w+", dtype=np.float16, shape=(KNOTS, width))
+    columns = max(1, _COPY_BYTES // max(8 * rows, 1))  # the ranks of a block are int64
+    for start in range(0, width, columns):
+        block = np.concatenate([np.asarray(array[:, start : start + columns], np.float32) for array in arrays])[:rows]
+        out[:, start : start + columns] = rank_codes(block)
+        knots[:, start : start + columns] = rank_knots(block)
+    out.flush()
+    knots.flush()
+    del out, knots
+
+
 def _open_parts(folder: Path) -> dict[str, np.ndarray]:
-    return {pool: np.load(folder / name, mmap_mode="r") for pool, name in _FILE_OF_POOL.items()}
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A second name for ``source`` (free); a copy where the filesystem has no hard links or spans devices."""
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
-def _file_of(array: np.ndarray) -> Path | None:
-    filename = getattr(array, "filename", None)
-    return Path(filename) if filename else None
+    """{pool: its matrix, and pool + "_knots": its knots where it is coded} of the pools on disk."""
+    part = {}
+    for pool, name in _FILE_OF_POOL.items():
+        if (folder / name).exists():
+            part[pool] = np.load(folder / name, mmap_mode="r")
+            if part[pool].dtype == np.uint8:
+                part[pool + DOCPOOL_KNOTS] = np.load(_knots_file(folder / name), mmap_mode="r")
+    return part
 
 
 def _concatenate_to(arrays: list[np.ndarray], rows: int, width: int, path: Path) -> None:
-    """Stream the first ``rows`` rows of the arrays, in order, into a new float16 .npy at ``path``."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, width))
-    chunk = max(1, _COPY_BYTES // max(2 * width, 1))
+    """Stream the first ``rows`` rows of the arrays, in order, into a new .npy at ``path`` (their dtype)."""
+    dtype = arrays[0].dtype
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, width))
+    chunk = max(1, _COPY_BYTES // max(dtype.itemsize * width, 1))
     done = 0
     for array in arrays:
         for start in range(0, len(array), chunk):
@@ -176,10 +295,14 @@ class DocPoolWriter:
     """Pools each sampled document's z while the profiler streams its windows."""
 
     def __init__(self, folder: Path, widths: list[int], labels: list[str], cap: int, documents_per_label: dict,
-                 device: torch.device, sampled_before: tuple[int, ...] | None = None):
+                 device: torch.device, sampled_before: tuple[int, ...] | None = None, pools: list[str] = POOLS,
+                 encoding: str = "ranks"):
         """``documents_per_label``: the documents this writer will see; ``sampled_before``: per label, documents
-        with a token before them (another rank's block): they count towards the cap as if seen here."""
+        with a token before them (another rank's block): they count towards the cap as if seen here;
+        ``pools``: those written (both are computed: one pass gives both)."""
         self.folder = Path(folder)
+        self.pools = [pool for pool in POOLS if pool in pools]
+        self.encoding = encoding
         self.widths = list(widths)
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int).tolist()
         self.total = self.offsets[-1]
@@ -207,13 +330,13 @@ class DocPoolWriter:
         """Start afresh: new (zeroed) scratch files."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
-        for pool in POOLS:
+        for pool in self.pools:
             self.arrays[pool] = np.lib.format.open_memmap(
                 self.folder / f"{pool}.npy", mode="w+", dtype=np.float16, shape=(self.rows_max, self.total))
 
     def reopen(self) -> None:
         """Continue the scratch files of an interrupted run."""
-        for pool in POOLS:
+        for pool in self.pools:
             path = self.folder / f"{pool}.npy"
             if not path.exists():
                 raise NeuronAtlasError(
@@ -362,10 +485,9 @@ class DocPoolWriter:
 
     def _write(self, document: dict) -> None:
         row, count = document["row"], document["tokens"]
-        mean = (document["sum"] / max(count, 1)).clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        peak = document["max"].clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        self.arrays["mean"][row] = mean.to("cpu", torch.float16).numpy()
-        self.arrays["max"][row] = peak.to("cpu", torch.float16).numpy()
+        pooled = {"mean": document["sum"] / max(count, 1), "max": document["max"]}
+        for pool in self.pools:
+            self.arrays[pool][row] = pooled[pool].clamp(-FLOAT16_MAX, FLOAT16_MAX).to("cpu", torch.float16).numpy()
         self.tokens[row] = count
 
     # -- the end
@@ -378,7 +500,7 @@ class DocPoolWriter:
         self.flush()
         rows = self.next_row
         parts = {}
-        for pool in POOLS:
+        for pool in self.pools:
             array = self.arrays[pool]
             if rows < self.rows_max:  # documents without tokens left rows unused: copy the used ones
                 path = self.folder / f"{pool}.trimmed.npy"
@@ -386,4 +508,5 @@ class DocPoolWriter:
                 array = np.load(path, mmap_mode="r")
             parts[pool] = array
         labels = [self.labels[i] for i in self.row_labels[:rows]]
-        return DocPool(self.widths, self.docs[:rows].copy(), labels, self.tokens[:rows].copy(), [parts], temporary=True)
+        return DocPool(self.widths, self.docs[:rows].copy(), labels, self.tokens[:rows].copy(), [parts], temporary=True,
+                       encoding=self.encoding)

@@ -22,7 +22,9 @@ VOCAB_FILE = "vocab.parquet"
 DOCPOOL_MEAN_FILE = "docpool_mean.npy"
 DOCPOOL_MAX_FILE = "docpool_max.npy"
 DOCPOOL_TABLE_FILE = "docpool.parquet"
-DOCPOOL_FILES = (DOCPOOL_MEAN_FILE, DOCPOOL_MAX_FILE, DOCPOOL_TABLE_FILE)
+DOCPOOL_KNOTS = "_knots"  # docpool_mean_knots.npy: the values that decode docpool_mean.npy's rank codes
+DOCPOOL_FILES = (DOCPOOL_MEAN_FILE, DOCPOOL_MAX_FILE, DOCPOOL_TABLE_FILE,
+                 *(name.replace(".npy", DOCPOOL_KNOTS + ".npy") for name in (DOCPOOL_MEAN_FILE, DOCPOOL_MAX_FILE)))
 ATLAS_FILES = (STATS_FILE, HISTOGRAMS_FILE, META_FILE, EXEMPLARS_FILE, BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, VOCAB_FILE, *DOCPOOL_FILES)
 
 # ---- a profile in progress ---------------------------------------------------------------------

@@ -33,12 +33,13 @@ def print_summary(summary: dict) -> None:
 
 def document_sample_line(summary: dict, share: float = 0.25) -> str | None:
     """A line naming the document sample's bytes when they are more than ``share`` of the atlas: it
-    grows with the corpus (up to --doc-sample documents a label, 4 bytes a neuron each), the rest does not."""
+    grows with --doc-sample (documents a label; a byte a neuron each a pool), the rest does not."""
     disk = summary["disk"]
-    sample = sum(size for name, size in disk["files"].items() if name.startswith("docpool"))
+    sample = sum(size for name, size in disk["files"].items() if name.startswith("docpool_"))
     if not disk["bytes"] or sample <= share * disk["bytes"]:
         return None
     neurons = max(sum(summary["neurons_per_layer"]), 1)
-    return (f"  of which the document sample ({summary.get('doc_sample_documents', 0):,} documents, 4 bytes a neuron "
-            f"each) {sample / neurons / 1024:.2f} KiB a neuron: a smaller --doc-sample N (documents per label) "
-            "shrinks it, --doc-sample 0 drops it, and with it find's document-level scores and permutation nulls")
+    documents = max(summary.get("doc_sample_documents", 0), 1)
+    return (f"  of which the document sample ({documents:,} documents, {sample / neurons / documents:.0f} bytes a "
+            f"neuron each) {sample / neurons / 1024:.2f} KiB a neuron: a smaller --doc-sample N (documents per "
+            "label) shrinks it, --doc-sample 0 drops it, and with it find's document-level scores and permutation nulls")

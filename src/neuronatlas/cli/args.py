@@ -67,6 +67,17 @@ def float_in(low: float = -math.inf, high: float = math.inf, low_open: bool = Fa
     return parse
 
 
+def doc_pools(text: str) -> list[str]:
+    """An argparse type: the document sample's pools, "mean", "max" or "mean,max"."""
+    pools = [pool.strip() for pool in text.split(",") if pool.strip()]
+    if not pools or any(pool not in ("mean", "max") for pool in pools):
+        raise argparse.ArgumentTypeError(f"must be mean, max or mean,max, not {text!r}")
+    return pools
+
+
+doc_pools.__name__ = "pools"
+
+
 def int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer >= ``least`` (and <= ``most``, if given)."""
 

@@ -30,6 +30,7 @@ def register(commands) -> None:
 def run(args) -> int:
     from ..atlas import is_atlas, load_atlas
     from ..atlas_merge import merge_atlases
+    from ..docpool import why_not_merged
 
     if len(args.atlases) < 2:
         raise NeuronAtlasError("merge needs at least two atlases")
@@ -39,10 +40,14 @@ def run(args) -> int:
     preflight_output(args.out, "folder", overwrite=args.overwrite, what="merged atlas")
     atlases = [load_atlas(path) for path in args.atlases]
     check_parts([(path, atlas.meta) for path, atlas in zip(args.atlases, atlases)])
-    merged = atlases[0]
+    merged, dropped = atlases[0], None
     for atlas in atlases[1:]:
+        if merged.docpool is not None or atlas.docpool is not None:
+            dropped = dropped or why_not_merged(merged.docpool, atlas.docpool)
         merged = merge_atlases(merged, atlas)
     merged.save(Path(args.out))
+    if dropped:
+        print(f"note: the merged atlas has no document sample (find's document-level scores need one): {dropped}")
     print(f"merged {len(args.atlases)} atlases into {args.out}: {merged.summary()['tokens']:,} tokens")
     return 0
 

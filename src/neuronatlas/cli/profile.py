@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import (corpus_args, debug_arg, finite_float, int_at_least, model_args, nonnegative_float, nonnegative_int,
+from .args import (corpus_args, debug_arg, doc_pools, finite_float, int_at_least, model_args, nonnegative_float, nonnegative_int,
                    out_arg, overwrite_arg, positive_float, quiet_arg, window_args)
 from .common import preflight_output, read_corpus_from
 
@@ -35,9 +35,17 @@ def _profile_options(parser: argparse.ArgumentParser) -> None:
                              "(SiLU, GELU); only those below zero are saved (default: 10; 0 = none)")
     parser.add_argument("--no-gate", action="store_true", help="skip the gate signal of gated families")
     parser.add_argument("--padding-side", default="right", choices=["left", "right"])
-    parser.add_argument("--doc-sample", type=nonnegative_int, default=256, metavar="N",
-                        help="keep the mean and max z of the first N documents of each label, for "
-                             "`find selectivity` (default: 256; 0 = none)")
+    parser.add_argument("--doc-sample", type=nonnegative_int, default=None, metavar="N",
+                        help="keep the pooled z of the first N documents of each label, for `find selectivity` "
+                             "and the nulls of find (default: 512 documents shared by the labels, 32 to 256 a "
+                             "label; 0 = none)")
+    parser.add_argument("--doc-pools", type=doc_pools, default=["mean"], metavar="POOLS",
+                        help="pools of z over a document to keep: mean, max or mean,max (default: mean; each "
+                             "costs a byte a document and neuron)")
+    parser.add_argument("--doc-format", default="ranks", choices=["ranks", "float16"],
+                        help="the document sample on disk: ranks (a byte: each document's rank among the "
+                             "sample, all find needs) or float16 values (two bytes; `merge` joins only these) "
+                             "(default: ranks)")
     parser.add_argument("--no-positions", action="store_true",
                         help="skip the statistics per position bucket that `find positional` reads")
     parser.add_argument("--exemplar-radius", type=nonnegative_int, default=16, metavar="R",
@@ -71,7 +79,8 @@ def _options(args):
     return ProfileOptions(
         batch_size=args.batch_size, max_length=args.max_length, threshold=args.threshold, top_k=args.top_k,
         bottom_k=args.bottom_k, gate=not args.no_gate, padding_side=args.padding_side, dtype=args.dtype,
-        doc_sample=args.doc_sample, positions=not args.no_positions, exemplar_radius=args.exemplar_radius,
+        doc_sample=args.doc_sample, doc_pools=args.doc_pools, doc_format=args.doc_format,
+        positions=not args.no_positions, exemplar_radius=args.exemplar_radius,
         window_bits=args.window_bits,
         stat_threads=args.threads, bucket_batches=args.bucket_batches, batch_tokens=args.batch_tokens,
     )

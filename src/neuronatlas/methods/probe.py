@@ -57,7 +57,8 @@ class ProbeData:
 
 
 def from_atlas(atlas, pool: str = "mean") -> ProbeData:
-    """The atlas's document sample: each sampled document's mean (or max) z, per layer."""
+    """The atlas's document sample: each sampled document's mean (or max) z, per layer: decoded from
+    its rank code (the default format; see :mod:`neuronatlas.docpool`) or its float16 value."""
     documents = atlas.docpool
     if documents is None or len(documents) == 0:
         raise NeuronAtlasError(
@@ -67,7 +68,8 @@ def from_atlas(atlas, pool: str = "mean") -> ProbeData:
     rows = documents.tokens > 0
     labels = [label for label, keep in zip(documents.labels, rows.tolist()) if keep]
     layers = [documents.matrix(pool, layer)[rows] for layer in range(atlas.num_layers)]
-    return ProbeData(labels, documents.docs[rows].astype(np.int64), layers, f"atlas document sample ({pool} of z)")
+    what = f"{pool} of z, decoded from rank codes" if documents.ranked else f"{pool} of z"
+    return ProbeData(labels, documents.docs[rows].astype(np.int64), layers, f"atlas document sample ({what})")
 
 
 @torch.no_grad()

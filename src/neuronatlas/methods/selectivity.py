@@ -60,10 +60,11 @@ def sample_labels(atlas) -> list[str]:
 
 
 def docpool_layers(atlas, pool: str = "mean"):
-    """Per layer, (R, D) float32 pooled z of the sampled documents with tokens."""
+    """Per layer, (R, D) float32 scores of the sampled documents with tokens that order them as their
+    pooled z does (rank codes, or values): all AP and AUROC need."""
     documents = atlas.docpool
     rows = torch.from_numpy(documents.tokens > 0)
-    return (torch.from_numpy(documents.matrix(pool, layer))[rows] for layer in range(atlas.num_layers))
+    return (torch.from_numpy(documents.scores(pool, layer))[rows] for layer in range(atlas.num_layers))
 
 
 def label_scores(atlas, labels: list[str], metric: str = "ap", pool: str = "mean",

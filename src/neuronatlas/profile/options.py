@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from .. import __version__
 from ..atlas import FORMAT_VERSION, default_position_edges
 from ..corpus import Corpus
+from ..docpool import POOLS
 from ..errors import NeuronAtlasError
 from ..exemplar_windows import DEFAULT_BITS, DEFAULT_RADIUS
 from ..loading import gguf_source, model_fingerprint, window_length
@@ -35,7 +36,9 @@ class ProfileOptions:
     hist_edges: list[float] = field(default_factory=lambda: default_hist_edges().tolist())
     positions: bool = True  # also keep z per position bucket
     position_edges: list[int] | None = None  # lower bucket edges; None = 0, 1, 2, 3, 4, 8, 16, ... < max_length
-    doc_sample: int = 256  # documents per label whose mean and max z are kept on disk; 0 = none
+    doc_sample: int | None = None  # documents per label whose pooled z is kept; None = auto (auto_doc_sample); 0 = none
+    doc_pools: list[str] = field(default_factory=lambda: ["mean"])  # pools of z over a document kept: mean, max
+    doc_format: str = "ranks"  # the sample on disk: uint8 rank codes, or float16 values (which merge can join)
     exemplar_radius: int = DEFAULT_RADIUS  # z kept this many tokens either side of each exemplar; 0 = none
     window_bits: int = DEFAULT_BITS  # bits a value of those windows, 2-8 (see exemplar_windows)
     stat_threads: int = 0  # intra-op threads of the statistics; 0 = auto (see worker.placement)
@@ -45,6 +48,20 @@ class ProfileOptions:
 
 BATCH_BYTES = 4 * 2**20  # auto batch_tokens: a batch's z of the widest layer in float32 stays within 4 MiB (cache)
 AUTO_BATCH_TOKENS_MAX = 16_384  # and a toy model's batches stay bounded (its attention scores grow with rows x T^2)
+
+
+DOC_FORMATS = ("ranks", "float16")
+DOC_SAMPLE_TOTAL = 512  # auto doc_sample: the sample holds about this many documents over all labels,
+DOC_SAMPLE_RANGE = (32, 256)  # with this many a label at least and at most
+
+
+def auto_doc_sample(labels: int) -> int:
+    """Documents per label of the default document sample: DOC_SAMPLE_TOTAL shared by the labels,
+    within DOC_SAMPLE_RANGE. The sample is the only part of an atlas that grows with the corpus (a
+    byte a document and neuron a pool): bounded, an atlas stays near 2 KB a neuron (5 labels: 102 a
+    label, 2: 256; from 17 labels on, 32 a label)."""
+    low, high = DOC_SAMPLE_RANGE
+    return max(low, min(high, DOC_SAMPLE_TOTAL // max(labels, 1)))
 
 
 def batch_budget(options: ProfileOptions, widths: list[int]) -> int:
@@ -77,8 +94,13 @@ def check_options(options: ProfileOptions) -> None:
         raise NeuronAtlasError(f"padding side must be left or right (got {options.padding_side!r})")
     if options.stat_threads < 0:
         raise NeuronAtlasError(f"threads must be 0 (auto) or more (got {options.stat_threads})")
-    if options.doc_sample < 0:
+    if options.doc_sample is not None and options.doc_sample < 0:
         raise NeuronAtlasError(f"doc sample must be 0 (none) or more documents per label (got {options.doc_sample})")
+    if options.doc_format not in DOC_FORMATS:
+        raise NeuronAtlasError(f"--doc-format takes ranks or float16 (got {options.doc_format!r})")
+    unknown = [pool for pool in options.doc_pools if pool not in POOLS]
+    if unknown or not options.doc_pools:
+        raise NeuronAtlasError(f"--doc-pools takes mean, max or mean,max (got {','.join(options.doc_pools) or 'nothing'})")
 
 
 def resolve_max_length(config, requested: int | None) -> int:
@@ -114,6 +136,9 @@ def run_metadata(model, tokenizer, neurons: ModelNeurons, corpus: Corpus, counts
         options.position_edges = _position_edges(options)  # resolved like max_length: saved, checked on resume
     per_label = counts["documents_per_label"]
     labels = sorted(per_label) if corpus.label_field or corpus.label_from_folder else [UNLABELLED]
+    if options.doc_sample is None:  # resolved like max_length: saved, checked on resume
+        options.doc_sample = auto_doc_sample(len(labels))
+    options.doc_pools = [pool for pool in POOLS if pool in options.doc_pools]
     gguf = gguf_source(model)  # {file, bytes, fingerprint} of a model loaded from a GGUF file
     return {
         "format_version": FORMAT_VERSION,

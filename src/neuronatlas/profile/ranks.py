@@ -20,7 +20,7 @@ from .. import __version__
 from ..atlas import Atlas, load_atlas
 from ..corpus import Corpus
 from ..distributed import Group, Launch, rank_device, stopped_by_launcher
-from ..docpool import POOLS, DocPool
+from ..docpool import DocPool
 from ..errors import NeuronAtlasError
 from ..files import DOCPOOL_PARTIAL_DIR, checkpoint_name
 from ..models import locate_neurons
@@ -130,13 +130,13 @@ def gather_docpool(group: Group, pool: DocPool, folder: Path) -> DocPool | None:
     header = (pool.docs.tolist(), pool.labels, pool.tokens.tolist())
     headers = group.all_gather_object(header, "gathering the document sample")
     if group.rank != 0:
-        for name in POOLS:
+        for name in pool.pools:
             group.send_rows(pool.parts[0][name], 0)  # a rank's own sample is one part
         return None
     parts = list(pool.parts)
     for rank, (docs, _labels, _tokens) in enumerate(headers[1:], start=1):
         received = {}
-        for name in POOLS:
+        for name in pool.pools:
             path = Path(folder) / f"from-rank{rank}" / f"{name}.npy"
             path.parent.mkdir(parents=True, exist_ok=True)
             received[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(docs), sum(pool.widths)))
@@ -146,7 +146,7 @@ def gather_docpool(group: Group, pool: DocPool, folder: Path) -> DocPool | None:
     docs = np.concatenate([np.asarray(h[0], np.int64) for h in headers])
     tokens = np.concatenate([np.asarray(h[2], np.int64) for h in headers])
     labels = [label for h in headers for label in h[1]]
-    return DocPool(list(pool.widths), docs, labels, tokens, parts, temporary=True)
+    return DocPool(list(pool.widths), docs, labels, tokens, parts, temporary=True, encoding=pool.encoding)
 
 
 def gather_tables(group: Group, table: pa.Table | None, what: str, everywhere: bool = False) -> pa.Table | None:

@@ -62,7 +62,8 @@ class ProfileRun:
         if options.doc_sample and docpool_folder is not None:
             per_label = documents_per_label or {label: options.doc_sample for label in self.labels}
             self.docpool = DocPoolWriter(docpool_folder, neurons.widths, self.labels, options.doc_sample, per_label,
-                                         self.device, sampled_before=shard.sampled_before if shard else None)
+                                         self.device, sampled_before=shard.sampled_before if shard else None,
+                                         pools=options.doc_pools, encoding=options.doc_format)
         self.windows_done = shard.batches_from if shard else 0  # the first window of its first batch
         self.finished = False  # every batch counted: a resume goes straight to writing the atlas
         self.documents_done = shard.first_doc if shard else 0
