@@ -61,7 +61,8 @@ _FILE_OF_POOL = {"mean": DOCPOOL_MEAN_FILE, "max": DOCPOOL_MAX_FILE}
 FLOAT16_MAX = 65504.0
 CODE_LEVELS = 256  # rank codes are exact ranks up to this many documents, quantile levels beyond
 KNOTS = 17  # per neuron and pool, the values at 17 evenly spaced ranks (min, max and 15 between) decode the codes
-_COPY_BYTES = 1 << 26  # bytes handled per chunk when concatenating, trimming or ranking: ~64 MiB
+_COPY_BYTES = 1 << 26  # bytes handled per chunk when concatenating or trimming: ~64 MiB
+_RANK_BYTES = 1 << 22  # int64 ranks of a block of columns: 4 MiB (ranking holds a few such arrays at once)
 
 
 @dataclass
@@ -252,7 +253,7 @@ def _write_rank_codes(arrays: list[np.ndarray], rows: int, width: int, path: Pat
     their knots in another, a block of columns at a time."""
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows, width))
     knots = np.lib.format.open_memmap(knots_path, mode="w+", dtype=np.float16, shape=(KNOTS, width))
-    columns = max(1, _COPY_BYTES // max(8 * rows, 1))  # the ranks of a block are int64
+    columns = max(1, _RANK_BYTES // max(8 * rows, 1))
     for start in range(0, width, columns):
         block = np.concatenate([np.asarray(array[:, start : start + columns], np.float32) for array in arrays])[:rows]
         out[:, start : start + columns] = rank_codes(block)
