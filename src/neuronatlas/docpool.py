@@ -29,7 +29,7 @@ knots; a probe fit on them finds what one fit on the values finds, which one fit
 does not: a logistic probe depends on the values' scale and tails).
 
 Columns are layer-major: layer 0's neurons, then layer 1's ... (offsets = cumulative widths).
-Read them with ``numpy.load(path, mmap_mode="r")``: nothing is loaded until a column block is read.
+Pooled values beyond float16's range are clamped to ±65504. Read the matrices with ``numpy.load(path, mmap_mode="r")``: nothing is loaded until a column block is read.
 
 While profiling, :class:`DocPoolWriter` writes completed documents' float16 values straight into
 preallocated ``.npy`` memmaps under ``<out>/docpool.partial/``; only the sampled documents of the
@@ -75,7 +75,6 @@ class DocPool:
     tokens: np.ndarray  # (R,) int64 real tokens pooled
     parts: list[dict[str, np.ndarray]] = field(default_factory=list)  # row blocks {pool: (r_i, N)}: float16
     # values while profiling (and in atlases of format 3), uint8 rank codes once written
-    temporary: bool = False  # parts are scratch files of the profiler
     encoding: str = "ranks"  # how write() stores the pools: "ranks" (uint8 rank codes) or "float16" (values)
 
     def __len__(self) -> int:
@@ -153,7 +152,6 @@ class DocPool:
     def reopen(self, folder: Path) -> None:
         """Point at the files in ``folder`` (after :meth:`write`), read-only."""
         self.parts = [_open_parts(Path(folder))]
-        self.temporary = False
 
 
 def load_docpool(folder: Path, widths: list[int]) -> DocPool | None:
@@ -203,10 +201,10 @@ def why_not_merged(first: DocPool | None, second: DocPool | None) -> str | None:
     return None
 
 
-def rank_codes(values: np.ndarray, rows: int | None = None) -> np.ndarray:
+def rank_codes(values: np.ndarray) -> np.ndarray:
     """(R, C) values -> (R, C) uint8 rank codes: each value's rank in its column (ties share the
-    lowest), times ``min(R, CODE_LEVELS) / R``, rounded down (``rows``: R, when ``values`` is a block)."""
-    rows = rows or len(values)
+    lowest), times ``min(R, CODE_LEVELS) / R``, rounded down."""
+    rows = len(values)
     ranks = rankdata(np.nan_to_num(np.asarray(values, np.float32)), axis=0, method="min") - 1  # (R, C) int64
     return (ranks * min(rows, CODE_LEVELS) // rows).astype(np.uint8)
 
@@ -509,5 +507,5 @@ class DocPoolWriter:
                 array = np.load(path, mmap_mode="r")
             parts[pool] = array
         labels = [self.labels[i] for i in self.row_labels[:rows]]
-        return DocPool(self.widths, self.docs[:rows].copy(), labels, self.tokens[:rows].copy(), [parts], temporary=True,
+        return DocPool(self.widths, self.docs[:rows].copy(), labels, self.tokens[:rows].copy(), [parts],
                        encoding=self.encoding)

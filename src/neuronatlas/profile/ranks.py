@@ -146,7 +146,7 @@ def gather_docpool(group: Group, pool: DocPool, folder: Path) -> DocPool | None:
     docs = np.concatenate([np.asarray(h[0], np.int64) for h in headers])
     tokens = np.concatenate([np.asarray(h[2], np.int64) for h in headers])
     labels = [label for h in headers for label in h[1]]
-    return DocPool(list(pool.widths), docs, labels, tokens, parts, temporary=True, encoding=pool.encoding)
+    return DocPool(list(pool.widths), docs, labels, tokens, parts, encoding=pool.encoding)
 
 
 def gather_tables(group: Group, table: pa.Table | None, what: str, everywhere: bool = False) -> pa.Table | None:
