@@ -96,6 +96,22 @@ def test_doc_pooled_mean_and_max_equal_brute_force(atlas, reference):
     assert np.load(Path(atlas.docpool.parts[0]["mean"].filename), mmap_mode="r").dtype == np.float16
 
 
+@pytest.mark.parametrize("pools", [["mean", "max"], ["mean"]])
+def test_the_torch_pooling_of_a_gpu_equals_brute_force(tiny_llama, corpus_path, reference, tmp_path, monkeypatch, pools):
+    """Without the CPU kernel (as on a GPU) the sample is pooled by torch; with the mean alone the
+    max is not computed, and the mean is the same."""
+    from neuronatlas import stats_kernel
+
+    monkeypatch.setenv(stats_kernel.DISABLE_VARIABLE, "0")
+    made = run_profile(tiny_llama, corpus_path, tmp_path / "torch", doc_pools=pools)
+    pooled = made.docpool
+    assert pooled.pools == pools
+    mean, peak = doc_pools(reference, made.num_layers, sampled_docs(reference, CAP))
+    np.testing.assert_allclose(pooled.matrix("mean"), mean, rtol=2e-3, atol=1e-6)
+    if "max" in pools:
+        np.testing.assert_allclose(pooled.matrix("max"), peak, rtol=2e-3, atol=1e-6)
+
+
 def test_the_default_sample_holds_the_ranks_of_the_values(tiny_llama, corpus_path, atlas, tmp_path):
     """The default format keeps each document's rank among the sample (a byte) instead of its value:
     with up to 256 documents the exact ranks, ties shared, so AUROC and AP are those of the values."""

@@ -54,10 +54,13 @@ from scipy.stats import rankdata
 
 from . import stats_kernel
 from .errors import NeuronAtlasError
-from .files import DOCPOOL_KNOTS, DOCPOOL_MAX_FILE, DOCPOOL_MEAN_FILE, DOCPOOL_TABLE_FILE
+from .files import (DOCPOOL_MAX_FILE, DOCPOOL_MAX_KNOTS_FILE, DOCPOOL_MEAN_FILE, DOCPOOL_MEAN_KNOTS_FILE,
+                    DOCPOOL_TABLE_FILE)
 
 POOLS = ("mean", "max")
 _FILE_OF_POOL = {"mean": DOCPOOL_MEAN_FILE, "max": DOCPOOL_MAX_FILE}
+_KNOTS_FILE_OF_POOL = {"mean": DOCPOOL_MEAN_KNOTS_FILE, "max": DOCPOOL_MAX_KNOTS_FILE}
+_KNOTS = "_knots"  # a part's key of a pool's knots: "mean_knots"
 FLOAT16_MAX = 65504.0
 CODE_LEVELS = 256  # rank codes are exact ranks up to this many documents, quantile levels beyond
 KNOTS = 17  # per neuron and pool, the values at 17 evenly spaced ranks (min, max and 15 between) decode the codes
@@ -140,13 +143,13 @@ class DocPool:
         folder = Path(folder)
         for pool in self.pools:
             arrays = [part[pool] for part in self.parts]
-            path = folder / _FILE_OF_POOL[pool]
+            path, knots_path = folder / _FILE_OF_POOL[pool], folder / _KNOTS_FILE_OF_POOL[pool]
             if self.ranked and arrays[0].dtype != np.uint8:
-                _write_rank_codes(arrays, len(self), sum(self.widths), path, _knots_file(path))
+                _write_rank_codes(arrays, len(self), sum(self.widths), path, knots_path)
             else:
                 _concatenate_to(arrays, len(self), sum(self.widths), path)
                 if arrays[0].dtype == np.uint8:
-                    _concatenate_to([self.parts[0][pool + DOCPOOL_KNOTS]], KNOTS, sum(self.widths), _knots_file(path))
+                    _concatenate_to([self.parts[0][pool + _KNOTS]], KNOTS, sum(self.widths), knots_path)
         pq.write_table(self.table(), folder / DOCPOOL_TABLE_FILE)
 
     def reopen(self, folder: Path) -> None:
@@ -156,15 +159,16 @@ class DocPool:
 
 def load_docpool(folder: Path, widths: list[int]) -> DocPool | None:
     folder = Path(folder)
-    if not (folder / DOCPOOL_TABLE_FILE).exists() or not _open_parts(folder):
+    part = _open_parts(folder)
+    if not (folder / DOCPOOL_TABLE_FILE).exists() or not part:
         return None
     table = pq.read_table(folder / DOCPOOL_TABLE_FILE)
+    coded = any(array.dtype == np.uint8 for array in part.values())
     pool = DocPool(list(widths), np.asarray(table["doc"].to_numpy(), np.int64), table["label"].to_pylist(),
-                   np.asarray(table["tokens"].to_numpy(), np.int64), [_open_parts(folder)])
-    pool.encoding = "ranks" if pool.parts[0][pool.pools[0]].dtype == np.uint8 else "float16"
+                   np.asarray(table["tokens"].to_numpy(), np.int64), [part], encoding="ranks" if coded else "float16")
     for pool_name in pool.pools:
         shape = pool.parts[0][pool_name].shape
-        knots = pool.parts[0].get(pool_name + DOCPOOL_KNOTS)
+        knots = pool.parts[0].get(pool_name + _KNOTS)
         if shape != (len(pool), sum(widths)) or (knots is not None and knots.shape != (KNOTS, sum(widths))):
             raise NeuronAtlasError(
                 f"{folder / _FILE_OF_POOL[pool_name]} has shape {shape}, expected "
@@ -239,11 +243,7 @@ def _decoded(part: dict, pool: str, columns: slice, rows: int) -> np.ndarray:
     block = np.asarray(part[pool][:, columns])
     if block.dtype != np.uint8:
         return block.astype(np.float32)
-    return decode(block, np.asarray(part[pool + DOCPOOL_KNOTS][:, columns]), rows)
-
-
-def _knots_file(path: Path) -> Path:
-    return path.with_name(path.stem + DOCPOOL_KNOTS + path.suffix)
+    return decode(block, np.asarray(part[pool + _KNOTS][:, columns]), rows)
 
 
 def _write_rank_codes(arrays: list[np.ndarray], rows: int, width: int, path: Path, knots_path: Path) -> None:
@@ -268,7 +268,7 @@ def _open_parts(folder: Path) -> dict[str, np.ndarray]:
         if (folder / name).exists():
             part[pool] = np.load(folder / name, mmap_mode="r")
             if part[pool].dtype == np.uint8:
-                part[pool + DOCPOOL_KNOTS] = np.load(_knots_file(folder / name), mmap_mode="r")
+                part[pool + _KNOTS] = np.load(folder / _KNOTS_FILE_OF_POOL[pool], mmap_mode="r")
     return part
 
 
@@ -300,7 +300,7 @@ class DocPoolWriter:
         with a token before them (another rank's block): they count towards the cap as if seen here;
         ``pools``: those written (both are computed: one pass gives both)."""
         self.folder = Path(folder)
-        self.pools = [pool for pool in POOLS if pool in pools]
+        self.pools = list(pools)
         self.encoding = encoding
         self.widths = list(widths)
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int).tolist()
@@ -452,10 +452,12 @@ class DocPoolWriter:
             return
         values = z[rows].float()  # (S, T, D)
         sums = torch.bmm(real[:, None, :].float(), values)[:, 0].double()  # (S, D)
-        maxes = values.masked_fill(~real[:, :, None], float("-inf")).amax(1)  # (S, D)
         count = len(batch["slot_docs"])
         batch["sum"][:, columns] = torch.zeros((count, sums.shape[1]), dtype=torch.float64,
                                                device=sums.device).index_add_(0, slots, sums)
+        if "max" not in self.pools:  # (the CPU kernel takes both in its one pass)
+            return
+        maxes = values.masked_fill(~real[:, :, None], float("-inf")).amax(1)  # (S, D)
         batch["max"][:, columns] = torch.full((count, maxes.shape[1]), float("-inf"), device=maxes.device).scatter_reduce_(
             0, slots[:, None].expand_as(maxes), maxes, "amax")
 

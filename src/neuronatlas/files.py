@@ -8,6 +8,7 @@ document sample). The profiler's scratch files are removed when the atlas is com
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 # ---- the atlas ---------------------------------------------------------------------------------
@@ -22,9 +23,9 @@ VOCAB_FILE = "vocab.parquet"
 DOCPOOL_MEAN_FILE = "docpool_mean.npy"
 DOCPOOL_MAX_FILE = "docpool_max.npy"
 DOCPOOL_TABLE_FILE = "docpool.parquet"
-DOCPOOL_KNOTS = "_knots"  # docpool_mean_knots.npy: the values that decode docpool_mean.npy's rank codes
-DOCPOOL_FILES = (DOCPOOL_MEAN_FILE, DOCPOOL_MAX_FILE, DOCPOOL_TABLE_FILE,
-                 *(name.replace(".npy", DOCPOOL_KNOTS + ".npy") for name in (DOCPOOL_MEAN_FILE, DOCPOOL_MAX_FILE)))
+DOCPOOL_MEAN_KNOTS_FILE = "docpool_mean_knots.npy"  # the values that decode docpool_mean.npy's rank codes
+DOCPOOL_MAX_KNOTS_FILE = "docpool_max_knots.npy"
+DOCPOOL_FILES = (DOCPOOL_MEAN_FILE, DOCPOOL_MAX_FILE, DOCPOOL_TABLE_FILE, DOCPOOL_MEAN_KNOTS_FILE, DOCPOOL_MAX_KNOTS_FILE)
 ATLAS_FILES = (STATS_FILE, HISTOGRAMS_FILE, META_FILE, EXEMPLARS_FILE, BOTTOM_EXEMPLARS_FILE, CONTEXTS_FILE, VOCAB_FILE, *DOCPOOL_FILES)
 
 # ---- a profile in progress ---------------------------------------------------------------------
@@ -73,8 +74,6 @@ def write_text_whole(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: a temporary file beside it (named for this process
     and thread, so concurrent writers never share one), then renamed onto it. A reader never sees
     half a file, which a server's other thread reading the same file while it is written would."""
-    import threading
-
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
